@@ -1,0 +1,149 @@
+"""Engines: fill a batch of ``(tensor, spec, key)`` targets.
+
+* ``triton``    — CUDA tensors: Triton kernels, one launch per dtype per batch
+  (on CPU tensors only under ``TRITON_INTERPRET=1``, which is how CI checks them);
+* ``cpu``       — CPU tensors: pure torch, chunk-parallel on a thread pool;
+* ``reference`` — any device: pure torch Philox, slow, bit-identical to ``triton``
+  for uniform and constant (normal and truncated normal agree to float32 rounding).
+
+The default engine is chosen by device (CUDA → ``triton``, CPU → ``cpu``);
+:func:`use_engine` or the ``FASTINIT_ENGINE`` environment variable override it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from ..specs import InitSpec
+
+ENGINE_NAMES = ("cpu", "reference", "triton")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastinit_engine", default=None)
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a tensor's elements sit in the flat index of its logical, global tensor.
+
+    Local element ``j = r * cols + c`` (row-major over the local tensor, seen as
+    ``rows x cols``) is global element ``offset + r * row_stride + c`` of a
+    global tensor of ``global_numel`` elements. An
+    unsharded tensor is one row: ``Layout.dense(numel)``. A shard of a
+    ``DTensor`` is a box of the global tensor, which coalesces to this form.
+    """
+
+    offset: int
+    rows: int
+    cols: int
+    row_stride: int
+    global_numel: int
+
+    @staticmethod
+    def dense(numel: int) -> "Layout":
+        return Layout(0, 1, numel, numel, numel)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def global_range(self) -> tuple[int, int]:
+        """[first, last + 1) of the global indices this layout touches."""
+        if self.numel == 0:
+            return self.offset, self.offset
+        return self.offset, self.offset + (self.rows - 1) * self.row_stride + self.cols
+
+
+@dataclass
+class Target:
+    """One tensor to fill: ``tensor`` gets ``spec`` with values keyed by ``key``."""
+
+    tensor: torch.Tensor
+    spec: InitSpec
+    key: int
+    layout: Layout | None = None
+    name: str = field(default="")
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = Layout.dense(self.tensor.numel())
+        elif self.layout.numel != self.tensor.numel():
+            raise ValueError(
+                f"layout covers {self.layout.numel} elements but the tensor has {self.tensor.numel()}"
+            )
+
+
+def _engine_module(name: str):
+    if name == "cpu":
+        from . import cpu as mod
+    elif name == "reference":
+        from . import reference as mod
+    elif name == "triton":
+        from . import triton as mod
+    else:
+        raise ValueError(f"unknown fastinit engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+    return mod
+
+
+def check_engine(name: str) -> None:
+    """Raise a clear error if engine ``name`` does not exist or cannot run on this machine."""
+    _engine_module(name).check_available()
+
+
+@contextlib.contextmanager
+def use_engine(name: str):
+    """Use engine ``name`` for every fill inside the ``with`` block.
+
+    Example::
+
+        with fastinit.use_engine("reference"):
+            fastinit.normal_(w)   # what the GPU kernels would have produced
+    """
+    check_engine(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def engine_for(device: torch.device) -> str:
+    """The engine that fills tensors on ``device`` right now."""
+    name = _override.get() or os.environ.get("FASTINIT_ENGINE") or None
+    if name:
+        return name
+    return "triton" if device.type == "cuda" else "cpu"
+
+
+def fill(targets: Sequence[Target] | Iterable[Target]) -> None:
+    """Fill every target, grouped by engine: one batch per engine (and per dtype inside it)."""
+    groups: dict[str, list[Target]] = {}
+    for t in targets:
+        if t.tensor.numel() == 0:
+            continue
+        groups.setdefault(engine_for(t.tensor.device), []).append(t)
+    for name, batch in groups.items():
+        mod = _engine_module(name)
+        mod.check_available()
+        # Engines write flat, contiguous memory. A non-contiguous view (a slice, a
+        # transpose) is filled through a contiguous buffer of the view's own size
+        # and copied in, so nothing outside the view is touched.
+        proxies = []
+        work = []
+        for t in batch:
+            dst = t.tensor.detach()
+            if not dst.is_contiguous():
+                buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+                proxies.append((dst, buf))
+                dst = buf
+            work.append(Target(dst, t.spec, t.key, t.layout, t.name))
+        mod.fill(work)
+        with torch.no_grad():
+            for dst, buf in proxies:
+                dst.copy_(buf)

@@ -1,0 +1,51 @@
+"""Keys: every filled tensor gets a 64-bit key.
+
+* Drop-in calls draw their key from ``generator=`` or torch's default CPU
+  generator (:func:`draw_key`), so ``torch.manual_seed`` governs them and two
+  calls never share a stream.
+* Materialization derives the key from ``(seed, fully-qualified name)``
+  (:func:`key_for_name`), so a parameter's values depend neither on the order of
+  init, nor on other parameters, devices or sharding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """One step of SplitMix64's finalizer: a bijective 64-bit mix."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def draw_key(generator: torch.Generator | None = None) -> int:
+    """Draw a fresh 64-bit key from ``generator`` (default: torch's default CPU generator).
+
+    CPU generators advance by two 32-bit draws. CUDA generators (Philox, a seed
+    and an offset) are read and advanced on the host, with no device sync.
+    """
+    g = torch.default_generator if generator is None else generator
+    if g.device.type == "cpu":
+        w = torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64).tolist()
+        return splitmix64((w[0] << 32) | w[1])
+    offset = g.get_offset()
+    g.set_offset(offset + 4)
+    return splitmix64(splitmix64(g.initial_seed() & MASK64) ^ offset)
+
+
+def key_for_name(seed: int, name: str) -> int:
+    """The key of the tensor called ``name`` in a model materialized with ``seed``."""
+    h = hashlib.blake2b(f"{int(seed) & MASK64}:{name}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A 63-bit seed drawn from torch's default generator (``materialize(seed=None)``)."""
+    return draw_key(generator) >> 1

@@ -1,0 +1,184 @@
+"""Init specs: small immutable descriptions of what a tensor is filled with.
+
+Every random init in fastinit is first turned into an :class:`InitSpec`, computed
+in plain Python from the tensor's shape (fans, gains, bounds) exactly as
+``torch.nn.init`` computes them. Engines only ever see specs; Xavier and Kaiming
+are shape rules that *produce* a :class:`Uniform` or :class:`Normal` spec (see
+:mod:`fastinit.fans`), never separate code paths.
+
+Each spec also knows how to encode itself for the engines that share one value
+mapping (``reference`` and ``triton``): :meth:`InitSpec.kernel_params` returns
+the spec's kind code and six float32 parameters, precomputed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Kind codes shared by the reference engine and the Triton kernels.
+KIND_CONSTANT = 0
+KIND_UNIFORM = 1
+KIND_NORMAL = 2
+KIND_TRUNC_NORMAL = 3
+
+N_PARAMS = 6
+
+
+def _f32_below(x: float) -> float:
+    """The largest float32 strictly below ``x`` (the clamp that keeps uniform in [a, b))."""
+    f = np.float32(x)
+    if float(f) >= x:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
+
+
+def _norm_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+class InitSpec:
+    """Base class of all specs. Subclasses are frozen dataclasses."""
+
+    #: True when an engine can fill it from a key (Uniform, Normal, TruncNormal, Constant).
+    fusable = True
+    #: True when the fill consumes random numbers.
+    random = True
+
+    def kernel_params(self) -> tuple[int, tuple[float, ...]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scaled(self, k: float) -> "InitSpec":
+        """The spec of ``k * X`` for ``X`` drawn from this spec (used to fold ``mul_``)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def shifted(self, c: float) -> "InitSpec":
+        """The spec of ``X + c`` (used to fold ``add_``)."""
+        raise NotImplementedError(type(self).__name__)
+
+
+@dataclass(frozen=True)
+class Constant(InitSpec):
+    r"""Every element equals ``value``: :math:`x_i = v`."""
+
+    value: float
+    random = False
+
+    def kernel_params(self):
+        return KIND_CONSTANT, (float(self.value), 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def scaled(self, k):
+        return Constant(self.value * k)
+
+    def shifted(self, c):
+        return Constant(self.value + c)
+
+
+@dataclass(frozen=True)
+class Uniform(InitSpec):
+    r"""Continuous uniform on :math:`[a, b)`: :math:`x = a + (b - a)\,u`, :math:`u \sim U[0, 1)`."""
+
+    a: float = 0.0
+    b: float = 1.0
+
+    def __post_init__(self):
+        if not self.a <= self.b:
+            raise RuntimeError(
+                f"uniform_ expects to return a [from, to) range, but found from={self.a} > to={self.b}"
+            )
+
+    def kernel_params(self):
+        hi = _f32_below(self.b) if self.b > self.a else self.a
+        return KIND_UNIFORM, (float(self.a), float(self.b - self.a), hi, 0.0, 0.0, 0.0)
+
+    def scaled(self, k):
+        lo, hi = sorted((self.a * k, self.b * k))
+        return Uniform(lo, hi)
+
+    def shifted(self, c):
+        return Uniform(self.a + c, self.b + c)
+
+
+@dataclass(frozen=True)
+class Normal(InitSpec):
+    r"""Gaussian :math:`\mathcal{N}(\mu, \sigma^2)`: :math:`x = \mu + \sigma z`, :math:`z \sim \mathcal{N}(0, 1)`."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self):
+        if not self.std >= 0.0:
+            raise RuntimeError(f"normal expects std >= 0.0, but found std {self.std}")
+
+    def kernel_params(self):
+        return KIND_NORMAL, (float(self.mean), float(self.std), 0.0, 0.0, 0.0, 0.0)
+
+    def scaled(self, k):
+        return Normal(self.mean * k, self.std * abs(k))
+
+    def shifted(self, c):
+        return Normal(self.mean + c, self.std)
+
+
+@dataclass(frozen=True)
+class TruncNormal(InitSpec):
+    r"""Gaussian :math:`\mathcal{N}(\mu, \sigma^2)` truncated to :math:`[a, b]`.
+
+    Sampled by the inverse CDF, with no rejection loop:
+    :math:`x = \mu + \sigma\sqrt{2}\,\operatorname{erfinv}(2p - 1)`,
+    :math:`p \sim U(\Phi(\alpha), \Phi(\beta))`, :math:`\alpha = (a-\mu)/\sigma`,
+    :math:`\beta = (b-\mu)/\sigma`, then clamped to :math:`[a, b]`. When the
+    interval lies in the upper tail the mirror image is sampled and negated, so
+    the float32 CDF keeps its resolution where the mass is.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+    a: float = -2.0
+    b: float = 2.0
+
+    def __post_init__(self):
+        if not self.std >= 0.0:
+            raise RuntimeError(f"trunc_normal_ expects std >= 0.0, but found std {self.std}")
+        if not self.a <= self.b:
+            raise RuntimeError(
+                f"trunc_normal_ expects a <= b, but found a={self.a} > b={self.b}"
+            )
+
+    def cdf_window(self) -> tuple[float, float, float]:
+        """``(lo, span, sign)``: sample ``v = lo + span * u`` in (-1, 1) and
+        ``x = mean + sign * std * sqrt(2) * erfinv(v)``."""
+        if self.std == 0.0:
+            return 0.0, 0.0, 1.0
+        alpha = (self.a - self.mean) / self.std
+        beta = (self.b - self.mean) / self.std
+        sign = 1.0
+        if alpha + beta > 0:  # upper tail: sample the mirror image
+            alpha, beta, sign = -beta, -alpha, -1.0
+        lo = 2.0 * _norm_cdf(alpha) - 1.0
+        hi = 2.0 * _norm_cdf(beta) - 1.0
+        return lo, hi - lo, sign
+
+    def kernel_params(self):
+        lo, span, sign = self.cdf_window()
+        scale = sign * self.std * math.sqrt(2.0)
+        # Clamp bounds past the mean when std == 0 so the result is the mean, clipped.
+        return KIND_TRUNC_NORMAL, (lo, span, scale, float(self.mean), float(self.a), float(self.b))
+
+    def scaled(self, k):
+        if k >= 0:
+            return TruncNormal(self.mean * k, self.std * k, self.a * k, self.b * k)
+        return TruncNormal(self.mean * k, -self.std * k, self.b * k, self.a * k)
+
+    def shifted(self, c):
+        return TruncNormal(self.mean + c, self.std, self.a + c, self.b + c)
+
+
+def zeros() -> Constant:
+    return Constant(0.0)
+
+
+def ones() -> Constant:
+    return Constant(1.0)

@@ -1,0 +1,245 @@
+"""Fused one-pass fills: Philox4x32-10 → Uniform / Normal / TruncNormal / Constant.
+
+One launch fills a whole batch of tensors of one dtype. The host builds a table
+per target (address, layout, spec kind and parameters, key) and a map from
+program id to target; each program then fills ``4 * CALLS`` consecutive global
+elements of one row of one target.
+
+Indexing (the RNG contract): global element ``g`` takes word ``g % 4`` of the
+Philox call with counter ``(g // 4 low, g // 4 high, 0, 0)`` and key
+``(key low, key high)``. A program computes ``CALLS`` calls, i.e. all four words
+of each, and writes the up to ``4 * CALLS`` elements they cover: no word is
+wasted. A target's local element ``j = r * cols + c`` is global element
+``offset + r * row_stride + c`` (``rows == 1`` for an unsharded tensor), and the
+masks keep every store inside the row, so tails and shard edges are exact.
+Indices are 64-bit throughout.
+
+``fastinit.rng`` holds the same computation in plain torch (the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastinit.specs import N_PARAMS
+
+CALLS = 512  # Philox calls per program → 2048 elements
+NUM_WARPS = 4
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors (Random123's round and key schedule)."""
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        a0 = c0
+        a2 = c2
+        hi0 = tl.umulhi(a0, 0xD2511F53)
+        lo0 = a0 * 0xD2511F53
+        hi1 = tl.umulhi(a2, 0xCD9E8D57)
+        lo1 = a2 * 0xCD9E8D57
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _unit(w):
+    """[0, 1) from the top 24 bits of a word: exact in float32."""
+    return (w >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _erfinv(v):
+    """Giles' single-precision erfinv (same polynomials as fastinit.rng.erfinv_f32)."""
+    w = -tl.log((1.0 - v) * (1.0 + v))
+    ws = w - 2.5
+    p = 2.81022636e-08
+    p = 3.43273939e-07 + p * ws
+    p = -3.5233877e-06 + p * ws
+    p = -4.39150654e-06 + p * ws
+    p = 0.00021858087 + p * ws
+    p = -0.00125372503 + p * ws
+    p = -0.00417768164 + p * ws
+    p = 0.246640727 + p * ws
+    p = 1.50140941 + p * ws
+    wl = tl.sqrt(w) - 3.0
+    q = -0.000200214257
+    q = 0.000100950558 + q * wl
+    q = 0.00134934322 + q * wl
+    q = -0.00367342844 + q * wl
+    q = 0.00573950773 + q * wl
+    q = -0.0076224613 + q * wl
+    q = 0.00943887047 + q * wl
+    q = 1.00167406 + q * wl
+    q = 2.83297682 + q * wl
+    return tl.where(w < 5.0, p, q) * v
+
+
+@triton.jit
+def _uniform(w, p0, p1, p2):
+    return tl.minimum(p0 + p1 * _unit(w), p2)
+
+
+@triton.jit
+def _trunc(w, p0, p1, p2, p3, p4, p5):
+    u = ((w >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    v = tl.minimum(tl.maximum(p0 + p1 * u, -0.99999994), 0.99999994)
+    x = p3 + p2 * _erfinv(v)
+    return tl.minimum(tl.maximum(x, p4), p5)
+
+
+@triton.jit
+def _fill_kernel(
+    prog_target,  # int32 [n_programs]: which target each program fills
+    prog_first,  # int64 [n_targets]: first program id of each target
+    addr,  # int64 [n_targets]: data pointers
+    lay,  # int64 [n_targets, 4]: offset, cols, row_stride, blocks per row
+    kinds,  # int32 [n_targets]
+    keys,  # int64 [n_targets, 2]: key low / high words
+    params,  # float32 [n_targets, N_PARAMS]
+    OUT_DTYPE: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    N_PARAMS: tl.constexpr,
+    CALLS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(prog_target + pid).to(tl.int64)
+    local = pid - tl.load(prog_first + t)
+    offset = tl.load(lay + t * 4)
+    cols = tl.load(lay + t * 4 + 1)
+    row_stride = tl.load(lay + t * 4 + 2)
+    bpr = tl.load(lay + t * 4 + 3)
+    row = local // bpr
+    blk = local % bpr
+    kind = tl.load(kinds + t)
+    k0 = tl.load(keys + t * 2).to(tl.uint32)
+    k1 = tl.load(keys + t * 2 + 1).to(tl.uint32)
+    pp = params + t * N_PARAMS
+    p0 = tl.load(pp)
+    p1 = tl.load(pp + 1)
+    p2 = tl.load(pp + 2)
+    p3 = tl.load(pp + 3)
+    p4 = tl.load(pp + 4)
+    p5 = tl.load(pp + 5)
+    out = tl.load(addr + t).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
+
+    g_row = offset + row * row_stride  # global index of this row's first element
+    q0 = g_row // 4 + blk * CALLS  # first Philox call of this program
+    q = q0 + tl.arange(0, CALLS).to(tl.int64)
+    z = tl.zeros([CALLS], dtype=tl.uint32)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = _philox4x32_10(c0, c1, z, z, z + k0, z + k1)
+
+    if kind == 1:  # uniform
+        v0 = _uniform(w0, p0, p1, p2)
+        v1 = _uniform(w1, p0, p1, p2)
+        v2 = _uniform(w2, p0, p1, p2)
+        v3 = _uniform(w3, p0, p1, p2)
+    elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
+        ra = tl.sqrt(-2.0 * tl.log(((w0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
+        ta = _unit(w1) * 6.2831854820251465
+        rb = tl.sqrt(-2.0 * tl.log(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
+        tb = _unit(w3) * 6.2831854820251465
+        v0 = p0 + p1 * (ra * tl.cos(ta))
+        v1 = p0 + p1 * (ra * tl.sin(ta))
+        v2 = p0 + p1 * (rb * tl.cos(tb))
+        v3 = p0 + p1 * (rb * tl.sin(tb))
+    elif kind == 3:  # truncated normal by inverse CDF
+        v0 = _trunc(w0, p0, p1, p2, p3, p4, p5)
+        v1 = _trunc(w1, p0, p1, p2, p3, p4, p5)
+        v2 = _trunc(w2, p0, p1, p2, p3, p4, p5)
+        v3 = _trunc(w3, p0, p1, p2, p3, p4, p5)
+    else:  # constant
+        v0 = tl.zeros([CALLS], dtype=tl.float32) + p0
+        v1 = v0
+        v2 = v0
+        v3 = v0
+
+    # Interleave to call-major, word-minor order: element 4*q + lane.
+    vals = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [4 * CALLS])
+    c = (q0 * 4 - g_row) + tl.arange(0, 4 * CALLS).to(tl.int64)  # column inside the row
+    mask = (c >= 0) & (c < cols)
+    if IS_BF16:
+        # Round to nearest even by hand: identical on GPU and in the interpreter
+        # (whose float32 -> bfloat16 cast truncates). Values are finite.
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out + row * cols + c, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out + row * cols + c, vals.to(OUT_DTYPE), mask=mask)
+
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def fill_batch(tensors, layouts, kinds, keys, params) -> None:
+    """Fill same-dtype contiguous ``tensors`` in one launch.
+
+    Args:
+        tensors: contiguous tensors of one dtype on one device.
+        layouts: per tensor ``(offset, rows, cols, row_stride)`` in its global flat index.
+        kinds: per tensor spec kind (``fastinit.specs.KIND_*``).
+        keys: per tensor 64-bit key.
+        params: per tensor ``N_PARAMS`` floats.
+    """
+    if not tensors:
+        return
+    dtype = tensors[0].dtype
+    device = tensors[0].device
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"the triton engine cannot fill dtype {dtype}")
+    for t in tensors:
+        if t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError("fill_batch takes contiguous tensors of one dtype on one device")
+    # Per-target table, built on the host and copied to the device once.
+    lay_rows, blocks = [], []
+    for (offset, rows, cols, row_stride) in layouts:
+        bpr = triton.cdiv(cols // 4 + 2, CALLS)
+        lay_rows.append((offset, cols, row_stride, bpr))
+        blocks.append(rows * bpr)
+    counts = torch.tensor(blocks, dtype=torch.int64)
+    first = torch.cumsum(counts, 0) - counts
+    n_prog = int(counts.sum())
+    prog_target = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), counts)
+    host = dict(
+        prog_target=prog_target,
+        prog_first=first,
+        addr=torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64),
+        lay=torch.tensor(lay_rows, dtype=torch.int64),
+        kinds=torch.tensor(kinds, dtype=torch.int32),
+        keys=torch.tensor([(k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF) for k in keys], dtype=torch.int64),
+        params=torch.tensor(params, dtype=torch.float32).reshape(len(tensors), N_PARAMS),
+    )
+    dev = {k: v.to(device, non_blocking=True) if device.type != "cpu" else v for k, v in host.items()}
+    _fill_kernel[(n_prog,)](
+        dev["prog_target"], dev["prog_first"], dev["addr"], dev["lay"], dev["kinds"],
+        dev["keys"], dev["params"],
+        OUT_DTYPE=_TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16, N_PARAMS=N_PARAMS, CALLS=CALLS,
+        num_warps=NUM_WARPS, **_COMPILE_OPTIONS,
+    )
+
+
+# Uniform values must be bit-identical to the reference (a*b rounded, then +c
+# rounded): forbid contracting them into FMAs on the GPU. The interpreter runs
+# numpy, which never fuses, and takes no compile options.
+import os as _os  # noqa: E402
+
+_COMPILE_OPTIONS = {} if _os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
