@@ -24,8 +24,9 @@ M32 = 0xFFFFFFFF
 
 TWO_PI_F32 = 6.2831854820251465  # float32(2 * pi)
 INV_2_24 = 1.0 / (1 << 24)
-# erfinv argument limit: the float32 just below 1 (sampled values live in (-1, 1)).
-V_MAX = 1.0 - 2.0**-24
+# Limits of t = 1 + v for erfinv(v): (0, 2), kept finite.
+T_MIN = 2.0**-126
+T_MAX = 2.0 - 2.0**-23
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +75,28 @@ def philox_words(index: torch.Tensor, key: int) -> torch.Tensor:
     return philox4x32(counters, keys)
 
 
-def erfinv_f32(v: torch.Tensor) -> torch.Tensor:
-    """Single-precision inverse error function (M. Giles, "Approximating the erfinv
-    function", GPU Computing Gems, 2010): two polynomial branches in
-    :math:`w = -\\log((1-v)(1+v))`. Same operations as the Triton kernels."""
-    w = -torch.log((1.0 - v) * (1.0 + v))
+# Acklam's rational approximation of the normal quantile's lower tail, used where
+# Giles' float32 polynomials stop (w >= 16, i.e. t < 4e-8): relative error < 1e-6.
+ACKLAM_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+            -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00)
+ACKLAM_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+            3.754408661907416e+00)
+INV_SQRT2 = 0.7071067811865476
+
+
+def erfinv_f32(t: torch.Tensor) -> torch.Tensor:
+    """:math:`\\operatorname{erfinv}(t - 1)` in single precision, from ``t`` in (0, 2).
+
+    M. Giles, "Approximating the erfinv function" (GPU Computing Gems, 2010):
+    two polynomial branches in :math:`w = -\\log((1-v)(1+v)) = -\\log(t(2-t))`;
+    for :math:`w \\ge 16` (deep lower tail) P. J. Acklam's rational tail of the
+    normal quantile at :math:`p = t/2`, divided by :math:`\\sqrt2`. Taking ``t``
+    rather than ``v = t - 1`` keeps full relative precision in the lower tail.
+    Same operations as the Triton kernels. Relative error below 2e-6 for all
+    ``t`` down to 1e-38.
+    """
+    v = t - 1.0
+    w = -torch.log(t * (2.0 - t))
     ws = w - 2.5
     p = torch.full_like(v, 2.81022636e-08)
     for c in (3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
@@ -89,7 +107,15 @@ def erfinv_f32(v: torch.Tensor) -> torch.Tensor:
     for c in (0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
               -0.0076224613, 0.00943887047, 1.00167406, 2.83297682):
         q = c + q * wl
-    return torch.where(w < 5.0, p, q) * v
+    r = torch.sqrt(-2.0 * torch.log(t * 0.5))
+    num = torch.full_like(v, ACKLAM_C[0])
+    for c in ACKLAM_C[1:]:
+        num = num * r + c
+    den = torch.full_like(v, ACKLAM_D[0])
+    for c in ACKLAM_D[1:]:
+        den = den * r + c
+    tail = num / (den * r + 1.0) * INV_SQRT2
+    return torch.where(w < 16.0, torch.where(w < 5.0, p, q) * v, tail)
 
 
 def words_to_values(words: torch.Tensor, lane: torch.Tensor, kind: int, params) -> torch.Tensor:
@@ -103,8 +129,8 @@ def words_to_values(words: torch.Tensor, lane: torch.Tensor, kind: int, params) 
       :math:`u_1 = (\\lfloor w_0/2^8 \\rfloor + 1)2^{-24} \\in (0, 1]`):
       :math:`x = \\mu + \\sigma\\sqrt{-2\\ln u_1}\\,(\\cos|\\sin)(2\\pi u_2)`;
     * truncated normal (inverse CDF):
-      :math:`x = \\operatorname{clamp}(\\mu + s\\sqrt2\\sigma\\operatorname{erfinv}(v), a, b)`,
-      :math:`v = \\ell + w\\,(\\lfloor w/2^8 \\rfloor + \\tfrac12)2^{-24}`;
+      :math:`x = \\operatorname{clamp}(\\mu + s\\sqrt2\\sigma\\operatorname{erfinv}(t - 1), a, b)`,
+      :math:`t = \\ell + w\\,(\\lfloor w/2^8 \\rfloor + \\tfrac12)2^{-24}`;
     * constant: :math:`x = v`.
     """
     f32 = torch.float32
@@ -127,7 +153,7 @@ def words_to_values(words: torch.Tensor, lane: torch.Tensor, kind: int, params) 
         return torch.minimum(p[0] + p[1] * u, p[2])
     if kind == KIND_TRUNC_NORMAL:
         u = ((w >> 8).to(f32) + 0.5) * INV_2_24
-        v = torch.clamp(p[0] + p[1] * u, -V_MAX, V_MAX)
-        x = p[3] + p[2] * erfinv_f32(v)
+        t = torch.clamp(p[0] + p[1] * u, T_MIN, T_MAX)
+        x = p[3] + p[2] * erfinv_f32(t)
         return torch.minimum(torch.maximum(x, p[4]), p[5])
     raise ValueError(f"unknown spec kind {kind}")

@@ -35,10 +35,6 @@ def _f32_below(x: float) -> float:
     return float(f)
 
 
-def _norm_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
 class InitSpec:
     """Base class of all specs. Subclasses are frozen dataclasses."""
 
@@ -127,11 +123,13 @@ class TruncNormal(InitSpec):
     r"""Gaussian :math:`\mathcal{N}(\mu, \sigma^2)` truncated to :math:`[a, b]`.
 
     Sampled by the inverse CDF, with no rejection loop:
-    :math:`x = \mu + \sigma\sqrt{2}\,\operatorname{erfinv}(2p - 1)`,
-    :math:`p \sim U(\Phi(\alpha), \Phi(\beta))`, :math:`\alpha = (a-\mu)/\sigma`,
-    :math:`\beta = (b-\mu)/\sigma`, then clamped to :math:`[a, b]`. When the
-    interval lies in the upper tail the mirror image is sampled and negated, so
-    the float32 CDF keeps its resolution where the mass is.
+    :math:`x = \mu + \sigma\sqrt{2}\,\operatorname{erfinv}(t - 1)`,
+    :math:`t = 2p`, :math:`p \sim U(\Phi(\alpha), \Phi(\beta))`,
+    :math:`\alpha = (a-\mu)/\sigma`, :math:`\beta = (b-\mu)/\sigma`, then
+    clamped to :math:`[a, b]`. The engines evaluate erfinv from :math:`t` itself
+    (never from :math:`t - 1`, which loses all precision in the lower tail), and
+    an interval in the upper tail is sampled as its mirror image and negated, so
+    float32 keeps its resolution where the mass is, even 5 or 6 std out.
     """
 
     mean: float = 0.0
@@ -148,17 +146,18 @@ class TruncNormal(InitSpec):
             )
 
     def cdf_window(self) -> tuple[float, float, float]:
-        """``(lo, span, sign)``: sample ``v = lo + span * u`` in (-1, 1) and
-        ``x = mean + sign * std * sqrt(2) * erfinv(v)``."""
+        """``(lo, span, sign)``: sample ``t = lo + span * u`` in (0, 2) and
+        ``x = mean + sign * std * sqrt(2) * erfinv(t - 1)``."""
         if self.std == 0.0:
-            return 0.0, 0.0, 1.0
+            return 1.0, 0.0, 1.0
         alpha = (self.a - self.mean) / self.std
         beta = (self.b - self.mean) / self.std
         sign = 1.0
         if alpha + beta > 0:  # upper tail: sample the mirror image
             alpha, beta, sign = -beta, -alpha, -1.0
-        lo = 2.0 * _norm_cdf(alpha) - 1.0
-        hi = 2.0 * _norm_cdf(beta) - 1.0
+        # 2 * Phi(x) = erfc(-x / sqrt 2): precise deep into the lower tail.
+        lo = math.erfc(-alpha / math.sqrt(2.0))
+        hi = math.erfc(-beta / math.sqrt(2.0))
         return lo, hi - lo, sign
 
     def kernel_params(self):

@@ -61,9 +61,11 @@ def _unit(w):
 
 
 @triton.jit
-def _erfinv(v):
-    """Giles' single-precision erfinv (same polynomials as fastinit.rng.erfinv_f32)."""
-    w = -tl.log((1.0 - v) * (1.0 + v))
+def _erfinv(t):
+    """erfinv(t - 1) from t in (0, 2): Giles' single-precision polynomials and
+    Acklam's tail (same operations as fastinit.rng.erfinv_f32)."""
+    v = t - 1.0
+    w = -tl.log(t * (2.0 - t))
     ws = w - 2.5
     p = 2.81022636e-08
     p = 3.43273939e-07 + p * ws
@@ -84,7 +86,18 @@ def _erfinv(v):
     q = 0.00943887047 + q * wl
     q = 1.00167406 + q * wl
     q = 2.83297682 + q * wl
-    return tl.where(w < 5.0, p, q) * v
+    # Deep lower tail (w >= 16): Acklam's rational quantile at p = t / 2.
+    r = tl.sqrt(-2.0 * tl.log(t * 0.5))
+    num = -7.784894002430293e-03 * r - 3.223964580411365e-01
+    num = num * r - 2.400758277161838e+00
+    num = num * r - 2.549732539343734e+00
+    num = num * r + 4.374664141464968e+00
+    num = num * r + 2.938163982698783e+00
+    den = 7.784695709041462e-03 * r + 3.224671290700398e-01
+    den = den * r + 2.445134137142996e+00
+    den = den * r + 3.754408661907416e+00
+    tail = num / (den * r + 1.0) * 0.7071067811865476
+    return tl.where(w < 16.0, tl.where(w < 5.0, p, q) * v, tail)
 
 
 @triton.jit
@@ -95,8 +108,8 @@ def _uniform(w, p0, p1, p2):
 @triton.jit
 def _trunc(w, p0, p1, p2, p3, p4, p5):
     u = ((w >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    v = tl.minimum(tl.maximum(p0 + p1 * u, -0.99999994), 0.99999994)
-    x = p3 + p2 * _erfinv(v)
+    t = tl.minimum(tl.maximum(p0 + p1 * u, 1.1754943508222875e-38), 1.9999998807907104)
+    x = p3 + p2 * _erfinv(t)
     return tl.minimum(tl.maximum(x, p4), p5)
 
 

@@ -30,7 +30,11 @@ from ..specs import Constant, Normal, TruncNormal, Uniform
 CHUNK = 1 << 18
 SLAB = 1 << 15  # at or below ATen's GRAIN_SIZE: elementwise ops stay single-threaded
 _MT_N = 624
-_V_MAX = 1.0 - 2.0**-24
+_T_MIN = 2.0**-126
+_T_MAX = 2.0 - 2.0**-23
+# Below this t = 2p the float32 v = t - 1 has too little resolution for erfinv;
+# torch's ndtri (slower, precise for small p) takes over.
+_TAIL_T = 2e-3
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -110,11 +114,19 @@ def generate_chunk(spec, key: int, chunk: int, out: torch.Tensor) -> None:
         out.normal_(spec.mean, spec.std, generator=g)
     elif isinstance(spec, TruncNormal):
         lo, span, sign = spec.cdf_window()
-        out.uniform_(lo, lo + span, generator=g)
-        scale = sign * spec.std * math.sqrt(2.0)
-        for s, e in _slabs(out.numel()):
-            v = out[s:e]
-            v.clamp_(-_V_MAX, _V_MAX).erfinv_().mul_(scale).add_(spec.mean).clamp_(spec.a, spec.b)
+        out.uniform_(lo, lo + span, generator=g)  # t = 2p in (0, 2)
+        if lo >= _TAIL_T:
+            scale = sign * spec.std * math.sqrt(2.0)
+            for s, e in _slabs(out.numel()):
+                v = out[s:e]
+                v.clamp_(_T_MIN, _T_MAX).sub_(1.0).erfinv_().mul_(scale)
+                v.add_(spec.mean).clamp_(spec.a, spec.b)
+        else:
+            scale = sign * spec.std
+            for s, e in _slabs(out.numel()):
+                v = out[s:e]
+                torch.special.ndtri(v.clamp_(_T_MIN, _T_MAX).mul_(0.5), out=v)
+                v.mul_(scale).add_(spec.mean).clamp_(spec.a, spec.b)
     else:
         raise TypeError(f"the cpu engine cannot fill {spec!r}")
 

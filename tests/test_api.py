@@ -1,0 +1,184 @@
+"""The drop-in contract: names, signatures, defaults, return values, semantics."""
+
+import inspect
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastinit
+
+PUBLIC = [n for n in torch.nn.init.__all__]
+
+
+def test_exports_every_public_torch_init_function():
+    missing = [n for n in PUBLIC if not callable(getattr(fastinit, n, None))]
+    assert not missing
+    assert callable(fastinit.calculate_fan_in_and_fan_out)
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLIC if n.endswith("_") or n == "calculate_gain"])
+def test_signatures_match_torch(name):
+    ours = inspect.signature(getattr(fastinit, name))
+    theirs = inspect.signature(getattr(torch.nn.init, name))
+    assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == [
+        (p.name, p.default, p.kind) for p in theirs.parameters.values()
+    ]
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLIC if not n.endswith("_") and n != "calculate_gain"])
+def test_deprecated_aliases_warn_and_work(name):
+    t = torch.empty(4, 3, 3, 3) if name == "dirac" else torch.empty(5, 6)
+    args = {"constant": (0.5,), "sparse": (0.2,)}.get(name, ())
+    with pytest.warns(FutureWarning, match=f"{name}_"):
+        out = getattr(fastinit, name)(t, *args)
+    assert out is t
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: fastinit.uniform_(t, -1, 1),
+        lambda t: fastinit.normal_(t),
+        lambda t: fastinit.trunc_normal_(t),
+        lambda t: fastinit.constant_(t, 3.0),
+        lambda t: fastinit.ones_(t),
+        lambda t: fastinit.zeros_(t),
+        lambda t: fastinit.eye_(t),
+        lambda t: fastinit.xavier_uniform_(t),
+        lambda t: fastinit.xavier_normal_(t),
+        lambda t: fastinit.kaiming_uniform_(t),
+        lambda t: fastinit.kaiming_normal_(t),
+        lambda t: fastinit.orthogonal_(t),
+        lambda t: fastinit.sparse_(t, 0.5),
+    ],
+)
+def test_returns_the_same_parameter_in_place(call):
+    p = torch.nn.Parameter(torch.full((8, 6), float("nan")))
+    out = call(p)
+    assert out is p
+    assert p.requires_grad and p.grad_fn is None
+    assert not torch.isnan(p).any()
+
+
+def test_dirac_matches_torch_exactly():
+    for shape, groups in [((6, 3, 5), 1), ((4, 2, 3, 3), 2), ((6, 4, 3, 3, 3), 3)]:
+        a = torch.nn.init.dirac_(torch.randn(shape), groups)
+        b = fastinit.dirac_(torch.randn(shape), groups)
+        assert torch.equal(a, b)
+
+
+def test_eye_and_constants_match_torch_exactly():
+    assert torch.equal(fastinit.eye_(torch.randn(4, 7)), torch.eye(4, 7))
+    assert torch.equal(fastinit.constant_(torch.empty(3, 3), 0.25), torch.full((3, 3), 0.25))
+    assert torch.equal(fastinit.ones_(torch.empty(3, dtype=torch.int64)), torch.ones(3, dtype=torch.int64))
+    assert torch.equal(fastinit.zeros_(torch.randn(5)), torch.zeros(5))
+
+
+def test_bounds_and_stds_equal_torch_formulas():
+    t = torch.empty(300, 200)
+    for gain in (1.0, 2.5):
+        fastinit.xavier_uniform_(t, gain)
+        assert t.abs().max() <= gain * (6 / 500) ** 0.5
+    fastinit.kaiming_uniform_(t, a=5**0.5)
+    assert t.abs().max() <= 1 / 200**0.5  # nn.Linear's default: bound = 1/sqrt(fan_in)
+    fastinit.kaiming_uniform_(t, mode="fan_out", nonlinearity="relu")
+    assert t.abs().max() <= (6 / 300) ** 0.5
+    assert t.abs().max() > 0.99 * (6 / 300) ** 0.5
+
+
+def test_noncontiguous_views_are_filled_without_touching_the_rest():
+    base = torch.zeros(64, 48)
+    fastinit.uniform_(base[:, 10:20], 1.0, 2.0)
+    assert (base[:, 10:20] >= 1).all()
+    assert (base[:, :10] == 0).all() and (base[:, 20:] == 0).all()
+    t = torch.zeros(50, 30).t()
+    fastinit.normal_(t, 5.0, 0.1)
+    assert abs(t.mean().item() - 5.0) < 0.02
+    # A view's values are those of a contiguous tensor with the same key.
+    torch.manual_seed(3)
+    a = fastinit.normal_(torch.empty(30, 50))
+    torch.manual_seed(3)
+    b = torch.empty(50, 30).t()
+    fastinit.normal_(b)
+    assert torch.equal(a, b)
+
+
+def test_zero_element_tensors_warn_like_torch():
+    for fn in (fastinit.kaiming_uniform_, fastinit.kaiming_normal_):
+        with pytest.warns(UserWarning, match="zero-element"):
+            fn(torch.empty(0, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastinit.uniform_(torch.empty(0))
+        fastinit.normal_(torch.empty(2, 0))
+        fastinit.orthogonal_(torch.empty(0, 4))
+
+
+def test_meta_tensors_are_a_noop():
+    m = torch.empty(10, 10, device="meta")
+    for fn in (fastinit.uniform_, fastinit.normal_, fastinit.trunc_normal_, fastinit.kaiming_uniform_,
+               fastinit.xavier_normal_, fastinit.orthogonal_, fastinit.eye_):
+        assert fn(m) is m
+    assert fastinit.sparse_(m, 0.1) is m
+
+
+def test_manual_seed_reproduces_and_calls_never_share_a_stream():
+    torch.manual_seed(1234)
+    a = fastinit.normal_(torch.empty(1000))
+    b = fastinit.normal_(torch.empty(1000))
+    torch.manual_seed(1234)
+    a2 = fastinit.normal_(torch.empty(1000))
+    b2 = fastinit.normal_(torch.empty(1000))
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert not torch.equal(a, b)
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.15
+
+
+def test_generator_argument_is_honoured():
+    g1 = torch.Generator().manual_seed(7)
+    g2 = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    a = fastinit.kaiming_normal_(torch.empty(64, 32), generator=g1)
+    torch.manual_seed(99)  # the default generator plays no part
+    b = fastinit.kaiming_normal_(torch.empty(64, 32), generator=g2)
+    assert torch.equal(a, b)
+    c = fastinit.kaiming_normal_(torch.empty(64, 32), generator=g1)
+    assert not torch.equal(a, c)
+
+
+def test_orthogonal_is_orthogonal_and_sparse_has_exact_zero_counts():
+    for shape in [(20, 50), (50, 20), (16, 4, 3, 3)]:
+        q = fastinit.orthogonal_(torch.empty(shape), gain=2.0).reshape(shape[0], -1)
+        small = min(q.shape)
+        gram = q @ q.T if q.shape[0] == small else q.T @ q
+        torch.testing.assert_close(gram, 4.0 * torch.eye(small), atol=1e-4, rtol=0)
+    s = fastinit.sparse_(torch.empty(40, 30), sparsity=0.25, std=0.5)
+    assert ((s == 0).sum(dim=0) == 10).all()
+    assert 0.4 < s[s != 0].std() < 0.6
+
+
+def test_import_works_without_triton():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, fastinit\n"
+        "w = fastinit.kaiming_uniform_(torch.empty(300, 300))\n"
+        "assert 'triton' not in sys.modules\n"
+        "try:\n"
+        "    fastinit.use_engine('triton').__enter__()\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,117 @@
+"""Bad input: the same exception type as torch.nn.init, and nothing half-written."""
+
+import pytest
+import torch
+
+import fastinit
+
+I64 = torch.int64
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.full(shape, 7.0).to(dtype)
+
+
+CASES = [
+    ("xavier_uniform_", lambda: (_t(5),), {}),
+    ("xavier_normal_", lambda: (_t(5),), {}),
+    ("kaiming_uniform_", lambda: (_t(5),), {}),
+    ("kaiming_normal_", lambda: (_t(5),), {}),
+    ("kaiming_uniform_", lambda: (_t(4, 4),), {"mode": "fan_avg"}),
+    ("kaiming_normal_", lambda: (_t(4, 4),), {"mode": "sideways"}),
+    ("kaiming_uniform_", lambda: (_t(4, 4),), {"nonlinearity": "swish"}),
+    ("kaiming_normal_", lambda: (_t(4, 4),), {"nonlinearity": "leaky_relu", "a": "0.1"}),
+    ("eye_", lambda: (_t(3, 3, 3),), {}),
+    ("eye_", lambda: (_t(3),), {}),
+    ("dirac_", lambda: (_t(3, 3),), {}),
+    ("dirac_", lambda: (_t(3, 3, 3, 3, 3, 3),), {}),
+    ("dirac_", lambda: (_t(6, 3, 3), 4), {}),
+    ("sparse_", lambda: (_t(3, 3, 3), 0.1), {}),
+    ("orthogonal_", lambda: (_t(3),), {}),
+    ("uniform_", lambda: (_t(5, dtype=I64),), {}),
+    ("normal_", lambda: (_t(5, dtype=torch.int32),), {}),
+    ("trunc_normal_", lambda: (_t(5, dtype=I64),), {}),
+    ("xavier_uniform_", lambda: (_t(3, 3, dtype=torch.int32),), {}),
+    ("xavier_normal_", lambda: (_t(3, 3, dtype=torch.int16),), {}),
+    ("kaiming_uniform_", lambda: (_t(3, 3, dtype=torch.uint8),), {}),
+    ("kaiming_normal_", lambda: (_t(3, 3, dtype=torch.bool),), {}),
+    ("orthogonal_", lambda: (_t(3, 3, dtype=I64),), {}),
+    ("sparse_", lambda: (_t(3, 3, dtype=I64), 0.1), {}),
+    ("uniform_", lambda: (_t(5, dtype=torch.bool),), {}),
+    ("normal_", lambda: (_t(5),), {"std": -1.0}),
+    ("uniform_", lambda: (_t(5), 2.0, 1.0), {}),
+    ("trunc_normal_", lambda: (_t(5), 0.0, 1.0, 2.0, 1.0), {}),
+]
+
+
+@pytest.mark.parametrize("name,make_args,kwargs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_same_exception_type_as_torch_and_nothing_written(name, make_args, kwargs):
+    theirs = make_args()
+    with pytest.raises(Exception) as torch_exc:
+        getattr(torch.nn.init, name)(*theirs, **kwargs)
+    ours = make_args()
+    before = ours[0].clone()
+    with pytest.raises(type(torch_exc.value)):
+        getattr(fastinit, name)(*ours, **kwargs)
+    assert torch.equal(ours[0], before), "a failed call changed the tensor"
+
+
+def test_calculate_gain_errors_like_torch():
+    for bad in ("0.1", [0.1], True):
+        with pytest.raises(ValueError, match="not a valid number"):
+            fastinit.calculate_gain("leaky_relu", bad)
+    with pytest.raises(ValueError, match="Unsupported nonlinearity"):
+        fastinit.calculate_gain("gelu")
+    for nl, p in [("linear", None), ("tanh", None), ("relu", None), ("leaky_relu", 0.2),
+                  ("leaky_relu", 3), ("selu", None), ("conv_transpose2d", None)]:
+        assert fastinit.calculate_gain(nl, p) == torch.nn.init.calculate_gain(nl, p)
+
+
+def test_fans_match_torch():
+    for shape in [(3, 4), (64, 3, 7, 7), (8, 2, 5), (2, 3, 4, 5, 6)]:
+        t = torch.empty(shape)
+        assert fastinit.calculate_fan_in_and_fan_out(t) == torch.nn.init._calculate_fan_in_and_fan_out(t)
+    with pytest.raises(ValueError):
+        fastinit.calculate_fan_in_and_fan_out(torch.empty(3))
+
+
+def test_trunc_normal_negative_std_is_an_error():
+    # torch silently returns garbage here; a clear error is better.
+    t = _t(5)
+    with pytest.raises(RuntimeError, match="std"):
+        fastinit.trunc_normal_(t, 0.0, -1.0)
+    assert (t == 7).all()
+
+
+def test_unknown_engine_and_engine_on_wrong_device():
+    with pytest.raises(ValueError, match="unknown fastinit engine"):
+        with fastinit.use_engine("gpu-magic"):
+            pass
+    if torch.cuda.is_available():
+        with fastinit.use_engine("cpu"):
+            with pytest.raises(RuntimeError, match="cpu engine"):
+                fastinit.normal_(torch.empty(5, device="cuda"))
+
+
+def test_triton_engine_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    t = _t(10)
+    with fastinit.use_engine("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            fastinit.normal_(t)
+    assert (t == 7).all()
+
+
+def test_environment_variable_selects_the_engine(monkeypatch):
+    monkeypatch.setenv("FASTINIT_ENGINE", "reference")
+    torch.manual_seed(0)
+    a = fastinit.uniform_(torch.empty(100))
+    monkeypatch.setenv("FASTINIT_ENGINE", "cpu")
+    torch.manual_seed(0)
+    b = fastinit.uniform_(torch.empty(100))
+    monkeypatch.delenv("FASTINIT_ENGINE")
+    torch.manual_seed(0)
+    with fastinit.use_engine("reference"):
+        c = fastinit.uniform_(torch.empty(100))
+    assert torch.equal(a, c) and not torch.equal(a, b)

@@ -1,0 +1,120 @@
+"""The Triton kernels against the reference engine.
+
+Without a GPU these run through Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest), about a million elements a second: shapes stay small.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import have_triton
+from fastinit.engines import Layout, Target, fill, use_engine
+from fastinit.specs import Constant, Normal, TruncNormal, Uniform
+
+pytestmark = pytest.mark.skipif(not have_triton(), reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SPECS = [
+    Uniform(-3.0, 5.0),
+    Constant(-0.375),
+    Normal(1.0, 2.0),
+    TruncNormal(0.0, 1.0, -2.0, 2.0),
+    TruncNormal(0.0, 1.0, 5.0, 6.0),  # mirrored upper tail, Acklam branch
+]
+SIZES = [1, 3, 4, 5, 2047, 2048, 2049, 4101]
+
+
+def _run(engine, targets):
+    with use_engine(engine):
+        fill(targets)
+
+
+def _poisoned(n, dtype, pad=8):
+    base = torch.full((n + 2 * pad,), float("nan"), dtype=dtype, device=DEVICE)
+    return base, base[pad : pad + n]
+
+
+def _assert_match(spec, got, want):
+    if isinstance(spec, (Uniform, Constant)):
+        assert torch.equal(got, want)
+    else:  # log/cos/sin differ by an ulp between implementations
+        g, w = got.double(), want.double()
+        eps = max(torch.finfo(got.dtype).eps, torch.finfo(torch.float32).eps)
+        tol = 4 * eps * (abs(getattr(spec, "mean", 0.0)) + 8 * getattr(spec, "std", 1.0)) + 1e-6
+        diff = (g - w).abs().max().item()
+        assert diff <= tol, f"max diff {diff} > {tol}"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_equals_reference_and_writes_exactly_its_elements(spec, dtype):
+    for n in SIZES:
+        base, got = _poisoned(n, dtype)
+        want = torch.empty(n, dtype=dtype, device=DEVICE)
+        _run("triton", [Target(got, spec, 0xDEADBEEF12345678)])
+        _run("reference", [Target(want, spec, 0xDEADBEEF12345678)])
+        assert not torch.isnan(got).any(), f"n={n}: an element was not written"
+        assert torch.isnan(base[:8]).all() and torch.isnan(base[-8:]).all(), f"n={n}: wrote outside"
+        _assert_match(spec, got, want)
+        if isinstance(spec, TruncNormal):
+            assert got.min() >= torch.tensor(spec.a, dtype=dtype) and got.max() <= torch.tensor(spec.b, dtype=dtype)
+
+
+def test_low_precision_kernel_output_is_float32_rounded_once():
+    for spec in SPECS:
+        a = torch.empty(3000, device=DEVICE)
+        b = torch.empty(3000, dtype=torch.bfloat16, device=DEVICE)
+        _run("triton", [Target(a, spec, 77), Target(b, spec, 77)])
+        assert torch.equal(a.bfloat16(), b)
+
+
+def test_a_batch_equals_one_by_one():
+    shapes = [(1,), (5, 7), (2049,), (3, 1001), (4,)]
+    specs = [SPECS[i % len(SPECS)] for i in range(len(shapes))]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    keys = [3 * i + (1 << 40) for i in range(len(shapes))]
+    batch = [torch.empty(s, dtype=d, device=DEVICE) for s, d in zip(shapes, dtypes)]
+    _run("triton", [Target(t, s, k) for t, s, k in zip(batch, specs, keys)])
+    for t, s, k, d in zip(batch, specs, keys, dtypes):
+        one = torch.empty(t.shape, dtype=d, device=DEVICE)
+        _run("triton", [Target(one, s, k)])
+        assert torch.equal(t, one)
+
+
+def test_same_key_same_values_different_key_different_values():
+    a, b, c = (torch.empty(2100, device=DEVICE) for _ in range(3))
+    _run("triton", [Target(a, Normal(), 5), Target(b, Normal(), 5), Target(c, Normal(), 6)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("spec", SPECS[:4], ids=repr)
+def test_kernel_honours_shard_layouts(spec):
+    R, C = 9, 23
+    full = torch.empty(R, C, device=DEVICE)
+    _run("reference", [Target(full, spec, 11)])
+    boxes = [(0, R, 0, C), (2, 7, 0, C), (0, R, 3, 17), (4, 5, 1, 2), (1, 8, 22, 23)]
+    for r0, r1, c0, c1 in boxes:
+        part = torch.full((r1 - r0, c1 - c0), float("nan"), device=DEVICE)
+        if c0 == 0 and c1 == C:
+            lay = Layout(r0 * C, 1, part.numel(), part.numel(), R * C)
+        else:
+            lay = Layout(r0 * C + c0, r1 - r0, c1 - c0, C, R * C)
+        _run("triton", [Target(part, spec, 11, lay)])
+        _assert_match(spec, part, full[r0:r1, c0:c1])
+
+
+def test_indices_past_two_to_the_31():
+    # A one-row shard far into a huge logical tensor: 64-bit counters and offsets.
+    off = (1 << 33) + 3
+    lay = Layout(off, 1, 10, 10, off + 10)
+    got = torch.empty(10, device=DEVICE)
+    want = torch.empty(10, device=DEVICE)
+    _run("triton", [Target(got, Uniform(), 1, lay)])
+    _run("reference", [Target(want, Uniform(), 1, lay)])
+    assert torch.equal(got, want)
+    other = torch.empty(10, device=DEVICE)
+    _run("reference", [Target(other, Uniform(), 1, Layout(3, 1, 10, 10, 13))])
+    assert not torch.equal(got, other)
