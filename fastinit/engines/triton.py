@@ -27,8 +27,6 @@ def _interpreting() -> bool:
 
 
 def fill(targets) -> None:
-    from fastinit.kernels.philox_fill import fill_batch
-
     groups: dict[tuple, list] = {}
     for t in targets:
         dev = t.tensor.device
@@ -38,6 +36,9 @@ def fill(targets) -> None:
                 "only under TRITON_INTERPRET=1 — use the 'cpu' or 'reference' engine"
             )
         groups.setdefault((t.tensor.dtype, dev), []).append(t)
+    # Imported only now: the kernels are decorated (compiled or interpreted) on import.
+    from fastinit.kernels.philox_fill import fill_batch
+
     for batch in groups.values():
         kinds, params = zip(*(t.spec.kernel_params() for t in batch))
         fill_batch(
