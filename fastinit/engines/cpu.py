@@ -1,23 +1,24 @@
 """The ``cpu`` engine: pure torch, chunk-parallel on a thread pool.
 
 The logical flat index of a tensor is cut into chunks of :data:`CHUNK` elements.
-Chunk ``c`` of a tensor with key ``k`` draws from its own stream: a Mersenne
-Twister whose whole 19937-bit state is taken from numpy's Philox4x64 keyed by the
-128 bits ``(k, c)``. (A torch generator seeded with ``manual_seed`` keeps only 32
-bits of its seed, so one seeded per chunk would repeat chunks at model scale.)
-Values therefore depend on ``(key, element index)`` only: never on the number of
-threads, the order of chunks, or the other tensors of the batch.
+Chunk ``c`` of a tensor with key ``k`` draws from its own stream, whose state is
+taken from numpy's Philox4x64 keyed by the 128 bits ``(k, c)``: numpy's SFC64
+for uniform and truncated normal fills, torch's Mersenne Twister (all 19937 bits
+of state) for normal fills. (A torch generator seeded with ``manual_seed`` keeps
+only 32 bits of its seed, so one seeded per chunk would repeat chunks at model
+scale.) Values therefore depend on ``(key, element index)`` only: never on the
+number of threads, the order of chunks, or the other tensors of the batch.
 
-Within a chunk, torch's own serial kernels generate (``uniform_``, ``normal_``)
-into float32 (float64 for float64 tensors); float16/bfloat16 tensors receive
-the float32 values rounded once. Elementwise work (the truncated normal's inverse
-CDF, casts) runs on slabs of :data:`SLAB` elements, below ATen's parallel grain,
-so worker threads never spawn nested OpenMP teams. Extra memory: one chunk
-buffer per thread.
+Each chunk is generated in slabs of :data:`SLAB` elements that stay in cache
+while they are transformed (the truncated normal's inverse CDF), rounded
+(float16/bfloat16 receive the float32 values rounded once) and copied. Slabs are
+below ATen's parallel grain, so worker threads never spawn nested OpenMP teams.
+Extra memory: one slab buffer per thread.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -75,25 +76,44 @@ def _thread_state():
     if st is None:
         state = _state_template().clone()
         words = state.numpy()[24 : 24 + 8 * _MT_N].view(np.uint64)
-        st = _local.st = (torch.Generator(), state, words, {})
+        sfc = np.random.SFC64(0)
+        st = _local.st = (torch.Generator(), state, words, sfc, np.random.Generator(sfc), {})
     return st
 
 
+def _chunk_words(key: int, chunk: int, n: int) -> np.ndarray:
+    """``n`` 64-bit words of Philox4x64-10 keyed by the 128 bits ``(key, chunk)``."""
+    return np.random.Philox(key=np.array([key, chunk], dtype=np.uint64)).random_raw(n)
+
+
 def chunk_generator(key: int, chunk: int) -> torch.Generator:
-    """The generator of chunk ``chunk`` of the tensor keyed ``key`` (this thread's object)."""
-    gen, state, words, _ = _thread_state()
-    bits = np.random.Philox(key=np.array([key, chunk], dtype=np.uint64)).random_raw(_MT_N // 2)
-    words[:] = bits.view(np.uint32)
+    """torch generator of chunk ``chunk`` of the tensor keyed ``key`` (this thread's object):
+    a Mersenne Twister whose whole state comes from the chunk's Philox words."""
+    gen, state, words = _thread_state()[:3]
+    words[:] = _chunk_words(key, chunk, _MT_N // 2).view(np.uint32)
     gen.set_state(state)
     return gen
 
 
-def _buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
-    bufs = _thread_state()[3]
+def chunk_numpy_generator(key: int, chunk: int) -> np.random.Generator:
+    """numpy generator (SFC64, state from the chunk's Philox words) of chunk ``chunk``."""
+    sfc, npgen = _thread_state()[3:5]
+    w = _chunk_words(key, chunk, 3)
+    sfc.state = {
+        "bit_generator": "SFC64",
+        "state": {"state": np.array([w[0], w[1], w[2], 1], dtype=np.uint64)},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+    return npgen
+
+
+def _buffer(dtype: torch.dtype) -> torch.Tensor:
+    bufs = _thread_state()[5]
     b = bufs.get(dtype)
     if b is None:
-        b = bufs[dtype] = torch.empty(CHUNK, dtype=dtype)
-    return b[:n]
+        b = bufs[dtype] = torch.empty(SLAB, dtype=dtype)
+    return b
 
 
 def _slabs(n: int):
@@ -101,34 +121,65 @@ def _slabs(n: int):
         yield s, min(n, s + SLAB)
 
 
-def generate_chunk(spec, key: int, chunk: int, out: torch.Tensor) -> None:
-    """Write chunk ``chunk`` of the tensor keyed ``key`` into ``out`` (float32/64, contiguous)."""
-    if isinstance(spec, Constant):
-        for s, e in _slabs(out.numel()):
-            out[s:e].fill_(spec.value)
-        return
-    g = chunk_generator(key, chunk)
-    if isinstance(spec, Uniform):
-        out.uniform_(spec.a, spec.b, generator=g)
-    elif isinstance(spec, Normal):
-        out.normal_(spec.mean, spec.std, generator=g)
-    elif isinstance(spec, TruncNormal):
-        lo, span, sign = spec.cdf_window()
-        out.uniform_(lo, lo + span, generator=g)  # t = 2p in (0, 2)
-        if lo >= _TAIL_T:
-            scale = sign * spec.std * math.sqrt(2.0)
-            for s, e in _slabs(out.numel()):
-                v = out[s:e]
-                v.clamp_(_T_MIN, _T_MAX).sub_(1.0).erfinv_().mul_(scale)
-                v.add_(spec.mean).clamp_(spec.a, spec.b)
-        else:
-            scale = sign * spec.std
-            for s, e in _slabs(out.numel()):
-                v = out[s:e]
-                torch.special.ndtri(v.clamp_(_T_MIN, _T_MAX).mul_(0.5), out=v)
-                v.mul_(scale).add_(spec.mean).clamp_(spec.a, spec.b)
+@functools.lru_cache(maxsize=1024)
+def _below(x: float, ftype) -> float:
+    """The largest value of numpy float type ``ftype`` strictly below ``x``."""
+    f = ftype(x)
+    if float(f) >= x:
+        f = np.nextafter(f, ftype(-np.inf))
+    return float(f)
+
+
+def _np_uniform(g: np.random.Generator, out: torch.Tensor, lo: float, hi: float) -> None:
+    """``out`` (float32/64) <- U[lo, hi): numpy's u in [0, 1), then lo + (hi - lo) u, kept below hi."""
+    o = out.numpy()
+    g.random(dtype=o.dtype, out=o)
+    if hi > lo:
+        np.multiply(o, o.dtype.type(hi - lo), out=o)
+        np.add(o, o.dtype.type(lo), out=o)
+        out.clamp_max_(_below(hi, o.dtype.type))
     else:
+        o.fill(lo)
+
+
+def chunk_slabs(spec, key: int, chunk: int, n: int, cdt: torch.dtype, out: torch.Tensor | None):
+    """Generate chunk ``chunk`` (``n`` elements) of the tensor keyed ``key``, slab by slab.
+
+    Yields ``(s, e, values)`` in order, ``values`` holding elements ``[s, e)`` of
+    the chunk in ``cdt`` (float32 or float64): a view of ``out`` when given
+    (generated in place), else this thread's slab buffer. Each slab is small
+    enough to stay in cache while it is transformed, cast and copied.
+
+    Uniform and truncated normal draw from numpy's SFC64, normal from torch's
+    Mersenne Twister (its vectorized Box–Muller is the fastest CPU normal), both
+    with their state taken from Philox4x64 keyed by ``(key, chunk)``.
+    """
+    if isinstance(spec, Uniform):
+        g = chunk_numpy_generator(key, chunk)
+    elif isinstance(spec, TruncNormal):
+        g = chunk_numpy_generator(key, chunk)
+        t_lo, span, sign = spec.cdf_window()  # t = 2p in (0, 2)
+    elif isinstance(spec, Normal):
+        g = chunk_generator(key, chunk)
+    elif not isinstance(spec, Constant):
         raise TypeError(f"the cpu engine cannot fill {spec!r}")
+    for s, e in _slabs(n):
+        v = out[s:e] if out is not None else _buffer(cdt)[: e - s]
+        if isinstance(spec, Uniform):
+            _np_uniform(g, v, spec.a, spec.b)
+        elif isinstance(spec, Normal):
+            v.normal_(spec.mean, spec.std, generator=g)
+        elif isinstance(spec, Constant):
+            v.fill_(spec.value)
+        else:
+            _np_uniform(g, v, t_lo, t_lo + span)
+            v.clamp_(_T_MIN, _T_MAX)
+            if t_lo >= _TAIL_T:
+                v.sub_(1.0).erfinv_().mul_(sign * spec.std * math.sqrt(2.0))
+            else:
+                torch.special.ndtri(v.mul_(0.5), out=v).mul_(sign * spec.std)
+            v.add_(spec.mean).clamp_(spec.a, spec.b)
+        yield s, e, v
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -138,38 +189,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _fill_chunk(t, chunk: int) -> None:
     """Generate global chunk ``chunk`` of target ``t`` and write the local elements it holds."""
     lay = t.layout
-    n_global_lo = chunk * CHUNK
+    chunk_lo = chunk * CHUNK
     glo, ghi = lay.global_range()
     flat = t.tensor.view(-1)
     cdt = _compute_dtype(flat.dtype)
-    # Length of this chunk in the global tensor (the last chunk may be short).
-    n = min(CHUNK, t.layout.global_numel - n_global_lo)
-    direct = lay.rows == 1 and flat.dtype == cdt
-    if direct and glo <= n_global_lo and n_global_lo + n <= ghi:
+    n = min(CHUNK, lay.global_numel - chunk_lo)  # the last chunk may be short
+    if lay.rows == 1 and flat.dtype == cdt and glo <= chunk_lo and chunk_lo + n <= ghi:
         # The whole chunk is ours and needs no cast: generate in place.
-        s = n_global_lo - glo
-        generate_chunk(t.spec, t.key, chunk, flat[s : s + n])
+        s0 = chunk_lo - glo
+        for _ in chunk_slabs(t.spec, t.key, chunk, n, cdt, flat[s0 : s0 + n]):
+            pass
         return
-    buf = _buffer(cdt, n)
-    generate_chunk(t.spec, t.key, chunk, buf)
-    for dst, src in _overlaps(lay, n_global_lo, n):
-        for s, e in _slabs(dst[1] - dst[0]):
-            flat[dst[0] + s : dst[0] + e].copy_(buf[src + s : src + e])
+    for s, e, v in chunk_slabs(t.spec, t.key, chunk, n, cdt, None):
+        _scatter(lay, flat, v, chunk_lo + s, chunk_lo + e)
 
 
-def _overlaps(lay, chunk_lo: int, n: int):
-    """Pieces of the layout inside global [chunk_lo, chunk_lo + n): ((local lo, local hi), buf offset)."""
-    chunk_hi = chunk_lo + n
+def _scatter(lay, flat: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> None:
+    """Copy the layout's elements among global [lo, hi) (held by ``v``) into ``flat``."""
     if lay.rows == 1:
-        r_first, r_last = 0, 0
-    else:
-        r_first = max(0, (chunk_lo - lay.offset - lay.cols) // lay.row_stride)
-        r_last = min(lay.rows - 1, (chunk_hi - 1 - lay.offset) // lay.row_stride)
-    for r in range(r_first, r_last + 1):
+        a, b = max(lo, lay.offset), min(hi, lay.offset + lay.cols)
+        if a < b:
+            flat[a - lay.offset : b - lay.offset].copy_(v[a - lo : b - lo])
+        return
+    # Rows r whose segment [g_r, g_r + cols) meets [lo, hi), g_r = offset + r * row_stride.
+    r_first = max(0, -(-(lo - lay.offset - lay.cols + 1) // lay.row_stride))
+    r_last = min(lay.rows - 1, (hi - 1 - lay.offset) // lay.row_stride)
+    if r_first > r_last:
+        return
+    # Whole rows in the middle move with one strided copy; the two end rows may be partial.
+    mid_lo = r_first + 1 if lay.offset + r_first * lay.row_stride < lo else r_first
+    mid_hi = r_last - 1 if lay.offset + r_last * lay.row_stride + lay.cols > hi else r_last
+    if mid_lo <= mid_hi:
+        rows = mid_hi - mid_lo + 1
+        src = v.as_strided((rows, lay.cols), (lay.row_stride, 1),
+                           v.storage_offset() + lay.offset + mid_lo * lay.row_stride - lo)
+        flat[mid_lo * lay.cols : (mid_hi + 1) * lay.cols].view(rows, lay.cols).copy_(src)
+    for r in sorted({r_first, r_last} - set(range(mid_lo, mid_hi + 1))):
         g0 = lay.offset + r * lay.row_stride
-        lo, hi = max(g0, chunk_lo), min(g0 + lay.cols, chunk_hi)
-        if lo < hi:
-            yield (r * lay.cols + lo - g0, r * lay.cols + hi - g0), lo - chunk_lo
+        a, b = max(lo, g0), min(hi, g0 + lay.cols)
+        if a < b:
+            flat[r * lay.cols + a - g0 : r * lay.cols + b - g0].copy_(v[a - lo : b - lo])
 
 
 def _chunks_of(t) -> range:
