@@ -314,7 +314,7 @@ def eye_(tensor):
     """
     if tensor.ndimension() != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
-    if _replay_or_none(tensor, torch.nn.init.eye_, (), {}) or tensor.is_meta:
+    if _replay_or_none(tensor, eye_, (), {}) or tensor.is_meta:
         return tensor
     with torch.no_grad():
         torch.eye(*tensor.shape, out=tensor, requires_grad=tensor.requires_grad)
@@ -338,7 +338,7 @@ def dirac_(tensor, groups: int = 1):
     sizes = tensor.size()
     if sizes[0] % groups != 0:
         raise ValueError("dim 0 must be divisible by groups")
-    if _replay_or_none(tensor, torch.nn.init.dirac_, (groups,), {}) or tensor.is_meta:
+    if _replay_or_none(tensor, dirac_, (groups,), {}) or tensor.is_meta:
         return tensor
     out_per_group = sizes[0] // groups
     min_dim = min(out_per_group, sizes[1])

@@ -121,8 +121,12 @@ def engine_for(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
-def fill(targets: Sequence[Target] | Iterable[Target]) -> None:
-    """Fill every target, grouped by engine: one batch per engine (and per dtype inside it)."""
+def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
+    """Fill every target, grouped by engine: one batch per engine (and per dtype inside it).
+
+    ``progress``, if given, is called with the number of bytes each finished
+    piece of work wrote (from worker threads on CPU).
+    """
     groups: dict[str, list[Target]] = {}
     for t in targets:
         if t.tensor.numel() == 0:
@@ -143,7 +147,7 @@ def fill(targets: Sequence[Target] | Iterable[Target]) -> None:
                 proxies.append((dst, buf))
                 dst = buf
             work.append(Target(dst, t.spec, t.key, t.layout, t.name))
-        mod.fill(work)
+        mod.fill(work, progress)
         with torch.no_grad():
             for dst, buf in proxies:
                 dst.copy_(buf)

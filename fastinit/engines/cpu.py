@@ -186,6 +186,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _chunk_bytes(t, chunk: int) -> int:
+    lo, hi = chunk * CHUNK, (chunk + 1) * CHUNK
+    glo, ghi = t.layout.global_range()
+    return max(0, min(hi, ghi) - max(lo, glo)) * t.tensor.element_size()
+
+
 def _fill_chunk(t, chunk: int) -> None:
     """Generate global chunk ``chunk`` of target ``t`` and write the local elements it holds."""
     lay = t.layout
@@ -248,7 +254,7 @@ def _get_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def fill(targets) -> None:
+def fill(targets, progress=None) -> None:
     """Fill CPU targets: every (target, chunk) pair is one unit of work on the pool."""
     work = []
     for t in targets:
@@ -266,6 +272,8 @@ def fill(targets) -> None:
     if len(work) == 1 or nthreads == 1:
         for t, c in work:
             _fill_chunk(t, c)
+            if progress is not None:
+                progress(_chunk_bytes(t, c))
         return
     # Contiguous groups of work, several per thread, so uneven chunks balance out.
     ngroups = min(len(work), 4 * nthreads)
@@ -276,6 +284,8 @@ def fill(targets) -> None:
         with torch.no_grad():
             for t, c in group:
                 _fill_chunk(t, c)
+                if progress is not None:
+                    progress(_chunk_bytes(t, c))
 
     for f in [_get_pool().submit(run, g) for g in groups]:
         f.result()

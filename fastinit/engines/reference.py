@@ -28,7 +28,7 @@ def global_indices(layout, start: int, stop: int, device) -> torch.Tensor:
     return layout.offset + (j // layout.cols) * layout.row_stride + j % layout.cols
 
 
-def fill(targets) -> None:
+def fill(targets, progress=None) -> None:
     for t in targets:
         kind, params = t.spec.kernel_params()
         flat = t.tensor.view(-1)
@@ -39,3 +39,5 @@ def fill(targets) -> None:
             words = rng.philox_words(g, t.key)
             vals = rng.words_to_values(words, g & 3, kind, params)
             flat[s:e].copy_(vals)
+            if progress is not None:
+                progress((e - s) * flat.element_size())

@@ -26,7 +26,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fill(targets) -> None:
+def fill(targets, progress=None) -> None:
     groups: dict[tuple, list] = {}
     for t in targets:
         dev = t.tensor.device
@@ -48,3 +48,5 @@ def fill(targets) -> None:
             [t.key for t in batch],
             [p for ps in params for p in ps],
         )
+        if progress is not None:
+            progress(sum(t.tensor.numel() * t.tensor.element_size() for t in batch))
