@@ -726,7 +726,7 @@ def materialize(
     engines.fill(targets, progress=_progress_printer(total, progress))
     replayed = 0
     for (t, _names), plan, real in zip(objs, plans, reals):
-        if plan.spec is not None and not plan.replay:
+        if (plan.spec is not None or plan.start == "none") and not plan.replay:
             continue
         replayed += 1
         dist_mod.replay_into(real, lambda full: _replay_plan(ev, plan, full), plan, t)
@@ -747,7 +747,7 @@ def _recorded_tensor(rec: _Recorder, sk: int, fallback: torch.Tensor) -> torch.T
 def _replay_plan(ev: _Evaluator, plan: _Plan, out: torch.Tensor) -> None:
     """Compute ``plan``'s value into ``out`` (a full-size real tensor, its spec already filled)."""
     with torch.no_grad():
-        if plan.spec is None:
+        if plan.spec is None and plan.start != "none":
             if plan.start == "creation":
                 base = ev.creation_value(plan.sk, plan.creation, plan.meta).clone()
                 ev.apply(base, plan.sk, plan.replay)
@@ -755,7 +755,7 @@ def _replay_plan(ev: _Evaluator, plan: _Plan, out: torch.Tensor) -> None:
                 base = torch.empty(plan.meta.shape, dtype=plan.meta.dtype, device=ev.device)
                 ev.apply(base, plan.sk, [plan.start_event, *plan.replay])
             out.copy_(base.view(out.shape))
-        elif plan.replay:
+        elif plan.replay:  # after the fused fill (or on an uninitialized tensor, strict=False)
             if out.dtype == plan.meta.dtype:
                 ev.apply(out, plan.sk, plan.replay)
             else:  # replay in the recorded dtype, round once
