@@ -147,6 +147,12 @@ def bench(args) -> int:
         buf.fill_(1)
         return buf
 
+    # The first touch of fresh memory can cost more than the fill itself (page
+    # faults; more so in VMs): touch the model's bytes once, untimed, so every
+    # method below meets memory in the same state.
+    _log(f"  [0] warm-up: touching {nbytes / 2**30:.2f} GiB once (untimed) ...")
+    warm = memset()
+    del warm
     steps = [("memset (floor)", memset), ("torch eager", eager), ("torch meta+to_empty+init", meta_path),
              ("fastinit deferred_init+materialize", ours)]
     if args.skip_eager:
