@@ -19,6 +19,7 @@ Extra memory: one slab buffer per thread.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -122,22 +123,32 @@ def _slabs(n: int):
 
 
 @functools.lru_cache(maxsize=1024)
-def _below(x: float, ftype) -> float:
-    """The largest value of numpy float type ``ftype`` strictly below ``x``."""
-    f = ftype(x)
-    if float(f) >= x:
-        f = np.nextafter(f, ftype(-np.inf))
-    return float(f)
+def _uniform_map(lo: float, hi: float, ftype) -> tuple:
+    """``(span, lo, clamp)`` in ``ftype`` for ``x = lo + span * u``, ``u`` in [0, 1).
+
+    ``clamp`` is the largest value below ``hi``, or None when even the largest
+    ``u`` numpy draws maps below ``hi`` (the map is monotonic, so no clamp pass
+    is needed then, which is the common case).
+    """
+    span_f, lo_f = ftype(hi - lo), ftype(lo)
+    umax = ftype(1.0) - ftype(2.0 ** (-24 if ftype == np.float32 else -53))
+    if float(ftype(umax * span_f) + lo_f) < hi:
+        return span_f, lo_f, None
+    top = ftype(hi)
+    if float(top) >= hi:
+        top = np.nextafter(top, ftype(-np.inf))
+    return span_f, lo_f, top
 
 
-def _np_uniform(g: np.random.Generator, out: torch.Tensor, lo: float, hi: float) -> None:
-    """``out`` (float32/64) <- U[lo, hi): numpy's u in [0, 1), then lo + (hi - lo) u, kept below hi."""
-    o = out.numpy()
+def _np_uniform(g: np.random.Generator, o: np.ndarray, lo: float, hi: float) -> None:
+    """``o`` (float32/64 numpy view) <- U[lo, hi): numpy's u in [0, 1), then lo + (hi - lo) u, kept below hi."""
     g.random(dtype=o.dtype, out=o)
     if hi > lo:
-        np.multiply(o, o.dtype.type(hi - lo), out=o)
-        np.add(o, o.dtype.type(lo), out=o)
-        out.clamp_max_(_below(hi, o.dtype.type))
+        span, lo_f, clamp = _uniform_map(lo, hi, o.dtype.type)
+        np.multiply(o, span, out=o)
+        np.add(o, lo_f, out=o)
+        if clamp is not None:
+            np.minimum(o, clamp, out=o)
     else:
         o.fill(lo)
 
@@ -163,16 +174,19 @@ def chunk_slabs(spec, key: int, chunk: int, n: int, cdt: torch.dtype, out: torch
         g = chunk_generator(key, chunk)
     elif not isinstance(spec, Constant):
         raise TypeError(f"the cpu engine cannot fill {spec!r}")
+    dst = out if out is not None else _buffer(cdt)
+    dst_np = dst.numpy()  # numpy slices of one view: cheaper than a torch slice per slab
     for s, e in _slabs(n):
-        v = out[s:e] if out is not None else _buffer(cdt)[: e - s]
+        v = dst[s:e] if out is not None else dst[: e - s]
+        v_np = dst_np[s:e] if out is not None else dst_np[: e - s]
         if isinstance(spec, Uniform):
-            _np_uniform(g, v, spec.a, spec.b)
+            _np_uniform(g, v_np, spec.a, spec.b)
         elif isinstance(spec, Normal):
             v.normal_(spec.mean, spec.std, generator=g)
         elif isinstance(spec, Constant):
             v.fill_(spec.value)
         else:
-            _np_uniform(g, v, t_lo, t_lo + span)
+            _np_uniform(g, v_np, t_lo, t_lo + span)
             v.clamp_(_T_MIN, _T_MAX)
             if t_lo >= _TAIL_T:
                 v.sub_(1.0).erfinv_().mul_(sign * spec.std * math.sqrt(2.0))
@@ -244,7 +258,7 @@ def _chunks_of(t) -> range:
 
 def _get_pool() -> ThreadPoolExecutor:
     global _pool, _pool_size
-    n = max(1, torch.get_num_threads())
+    n = max(1, torch.get_num_threads() - 1)  # the calling thread works too
     with _pool_lock:
         if _pool is None or _pool_size != n:
             if _pool is not None:
@@ -268,24 +282,31 @@ def fill(targets, progress=None) -> None:
         work.extend((t, c) for c in _chunks_of(t))
     if not work:
         return
-    nthreads = max(1, torch.get_num_threads())
-    if len(work) == 1 or nthreads == 1:
-        for t, c in work:
-            _fill_chunk(t, c)
-            if progress is not None:
-                progress(_chunk_bytes(t, c))
-        return
-    # Contiguous groups of work, several per thread, so uneven chunks balance out.
-    ngroups = min(len(work), 4 * nthreads)
-    step = -(-len(work) // ngroups)
-    groups = [work[i : i + step] for i in range(0, len(work), step)]
+    nthreads = min(len(work), max(1, torch.get_num_threads()))
+    # Dynamic scheduling: every thread (the caller's included) takes the next
+    # chunk until none is left, so uneven chunks and uneven cores balance out to
+    # within one chunk (~1 ms). Values do not depend on who takes which chunk.
+    next_item = itertools.count().__next__  # atomic under the GIL
+    errors: list[BaseException] = []
 
-    def run(group):
+    def run():
         with torch.no_grad():
-            for t, c in group:
-                _fill_chunk(t, c)
+            while not errors:
+                i = next_item()
+                if i >= len(work):
+                    return
+                t, c = work[i]
+                try:
+                    _fill_chunk(t, c)
+                except BaseException as e:  # surfaced in the caller below
+                    errors.append(e)
+                    return
                 if progress is not None:
                     progress(_chunk_bytes(t, c))
 
-    for f in [_get_pool().submit(run, g) for g in groups]:
+    futures = [_get_pool().submit(run) for _ in range(nthreads - 1)]
+    run()
+    for f in futures:
         f.result()
+    if errors:
+        raise errors[0]
