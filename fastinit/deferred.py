@@ -30,6 +30,7 @@ import numbers
 import sys
 import time
 import types
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -275,7 +276,11 @@ def _init_hook(name, tensor, *args, **kwargs):
             b = bound.arguments
             spec = TruncNormal(b["mean"], b["std"], b["a"], b["b"])
             if (b["mean"] < b["a"] - 2 * b["std"]) or (b["mean"] > b["b"] + 2 * b["std"]):
-                _ORIGINAL_FUNCS[name](torch.empty(0), *args, **kwargs)  # torch's warning
+                warnings.warn(
+                    "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
+                    "The distribution of values may be incorrect.",
+                    stacklevel=3,
+                )
             if tensor.numel():
                 rec.fill_event(tensor, spec)
             return tensor

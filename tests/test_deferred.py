@@ -304,3 +304,40 @@ def test_batched_keeps_partial_edits_after_their_whole_fill():
         fastinit.normal_(w)
         fastinit.zeros_(w[3])
     assert (w[3] == 0).all() and (w[4] != 0).all()
+
+
+def test_hooks_are_removed_after_recording_even_on_error():
+    code = torch.nn.init.trunc_normal_.__code__
+
+    def broken():
+        m = nn.Linear(3, 3)
+        nn.init.trunc_normal_(m.weight)
+        raise KeyError("constructor failed")
+
+    with pytest.raises(KeyError):
+        fastinit.deferred_init(broken)
+    assert torch.nn.init.trunc_normal_.__code__ is code
+    w = torch.nn.init.trunc_normal_(torch.empty(1000), std=0.5, a=-1.0, b=1.0)
+    assert w.abs().max() <= 1.0 and w.std() > 0.3
+
+
+def test_torch_inits_that_skip_meta_tensors_are_recorded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.empty(30, 40))
+            self.b = nn.Parameter(torch.empty(8, 4, 3))
+            self.c = nn.Parameter(torch.empty(20, 10))
+            self.d = nn.Parameter(torch.empty(50))
+            nn.init.orthogonal_(self.a)
+            nn.init.dirac_(self.b)
+            nn.init.sparse_(self.c, sparsity=0.5)
+            nn.init.trunc_normal_(self.d, mean=5.0, std=1.0, a=-1.0, b=1.0)
+
+    with pytest.warns(UserWarning, match="more than 2 std"):
+        m = fastinit.deferred_init(M)
+    rep = fastinit.materialize(m, seed=0)
+    torch.testing.assert_close(m.a @ m.a.T, torch.eye(30), atol=1e-4, rtol=0)
+    assert torch.equal(m.b, torch.nn.init.dirac_(torch.empty(8, 4, 3)))
+    assert ((m.c == 0).sum(0) == 10).all()
+    assert rep.entries["d"].startswith("TruncNormal") and m.d.min() >= -1 and m.d.max() <= 1
