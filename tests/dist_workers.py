@@ -41,6 +41,13 @@ def _setup(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _teardown():
+    # Leave together: rank 0 hosts the store, and a rank still tearing down its
+    # process group when rank 0 exits can abort.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _reference():
     ref = fastinit.deferred_init(TinyLM)
     fastinit.materialize(ref, device="cpu", seed=SEED)
@@ -77,7 +84,7 @@ def fsdp_deferred(rank, world, port):
     fully_shard(model, mesh=mesh)
     fastinit.materialize(model, device="cpu", seed=SEED)
     assert _compare(model, _reference()) > 0
-    dist.destroy_process_group()
+    _teardown()
 
 
 def fsdp_meta_init_fn(rank, world, port):
@@ -106,7 +113,7 @@ def fsdp_meta_init_fn(rank, world, port):
     fastinit.materialize(ref, seed=SEED, init_fn=init_fn, device="cpu")
     for (n, t), r in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(t.full_tensor(), r), n
-    dist.destroy_process_group()
+    _teardown()
 
 
 def tp_2d(rank, world, port):
@@ -125,7 +132,7 @@ def tp_2d(rank, world, port):
     fully_shard(model, mesh=mesh["dp"])
     fastinit.materialize(model, device="cpu", seed=SEED)
     assert _compare(model, _reference()) > 0
-    dist.destroy_process_group()
+    _teardown()
 
 
 def dropin_dtensor(rank, world, port):
@@ -142,7 +149,7 @@ def dropin_dtensor(rank, world, port):
             fn(dt, *args, generator=torch.Generator().manual_seed(5))
             plain = fn(torch.zeros(13, 7), *args, generator=torch.Generator().manual_seed(5))
             assert torch.equal(dt.full_tensor(), plain), (placement, fn.__name__)
-    dist.destroy_process_group()
+    _teardown()
 
 
 def negative_control(rank, world, port):
@@ -164,4 +171,4 @@ def negative_control(rank, world, port):
     fill([Target(right, fastinit.Normal(), 9, Layout(100, 1, 50, 50, 1000))])
     fill([Target(wrong, fastinit.Normal(), 9, Layout(101, 1, 50, 50, 1000))])
     assert not torch.equal(right, wrong) and torch.equal(right[1:], wrong[:-1])
-    dist.destroy_process_group()
+    _teardown()
