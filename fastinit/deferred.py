@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _sink, engines
+from . import distributed as dist_mod
 from . import init as fi
 from .engines import Target
 from .fans import calculate_gain, variance_scaling
@@ -679,15 +680,16 @@ def materialize(
         seed = draw_seed()
     rec, by_name = getattr(module, _RECORD_ATTR, (None, {}))
     named = [(n, t) for n, t in _named_tensors(module) if t.is_meta]
-    if rec is None or init_fn is not None or any(n not in by_name for n, _ in named):
-        rec = rec or _Recorder()
-        for _, t in named:
-            rec.note_existing(t)
+    # A model not built by deferred_init runs its init (default: reset_parameters)
+    # under the recorder; a deferred one runs only the init_fn it is given.
+    run = init_fn if init_fn is not None else (_default_init_fn if rec is None else None)
+    rec = rec or _Recorder()
+    for _, t in named:
+        rec.note_existing(t)
+    if run is not None:
         with _recording(rec):
-            (init_fn or (_default_init_fn if not by_name else (lambda m: None)))(module)
-        by_name = {**by_name, **{n: _skey(t) for n, t in named if n not in by_name}}
-
-    from . import distributed as dist_mod
+            run(module)
+    by_name = {**{n: _skey(t) for n, t in named}, **by_name}
 
     # Group aliases (tied tensors) by object; plan each object once.
     objects: dict[int, tuple[torch.Tensor, list[str]]] = {}
@@ -696,9 +698,8 @@ def materialize(
     plans: list[_Plan] = []
     names_of_storage: dict[int, str] = {}
     for t, names in objects.values():
-        meta_local = dist_mod.local_meta(t)
-        sk = by_name.get(names[0], _skey(meta_local))
-        rec_t = _recorded_tensor(rec, sk, meta_local)
+        sk = by_name[names[0]]
+        rec_t = _recorded_tensor(rec, sk, t)
         names_of_storage.setdefault(sk, names[0])
         plan = _plan_one(rec, names[0], names, rec_t)
         plan.key = key_for_name(seed, plan.name)

@@ -77,10 +77,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
-def local_meta(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 def allocate_like(meta: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized real tensor shaped like ``meta``: for a DTensor, only this rank's shard."""
     if not is_dtensor(meta):
