@@ -19,6 +19,8 @@ Indices are 64-bit throughout.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,16 +29,16 @@ from fastinit.specs import N_PARAMS
 
 CALLS = 512  # Philox calls per program → 2048 elements
 NUM_WARPS = 4
-
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
+# Uniform values must be bit-identical to the reference (a*b rounded, then +c
+# rounded): forbid contracting them into FMAs on the GPU. The interpreter runs
+# numpy, which never fuses, and takes no compile options.
+_COMPILE_OPTIONS = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 
 @triton.jit
 def _philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint32 tensors (Random123's round and key schedule)."""
+    """Philox4x32-10 on uint32 tensors (Random123's round and key schedule; the
+    multipliers and Weyl constants are fastinit.rng's PHILOX_M0/M1/W0/W1)."""
     for r in tl.static_range(10):
         if r > 0:
             k0 = k0 + 0x9E3779B9
@@ -250,9 +252,3 @@ def fill_batch(tensors, layouts, kinds, keys, params) -> None:
     )
 
 
-# Uniform values must be bit-identical to the reference (a*b rounded, then +c
-# rounded): forbid contracting them into FMAs on the GPU. The interpreter runs
-# numpy, which never fuses, and takes no compile options.
-import os as _os  # noqa: E402
-
-_COMPILE_OPTIONS = {} if _os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
