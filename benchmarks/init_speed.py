@@ -2,6 +2,7 @@
 
     python -m benchmarks.init_speed            # 64M elements, the README table
     python -m benchmarks.init_speed --numel 16777216 --repeat 7 --json out.json
+    python -m benchmarks.init_speed --only f32 --repeat 11
 
 Each case alternates torch and fastinit calls on the same tensor, takes the
 median of ``--repeat`` timed calls after one warm-up, and prints the ratio
@@ -75,13 +76,14 @@ def main(argv=None):
     ap.add_argument("--numel", type=int, default=64 * 2**20, help="elements per tensor (default 64M)")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per library (median)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.numel / 2**20:.0f}M elements, median of {args.repeat}")
     print(f"| case | torch M/s | fastinit M/s | speedup |\n|---|---:|---:|---:|")
     rows = []
-    for case in CASES:
+    for case in [c for c in CASES if args.only in c[0]]:
         r = measure(case, args.numel, args.repeat, args.device)
         rows.append(r)
         print(f"| {r['case']} | {r['torch_Melem_s']:.0f} | {r['fastinit_Melem_s']:.0f} | {r['speedup']:.2f}x |",
