@@ -4,10 +4,10 @@ The same MLP (64 → 256 → 10, ReLU) is trained from each init scheme on
 scikit-learn's bundled 8x8 handwritten digits (1797 images, no download) with
 the same data order and seeds. All-zeros and all-ones initializations leave
 every hidden unit identical (symmetry is never broken) and stay near chance;
-uniform [0, 1) starts with huge, all-positive activations and lags; centred
-and 1/sqrt(n)-scaled schemes (the "general rule", normal(0, 1/sqrt n), Xavier,
-Kaiming, torch's default) train. With only 64 inputs, ±0.5 is just 4x the
-1/sqrt(n) scale, so centred uniform is about as good as the scaled rules here.
+uniform [0, 1) starts with huge, all-positive activations and lags; centring
+helps; scaling by 1/sqrt(n) (the "general rule", normal(0, 1/sqrt n), Xavier,
+Kaiming, torch's default) trains best. Adam, lr 1e-3, batches of 32, 2 epochs by
+default, as in the classic comparison.
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def make_mlp(scheme: str, seed: int) -> nn.Sequential:
     return model
 
 
-def train(scheme: str, data, epochs: int, seed: int, lr: float = 0.1, batch: int = 32) -> dict:
+def train(scheme: str, data, epochs: int, seed: int, lr: float = 1e-3, batch: int = 32) -> dict:
     (xt, yt), (xv, yv) = data
     model = make_mlp(scheme, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(seed + 1)
     curve = []
@@ -131,7 +131,7 @@ def run(args) -> int:
         return 2
     results = []
     print(f"MLP 64-{'-'.join(map(str, HIDDEN))}-10 on sklearn digits "
-          f"({len(data[0][0])} train / {len(data[1][0])} validation), SGD lr 0.1, batch 32, "
+          f"({len(data[0][0])} train / {len(data[1][0])} validation), Adam lr 1e-3, batch 32, "
           f"{args.epochs} epochs, seed {args.seed}")
     print("| scheme | val accuracy | val loss | last-epoch train loss |\n|---|---:|---:|---:|")
     for scheme in SCHEMES:
