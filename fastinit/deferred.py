@@ -814,7 +814,7 @@ class _BatchSink:
             engines.fill([self.pending.pop(k) for k in hit])
 
     def fill(self, tensor, spec, generator) -> bool:
-        if tensor.is_meta or tensor.dtype not in engines.FLOAT_DTYPES or fi._is_dtensor(tensor):
+        if tensor.is_meta or tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):
             return False
         key = fi.draw_key(generator) if spec.random else 0
         where = self._where(tensor)

@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from . import _sink, engines
+from .distributed import fill_dtensor, is_dtensor
 from .fans import (
     calculate_correct_fan,
     calculate_fan_in_and_fan_out,
@@ -67,9 +68,7 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
         if torch_fallback is not None:
             return torch_fallback()
         raise TypeError(f"fastinit cannot fill a tensor of dtype {tensor.dtype}")
-    if _is_dtensor(tensor):
-        from .distributed import fill_dtensor
-
+    if is_dtensor(tensor):
         fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
         return tensor
     if isinstance(spec, Constant) and tensor.device.type == "cpu":
@@ -78,10 +77,6 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
     key = draw_key(generator) if spec.random else 0
     engines.fill([engines.Target(tensor, spec, key)])
     return tensor
-
-
-def _is_dtensor(tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
 
 
 def _replay_or_none(tensor, fn, args, kwargs):

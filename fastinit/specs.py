@@ -27,12 +27,13 @@ KIND_TRUNC_NORMAL = 3
 N_PARAMS = 6
 
 
-def _f32_below(x: float) -> float:
-    """The largest float32 strictly below ``x`` (the clamp that keeps uniform in [a, b))."""
-    f = np.float32(x)
+def float_below(x: float, ftype=np.float32):
+    """The largest value of numpy float type ``ftype`` strictly below ``x``
+    (the clamp that keeps uniform values in [a, b))."""
+    f = ftype(x)
     if float(f) >= x:
-        f = np.nextafter(f, np.float32(-np.inf))
-    return float(f)
+        f = np.nextafter(f, ftype(-np.inf))
+    return f
 
 
 class InitSpec:
@@ -86,7 +87,7 @@ class Uniform(InitSpec):
             )
 
     def kernel_params(self):
-        hi = _f32_below(self.b) if self.b > self.a else self.a
+        hi = float(float_below(self.b)) if self.b > self.a else self.a
         return KIND_UNIFORM, (float(self.a), float(self.b - self.a), hi, 0.0, 0.0, 0.0)
 
     def scaled(self, k):

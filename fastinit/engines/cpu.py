@@ -27,13 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..specs import Constant, Normal, TruncNormal, Uniform
+from ..rng import T_MAX, T_MIN
+from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
 
 CHUNK = 1 << 18
 SLAB = 1 << 15  # at or below ATen's GRAIN_SIZE: elementwise ops stay single-threaded
 _MT_N = 624
-_T_MIN = 2.0**-126
-_T_MAX = 2.0 - 2.0**-23
 # Below this t = 2p the float32 v = t - 1 has too little resolution for erfinv;
 # torch's ndtri (slower, precise for small p) takes over.
 _TAIL_T = 2e-3
@@ -134,10 +133,7 @@ def _uniform_map(lo: float, hi: float, ftype) -> tuple:
     umax = ftype(1.0) - ftype(2.0 ** (-24 if ftype == np.float32 else -53))
     if float(ftype(umax * span_f) + lo_f) < hi:
         return span_f, lo_f, None
-    top = ftype(hi)
-    if float(top) >= hi:
-        top = np.nextafter(top, ftype(-np.inf))
-    return span_f, lo_f, top
+    return span_f, lo_f, float_below(hi, ftype)
 
 
 def _np_uniform(g: np.random.Generator, o: np.ndarray, lo: float, hi: float) -> None:
@@ -187,7 +183,7 @@ def chunk_slabs(spec, key: int, chunk: int, n: int, cdt: torch.dtype, out: torch
             v.fill_(spec.value)
         else:
             _np_uniform(g, v_np, t_lo, t_lo + span)
-            v.clamp_(_T_MIN, _T_MAX)
+            v.clamp_(T_MIN, T_MAX)
             if t_lo >= _TAIL_T:
                 v.sub_(1.0).erfinv_().mul_(sign * spec.std * math.sqrt(2.0))
             else:
