@@ -729,13 +729,16 @@ def materialize(
     for (t, _names), plan, real in zip(objs, plans, reals):
         if plan.spec is not None:
             targets.extend(dist_mod.targets_for(real, t, plan.spec, plan.key))
-    engines.fill(targets, progress=_progress_printer(total, progress))
+    report_bytes = _progress_printer(total, progress) or (lambda nbytes: None)
+    engines.fill(targets, progress=report_bytes)
     replayed = 0
     for (t, _names), plan, real in zip(objs, plans, reals):
-        if (plan.spec is not None or plan.start == "none") and not plan.replay:
-            continue
-        replayed += 1
-        dist_mod.replay_into(real, lambda full: _replay_plan(ev, plan, full), plan, t)
+        if plan.replay or (plan.spec is None and plan.start != "none"):
+            replayed += 1
+            dist_mod.replay_into(real, lambda full: _replay_plan(ev, plan, full), plan, t)
+        if plan.spec is None:  # bytes the fused batch did not report
+            local = dist_mod.local_tensor(real)
+            report_bytes(local.numel() * local.element_size())
     _assign(module, objs, reals)
     dist_mod.after_assign(module)
     if hasattr(module, _RECORD_ATTR):

@@ -349,3 +349,12 @@ def test_torch_inits_that_skip_meta_tensors_are_recorded():
     assert torch.equal(m.b, torch.nn.init.dirac_(torch.empty(8, 4, 3)))
     assert ((m.c == 0).sum(0) == 10).all()
     assert rep.entries["d"].startswith("TruncNormal") and m.d.min() >= -1 and m.d.max() <= 1
+
+
+def test_progress_reports_bytes_done(capsys):
+    cls, cfg = _llama()
+    m = fastinit.deferred_init(cls, cfg)
+    rep = fastinit.materialize(m, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "materializing" in err and "100.0%" in err
+    assert f"{rep.bytes / 2**30:.2f} GiB" in err
