@@ -28,6 +28,7 @@ import inspect
 import itertools
 import numbers
 import sys
+import threading
 import time
 import types
 import warnings
@@ -306,21 +307,28 @@ _TRAMPOLINES = {name: _trampoline_code(name, f) for name, f in _TORCH_INIT_FUNCS
 _hook_depth = 0
 
 
+_hook_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _torch_init_hooks():
+    """Install the trampolines while any recording is active (in any thread);
+    outside a recording they call torch's original code."""
     global _hook_depth
-    if _hook_depth == 0:
-        torch.nn.init.__dict__["_fastinit_init_hook"] = _init_hook
-        for name, f in _TORCH_INIT_FUNCS.items():
-            f.__code__ = _TRAMPOLINES[name]
-    _hook_depth += 1
+    with _hook_lock:
+        if _hook_depth == 0:
+            torch.nn.init.__dict__["_fastinit_init_hook"] = _init_hook
+            for name, f in _TORCH_INIT_FUNCS.items():
+                f.__code__ = _TRAMPOLINES[name]
+        _hook_depth += 1
     try:
         yield
     finally:
-        _hook_depth -= 1
-        if _hook_depth == 0:
-            for name, f in _TORCH_INIT_FUNCS.items():
-                f.__code__ = _ORIGINAL_FUNCS[name].__code__
+        with _hook_lock:
+            _hook_depth -= 1
+            if _hook_depth == 0:
+                for name, f in _TORCH_INIT_FUNCS.items():
+                    f.__code__ = _ORIGINAL_FUNCS[name].__code__
 
 
 @contextlib.contextmanager
