@@ -40,8 +40,10 @@ def _fill(name, args, kwargs, dtype, lib, seed):
 
 @pytest.mark.parametrize("name,args,kwargs,dist", CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(CASES)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_exact_distribution_and_bounds(name, args, kwargs, dist, dtype):
-    t = _fill(name, args, kwargs, dtype, fastinit, seed=11)
+@pytest.mark.parametrize("engine", ["cpu", "reference"])
+def test_exact_distribution_and_bounds(name, args, kwargs, dist, dtype, engine):
+    with fastinit.use_engine(engine):  # the reference engine is what the GPU kernels compute
+        t = _fill(name, args, kwargs, dtype, fastinit, seed=11)
     d = dist(t)
     check_against(t.numpy(), d, label=f"{name} {dtype}")
     lo, hi = d.support()
