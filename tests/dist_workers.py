@@ -71,20 +71,44 @@ def _compare(model, ref, perturb=False):
     return n_dt
 
 
+def _check_sharded_deferred(rank, world, port, make_mesh, shard_block):
+    """deferred_init -> shard every block (and FSDP the root) -> materialize -> compare."""
+    from torch.distributed.fsdp import fully_shard
+
+    _setup(rank, world, port)
+    mesh = make_mesh()
+    model = fastinit.deferred_init(TinyLM)
+    for b in model.blocks:
+        shard_block(b, mesh)
+    fully_shard(model, mesh=mesh["dp"] if mesh.mesh_dim_names else mesh)
+    fastinit.materialize(model, device="cpu", seed=SEED)
+    assert _compare(model, _reference()) > 0
+    _teardown()
+
+
 def fsdp_deferred(rank, world, port):
     """deferred_init -> fully_shard per layer -> materialize."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _setup(rank, world, port)
-    mesh = init_device_mesh("cpu", (world,))
-    model = fastinit.deferred_init(TinyLM)
-    for b in model.blocks:
-        fully_shard(b, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    fastinit.materialize(model, device="cpu", seed=SEED)
-    assert _compare(model, _reference()) > 0
-    _teardown()
+    _check_sharded_deferred(rank, world, port, lambda: init_device_mesh("cpu", (world,)),
+                            lambda block, mesh: fully_shard(block, mesh=mesh))
+
+
+def tp_2d(rank, world, port):
+    """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def shard(block, mesh):
+        parallelize_module(block, mesh["tp"], {"q": ColwiseParallel(), "o": RowwiseParallel(),
+                                               "up": ColwiseParallel(), "down": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+
+    _check_sharded_deferred(
+        rank, world, port,
+        lambda: init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp")), shard)
 
 
 def fsdp_meta_init_fn(rank, world, port):
@@ -113,25 +137,6 @@ def fsdp_meta_init_fn(rank, world, port):
     fastinit.materialize(ref, seed=SEED, init_fn=init_fn, device="cpu")
     for (n, t), r in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(t.full_tensor(), r), n
-    _teardown()
-
-
-def tp_2d(rank, world, port):
-    """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    _setup(rank, world, port)
-    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
-    model = fastinit.deferred_init(TinyLM)
-    for b in model.blocks:
-        parallelize_module(b, mesh["tp"], {"q": ColwiseParallel(), "o": RowwiseParallel(),
-                                           "up": ColwiseParallel(), "down": RowwiseParallel()})
-        fully_shard(b, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
-    fastinit.materialize(model, device="cpu", seed=SEED)
-    assert _compare(model, _reference()) > 0
     _teardown()
 
 
