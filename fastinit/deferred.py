@@ -613,6 +613,53 @@ class _Evaluator:
                         ev.func(view, *args, **kwargs)
 
 
+    def apply_to_shard(self, real, plan: "_Plan") -> None:
+        """Replay ``plan``'s fill/affine edits of views on this rank's shard of DTensor ``real``.
+
+        Each edit touches only the elements of its view that lie in the shard, with
+        the values the unsharded replay gives them (a fill's values are keyed by
+        the view's flat index, so the view's values are drawn, at the view's size,
+        and the shard keeps its part). Memory: the edited views, never the tensor.
+        """
+        local_shape, offset = dist_mod.shard_box(real)
+        flat = real._local_tensor.view(-1)
+        dev = flat.device
+        gshape = tuple(real.shape)
+        gstrides = [1] * len(gshape)
+        for d in range(len(gshape) - 2, -1, -1):
+            gstrides[d] = gstrides[d + 1] * gshape[d + 1]
+        lstrides = [1] * len(local_shape)
+        for d in range(len(local_shape) - 2, -1, -1):
+            lstrides[d] = lstrides[d + 1] * local_shape[d + 1]
+        all_events = self.rec.events[plan.sk]
+        rec_dtype = plan.meta.dtype
+        with torch.no_grad():
+            for e in plan.replay:
+                size, stride, off = e.geom
+                g = torch.full((), off, dtype=torch.int64, device=dev)
+                for k, (n, st) in enumerate(zip(size, stride)):
+                    shape = [1] * len(size)
+                    shape[k] = n
+                    g = g + (torch.arange(n, dtype=torch.int64, device=dev) * st).view(shape)
+                g = g.reshape(-1)  # global storage index of each view element, in view order
+                inside = torch.ones_like(g, dtype=torch.bool)
+                pos = torch.zeros_like(g)
+                for d in range(len(gshape)):
+                    coord = (g // gstrides[d]) % gshape[d] - offset[d]
+                    inside &= (coord >= 0) & (coord < local_shape[d])
+                    pos += coord * lstrides[d]
+                if not bool(inside.any()):
+                    continue
+                pos = pos[inside]
+                if e.kind == "fill":
+                    buf = torch.empty(size, dtype=rec_dtype, device=dev)
+                    engines.fill([Target(buf, e.spec, self._gen_key(plan.sk, str(all_events.index(e))))])
+                    vals = buf.reshape(-1)[inside]
+                else:
+                    vals = flat[pos].to(rec_dtype) * e.mul + e.add
+                flat[pos] = vals.to(flat.dtype)
+
+
 def _takes_generator(fn) -> bool:
     try:
         return "generator" in inspect.signature(fn).parameters
@@ -743,7 +790,11 @@ def materialize(
     for (t, _names), plan, real in zip(objs, plans, reals):
         if plan.replay or (plan.spec is None and plan.start != "none"):
             replayed += 1
-            dist_mod.replay_into(real, lambda full: _replay_plan(ev, plan, full), plan, t)
+            if (dist_mod.is_dtensor(real) and plan.spec is not None and _engine_dtype(plan)
+                    and all(e.kind in ("fill", "affine") for e in plan.replay)):
+                ev.apply_to_shard(real, plan)  # e.g. an Embedding's padding row, shard-local
+            else:
+                dist_mod.replay_into(real, lambda full: _replay_plan(ev, plan, full), plan, t)
         if plan.spec is None:  # bytes the fused batch did not report
             local = dist_mod.local_tensor(real)
             report_bytes(local.numel() * local.element_size())
@@ -754,6 +805,10 @@ def materialize(
     entries = {a: p.describe() for p in plans for a in p.aliases}
     return MaterializeReport(seed, device, entries, sum(p.spec is not None for p in plans), replayed,
                              total, time.perf_counter() - t0)
+
+
+def _engine_dtype(plan: _Plan) -> bool:
+    return plan.meta.dtype in engines.FLOAT_DTYPES
 
 
 def _recorded_tensor(rec: _Recorder, sk: int, fallback: torch.Tensor) -> torch.Tensor:
