@@ -88,7 +88,7 @@ def main():
             rows.append(r)
             print(f"| {name} | {r['dtype']} | {r['torch_GBps']:.0f} | {r['fastinit_GBps']:.0f} | "
                   f"{r['memset_GBps']:.0f} | {r['pct_memset']:.0f}% | {r['speedup']:.2f}x |", flush=True)
-        del t
+        t = None  # free the buffer before the next dtype
         torch.cuda.empty_cache()
     # Many tensors, one launch per dtype: a 1B-parameter-like set of shapes.
     shapes = [(2048, 2048)] * 64 + [(8192, 2048)] * 48 + [(2048,)] * 33 + [(128256, 2048)]

@@ -93,7 +93,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.numel / 2**20:.0f}M elements, median of {args.repeat}"
           + (", interleaved" if args.interleave else ", paired rounds"))
-    print(f"| case | torch M/s | fastinit M/s | speedup |\n|---|---:|---:|---:|")
+    print("| case | torch M/s | fastinit M/s | speedup |\n|---|---:|---:|---:|")
     rows = []
     for case in [c for c in CASES if args.only in c[0]]:
         r = measure(case, args.numel, args.repeat, args.device, args.interleave)

@@ -1,7 +1,6 @@
 """Engine properties: determinism, thread-count invariance, stream independence,
 the layout (shard) contract, and the reference Philox."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,8 +4,6 @@ Without a GPU these run through Triton's interpreter (TRITON_INTERPRET=1, set in
 conftest), about a million elements a second: shapes stay small.
 """
 
-import math
-
 import pytest
 import torch
 

@@ -71,13 +71,23 @@ def _state_template() -> torch.Tensor:
     return t
 
 
-def _thread_state():
+class _ThreadState:
+    """Per worker thread: one torch generator and its state bytes, one numpy
+    SFC64 generator, and slab buffers by dtype, reused for every chunk."""
+
+    def __init__(self):
+        self.state = _state_template().clone()
+        self.mt_words = self.state.numpy()[24 : 24 + 8 * _MT_N].view(np.uint64)
+        self.torch_gen = torch.Generator()
+        self.sfc = np.random.SFC64(0)
+        self.numpy_gen = np.random.Generator(self.sfc)
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _thread_state() -> _ThreadState:
     st = getattr(_local, "st", None)
     if st is None:
-        state = _state_template().clone()
-        words = state.numpy()[24 : 24 + 8 * _MT_N].view(np.uint64)
-        sfc = np.random.SFC64(0)
-        st = _local.st = (torch.Generator(), state, words, sfc, np.random.Generator(sfc), {})
+        st = _local.st = _ThreadState()
     return st
 
 
@@ -89,27 +99,27 @@ def _chunk_words(key: int, chunk: int, n: int) -> np.ndarray:
 def chunk_generator(key: int, chunk: int) -> torch.Generator:
     """torch generator of chunk ``chunk`` of the tensor keyed ``key`` (this thread's object):
     a Mersenne Twister whose whole state comes from the chunk's Philox words."""
-    gen, state, words = _thread_state()[:3]
-    words[:] = _chunk_words(key, chunk, _MT_N // 2).view(np.uint32)
-    gen.set_state(state)
-    return gen
+    st = _thread_state()
+    st.mt_words[:] = _chunk_words(key, chunk, _MT_N // 2).view(np.uint32)
+    st.torch_gen.set_state(st.state)
+    return st.torch_gen
 
 
 def chunk_numpy_generator(key: int, chunk: int) -> np.random.Generator:
     """numpy generator (SFC64, state from the chunk's Philox words) of chunk ``chunk``."""
-    sfc, npgen = _thread_state()[3:5]
+    st = _thread_state()
     w = _chunk_words(key, chunk, 3)
-    sfc.state = {
+    st.sfc.state = {
         "bit_generator": "SFC64",
         "state": {"state": np.array([w[0], w[1], w[2], 1], dtype=np.uint64)},
         "has_uint32": 0,
         "uinteger": 0,
     }
-    return npgen
+    return st.numpy_gen
 
 
 def _buffer(dtype: torch.dtype) -> torch.Tensor:
-    bufs = _thread_state()[5]
+    bufs = _thread_state().buffers
     b = bufs.get(dtype)
     if b is None:
         b = bufs[dtype] = torch.empty(SLAB, dtype=dtype)
