@@ -7,8 +7,8 @@
 Each case times torch and fastinit on the same tensor in ``--repeat`` rounds;
 a round runs torch twice and then fastinit twice and times only the second call
 of each, so both libraries meet the same machine (slow phases of a shared host
-hit both) and neither pays for the switch (a VM parks an idle core, and waking it
-cost fastinit's first call 20-30% here). It prints the medians and the ratio
+hit both) and neither pays for the switch (a VM parks an idle core, and the first
+multithreaded call after a single-threaded one wakes it; compare with --interleave). It prints the medians and the ratio
 torch / fastinit (> 1: fastinit is faster). ``--interleave`` times every call,
 alternating the libraries call by call.
 """
