@@ -134,6 +134,27 @@ def test_reference_engine_matches_torch_distributions():
     assert u.max() < 1 and t.min() >= -1 and t.max() <= 2
 
 
+def test_cpu_rounding_to_half_types_is_torchs():
+    """The cpu engine rounds float32 to bfloat16/float16 with numpy: it must give
+    torch's conversion bit for bit, ties to even, signs, subnormals and extremes included."""
+    from fastinit.engines import cpu
+
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(-(2**31), 2**31, (200_000,), dtype=torch.int64, generator=g).to(torch.int32)
+    v = bits.view(torch.float32)
+    v = v[torch.isfinite(v)]
+    ties = (torch.randint(0, 2**16, (4096,), generator=g, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3.4e38, -3.4e38, 65504.0, 65520.0, 6e-8, 1e-3])
+    v = torch.cat([v, ties[torch.isfinite(ties)], special, torch.randn(10_000, generator=g)])
+    st = cpu._thread_state()
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.empty(v.numel(), dtype=dtype)
+        for s in range(0, v.numel(), cpu.CHUNK):
+            part = v[s : s + cpu.CHUNK]
+            cpu._round_into(st, part.numpy(), cpu._numpy_view(out)[s : s + part.numel()])
+        assert torch.equal(out.view(torch.int16), v.to(dtype).view(torch.int16)), dtype
+
+
 # ---------------------------------------------------------------- layouts (shards)
 
 
@@ -147,13 +168,14 @@ def _box_layout(shape, r0, r1, c0, c1):
 
 @pytest.mark.parametrize("engine", ["cpu", "reference"])
 @pytest.mark.parametrize("spec", SPECS[:3], ids=lambda s: type(s).__name__)
-def test_a_box_of_the_global_tensor_gets_exactly_its_elements(engine, spec):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_a_box_of_the_global_tensor_gets_exactly_its_elements(engine, spec, dtype):
     shape = (700, 1201) if engine == "cpu" else (37, 45)
-    full = torch.empty(shape)
+    full = torch.empty(shape, dtype=dtype)
     with use_engine(engine):
         fill([Target(full, spec, 9)])
         R, C = shape
         for r0, r1, c0, c1 in [(0, R, 0, C), (3, R - 2, 0, C), (1, R, 5, C - 3), (0, R // 3, 7, 8), (R - 1, R, 1, C)]:
-            part = torch.empty(r1 - r0, c1 - c0)
+            part = torch.empty(r1 - r0, c1 - c0, dtype=dtype)
             fill([Target(part, spec, 9, _box_layout(shape, r0, r1, c0, c1))])
             assert torch.equal(part, full[r0:r1, c0:c1]), (r0, r1, c0, c1)
