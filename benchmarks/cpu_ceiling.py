@@ -2,76 +2,110 @@
 
     python -m benchmarks.cpu_ceiling
 
-1. thread scaling: torch's ``normal_`` on a cache-sized buffer, 1 thread vs 2
-   threads each with its own generator (compute-bound: the best any 2-thread
-   fill can gain);
-2. per-core generators: torch's ``uniform_`` against numpy's SFC64
-   ``random(float32)`` (what the cpu engine uses for uniform fills), both into
-   the same cache-sized buffer, one thread.
+1. per-core generators, one thread, into a buffer of one chunk (2^18 float32):
+   torch's ``uniform_`` and ``normal_`` (Mersenne Twister), numpy's SFC64
+   ``random(float32)``, and the cpu engine's uniform (SFC64 raw words, two
+   24-bit uniforms per word, the affine map included);
+2. thread scaling: the engine's uniform and torch's ``normal_`` from 1 and 2
+   Python threads, each call covering a whole chunk (what the engine does) or a
+   2^15-element slab: every call hands the GIL over twice, and short calls make
+   the hand-overs, not the arithmetic, the bound.
 """
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 
 import numpy as np
 import torch
 
-SLAB = 1 << 15
-CALLS = 2048
+from fastinit.engines import cpu
+
+CHUNK = cpu.CHUNK
+WORK = 1 << 27  # elements per measurement, per thread
 
 
-def _normal_loop():
-    g = torch.Generator()
-    b = torch.empty(SLAB)
-    for _ in range(CALLS):
-        b.normal_(generator=g)
+def _best_rate(fn, n_elems: int, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_elems / best / 1e6
 
 
-def thread_scaling(repeat: int = 5) -> tuple[float, float]:
-    rates = {}
-    for nt in (1, 2):
-        best = float("inf")
-        for _ in range(repeat):
-            ts = [threading.Thread(target=_normal_loop) for _ in range(nt)]
-            t0 = time.perf_counter()
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            best = min(best, time.perf_counter() - t0)
-        rates[nt] = nt * CALLS * SLAB / best / 1e6
-    return rates[1], rates[2]
-
-
-def per_core(repeat: int = 7) -> tuple[float, float]:
-    b = torch.empty(SLAB)
+def per_core(repeat: int = 5) -> dict[str, float]:
+    b = torch.empty(CHUNK)
     bn = b.numpy()
     g = torch.Generator()
     ng = np.random.Generator(np.random.SFC64(0))
+    st = cpu._ThreadState()
+    calls = WORK // CHUNK // 4
 
-    def rate(fn):
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for _ in range(CALLS // 4):
-                fn()
-            times.append(time.perf_counter() - t0)
-        return CALLS // 4 * SLAB / statistics.median(times) / 1e6
+    def loop(step):
+        return lambda: [step() for _ in range(calls)]
 
-    return rate(lambda: b.uniform_(generator=g)), rate(lambda: ng.random(dtype=np.float32, out=bn))
+    cases = {
+        "torch uniform_": lambda: b.uniform_(-0.1, 0.1, generator=g),
+        "torch normal_": lambda: b.normal_(0.0, 0.02, generator=g),
+        "numpy SFC64 random(float32)": lambda: ng.random(dtype=np.float32, out=bn),
+        "fastinit uniform (SFC64 raw words)": lambda: cpu._np_uniform(st, bn, -0.1, 0.1),
+    }
+    return {name: _best_rate(loop(step), calls * CHUNK, repeat) for name, step in cases.items()}
+
+
+def _threads_rate(make_step, nthreads: int, call: int, repeat: int) -> float:
+    calls = WORK // call // 2
+
+    def worker():
+        step = make_step(call)
+        for _ in range(calls):
+            step()
+
+    def run():
+        ts = [threading.Thread(target=worker) for _ in range(nthreads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    return _best_rate(run, nthreads * calls * call, repeat)
+
+
+def _uniform_step(call: int):
+    st = cpu._ThreadState()
+    bn = np.empty(call, dtype=np.float32)
+    return lambda: cpu._np_uniform(st, bn, -0.1, 0.1)
+
+
+def _normal_step(call: int):
+    g = torch.Generator()
+    b = torch.empty(call)
+    return lambda: b.normal_(0.0, 0.02, generator=g)
+
+
+def scaling(repeat: int = 3) -> list[tuple[str, int, float, float]]:
+    rows = []
+    for name, make in (("fastinit uniform", _uniform_step), ("torch normal_", _normal_step)):
+        for call in (1 << 15, CHUNK):
+            one = _threads_rate(make, 1, call, repeat)
+            two = _threads_rate(make, 2, call, repeat)
+            rows.append((name, call, one, two))
+    return rows
 
 
 def main():
     torch.set_num_threads(1)
-    one, two = thread_scaling()
-    print(f"torch normal_, cache-sized buffer: 1 thread {one:.0f} M/s, 2 threads {two:.0f} M/s "
-          f"-> scaling {two / one:.2f}x")
-    tu, nu = per_core()
-    print(f"one core, cache-sized buffer: torch uniform_ {tu:.0f} M/s, numpy SFC64 random(float32) "
-          f"{nu:.0f} M/s -> {nu / tu:.2f}x")
+    print(f"torch {torch.__version__}, numpy {np.__version__}")
+    print("one core, one chunk (2^18 float32) per call:")
+    rates = per_core()
+    base = rates["torch uniform_"]
+    for name, r in rates.items():
+        print(f"  {name:36s} {r:5.0f} M/s  ({r / base:.2f}x torch uniform_)")
+    print("Python threads, elements per call -> 1 thread, 2 threads, scaling:")
+    for name, call, one, two in scaling():
+        print(f"  {name:18s} {call:7d} per call: {one:5.0f} M/s, {two:5.0f} M/s -> {two / one:.2f}x")
 
 
 if __name__ == "__main__":
