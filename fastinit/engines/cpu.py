@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -228,6 +229,9 @@ def _numpy_view(flat: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # index of a uint32's upper uint16
+
+
 def _round_into(st: _ThreadState, v: np.ndarray, out: np.ndarray) -> None:
     """``out`` (uint16 bfloat16 patterns or float16) <- float32 ``v`` rounded to nearest even.
 
@@ -244,8 +248,7 @@ def _round_into(st: _ThreadState, v: np.ndarray, out: np.ndarray) -> None:
     np.bitwise_and(tmp, 1, out=tmp)
     np.add(tmp, bits, out=tmp)
     np.add(tmp, 0x7FFF, out=tmp)
-    np.right_shift(tmp, 16, out=tmp)
-    np.copyto(out, tmp, casting="unsafe")
+    np.copyto(out, tmp.view(np.uint16)[_HIGH_HALF::2])
 
 
 def _chunk_bytes(t, chunk: int) -> int:
