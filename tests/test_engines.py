@@ -155,6 +155,39 @@ def test_cpu_rounding_to_half_types_is_torchs():
         assert torch.equal(out.view(torch.int16), v.to(dtype).view(torch.int16)), dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_normal_fallback_when_torchs_generator_state_is_unknown(monkeypatch, dtype):
+    """A torch whose CPU generator state layout differs must not break normal fills:
+    they switch to Box–Muller on numpy's SFC64, exact in distribution, keyed and
+    thread-count invariant like the rest."""
+    from scipy import stats
+
+    from fastinit.engines import cpu
+
+    n = 2 * CHUNK + 1001
+    spec = Normal(0.5, 3.0)
+    with use_engine("cpu"):
+        torch_path = torch.empty(n, dtype=dtype)
+        fill([Target(torch_path, spec, 42)])
+        monkeypatch.setattr(cpu, "_use_torch_normal", lambda: False)
+        a, b, c = (torch.empty(n, dtype=dtype) for _ in range(3))
+        fill([Target(a, spec, 42)])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            fill([Target(b, spec, 42)])
+        finally:
+            torch.set_num_threads(threads)
+        fill([Target(c, spec, 43)])
+    assert not torch.equal(a, torch_path)  # the fallback ran
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.isfinite(a).all()
+    check_against(a.numpy(), stats.norm(0.5, 3.0), label=f"fallback normal {dtype}")
+    # the cosine and sine halves of each chunk are independent normals
+    h = (CHUNK + 1) // 2
+    assert abs(torch.corrcoef(torch.stack([a[:h], a[h:2 * h]]).double())[0, 1]) < 5 / h**0.5
+
+
 # ---------------------------------------------------------------- layouts (shards)
 
 
