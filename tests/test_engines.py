@@ -95,6 +95,13 @@ def test_chunk_streams_never_repeat():
         firsts.append(tuple(torch.empty(4).uniform_(generator=chunk_generator(k << 32 | 5, 0)).tolist()))
     seen.update(firsts)
     assert len(seen) == len(firsts)
+    # the SFC64 streams (uniform, truncated normal) too: first raw words of 40k chunk states
+    from fastinit.engines import cpu
+
+    raw = set()
+    for k, c in [(7, c) for c in range(20_000)] + [(k << 32 | 5, 0) for k in range(20_000)]:
+        raw.add(int(cpu.chunk_numpy_generator(k, c).sfc.random_raw()))
+    assert len(raw) == 40_000
 
 
 def test_neighbours_chunk_boundaries_and_calls_are_uncorrelated():

@@ -2,7 +2,7 @@
 
 The logical flat index of a tensor is cut into chunks of :data:`CHUNK` elements.
 Chunk ``c`` of a tensor with key ``k`` draws from its own stream, whose state is
-taken from numpy's Philox4x64 keyed by the 128 bits ``(k, c)``: numpy's SFC64
+SHAKE128 of the 128 bits ``(k, c)`` (a domain byte apart): numpy's SFC64
 for uniform and truncated normal fills (float32 values are made from its raw
 64-bit words, two 24-bit uniforms per word), torch's Mersenne Twister (all 19937
 bits of state) for normal fills. (A torch generator seeded with ``manual_seed``
@@ -27,6 +27,7 @@ chunk buffers per thread.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import sys
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from ..rng import T_MAX, T_MIN
+from ..seeding import MASK64
 from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
 
 CHUNK = 1 << 18
@@ -113,27 +115,30 @@ def _thread_state() -> _ThreadState:
     return st
 
 
-def _chunk_words(key: int, chunk: int, n: int) -> np.ndarray:
-    """``n`` 64-bit words of Philox4x64-10 keyed by the 128 bits ``(key, chunk)``."""
-    return np.random.Philox(key=np.array([key, chunk], dtype=np.uint64)).random_raw(n)
+def _chunk_state_bytes(tag: bytes, key: int, chunk: int, n: int) -> bytes:
+    """``n`` bytes of SHAKE128 of ``tag`` and the 128 bits ``(key, chunk)``: the
+    state of one chunk's generator. An extendable-output hash, so every state word
+    depends on all 128 bits (and costs about a microsecond, not a generator's setup)."""
+    data = tag + (key & MASK64).to_bytes(8, "little") + chunk.to_bytes(8, "little")
+    return hashlib.shake_128(data).digest(n)
 
 
 def chunk_generator(key: int, chunk: int) -> torch.Generator:
     """torch generator of chunk ``chunk`` of the tensor keyed ``key`` (this thread's object):
-    a Mersenne Twister whose whole state comes from the chunk's Philox words."""
+    a Mersenne Twister whose 624 state words all come from SHAKE128 of ``(key, chunk)``."""
     st = _thread_state()
     if st.mt_words is None:
         raise RuntimeError("this torch's CPU generator state layout is unknown to fastinit")
-    st.mt_words[:] = _chunk_words(key, chunk, _MT_N // 2).view(np.uint32)
+    st.mt_words[:] = np.frombuffer(_chunk_state_bytes(b"M", key, chunk, 4 * _MT_N), dtype=np.uint32)
     st.torch_gen.set_state(st.state)
     return st.torch_gen
 
 
 def chunk_numpy_generator(key: int, chunk: int) -> _ThreadState:
     """This thread's state with its SFC64 generator set to chunk ``chunk`` of the
-    tensor keyed ``key`` (state from the chunk's Philox words)."""
+    tensor keyed ``key`` (state: SHAKE128 of ``(key, chunk)``, counter 1)."""
     st = _thread_state()
-    w = _chunk_words(key, chunk, 3)
+    w = np.frombuffer(_chunk_state_bytes(b"S", key, chunk, 24), dtype=np.uint64)
     st.sfc.state = {
         "bit_generator": "SFC64",
         "state": {"state": np.array([w[0], w[1], w[2], 1], dtype=np.uint64)},
@@ -249,7 +254,7 @@ def generate_chunk(spec, key: int, chunk: int, o: np.ndarray) -> None:
     Uniform and truncated normal draw from numpy's SFC64 (raw words), normal from
     torch's Mersenne Twister (its vectorized Box–Muller is the fastest CPU normal
     here; :func:`_np_box_muller` where torch's state layout is unknown), all with
-    their state taken from Philox4x64 keyed by ``(key, chunk)``.
+    their state taken from SHAKE128 of ``(key, chunk)``.
     """
     if isinstance(spec, Uniform):
         _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b)
@@ -388,6 +393,11 @@ def fill(targets, progress=None) -> None:
         work.extend((t, c) for c in _chunks_of(t))
     if not work:
         return
+    if len(work) == 1:  # one chunk: no pool, no scheduling (small tensors, per-call overhead)
+        _fill_chunk(*work[0])
+        if progress is not None:
+            progress(_chunk_bytes(*work[0]))
+        return
     nthreads = min(len(work), max(1, torch.get_num_threads()))
     # Dynamic scheduling: every thread (the caller's included) takes the next
     # chunk until none is left, so uneven chunks and uneven cores balance out to
@@ -395,20 +405,19 @@ def fill(targets, progress=None) -> None:
     next_item = itertools.count().__next__  # atomic under the GIL
     errors: list[BaseException] = []
 
-    def run():
-        with torch.no_grad():
-            while not errors:
-                i = next_item()
-                if i >= len(work):
-                    return
-                t, c = work[i]
-                try:
-                    _fill_chunk(t, c)
-                except BaseException as e:  # surfaced in the caller below
-                    errors.append(e)
-                    return
-                if progress is not None:
-                    progress(_chunk_bytes(t, c))
+    def run():  # workers touch numpy views and tensors made from them: nothing needs no_grad
+        while not errors:
+            i = next_item()
+            if i >= len(work):
+                return
+            t, c = work[i]
+            try:
+                _fill_chunk(t, c)
+            except BaseException as e:  # surfaced in the caller below
+                errors.append(e)
+                return
+            if progress is not None:
+                progress(_chunk_bytes(t, c))
 
     futures = [_get_pool().submit(run) for _ in range(nthreads - 1)]
     run()
