@@ -770,6 +770,13 @@ def materialize(
     def target_dtype(t):
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
+    for (t, names), plan in zip(objects.values(), plans):  # e.g. uniform_ bounds a float16 cannot hold
+        if plan.spec is not None and target_dtype(t).is_floating_point:
+            try:
+                plan.spec.check_dtype(target_dtype(t))
+            except RuntimeError as e:
+                raise RuntimeError(f"fastinit.materialize: {names[0]}: {e}") from None
+
     # Allocate everything (nothing is assigned to the module yet).
     objs = list(objects.values())
     reals: list[torch.Tensor] = []

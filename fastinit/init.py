@@ -56,6 +56,8 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
     """
     if spec.random:
         _check_random_dtype(tensor, _kernel_name(spec, tensor))
+    if not tensor.is_meta and tensor.dtype.is_floating_point:
+        spec.check_dtype(tensor.dtype)  # before anything is queued or written
     sink = _sink.current.get()
     if sink is not None and sink.fill(tensor, spec, generator):
         return tensor

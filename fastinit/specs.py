@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # Kind codes shared by the reference engine and the Triton kernels.
 KIND_CONSTANT = 0
@@ -36,6 +37,13 @@ def float_below(x: float, ftype=np.float32):
     return f
 
 
+# How torch's messages name floating dtypes: the C++ type, and the ScalarType.
+_C_TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+                 torch.bfloat16: "c10::BFloat16"}
+_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                 torch.bfloat16: "BFloat16"}
+
+
 class InitSpec:
     """Base class of all specs. Subclasses are frozen dataclasses."""
 
@@ -46,6 +54,9 @@ class InitSpec:
 
     def kernel_params(self) -> tuple[int, tuple[float, ...]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_dtype(self, dtype) -> None:
+        """Raise torch's error if this spec cannot fill a tensor of ``dtype``."""
 
     def scaled(self, k: float) -> "InitSpec":
         """The spec of ``k * X`` for ``X`` drawn from this spec (used to fold ``mul_``)."""
@@ -81,9 +92,26 @@ class Uniform(InitSpec):
     b: float = 1.0
 
     def __post_init__(self):
+        if self.a > self.b:  # NaN and infinite bounds are reported by check_dtype, as torch does
+            raise RuntimeError(
+                f"uniform_ expects to return a [from, to) range, but found from={self.a:g} > to={self.b:g}"
+            )
+
+    def check_dtype(self, dtype):
+        """torch's checks of ``uniform_(from=a, to=b)`` on a ``dtype`` tensor, in its order:
+        both bounds finite in ``dtype``, ``a <= b``, and ``b - a`` representable."""
+        fi = torch.finfo(dtype)
+        for v, what in ((self.a, "from"), (self.b, "to")):
+            if not fi.min <= v <= fi.max:
+                raise RuntimeError(f"{what} is out of bounds for {_C_TYPE_NAMES.get(dtype, dtype)}")
         if not self.a <= self.b:
             raise RuntimeError(
-                f"uniform_ expects to return a [from, to) range, but found from={self.a} > to={self.b}"
+                f"uniform_ expects to return a [from, to) range, but found from={self.a:g} > to={self.b:g}"
+            )
+        if self.b - self.a > fi.max:
+            raise RuntimeError(
+                f"uniform_ expects to-from <= std::numeric_limits<{_SCALAR_NAMES.get(dtype, dtype)}>::max(), "
+                f"but found to={self.b:g} and from={self.a:g} which result in to-from to exceed the limit"
             )
 
     def kernel_params(self):

@@ -195,6 +195,14 @@ def test_cpu_normal_fallback_when_torchs_generator_state_is_unknown(monkeypatch,
     assert abs(torch.corrcoef(torch.stack([a[:h], a[h:2 * h]]).double())[0, 1]) < 5 / h**0.5
 
 
+def test_cpu_uniform_keeps_its_resolution_for_subnormal_spans():
+    # x = lo + j * (span 2^-24) would round a subnormal scale away; torch keeps ~54k values here
+    x = torch.empty(100_000)
+    with use_engine("cpu"):
+        fastinit.uniform_(x, 0.0, 1e-40)
+    assert x.min() >= 0 and x.max() < 1e-40 and x.unique().numel() > 40_000
+
+
 # ---------------------------------------------------------------- layouts (shards)
 
 

@@ -40,6 +40,14 @@ CASES = [
     ("uniform_", lambda: (_t(5, dtype=torch.bool),), {}),
     ("normal_", lambda: (_t(5),), {"std": -1.0}),
     ("uniform_", lambda: (_t(5), 2.0, 1.0), {}),
+    ("uniform_", lambda: (_t(5), float("nan"), 1.0), {}),
+    ("uniform_", lambda: (_t(5), 0.0, float("inf")), {}),
+    ("uniform_", lambda: (_t(5), -float("inf"), 0.0), {}),
+    ("uniform_", lambda: (_t(5), 0.0, 1e300), {}),
+    ("uniform_", lambda: (_t(5), -3e38, 3e38), {}),
+    ("uniform_", lambda: (_t(5, dtype=torch.float16), -4e4, 4e4), {}),
+    ("uniform_", lambda: (_t(5, dtype=torch.float16), 0.0, 7e4), {}),
+    ("uniform_", lambda: (_t(5, dtype=torch.bfloat16), -3e38, 3e38), {}),
     ("trunc_normal_", lambda: (_t(5), 0.0, 1.0, 2.0, 1.0), {}),
 ]
 
@@ -51,9 +59,11 @@ def test_same_exception_type_as_torch_and_nothing_written(name, make_args, kwarg
         getattr(torch.nn.init, name)(*theirs, **kwargs)
     ours = make_args()
     before = ours[0].clone()
-    with pytest.raises(type(torch_exc.value)):
+    with pytest.raises(type(torch_exc.value)) as our_exc:
         getattr(fastinit, name)(*ours, **kwargs)
     assert torch.equal(ours[0], before), "a failed call changed the tensor"
+    if name == "uniform_" and ours[0].dtype.is_floating_point:  # torch's bound checks, word for word
+        assert str(our_exc.value) == str(torch_exc.value)
 
 
 def test_calculate_gain_errors_like_torch():

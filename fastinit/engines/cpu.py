@@ -44,6 +44,7 @@ from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
 CHUNK = 1 << 18
 GRAIN = 32768  # ATen's GRAIN_SIZE: torch elementwise ops up to this size stay single-threaded
 _MT_N = 624
+_F32_TINY = np.finfo(np.float32).tiny
 # Below this t = 2p the float32 v = t - 1 has too little resolution for erfinv;
 # torch's ndtri (slower, precise for small p) takes over.
 _TAIL_T = 2e-3
@@ -181,7 +182,12 @@ def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float) -> None:
         words = st.sfc.random_raw((n + 1) // 2).view(np.uint32)[:n]
         j = st.buffer(np.int32, n)
         np.right_shift(words, 8, out=j.view(np.uint32))
-        np.multiply(j, span * np.float32(2.0**-24), out=o, dtype=np.float32)  # j < 2^24: exact as float32
+        scale = span * np.float32(2.0**-24)
+        if scale >= _F32_TINY:
+            np.multiply(j, scale, out=o, dtype=np.float32)  # j < 2^24: exact as float32
+        else:  # a subnormal scale would lose bits: u = j 2^-24 first, then the span
+            np.multiply(j, np.float32(2.0**-24), out=o, dtype=np.float32)
+            np.multiply(o, span, out=o)
     else:
         st.numpy_gen.random(dtype=o.dtype, out=o)
         np.multiply(o, span, out=o)
