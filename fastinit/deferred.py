@@ -276,7 +276,9 @@ def _init_hook(name, tensor, *args, **kwargs):
             bound = inspect.signature(_ORIGINAL_FUNCS[name]).bind(tensor, *args, **kwargs)
             bound.apply_defaults()
             b = bound.arguments
-            spec = TruncNormal(b["mean"], b["std"], b["a"], b["b"])
+            if b["std"] == 0:  # what the eager constructor would raise
+                raise ZeroDivisionError("float division by zero")
+            spec = TruncNormal(b["mean"], abs(b["std"]), b["a"], b["b"])  # torch only uses std squared
             if (b["mean"] < b["a"] - 2 * b["std"]) or (b["mean"] > b["b"] + 2 * b["std"]):
                 warnings.warn(
                     "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "

@@ -156,7 +156,10 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
             "The distribution of values may be incorrect.",
             stacklevel=2,
         )
-    return submit(tensor, TruncNormal(mean, std, a, b), generator,
+    if std == 0 and not tensor.is_meta:  # torch divides by std first: (b - mean) / std
+        raise ZeroDivisionError("float division by zero")
+    # torch only ever uses std squared here, so a negative std samples as |std|
+    return submit(tensor, TruncNormal(mean, abs(std), a, b), generator,
                   lambda: torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator))
 
 
