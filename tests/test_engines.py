@@ -81,6 +81,32 @@ def test_many_threads_and_one_thread_agree_on_a_big_batch():
         assert all(torch.equal(x, y) for x, y in zip(outs[0], ts))
 
 
+def test_concurrent_calls_from_user_threads_match_serial_ones():
+    """Fills from several user threads share the engine's pool and per-thread
+    buffers: each must still get exactly its own (key, index) values."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 3 * CHUNK + 77
+    specs = [Uniform(-1.0, 1.0), Normal(0.0, 2.0), TruncNormal(0.0, 1.0, -1.0, 1.0)] * 3
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] * 3
+    with use_engine("cpu"):
+        serial = []
+        for i, (spec, dt) in enumerate(zip(specs, dtypes)):
+            t = torch.empty(n, dtype=dt)
+            fill([Target(t, spec, 1000 + i)])
+            serial.append(t)
+        outs = [torch.empty(n, dtype=dt) for dt in dtypes]
+
+        def one(i):
+            with use_engine("cpu"):
+                fill([Target(outs[i], specs[i], 1000 + i)])
+
+        with ThreadPoolExecutor(max_workers=4) as ex:
+            list(ex.map(one, range(len(specs))))
+    for a, b in zip(serial, outs):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- independence
 
 
