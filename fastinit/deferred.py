@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 import types
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,7 +45,7 @@ from . import init as fi
 from .engines import Target
 from .fans import calculate_gain, variance_scaling
 from .seeding import draw_seed, key_for_name
-from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
+from .specs import Constant, InitSpec, Normal, Uniform
 
 __all__ = ["deferred_init", "materialize", "batched", "MaterializeReport", "is_deferred"]
 
@@ -276,15 +275,9 @@ def _init_hook(name, tensor, *args, **kwargs):
             bound = inspect.signature(_ORIGINAL_FUNCS[name]).bind(tensor, *args, **kwargs)
             bound.apply_defaults()
             b = bound.arguments
-            if b["std"] == 0:  # what the eager constructor would raise
-                raise ZeroDivisionError("float division by zero")
-            spec = TruncNormal(b["mean"], abs(b["std"]), b["a"], b["b"])  # torch only uses std squared
-            if (b["mean"] < b["a"] - 2 * b["std"]) or (b["mean"] > b["b"] + 2 * b["std"]):
-                warnings.warn(
-                    "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
-                    "The distribution of values may be incorrect.",
-                    stacklevel=3,
-                )
+            # std == 0 raises what the eager constructor would raise
+            spec = fi.trunc_normal_spec(b["mean"], b["std"], b["a"], b["b"], zero_std_is_error=True,
+                                        stacklevel=4)
             if tensor.numel():
                 rec.fill_event(tensor, spec)
             return tensor

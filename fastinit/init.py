@@ -150,17 +150,26 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         >>> w = torch.empty(3, 5)
         >>> fastinit.trunc_normal_(w)
     """
+    spec = trunc_normal_spec(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=3)
+    return submit(tensor, spec, generator,
+                  lambda: torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator))
+
+
+def trunc_normal_spec(mean: float, std: float, a: float, b: float, *, zero_std_is_error: bool,
+                      stacklevel: int) -> TruncNormal:
+    """The spec of ``trunc_normal_(mean, std, a, b)`` with torch's argument rules: its
+    warning when the mean is more than 2 std from [a, b] (``stacklevel`` for it), its
+    ZeroDivisionError for std == 0 (it divides by std first), and a negative std
+    sampled as |std| (torch only uses std squared)."""
     if (mean < a - 2 * std) or (mean > b + 2 * std):
         warnings.warn(
             "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
             "The distribution of values may be incorrect.",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    if std == 0 and not tensor.is_meta:  # torch divides by std first: (b - mean) / std
+    if std == 0 and zero_std_is_error:
         raise ZeroDivisionError("float division by zero")
-    # torch only ever uses std squared here, so a negative std samples as |std|
-    return submit(tensor, TruncNormal(mean, abs(std), a, b), generator,
-                  lambda: torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator))
+    return TruncNormal(mean, abs(std), a, b)
 
 
 def constant_(tensor, val: float):

@@ -98,16 +98,13 @@ class Uniform(InitSpec):
             )
 
     def check_dtype(self, dtype):
-        """torch's checks of ``uniform_(from=a, to=b)`` on a ``dtype`` tensor, in its order:
-        both bounds finite in ``dtype``, ``a <= b``, and ``b - a`` representable."""
+        """torch's checks of ``uniform_(from=a, to=b)`` on a ``dtype`` tensor that
+        ``__post_init__`` (``a <= b``) cannot make: both bounds finite in ``dtype``,
+        and ``b - a`` representable."""
         fi = torch.finfo(dtype)
         for v, what in ((self.a, "from"), (self.b, "to")):
             if not fi.min <= v <= fi.max:
                 raise RuntimeError(f"{what} is out of bounds for {_C_TYPE_NAMES.get(dtype, dtype)}")
-        if not self.a <= self.b:
-            raise RuntimeError(
-                f"uniform_ expects to return a [from, to) range, but found from={self.a:g} > to={self.b:g}"
-            )
         if self.b - self.a > fi.max:
             raise RuntimeError(
                 f"uniform_ expects to-from <= std::numeric_limits<{_SCALAR_NAMES.get(dtype, dtype)}>::max(), "

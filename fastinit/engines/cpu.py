@@ -17,11 +17,11 @@ generated, transformed (the truncated normal's inverse CDF), rounded
 (float16/bfloat16 receive the float32 values rounded once, to nearest even) and
 copied with a handful of whole-chunk calls (measured on 2 cores: uniform fills
 went from 429 M/s on one thread and 399 M/s on two with the former 32K-element
-slabs to 848 M/s on two with whole chunks). Those calls are numpy's, which never start threads of their own; the
-only torch calls made from workers are ``normal_`` (serial in torch) and
-``erfinv_``/``ndtri`` on pieces of :data:`GRAIN` elements, so that ATen's OpenMP
-team (used above that size) never starts inside a worker. Extra memory: a few
-chunk buffers per thread.
+slabs to 848 M/s on two with whole chunks). Those calls are numpy's, which never
+start threads of their own; the only torch calls made from workers are
+``normal_`` (serial in torch) and ``erfinv_``/``ndtri`` on pieces of
+:data:`GRAIN` elements, so that ATen's OpenMP team (used above that size) never
+starts inside a worker. Extra memory: a few chunk buffers per thread.
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ class _ThreadState:
 
     def __init__(self):
         template = _state_template()
-        self.state = template.clone() if template is not None else None
-        self.mt_words = self.state.numpy()[24 : 24 + 8 * _MT_N].view(np.uint64) if template is not None else None
+        self.state = self.mt_words = None  # torch's layout unknown: no Mersenne Twister here
+        if template is not None:
+            self.state = template.clone()
+            self.mt_words = self.state.numpy()[24 : 24 + 8 * _MT_N].view(np.uint64)
         self.torch_gen = torch.Generator()
         self.sfc = np.random.SFC64(0)
         self.numpy_gen = np.random.Generator(self.sfc)
@@ -164,6 +166,14 @@ def _uniform_map(lo: float, hi: float, ftype) -> tuple:
     return span_f, lo_f, float_below(hi, ftype)
 
 
+def _draw_j24(st: _ThreadState, n: int) -> np.ndarray:
+    """``n`` integers uniform in [0, 2^24) (int32, this thread's buffer) from ``st``'s
+    SFC64 stream: the top 24 bits of each half of ``ceil(n / 2)`` raw 64-bit words."""
+    j = st.buffer(np.int32, n)
+    np.right_shift(st.sfc.random_raw((n + 1) // 2).view(np.uint32)[:n], 8, out=j.view(np.uint32))
+    return j
+
+
 def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float) -> None:
     """``o`` (float32/64 numpy array) <- U[lo, hi) from ``st``'s SFC64 stream.
 
@@ -178,10 +188,7 @@ def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float) -> None:
         return
     span, lo_f, clamp = _uniform_map(lo, hi, o.dtype.type)
     if o.dtype == np.float32:
-        n = o.size
-        words = st.sfc.random_raw((n + 1) // 2).view(np.uint32)[:n]
-        j = st.buffer(np.int32, n)
-        np.right_shift(words, 8, out=j.view(np.uint32))
+        j = _draw_j24(st, o.size)
         scale = span * np.float32(2.0**-24)
         if scale >= _F32_TINY:
             np.multiply(j, scale, out=o, dtype=np.float32)  # j < 2^24: exact as float32
@@ -231,8 +238,7 @@ def _np_box_muller(st: _ThreadState, o: np.ndarray, mean: float, std: float) -> 
     r = st.buffer(o.dtype, h, "bm_r")
     angle = st.buffer(o.dtype, h, "bm_angle")
     if o.dtype == np.float32:
-        j = st.buffer(np.int32, 2 * h)
-        np.right_shift(st.sfc.random_raw(h).view(np.uint32), 8, out=j.view(np.uint32))
+        j = _draw_j24(st, 2 * h)
         np.multiply(j[:h], np.float32(2.0**-24), out=r, dtype=np.float32)
         np.add(r, np.float32(2.0**-24), out=r)
         np.multiply(j[h:], np.float32(2 * math.pi * 2.0**-24), out=angle, dtype=np.float32)
