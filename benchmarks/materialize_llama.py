@@ -2,13 +2,15 @@
 
     python -m benchmarks.materialize_llama                 # float32, CPU, the README table
     python -m benchmarks.materialize_llama --layers 4 --json out.json
+    python -m benchmarks.materialize_llama --device cuda   # on a GPU
 
 1. eager:    ``LlamaForCausalLM(config)`` (torch's default init, then ``_init_weights``);
 2. meta:     ``with torch.device("meta")`` → ``to_empty`` → ``init_weights()``;
 3. fastinit: ``deferred_init`` → ``materialize``.
 
 Each method runs in a fresh process, so its peak memory (peak RSS above the
-process's size before the model is built) is its own. Ratios are against the
+process's size before the model is built; on CUDA, peak allocated device
+memory) is its own. Ratios are against the
 fastinit time measured in the same run.
 """
 
@@ -38,32 +40,43 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(method: str, layers: int, dtype_name: str) -> dict:
+def child(method: str, layers: int, dtype_name: str, device_name: str) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
     import fastinit
 
     dtype = getattr(torch, dtype_name)
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
     torch.set_default_dtype(dtype)
     cfg = llama_1b_config(layers)
     torch.manual_seed(0)
-    base = _rss()
-    out = {"method": method}
+    if cuda:  # CUDA context and caching allocator up before the clock starts
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device) if cuda else _rss()
+    out = {"method": method, "device": str(device)}
     t0 = time.perf_counter()
     if method == "eager":
-        model = LlamaForCausalLM(cfg)
+        with device:
+            model = LlamaForCausalLM(cfg)
     elif method == "meta":
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
-        model.to_empty(device="cpu")
+        model.to_empty(device=device)
         model.init_weights()
     else:
         model = fastinit.deferred_init(LlamaForCausalLM, cfg)
         out["deferred_init_s"] = time.perf_counter() - t0
-        fastinit.materialize(model, device="cpu", seed=0)
+        fastinit.materialize(model, device=device, seed=0)
+    if cuda:
+        torch.cuda.synchronize(device)
     out["seconds"] = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     unique = {id(p): p for p in list(model.parameters()) + list(model.buffers())}.values()
     out["model_bytes"] = sum(p.numel() * p.element_size() for p in unique)
     out["params"] = sum(p.numel() for p in model.parameters())
@@ -78,17 +91,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.layers, args.dtype)))
+        print(json.dumps(child(args.child, args.layers, args.dtype, args.device)))
         return
     rows = []
     for m in args.methods.split(","):
         res = subprocess.run([sys.executable, "-m", "benchmarks.materialize_llama", "--child", m,
-                              "--layers", str(args.layers), "--dtype", args.dtype],
+                              "--layers", str(args.layers), "--dtype", args.dtype, "--device", args.device],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"{m}: {rows[-1]['seconds']:.2f}s", file=sys.stderr, flush=True)
@@ -96,7 +110,7 @@ def main(argv=None):
         r["method"] == "fastinit" for r in rows) else None
     r0 = rows[0]
     print(f"Llama-3.2-1B shape, {args.layers} layers, {r0['params'] / 1e9:.2f}B params, "
-          f"{r0['model_bytes'] / 2**30:.2f} GiB {args.dtype}")
+          f"{r0['model_bytes'] / 2**30:.2f} GiB {args.dtype} on {args.device}")
     print("| method | seconds | fastinit speedup | peak extra memory / model bytes | std(q_proj) | std(embed) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
