@@ -31,9 +31,11 @@ step() {  # step NAME SECONDS CMD...
     local name=$1 secs=$2
     shift 2
     echo "=== $name ($(date -u +%T))" | tee -a "$out/summary.txt"
-    timeout "$secs" "$@" >"$out/$name.log" 2>&1
+    timeout "$secs" "$@" >"$out/step.log" 2>&1
     local rc=$?
-    tail -n 40 "$out/$name.log"
+    tail -n 40 "$out/step.log"
+    { echo "=== $name"; cat "$out/step.log"; } >>"$out/steps.log"
+    rm -f "$out/step.log"
     echo "=== $name: exit $rc" | tee -a "$out/summary.txt"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }

@@ -1,9 +1,10 @@
 """Fused one-pass fills: Philox4x32-10 → Uniform / Normal / TruncNormal / Constant.
 
-One launch fills a whole batch of tensors of one dtype. The host builds a table
-per target (address, layout, spec kind and parameters, key) and a map from
-program id to target; each program then fills ``4 * CALLS`` consecutive global
-elements of one row of one target.
+One launch fills a whole batch of tensors of one dtype. The host builds one
+table, O(targets) in size and copied to the device once (per target: address,
+layout, spec kind and parameters, key, first program id); each program finds
+its target by binary search on the first program ids, then fills
+``4 * CALLS`` consecutive global elements of one row of that target.
 
 Indexing (the RNG contract): global element ``g`` takes word ``g % 4`` of the
 Philox call with counter ``(g // 4 low, g // 4 high, 0, 0)`` and key
@@ -115,40 +116,56 @@ def _trunc(w, p0, p1, p2, p3, p4, p5):
     return tl.minimum(tl.maximum(x, p4), p5)
 
 
-@triton.jit
+# The per-batch table is ONE int64 tensor (one host-to-device copy per launch):
+#   [0, T]                     first program id of each target, then the total;
+#   T+1 + 8*t + (0..7)         target t: offset, cols, row_stride, blocks per row,
+#                              kind, key low word, key high word, data pointer;
+#   T+1 + 8*T + N_PARAMS*t + i parameter i of target t, as its float32 bits.
+TABLE_COLS = 8
+
+
+# Batch sizes are launch arguments, not compile-time facts: no recompiling when
+# a batch has one target (Triton would specialize integers equal to 1).
+@triton.jit(do_not_specialize=["n_targets", "search_steps"])
 def _fill_kernel(
-    prog_target,  # int32 [n_programs]: which target each program fills
-    prog_first,  # int64 [n_targets]: first program id of each target
-    addr,  # int64 [n_targets]: data pointers
-    lay,  # int64 [n_targets, 4]: offset, cols, row_stride, blocks per row
-    kinds,  # int32 [n_targets]
-    keys,  # int64 [n_targets, 2]: key low / high words
-    params,  # float32 [n_targets, N_PARAMS]
+    table,  # int64, laid out as above (not "params": Triton's launcher binds that name)
+    n_targets,  # T
+    search_steps,  # ceil(log2(T)): binary-search steps from program id to target
     OUT_DTYPE: tl.constexpr,
     IS_BF16: tl.constexpr,
     N_PARAMS: tl.constexpr,
     CALLS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(prog_target + pid).to(tl.int64)
-    local = pid - tl.load(prog_first + t)
-    offset = tl.load(lay + t * 4)
-    cols = tl.load(lay + t * 4 + 1)
-    row_stride = tl.load(lay + t * 4 + 2)
-    bpr = tl.load(lay + t * 4 + 3)
+    # Which target this program fills: the last t with first[t] <= pid. A search
+    # instead of a per-program map keeps the table O(targets), not O(elements).
+    lo = pid * 0
+    hi = lo + n_targets
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(table + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    t = lo
+    local = pid - tl.load(table + t)
+    row_ = table + (n_targets + 1) + t * 8
+    offset = tl.load(row_)
+    cols = tl.load(row_ + 1)
+    row_stride = tl.load(row_ + 2)
+    bpr = tl.load(row_ + 3)
+    kind = tl.load(row_ + 4)
+    k0 = tl.load(row_ + 5).to(tl.uint32)
+    k1 = tl.load(row_ + 6).to(tl.uint32)
+    out = tl.load(row_ + 7).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
     row = local // bpr
     blk = local % bpr
-    kind = tl.load(kinds + t)
-    k0 = tl.load(keys + t * 2).to(tl.uint32)
-    k1 = tl.load(keys + t * 2 + 1).to(tl.uint32)
-    pp = params + t * N_PARAMS
-    p0 = tl.load(pp)
-    p1 = tl.load(pp + 1)
-    p2 = tl.load(pp + 2)
-    p3 = tl.load(pp + 3)
-    p4 = tl.load(pp + 4)
-    p5 = tl.load(pp + 5)
-    out = tl.load(addr + t).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
+    pp = table + (n_targets + 1) + n_targets * 8 + t * N_PARAMS
+    p0 = tl.load(pp).to(tl.uint32).to(tl.float32, bitcast=True)
+    p1 = tl.load(pp + 1).to(tl.uint32).to(tl.float32, bitcast=True)
+    p2 = tl.load(pp + 2).to(tl.uint32).to(tl.float32, bitcast=True)
+    p3 = tl.load(pp + 3).to(tl.uint32).to(tl.float32, bitcast=True)
+    p4 = tl.load(pp + 4).to(tl.uint32).to(tl.float32, bitcast=True)
+    p5 = tl.load(pp + 5).to(tl.uint32).to(tl.float32, bitcast=True)
 
     g_row = offset + row * row_stride  # global index of this row's first element
     q0 = g_row // 4 + blk * CALLS  # first Philox call of this program
@@ -224,31 +241,26 @@ def fill_batch(tensors, layouts, kinds, keys, params) -> None:
     for t in tensors:
         if t.dtype != dtype or t.device != device or not t.is_contiguous():
             raise ValueError("fill_batch takes contiguous tensors of one dtype on one device")
-    # Per-target table, built on the host and copied to the device once.
-    lay_rows, blocks = [], []
-    for (offset, rows, cols, row_stride) in layouts:
+    grid, args, kwargs = launch_args(tensors, layouts, kinds, keys, params)
+    _fill_kernel[grid](*args, **kwargs)
+
+
+def launch_args(tensors, layouts, kinds, keys, params):
+    """``(grid, args, kwargs)`` of the launch that fills ``tensors`` (see :func:`fill_batch`)."""
+    n = len(tensors)
+    dtype, device = tensors[0].dtype, tensors[0].device
+    first, rows_ = [0], []
+    for t, (offset, rows, cols, row_stride), kind, key in zip(tensors, layouts, kinds, keys):
         bpr = triton.cdiv(cols // 4 + 2, CALLS)
-        lay_rows.append((offset, cols, row_stride, bpr))
-        blocks.append(rows * bpr)
-    counts = torch.tensor(blocks, dtype=torch.int64)
-    first = torch.cumsum(counts, 0) - counts
-    n_prog = int(counts.sum())
-    prog_target = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), counts)
-    host = dict(
-        prog_target=prog_target,
-        prog_first=first,
-        addr=torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64),
-        lay=torch.tensor(lay_rows, dtype=torch.int64),
-        kinds=torch.tensor(kinds, dtype=torch.int32),
-        keys=torch.tensor([(k & 0xFFFFFFFF, (k >> 32) & 0xFFFFFFFF) for k in keys], dtype=torch.int64),
-        params=torch.tensor(params, dtype=torch.float32).reshape(len(tensors), N_PARAMS),
-    )
-    dev = {k: v.to(device, non_blocking=True) if device.type != "cpu" else v for k, v in host.items()}
-    _fill_kernel[(n_prog,)](
-        dev["prog_target"], dev["prog_first"], dev["addr"], dev["lay"], dev["kinds"],
-        dev["keys"], dev["params"],
-        OUT_DTYPE=_TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16, N_PARAMS=N_PARAMS, CALLS=CALLS,
-        num_warps=NUM_WARPS, **_COMPILE_OPTIONS,
-    )
+        first.append(first[-1] + rows * bpr)
+        rows_ += (offset, cols, row_stride, bpr, kind, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF,
+                  t.data_ptr())
+    bits = torch.tensor(params, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    table = torch.cat([torch.tensor(first + rows_, dtype=torch.int64), bits])
+    if device.type != "cpu":
+        table = table.to(device)
+    kwargs = dict(OUT_DTYPE=_TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16, N_PARAMS=N_PARAMS,
+                  CALLS=CALLS, num_warps=NUM_WARPS, **_COMPILE_OPTIONS)
+    return (first[-1],), (table, n, max(n - 1, 0).bit_length()), kwargs
 
 

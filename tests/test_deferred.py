@@ -98,17 +98,24 @@ def _tensors(m):
 CASES = [("hf", n) for n in HF_MODELS] + [("torch", n) for n in TORCH_MODELS]
 
 
+# With a GPU present the models are also materialized on it (the Triton engine).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,name", CASES, ids=[c[1] for c in CASES])
-def test_materialized_model_is_distributed_like_the_eager_one(kind, name):
+def test_materialized_model_is_distributed_like_the_eager_one(kind, name, device):
     eager_fn, deferred_fn = _build(kind, name)
     torch.manual_seed(0)
     eager = eager_fn()
     model = deferred_fn()
     assert all(t.is_meta for t in _tensors(model).values())
-    report = fastinit.materialize(model, device="cpu", seed=1)
+    report = fastinit.materialize(model, device=device, seed=1)
     ours, theirs = _tensors(model), _tensors(eager)
     assert ours.keys() == theirs.keys()
     for n, t in ours.items():
+        assert t.device.type == device, n
+        t = t.detach().cpu()
         e = theirs[n]
         assert not t.is_meta and t.shape == e.shape and t.dtype == e.dtype, n
         if not t.dtype.is_floating_point or e.numel() < 2 or e.std() == 0:
@@ -133,7 +140,7 @@ def test_hf_specifics_ties_padding_rows_and_scaled_residuals():
     m = fastinit.deferred_init(cls, cfg)
     rep = fastinit.materialize(m, seed=3)
     assert (m.embeddings.word_embeddings.weight[cfg.pad_token_id] == 0).all()
-    assert torch.equal(m.embeddings.position_ids, torch.arange(64).expand(1, -1))
+    assert torch.equal(m.embeddings.position_ids.cpu(), torch.arange(64).expand(1, -1))
     assert "view" in rep.entries["embeddings.word_embeddings.weight"]
     cls, cfg = _gpt2()
     m = fastinit.deferred_init(cls, cfg)
@@ -365,8 +372,8 @@ def test_torch_inits_that_skip_meta_tensors_are_recorded():
     with pytest.warns(UserWarning, match="more than 2 std"):
         m = fastinit.deferred_init(M)
     rep = fastinit.materialize(m, seed=0)
-    torch.testing.assert_close(m.a @ m.a.T, torch.eye(30), atol=1e-4, rtol=0)
-    assert torch.equal(m.b, torch.nn.init.dirac_(torch.empty(8, 4, 3)))
+    torch.testing.assert_close((m.a @ m.a.T).cpu(), torch.eye(30), atol=1e-4, rtol=0)
+    assert torch.equal(m.b.cpu(), torch.nn.init.dirac_(torch.empty(8, 4, 3)))
     assert ((m.c == 0).sum(0) == 10).all()
     assert rep.entries["d"].startswith("TruncNormal") and m.d.min() >= -1 and m.d.max() <= 1
 
