@@ -1,12 +1,15 @@
 """GPU check: kernel tests on CUDA, then bandwidth of every fill against memset.
 
-    python benchmarks/gpu_check.py [--gib 2] [--repeat 10] [--json gpu.json] [--skip-tests]
+    python benchmarks/gpu_check.py [--gib 2] [--repeat 10] [--json gpu.json] [--skip-tests] [--sweep]
 
 1. runs the kernel and engine tests on CUDA tensors (pytest);
 2. times torch.nn.init and fastinit for each init function in float32 and
    bfloat16 on a tensor of ``--gib`` GiB, with CUDA events (median of
    ``--repeat``), against ``zero_()`` of the same bytes (the memset floor), and
    prints GB/s, % of memset and the speedup over torch, then the JSON rows.
+
+``--sweep`` first times a few kernel shapes (Philox calls per program, warps)
+on uniform, normal and truncated-normal fills, to choose the defaults.
 
 Goals: >= 85% of memset for float32 uniform/normal/trunc-normal, >= 70% for
 bfloat16, trunc_normal_ >= 5x torch. Plus one batched launch for a model-sized
@@ -54,12 +57,42 @@ def cuda_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+SWEEP = [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8)]
+
+
+def sweep(args) -> list:
+    from fastinit.kernels import philox_fill as pf
+
+    default = (pf.CALLS, pf.NUM_WARPS)
+    out = []
+    print("| calls/program | warps | fill | dtype | GB/s | % of memset |\n|---:|---:|---|---|---:|---:|")
+    for dtype in (torch.float32, torch.bfloat16):
+        elem = torch.tensor([], dtype=dtype).element_size()
+        t = torch.empty(int(args.gib * 2**30 / elem), dtype=dtype, device="cuda")
+        nbytes = t.numel() * elem
+        t_mem = cuda_time(lambda: t.zero_(), args.repeat)
+        for calls, warps in SWEEP:
+            pf.CALLS, pf.NUM_WARPS = calls, warps
+            for name, a in CASES[:3]:
+                secs = cuda_time(lambda: getattr(fastinit, name)(t, *a), args.repeat)
+                r = dict(sweep=True, calls=calls, warps=warps, function=name, dtype=str(dtype)[6:],
+                         GBps=nbytes / secs / 1e9, pct_memset=100 * t_mem / secs)
+                out.append(r)
+                print(f"| {calls} | {warps} | {name} | {r['dtype']} | {r['GBps']:.0f} | {r['pct_memset']:.0f}% |",
+                      flush=True)
+        t = None
+        torch.cuda.empty_cache()
+    pf.CALLS, pf.NUM_WARPS = default
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time kernel shapes (CALLS, num_warps) first")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
@@ -70,6 +103,8 @@ def main():
                               "tests/test_api.py", "tests/test_errors.py"], cwd=ROOT)
         print("tests exit code", rc, flush=True)
     rows = []
+    if args.sweep:
+        rows += sweep(args)
     print("| function | dtype | torch GB/s | fastinit GB/s | memset GB/s | % of memset | speedup |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):

@@ -3,8 +3,8 @@
 #
 #     bash benchmarks/gpu_suite.sh [LOGDIR]        # default gpu-logs/
 #
-# 1. benchmarks/gpu_check.py: bandwidth of every fill against memset, and one
-#    launch for a model-sized batch;
+# 1. benchmarks/gpu_check.py: a sweep of kernel shapes, bandwidth of every fill
+#    against memset, and one launch for a model-sized batch;
 # 2. the kernel, engine, API, error and deferred-init tests with CUDA present
 #    (materialize defaults to CUDA there, so the model tests run the Triton engine);
 # 3. benchmarks/init_speed.py on CUDA: the drop-in calls, 64M and 1M elements;
@@ -41,13 +41,13 @@ step() {  # step NAME SECONDS CMD...
 }
 
 nvidia-smi -L; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step gpu_check 80 $py benchmarks/gpu_check.py --skip-tests --json "$out/gpu_check.json"
-step tests 110 $py -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels.py tests/test_engines.py \
+step gpu_check 100 $py benchmarks/gpu_check.py --skip-tests --sweep --json "$out/gpu_check.json"
+step tests 90 $py -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels.py tests/test_engines.py \
     tests/test_api.py tests/test_errors.py tests/test_deferred.py
-step bench 70 $py -m fastinit bench --device cuda --repeat 3 --json "$out/bench.json"
-step materialize_llama 100 $py -m benchmarks.materialize_llama --device cuda --json "$out/materialize_llama.json"
-step init_speed 30 $py -m benchmarks.init_speed --device cuda --repeat 20 --json "$out/init_speed.json"
-step init_speed_1m 20 $py -m benchmarks.init_speed --device cuda --repeat 50 --numel 1048576
-step bench_bf16 40 $py -m fastinit bench --device cuda --dtype bfloat16 --repeat 3
+step bench 40 $py -m fastinit bench --device cuda --repeat 3 --json "$out/bench.json"
+step materialize_llama 60 $py -m benchmarks.materialize_llama --device cuda --json "$out/materialize_llama.json"
+step init_speed 20 $py -m benchmarks.init_speed --device cuda --repeat 20 --json "$out/init_speed.json"
+step init_speed_1m 15 $py -m benchmarks.init_speed --device cuda --repeat 50 --numel 1048576
+step bench_bf16 30 $py -m fastinit bench --device cuda --dtype bfloat16 --repeat 3
 echo "failed steps: $failed"
 exit "$failed"

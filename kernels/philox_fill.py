@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +34,8 @@ NUM_WARPS = 4
 # Uniform values must be bit-identical to the reference (a*b rounded, then +c
 # rounded): forbid contracting them into FMAs on the GPU. The interpreter runs
 # numpy, which never fuses, and takes no compile options.
-_COMPILE_OPTIONS = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_COMPILE_OPTIONS = {} if _INTERPRET else {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -103,6 +105,29 @@ def _erfinv(t):
     return tl.where(w < 16.0, tl.where(w < 5.0, p, q) * v, tail)
 
 
+if _INTERPRET:
+    @triton.jit
+    def _sin(x):
+        return tl.sin(x)
+
+    @triton.jit
+    def _cos(x):
+        return tl.cos(x)
+else:
+    # The GPU's sin.approx / cos.approx (as cuRAND's Box-Muller, __sincosf): on
+    # [0, 2pi) within about 1e-6 of the correctly rounded value, and no range
+    # reduction. libdevice's sinf/cosf would make normal fills compute-bound.
+    from triton.language.extra.cuda import libdevice as _libdevice
+
+    @triton.jit
+    def _sin(x):
+        return _libdevice.fast_sinf(x)
+
+    @triton.jit
+    def _cos(x):
+        return _libdevice.fast_cosf(x)
+
+
 @triton.jit
 def _uniform(w, p0, p1, p2):
     return tl.minimum(p0 + p1 * _unit(w), p2)
@@ -116,18 +141,37 @@ def _trunc(w, p0, p1, p2, p3, p4, p5):
     return tl.minimum(tl.maximum(x, p4), p5)
 
 
+@triton.jit
+def _rows_of_four(v0, v1, v2, v3, OUT_DTYPE: tl.constexpr, IS_BF16: tl.constexpr, CALLS: tl.constexpr):
+    """[CALLS, 4] in the output dtype: row i holds call i's four words (elements
+    4 * (q0 + i) + lane). Built in registers; called inside each store branch so
+    that any layout change the masked store needs stays off the aligned path."""
+    vals = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [CALLS, 4])
+    if IS_BF16:
+        # Round to nearest even by hand: identical on GPU and in the interpreter
+        # (whose float32 -> bfloat16 cast truncates). Values are finite.
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return vals.to(OUT_DTYPE)
+
+
 # The per-batch table is ONE int64 tensor (one host-to-device copy per launch):
 #   [0, T]                     first program id of each target, then the total;
 #   T+1 + 8*t + (0..7)         target t: offset, cols, row_stride, blocks per row,
-#                              kind, key low word, key high word, data pointer;
+#                              kind, key low word, key high word, and where its
+#                              data starts, in elements from ``base``;
 #   T+1 + 8*T + N_PARAMS*t + i parameter i of target t, as its float32 bits.
 TABLE_COLS = 8
 
 
 # Batch sizes are launch arguments, not compile-time facts: no recompiling when
 # a batch has one target (Triton would specialize integers equal to 1).
-@triton.jit(do_not_specialize=["n_targets", "search_steps"])
+@triton.jit(do_not_specialize=["base_aligned", "n_targets", "search_steps"])
 def _fill_kernel(
+    base,  # typed pointer every target's data is addressed from (Triton knows its alignment)
+    base_aligned,  # 1 if base is 16-byte aligned
     table,  # int64, laid out as above (not "params": Triton's launcher binds that name)
     n_targets,  # T
     search_steps,  # ceil(log2(T)): binary-search steps from program id to target
@@ -156,9 +200,13 @@ def _fill_kernel(
     kind = tl.load(row_ + 4)
     k0 = tl.load(row_ + 5).to(tl.uint32)
     k1 = tl.load(row_ + 6).to(tl.uint32)
-    out = tl.load(row_ + 7).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    row = local // bpr
-    blk = local % bpr
+    start = tl.load(row_ + 7)
+    # 32-bit division (programs and blocks per row are < 2^31); 64-bit division
+    # is a long software routine that every thread would run.
+    local32 = local.to(tl.int32)
+    bpr32 = bpr.to(tl.int32)
+    row = (local32 // bpr32).to(tl.int64)
+    blk = (local32 % bpr32).to(tl.int64)
     pp = table + (n_targets + 1) + n_targets * 8 + t * N_PARAMS
     p0 = tl.load(pp).to(tl.uint32).to(tl.float32, bitcast=True)
     p1 = tl.load(pp + 1).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -168,11 +216,12 @@ def _fill_kernel(
     p5 = tl.load(pp + 5).to(tl.uint32).to(tl.float32, bitcast=True)
 
     g_row = offset + row * row_stride  # global index of this row's first element
-    q0 = g_row // 4 + blk * CALLS  # first Philox call of this program
-    q = q0 + tl.arange(0, CALLS).to(tl.int64)
+    q0 = (g_row >> 2) + blk * CALLS  # first Philox call of this program (g_row >= 0)
+    # Counter (q low, q high) for q = q0 + i, in 32-bit lanes with the carry.
+    lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
+    c0 = lo0 + tl.arange(0, CALLS).to(tl.uint32)
+    c1 = (q0 >> 32).to(tl.uint32) + (c0 < lo0).to(tl.uint32)
     z = tl.zeros([CALLS], dtype=tl.uint32)
-    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (q >> 32).to(tl.uint32)
     w0, w1, w2, w3 = _philox4x32_10(c0, c1, z, z, z + k0, z + k1)
 
     if kind == 1:  # uniform
@@ -185,10 +234,10 @@ def _fill_kernel(
         ta = _unit(w1) * 6.2831854820251465
         rb = tl.sqrt(-2.0 * tl.log(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
         tb = _unit(w3) * 6.2831854820251465
-        v0 = p0 + p1 * (ra * tl.cos(ta))
-        v1 = p0 + p1 * (ra * tl.sin(ta))
-        v2 = p0 + p1 * (rb * tl.cos(tb))
-        v3 = p0 + p1 * (rb * tl.sin(tb))
+        v0 = p0 + p1 * (ra * _cos(ta))
+        v1 = p0 + p1 * (ra * _sin(ta))
+        v2 = p0 + p1 * (rb * _cos(tb))
+        v3 = p0 + p1 * (rb * _sin(tb))
     elif kind == 3:  # truncated normal by inverse CDF
         v0 = _trunc(w0, p0, p1, p2, p3, p4, p5)
         v1 = _trunc(w1, p0, p1, p2, p3, p4, p5)
@@ -200,18 +249,17 @@ def _fill_kernel(
         v2 = v0
         v3 = v0
 
-    # Interleave to call-major, word-minor order: element 4*q + lane.
-    vals = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [4 * CALLS])
-    c = (q0 * 4 - g_row) + tl.arange(0, 4 * CALLS).to(tl.int64)  # column inside the row
-    mask = (c >= 0) & (c < cols)
-    if IS_BF16:
-        # Round to nearest even by hand: identical on GPU and in the interpreter
-        # (whose float32 -> bfloat16 cast truncates). Values are finite.
-        bits = vals.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out + row * cols + c, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out + row * cols + c, vals.to(OUT_DTYPE), mask=mask)
+    lanes = tl.arange(0, CALLS)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    c_first = q0 * 4 - g_row  # column of this program's first element inside the row
+    first = start + row * cols + c_first  # ... and its element index from base
+    if (c_first >= 0) & (c_first + 4 * CALLS <= cols) & (first % 4 == 0) & (base_aligned != 0):
+        # Whole block inside the row, 16-byte aligned: unmasked, vectorized stores.
+        # (x // 4) * 4 == x here; written so, the compiler can prove the alignment.
+        tl.store(base + (first // 4) * 4 + lanes, _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS))
+    else:  # row edges, shard boxes, odd offsets: masked
+        c = c_first + lanes
+        vals = _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS)
+        tl.store(base + (start + row * cols) + c, vals, mask=(c >= 0) & (c < cols))
 
 
 _TL_DTYPES = {
@@ -241,26 +289,40 @@ def fill_batch(tensors, layouts, kinds, keys, params) -> None:
     for t in tensors:
         if t.dtype != dtype or t.device != device or not t.is_contiguous():
             raise ValueError("fill_batch takes contiguous tensors of one dtype on one device")
-    grid, args, kwargs = launch_args(tensors, layouts, kinds, keys, params)
-    _fill_kernel[grid](*args, **kwargs)
+    # Targets are addressed in elements from one base tensor; a tensor whose
+    # address is not a whole number of elements away (never seen from torch's
+    # allocators, but possible) goes in its own launch.
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.data_ptr() % t.element_size(), []).append(i)
+    for idx in groups.values():
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        p = [params[i * N_PARAMS + j] for i in idx for j in range(N_PARAMS)]
+        grid, args, kwargs = launch_args(pick(tensors), pick(layouts), pick(kinds), pick(keys), p)
+        _fill_kernel[grid](*args, **kwargs)
 
 
 def launch_args(tensors, layouts, kinds, keys, params):
     """``(grid, args, kwargs)`` of the launch that fills ``tensors`` (see :func:`fill_batch`)."""
     n = len(tensors)
-    dtype, device = tensors[0].dtype, tensors[0].device
+    dtype, device, size = tensors[0].dtype, tensors[0].device, tensors[0].element_size()
+    base = next((t for t in tensors if t.data_ptr() % 16 == 0), tensors[0])
     first, rows_ = [0], []
     for t, (offset, rows, cols, row_stride), kind, key in zip(tensors, layouts, kinds, keys):
         bpr = triton.cdiv(cols // 4 + 2, CALLS)
         first.append(first[-1] + rows * bpr)
         rows_ += (offset, cols, row_stride, bpr, kind, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF,
-                  t.data_ptr())
-    bits = torch.tensor(params, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    table = torch.cat([torch.tensor(first + rows_, dtype=torch.int64), bits])
+                  (t.data_ptr() - base.data_ptr()) // size)
+    # Built in plain Python, then one tensor and one copy: each torch op here
+    # costs microseconds that a small fill does not.
+    with np.errstate(over="ignore"):  # as torch.tensor(..., float32) does: inf past the range
+        bits = np.asarray(params, dtype=np.float32).view(np.uint32).tolist()
+    table = torch.tensor(first + rows_ + bits, dtype=torch.int64)
     if device.type != "cpu":
-        table = table.to(device)
+        table = table.to(device, non_blocking=True)
     kwargs = dict(OUT_DTYPE=_TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16, N_PARAMS=N_PARAMS,
                   CALLS=CALLS, num_warps=NUM_WARPS, **_COMPILE_OPTIONS)
-    return (first[-1],), (table, n, max(n - 1, 0).bit_length()), kwargs
+    aligned = int(base.data_ptr() % 16 == 0)
+    return (first[-1],), (base, aligned, table, n, max(n - 1, 0).bit_length()), kwargs
 
 
