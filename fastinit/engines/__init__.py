@@ -4,7 +4,8 @@
   (on CPU tensors only under ``TRITON_INTERPRET=1``, which is how CI checks them);
 * ``cpu``       — CPU tensors: pure torch, chunk-parallel on a thread pool;
 * ``reference`` — any device: pure torch Philox, slow, bit-identical to ``triton``
-  for uniform and constant (normal and truncated normal agree to float32 rounding).
+  for uniform and constant (truncated normal agrees to float32 rounding; normal too,
+  except for the GPU's approximate sin/cos, within 2^-20 of the radius).
 
 The default engine is chosen by device (CUDA → ``triton``, CPU → ``cpu``);
 :func:`use_engine` or the ``FASTINIT_ENGINE`` environment variable override it.
