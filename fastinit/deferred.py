@@ -191,6 +191,11 @@ class _Recorder(TorchFunctionMode):
             bound = _TORCH_INIT_SIGNATURES[name].bind(*args, **kwargs)
             bound.apply_defaults()
             t = bound.arguments["tensor"]
+            if _is_meta(t) and name in ("normal_", "xavier_normal_", "kaiming_normal_"):
+                # torch runs normal_ on meta tensors through its Python references
+                # (about a millisecond a call, most of a Llama's recording); the
+                # drop-in validates the same way and its sink records the fill.
+                return getattr(fi, name)(*args, **kwargs)
             if _is_meta(t):
                 out = func(*args, **kwargs)  # validates and warns exactly as torch does
                 if t.numel() > 0:
@@ -203,6 +208,15 @@ class _Recorder(TorchFunctionMode):
             name == "__setitem__" or (name.endswith("_") and not name.startswith("__"))
         ):
             target = args[0]  # an in-place op writes its first argument
+        if (target is not None and name in ("uniform_", "normal_") and target is args[0]
+                and kwargs.get("generator") is None):
+            # On meta tensors torch runs these through its Python references
+            # (about a millisecond each, half of a Llama's recording). The same
+            # checks, with the errors the eager constructor would raise, run on
+            # an empty CPU tensor of the dtype in microseconds.
+            func(torch.empty(0, dtype=target.dtype), *args[1:], **kwargs)
+            self._record_write(func, name, target, args, kwargs)
+            return target
         out = func(*args, **kwargs)
         if target is not None:
             self._record_write(func, name, target, args, kwargs)

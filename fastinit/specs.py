@@ -132,7 +132,7 @@ class Normal(InitSpec):
 
     def __post_init__(self):
         if not self.std >= 0.0:
-            raise RuntimeError(f"normal expects std >= 0.0, but found std {self.std}")
+            raise RuntimeError(f"normal expects std >= 0.0, but found std {self.std:g}")
 
     def kernel_params(self):
         return KIND_NORMAL, (float(self.mean), float(self.std), 0.0, 0.0, 0.0, 0.0)

@@ -385,3 +385,34 @@ def test_progress_reports_bytes_done(capsys):
     err = capsys.readouterr().err
     assert "materializing" in err and "100.0%" in err
     assert f"{rep.bytes / 2**30:.2f} GiB" in err
+
+
+_BAD_INITS = [
+    lambda m: nn.init.normal_(m.w, 0.0, -1.0),
+    lambda m: nn.init.kaiming_normal_(m.w),  # 1-D: no fans
+    lambda m: nn.init.xavier_normal_(m.w),
+    lambda m: nn.init.kaiming_normal_(m.v, mode="fan_middle"),
+    lambda m: nn.init.kaiming_normal_(m.v, nonlinearity="tanhh"),
+    lambda m: m.v.data.normal_(0.0, -2.0),
+    lambda m: m.v.data.uniform_(1.0, 0.0),
+    lambda m: m.h.data.uniform_(0.0, 1e6),  # float16 cannot hold the bound
+]
+
+
+@pytest.mark.parametrize("init", _BAD_INITS, ids=range(len(_BAD_INITS)))
+def test_recording_raises_what_the_eager_constructor_raises(init):
+    # Recording validates normal_/uniform_ without running them on meta tensors
+    # (torch's meta path for normal_ is slow): the errors must stay torch's.
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(5))
+            self.v = nn.Parameter(torch.empty(4, 3))
+            self.h = nn.Parameter(torch.empty(4, dtype=torch.float16))
+            init(self)
+
+    with pytest.raises(Exception) as eager:
+        M()
+    with pytest.raises(type(eager.value)) as deferred:
+        fastinit.deferred_init(M)
+    assert str(deferred.value) == str(eager.value)
