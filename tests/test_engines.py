@@ -253,3 +253,19 @@ def test_a_box_of_the_global_tensor_gets_exactly_its_elements(engine, spec, dtyp
             part = torch.empty(r1 - r0, c1 - c0, dtype=dtype)
             fill([Target(part, spec, 9, _box_layout(shape, r0, r1, c0, c1))])
             assert torch.equal(part, full[r0:r1, c0:c1]), (r0, r1, c0, c1)
+
+
+@pytest.mark.parametrize("engine", ["cpu", "reference", "triton"])
+def test_engines_fill_parameters_that_require_grad(engine):
+    # Targets reach the engines as given (no detached copy per call): each engine
+    # must write a leaf that requires grad without autograd noticing.
+    if engine == "triton":
+        pytest.importorskip("triton")
+    dev = "cuda" if engine == "triton" and torch.cuda.is_available() else "cpu"
+    p = torch.nn.Parameter(torch.empty(3, 700, device=dev))
+    plain = torch.empty(3, 700, device=dev)
+    with use_engine(engine):
+        fill([Target(p, Normal(0.0, 1.0), 11)])
+        fill([Target(plain, Normal(0.0, 1.0), 11)])
+    assert p.requires_grad and p.grad_fn is None and p.is_leaf
+    assert torch.equal(p.detach(), plain)

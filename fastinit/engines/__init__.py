@@ -80,7 +80,13 @@ class Target:
             )
 
 
+_MODULES: dict = {}
+
+
 def _engine_module(name: str):
+    mod = _MODULES.get(name)
+    if mod is not None:
+        return mod
     if name == "cpu":
         from . import cpu as mod
     elif name == "reference":
@@ -89,6 +95,7 @@ def _engine_module(name: str):
         from . import triton as mod
     else:
         raise ValueError(f"unknown fastinit engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+    _MODULES[name] = mod
     return mod
 
 
@@ -142,13 +149,15 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
         proxies = []
         work = []
         for t in batch:
+            if t.tensor.is_contiguous():
+                work.append(t)  # engines write through .detach()ed views or data pointers
+                continue
             dst = t.tensor.detach()
-            if not dst.is_contiguous():
-                buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
-                proxies.append((dst, buf))
-                dst = buf
-            work.append(Target(dst, t.spec, t.key, t.layout, t.name))
+            buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+            proxies.append((dst, buf))
+            work.append(Target(buf, t.spec, t.key, t.layout, t.name))
         mod.fill(work, progress)
-        with torch.no_grad():
-            for dst, buf in proxies:
-                dst.copy_(buf)
+        if proxies:
+            with torch.no_grad():
+                for dst, buf in proxies:
+                    dst.copy_(buf)

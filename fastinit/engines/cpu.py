@@ -104,10 +104,9 @@ class _ThreadState:
 
     def buffer(self, dtype, n: int, slot: str = "") -> np.ndarray:
         """``n`` elements (``n <= CHUNK``) of this thread's buffer ``slot`` of numpy ``dtype``."""
-        k = (np.dtype(dtype), slot)
-        b = self.buffers.get(k)
+        b = self.buffers.get((dtype, slot))
         if b is None:
-            b = self.buffers[k] = np.empty(CHUNK, dtype=k[0])
+            b = self.buffers[(dtype, slot)] = np.empty(CHUNK, dtype=dtype)
         return b[:n]
 
 
@@ -285,7 +284,8 @@ def generate_chunk(spec, key: int, chunk: int, o: np.ndarray) -> None:
 
 def _numpy_view(flat: torch.Tensor) -> np.ndarray:
     """A numpy array over ``flat``'s memory (bfloat16 as its 16-bit patterns)."""
-    flat = flat.detach()
+    if flat.requires_grad:
+        flat = flat.detach()
     if flat.dtype == torch.bfloat16:
         return flat.view(torch.int16).numpy().view(np.uint16)
     return flat.numpy()
@@ -324,7 +324,7 @@ def _fill_chunk(t, chunk: int) -> None:
     lay = t.layout
     chunk_lo = chunk * CHUNK
     glo, ghi = lay.global_range()
-    dst = _numpy_view(t.tensor.view(-1))
+    dst = _numpy_view(t.tensor.detach().view(-1))
     n = min(CHUNK, lay.global_numel - chunk_lo)  # the last chunk may be short
     whole = lay.rows == 1 and glo <= chunk_lo and chunk_lo + n <= ghi  # all of it is ours, in order
     s0 = chunk_lo - glo

@@ -31,7 +31,7 @@ def global_indices(layout, start: int, stop: int, device) -> torch.Tensor:
 def fill(targets, progress=None) -> None:
     for t in targets:
         kind, params = t.spec.kernel_params()
-        flat = t.tensor.view(-1)
+        flat = t.tensor.detach().view(-1)
         n = flat.numel()
         for s in range(0, n, BLOCK):
             e = min(n, s + BLOCK)
