@@ -21,6 +21,7 @@ Indices are 64-bit throughout.
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import torch
@@ -292,6 +293,10 @@ def fill_batch(tensors, layouts, kinds, keys, params) -> None:
     # Targets are addressed in elements from one base tensor; a tensor whose
     # address is not a whole number of elements away (never seen from torch's
     # allocators, but possible) goes in its own launch.
+    if len(tensors) == 1:  # a drop-in call: nothing to group
+        grid, args, kwargs = launch_args(tensors, layouts, kinds, keys, params)
+        _fill_kernel[grid](*args, **kwargs)
+        return
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.data_ptr() % t.element_size(), []).append(i)
@@ -315,8 +320,11 @@ def launch_args(tensors, layouts, kinds, keys, params):
                   (t.data_ptr() - base.data_ptr()) // size)
     # Built in plain Python, then one tensor and one copy: each torch op here
     # costs microseconds that a small fill does not.
-    with np.errstate(over="ignore"):  # as torch.tensor(..., float32) does: inf past the range
-        bits = np.asarray(params, dtype=np.float32).view(np.uint32).tolist()
+    try:
+        bits = list(struct.unpack(f"<{len(params)}I", struct.pack(f"<{len(params)}f", *params)))
+    except OverflowError:  # beyond float32: inf, as torch.tensor(..., float32) makes it
+        with np.errstate(over="ignore"):
+            bits = np.asarray(params, dtype=np.float32).view(np.uint32).tolist()
     table = torch.tensor(first + rows_ + bits, dtype=torch.int64)
     if device.type != "cpu":
         table = table.to(device, non_blocking=True)
