@@ -13,7 +13,7 @@ of each, and writes the up to ``4 * CALLS`` elements they cover: no word is
 wasted. A target's local element ``j = r * cols + c`` is global element
 ``offset + r * row_stride + c`` (``rows == 1`` for an unsharded tensor), and the
 masks keep every store inside the row, so tails and shard edges are exact.
-Indices are 64-bit throughout.
+Element indices are 64-bit; the counter is built in 32-bit lanes with the carry.
 
 ``fastinit.rng`` holds the same computation in plain torch (the reference).
 """
@@ -164,7 +164,6 @@ def _rows_of_four(v0, v1, v2, v3, OUT_DTYPE: tl.constexpr, IS_BF16: tl.constexpr
 #                              kind, key low word, key high word, and where its
 #                              data starts, in elements from ``base``;
 #   T+1 + 8*T + N_PARAMS*t + i parameter i of target t, as its float32 bits.
-TABLE_COLS = 8
 
 
 # Batch sizes are launch arguments, not compile-time facts: no recompiling when
