@@ -55,7 +55,6 @@ _FACTORIES = {
     torch.logspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm,
     torch.empty_strided, torch.tril_indices, torch.triu_indices,
 }
-_RANDOM_FACTORIES = {torch.rand, torch.randn, torch.randint, torch.randperm}
 # In-place methods that change metadata or flags, not values.
 _NOT_VALUE_MUTATIONS = {
     "requires_grad_", "share_memory_", "t_", "transpose_", "squeeze_", "unsqueeze_", "as_strided_",
@@ -184,7 +183,11 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in _FACTORIES and kwargs.get("device") is None:
+        if kwargs.get("device") is None and (
+            func in _FACTORIES
+            # torch.normal(mean, std, size): a factory; with tensor arguments it follows them
+            or (func is torch.normal and ("size" in kwargs or len(args) >= 3))
+        ):
             kwargs["device"] = "meta"
         name = getattr(func, "__name__", "")
         if isinstance(func, types.FunctionType) and name in _TORCH_INIT_OVERRIDABLE:
@@ -531,11 +534,35 @@ class _Evaluator:
     """Computes real values of recorded tensors on ``device`` (recorded dtypes)."""
 
     def __init__(self, rec: _Recorder, device: torch.device, seed: int, names: dict[int, str]):
-        self.rec, self.device, self.seed, self.names = rec, device, seed, names
+        self.rec, self.device, self.seed = rec, device, seed
+        self.names = dict(names)
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._owners: list[str] = []  # names of the tensors being computed, innermost last
+        self._derived: dict[str, int] = {}
+
+    def _name(self, sk: int) -> str:
+        """The name that keys ``sk``'s random ops. A tensor the model never names
+        (``torch.randn(d)`` in ``nn.Parameter(torch.randn(d) * 0.02)``) is named
+        after the tensor whose value first needed it and its rank among those:
+        stable from run to run, unlike its storage's identity."""
+        name = self.names.get(sk)
+        if name is None:
+            owner = self._owners[-1] if self._owners else ""
+            k = self._derived.get(owner, 0)
+            self._derived[owner] = k + 1
+            name = self.names[sk] = f"{owner}<{k}>"
+        return name
+
+    @contextlib.contextmanager
+    def _computing(self, sk: int):
+        self._owners.append(self._name(sk))
+        try:
+            yield
+        finally:
+            self._owners.pop()
 
     def _gen_key(self, sk: int, tag: str) -> int:
-        return key_for_name(self.seed, f"{self.names.get(sk, f'~{sk}')}#{tag}")
+        return key_for_name(self.seed, f"{self._name(sk)}#{tag}")
 
     def value(self, t: torch.Tensor, seq: int) -> torch.Tensor:
         """Real value of meta tensor ``t`` as it was just before recorded step ``seq``."""
@@ -564,16 +591,19 @@ class _Evaluator:
         return base
 
     def creation_value(self, sk: int, node: _Node | None, ctensor: torch.Tensor) -> torch.Tensor:
+        with self._computing(sk):
+            return self._creation_value(sk, node, ctensor)
+
+    def _creation_value(self, sk: int, node: _Node | None, ctensor: torch.Tensor) -> torch.Tensor:
         if node is None:
             return torch.empty(ctensor.shape, dtype=ctensor.dtype, device=self.device)
         args = self.resolve(node.args, node.seq)
         kwargs = self.resolve(node.kwargs, node.seq)
-        if node.func in _FACTORIES:
+        if node.func in _FACTORIES or str(kwargs.get("device")) == "meta":
             kwargs["device"] = self.device
-        if node.func in _RANDOM_FACTORIES:
-            with self._seeded(self._gen_key(sk, "create")):
-                out = node.func(*args, **kwargs)
-        else:
+        # Seeded whatever the op: random ones are not only the factories
+        # (torch.randn_like, torch.normal, torch.bernoulli, x.uniform_ on a temporary...).
+        with self._seeded(self._gen_key(sk, "create")):
             out = node.func(*args, **kwargs)
         flat, _ = tree_flatten(out)
         for x in flat:
@@ -592,6 +622,10 @@ class _Evaluator:
 
     def apply(self, base: torch.Tensor, sk: int, events: list[_Event]) -> None:
         """Replay ``events`` (all on storage ``sk``) on the real ``base``."""
+        with self._computing(sk):
+            self._apply(base, sk, events)
+
+    def _apply(self, base: torch.Tensor, sk: int, events: list[_Event]) -> None:
         all_events = self.rec.events.get(sk, [])
         with torch.no_grad():
             for ev in events:

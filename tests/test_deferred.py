@@ -416,3 +416,40 @@ def test_recording_raises_what_the_eager_constructor_raises(init):
     with pytest.raises(type(eager.value)) as deferred:
         fastinit.deferred_init(M)
     assert str(deferred.value) == str(eager.value)
+
+
+class _RandomOps(nn.Module):
+    """Random values made by plain torch ops, not init calls: factories on
+    temporaries, *_like, torch.normal's two forms, bernoulli, in-place on a temporary."""
+
+    def __init__(self, extra: bool = False):
+        super().__init__()
+        if extra:
+            self.first = nn.Parameter(torch.randn(7))
+        self.pos = nn.Parameter(torch.randn(1, 64, 32) * 0.02)
+        self.like = nn.Parameter(torch.randn_like(torch.zeros(32, 16)) * 0.5)
+        self.sized = nn.Parameter(torch.normal(0.0, 2.0, size=(4000,)))
+        self.follows = nn.Parameter(torch.normal(torch.zeros(3000), 3.0))
+        self.temp = nn.Parameter(torch.empty(3000).uniform_(-1.0, 1.0) * 3)
+        self.register_buffer("mask", torch.bernoulli(torch.full((4000,), 0.3)))
+
+
+def test_random_torch_ops_are_keyed_by_seed_and_name_too():
+    def build(seed, extra=False):
+        m = fastinit.deferred_init(_RandomOps, extra)
+        assert all(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+        fastinit.materialize(m, seed=seed)
+        return dict(list(m.named_parameters()) + list(m.named_buffers()))
+
+    a, b, c, d = build(1), build(1), build(2), build(1, extra=True)
+    for n, t in a.items():
+        assert torch.equal(t, b[n]), f"{n}: same seed, different values"
+        assert not torch.equal(t, c[n]), f"{n}: different seeds, same values"
+        assert torch.equal(t, d[n]), f"{n}: another parameter changed its values"
+    check = [("pos", 0.0, 0.02), ("like", 0.0, 0.5), ("sized", 0.0, 2.0), ("follows", 0.0, 3.0)]
+    for n, mean, std in check:
+        x = a[n].detach().flatten().double()
+        assert abs(x.mean().item() - mean) < 5 * std / x.numel() ** 0.5, n
+        assert abs(x.std().item() / std - 1) < 5 * (2.0 / x.numel()) ** 0.5, n
+    assert a["temp"].min() >= -3.0 and a["temp"].max() < 3.0 and a["temp"].std() > 1.6
+    assert abs(a["mask"].mean().item() - 0.3) < 5 * (0.21 / 4000) ** 0.5
