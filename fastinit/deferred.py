@@ -332,6 +332,7 @@ def _torch_init_hooks():
             torch.nn.init.__dict__["_fastinit_init_hook"] = _init_hook
             for name, f in _TORCH_INIT_FUNCS.items():
                 f.__code__ = _TRAMPOLINES[name]
+            torch.Tensor.__new__ = staticmethod(_legacy_tensor_new)
         _hook_depth += 1
     try:
         yield
@@ -341,6 +342,25 @@ def _torch_init_hooks():
             if _hook_depth == 0:
                 for name, f in _TORCH_INIT_FUNCS.items():
                     f.__code__ = _ORIGINAL_FUNCS[name].__code__
+                del torch.Tensor.__new__  # back to torch._C.TensorBase's
+
+
+def _legacy_tensor_new(*args, **kwargs):
+    """``torch.Tensor(64, 32)`` (uninitialized memory of a size, as older modules
+    write ``nn.Parameter(torch.Tensor(out, in))``) becomes ``torch.empty`` on
+    meta while recording, so that the init that follows is recorded too instead
+    of running on real memory. Any other use is torch's own constructor.
+
+    The signature is ``(*args, **kwargs)`` on purpose: torch._dynamo, when first
+    imported during a recording (meta ops can import it), checks the signature
+    of ``torch.Tensor.__new__`` against its polyfill and accepts only an exact
+    match or this wildcard."""
+    cls, args = args[0], args[1:]
+    if cls is torch.Tensor and not kwargs and args and _active.get() is not None:
+        sizes = args[0] if len(args) == 1 and isinstance(args[0], torch.Size) else args
+        if all(isinstance(a, int) and not isinstance(a, bool) for a in sizes):
+            return torch.empty(*sizes, device="meta")
+    return torch._C.TensorBase.__new__(cls, *args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -354,6 +354,33 @@ def test_hooks_are_removed_after_recording_even_on_error():
     assert torch.nn.init.trunc_normal_.__code__ is code
     w = torch.nn.init.trunc_normal_(torch.empty(1000), std=0.5, a=-1.0, b=1.0)
     assert w.abs().max() <= 1.0 and w.std() > 0.3
+    assert "__new__" not in torch.Tensor.__dict__  # the legacy constructor is torch's again
+    assert torch.Tensor(2, 3).device.type == "cpu"
+
+
+class _LegacyLayer(nn.Module):
+    """Older modules allocate with the legacy constructor, then reset_parameters."""
+
+    def __init__(self, n_in=300, n_out=200):
+        super().__init__()
+        self.weight = nn.Parameter(torch.Tensor(n_out, n_in))
+        self.bias = nn.Parameter(torch.Tensor(torch.Size([n_out])))
+        self.register_buffer("table", torch.Tensor([1.0, 2.0, 3.0]))  # data, not a size
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.bias)
+
+
+def test_legacy_tensor_constructor_is_deferred_and_keyed():
+    m = fastinit.deferred_init(_LegacyLayer)
+    assert m.weight.is_meta and m.bias.is_meta  # nothing ran on real memory
+    rep = fastinit.materialize(m, seed=4)
+    assert "Uniform" in rep.entries["weight"]
+    again = fastinit.deferred_init(_LegacyLayer)
+    fastinit.materialize(again, seed=4)
+    assert torch.equal(m.weight, again.weight)
+    assert torch.equal(m.bias, torch.zeros(200)) and torch.equal(m.table, torch.tensor([1.0, 2.0, 3.0]))
+    bound = 1 / math.sqrt(300)
+    assert m.weight.abs().max() < bound and abs(m.weight.std().item() / (bound / math.sqrt(3)) - 1) < 0.02
 
 
 def test_torch_inits_that_skip_meta_tensors_are_recorded():
