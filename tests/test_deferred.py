@@ -480,3 +480,27 @@ def test_random_torch_ops_are_keyed_by_seed_and_name_too():
         assert abs(x.std().item() / std - 1) < 5 * (2.0 / x.numel()) ** 0.5, n
     assert a["temp"].min() >= -3.0 and a["temp"].max() < 3.0 and a["temp"].std() > 1.6
     assert abs(a["mask"].mean().item() - 0.3) < 5 * (0.21 / 4000) ** 0.5
+
+
+def test_recording_survives_torch_dynamo_being_imported_during_it():
+    # A fresh process: a meta division imports torch._dynamo mid-recording, whose
+    # polyfills check torch.Tensor.__new__ (hooked while recording) on import.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, torch.nn as nn, fastinit\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "def build():\n"
+        "    m = nn.Linear(4, 4)\n"
+        "    m.register_buffer('f', 1.0 / (1e4 ** (torch.arange(0, 8, 2).float() / 8)))\n"
+        "    m.extra = nn.Parameter(torch.Tensor(3, 3))\n"
+        "    nn.init.ones_(m.extra)\n"
+        "    return m\n"
+        "m = fastinit.deferred_init(build)\n"
+        "fastinit.materialize(m, seed=0)\n"
+        "assert 'torch._dynamo' in sys.modules and torch.equal(m.extra, torch.ones(3, 3))\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
