@@ -400,9 +400,23 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
         module = fn(*args, **kwargs)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"deferred_init: {getattr(fn, '__name__', fn)!r} returned {type(module).__name__}, not an nn.Module")
+    _reject_lazy(module, "fastinit.deferred_init")
     _convert_real_tensors(module, rec)
     _attach(module, rec)
     return module
+
+
+def _reject_lazy(module: torch.nn.Module, where: str) -> None:
+    """Lazy modules (``nn.LazyLinear``...) have no shapes until their first forward."""
+    lazy = [n for n, t in itertools.chain(module.named_parameters(remove_duplicate=False),
+                                          module.named_buffers(remove_duplicate=False))
+            if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"{where}: {', '.join(lazy)} belong to lazy modules and have no shape yet; run one "
+            "forward pass on a dummy batch first (torch's Lazy* modules infer their shapes from "
+            "it), or use the non-lazy modules"
+        )
 
 
 def is_deferred(module: torch.nn.Module) -> bool:
@@ -796,6 +810,7 @@ def materialize(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if seed is None:
         seed = draw_seed()
+    _reject_lazy(module, "fastinit.materialize")
     rec, by_name = getattr(module, _RECORD_ATTR, (None, {}))
     named = [(n, t) for n, t in _named_tensors(module) if t.is_meta]
     # A model not built by deferred_init runs its init (default: reset_parameters)

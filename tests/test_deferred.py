@@ -504,3 +504,13 @@ def test_recording_survives_torch_dynamo_being_imported_during_it():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_lazy_modules_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"1\.weight, 1\.bias belong to lazy modules.*forward pass"):
+        fastinit.deferred_init(lambda: nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(8)))
+    with torch.device("meta"):
+        m = nn.Sequential(nn.LazyLinear(8))
+    with pytest.raises(ValueError, match="lazy modules"):
+        fastinit.materialize(m, seed=0)
+    assert torch.nn.parameter.is_lazy(m[0].weight)  # left as it was
