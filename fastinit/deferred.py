@@ -470,6 +470,7 @@ class _Plan:
     replay: list[_Event]  # events to replay after the start point
     creation: _Node | None = None
     start_event: _Event | None = None
+    tag: str = ""  # names the fused fill's key: (seed, f"{name}#{tag}")
     key: int = 0
 
     def describe(self) -> str:
@@ -526,30 +527,42 @@ def _creation_spec(node: _Node | None) -> InitSpec | None | str:
     return None
 
 
-def _plan_one(rec: _Recorder, name: str, aliases: list[str], meta: torch.Tensor) -> _Plan:
-    sk = _skey(meta)
-    events = rec.events.get(sk, [])
-    node = rec.created.get(sk, (None, None))[0]
-    # The last whole overwrite wins: everything before it is dead.
+def _start_of(events: list[_Event], node: _Node | None, floating: bool):
+    """Where a tensor's value starts, given its events so far: ``(start, spec, tag,
+    w, rest)``. The last whole overwrite wins (everything before it is dead);
+    a fill (or a factory with a spec) becomes ``spec``, with the whole-tensor
+    scalar edits right after it folded in, keyed by ``tag`` (the event's index,
+    or "create"). The plan of a tensor and any read of its value by another
+    tensor's replay start the same way, so both see the same values."""
     w = None
     for i in range(len(events) - 1, -1, -1):
         if events[i].whole and events[i].overwrites:
             w = i
             break
-    floating = meta.dtype.is_floating_point
     if w is None:
         cs = _creation_spec(node)
         if cs == "empty":
-            return _Plan(name, aliases, meta, sk, None, "none", list(events))
+            return "none", None, None, None, list(events)
         if cs is not None and floating:
             spec, rest = _fold(cs, events)
-            return _Plan(name, aliases, meta, sk, spec, "fill", rest, creation=node)
-        return _Plan(name, aliases, meta, sk, None, "creation", list(events), creation=node)
-    start, rest = events[w], events[w + 1:]
-    if start.kind == "fill" and floating:
-        spec, rest = _fold(start.spec, rest)
-        return _Plan(name, aliases, meta, sk, spec, "fill", rest)
-    return _Plan(name, aliases, meta, sk, None, "event", list(rest), start_event=start)
+            return "fill", spec, "create", None, rest
+        return "creation", None, None, None, list(events)
+    if events[w].kind == "fill" and floating:
+        spec, rest = _fold(events[w].spec, events[w + 1:])
+        return "fill", spec, str(w), w, rest
+    return "event", None, None, w, list(events[w + 1:])
+
+
+def _plan_one(rec: _Recorder, name: str, aliases: list[str], meta: torch.Tensor) -> _Plan:
+    sk = _skey(meta)
+    events = rec.events.get(sk, [])
+    node = rec.created.get(sk, (None, None))[0]
+    start, spec, tag, w, rest = _start_of(events, node, meta.dtype.is_floating_point)
+    if start == "fill":
+        return _Plan(name, aliases, meta, sk, spec, "fill", rest, creation=node, tag=tag)
+    if start == "event":
+        return _Plan(name, aliases, meta, sk, None, "event", rest, start_event=events[w])
+    return _Plan(name, aliases, meta, sk, None, start, rest, creation=node)
 
 
 def _fold(spec: InitSpec, events: list[_Event]) -> tuple[InitSpec, list[_Event]]:
@@ -613,14 +626,16 @@ class _Evaluator:
         if ck in self.cache:
             return self.cache[ck]
         node, ctensor = self.rec.created[sk]
-        w = max((i for i, e in enumerate(events) if e.whole and e.overwrites), default=None)
-        if w is None:
+        start, spec, tag, w, rest = _start_of(events, node, ctensor.dtype.is_floating_point)
+        if start == "creation":
             base = self.creation_value(sk, node, ctensor)
-            todo = events
         else:
             base = torch.empty(ctensor.shape, dtype=ctensor.dtype, device=self.device)
-            todo = events[w:]
-        self.apply(base, sk, todo)
+        if start == "fill":  # as the tensor's own plan fills it: same spec, same key
+            engines.fill([Target(base, spec, self._gen_key(sk, tag))])
+        elif start == "event":
+            rest = [events[w], *rest]
+        self.apply(base, sk, rest)
         self.cache[ck] = base
         return base
 
@@ -835,7 +850,7 @@ def materialize(
         rec_t = _recorded_tensor(rec, sk, t)
         names_of_storage.setdefault(sk, names[0])
         plan = _plan_one(rec, names[0], names, rec_t)
-        plan.key = key_for_name(seed, plan.name)
+        plan.key = key_for_name(seed, f"{plan.name}#{plan.tag}")
         plans.append(plan)
     missing = [a for p in plans if p.start == "none" for a in p.aliases]
     if missing and strict:

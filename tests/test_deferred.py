@@ -544,3 +544,35 @@ def test_lazy_modules_get_a_clear_error():
     with pytest.raises(ValueError, match="lazy modules"):
         fastinit.materialize(m, seed=0)
     assert torch.nn.parameter.is_lazy(m[0].weight)  # left as it was
+
+
+class _Derived(nn.Module):
+    """Tensors made from other tensors' values in the constructor: a MoCo/EMA key
+    encoder copied from the query encoder, a parameter scaled from a random
+    factory, a copy of a weight after an edit that folds into its fill."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+        self.k = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+        for pq, pk in zip(self.q.parameters(), self.k.parameters()):
+            pk.data.copy_(pq.data)
+            pk.requires_grad = False
+        self.a = nn.Parameter(torch.randn(8, 8))
+        self.b = nn.Parameter(self.a.detach() * 2)
+        self.lin = nn.Linear(8, 8)
+        self.lin.weight.data.mul_(0.5)
+        self.snapshot = nn.Parameter(self.lin.weight.detach().clone())
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_tensors_read_from_other_tensors_see_their_final_values(dtype):
+    # As in eager construction: a value read by another tensor's replay starts the
+    # way that tensor's own plan does (same spec, same key, same folded edits).
+    m = fastinit.deferred_init(_Derived)
+    fastinit.materialize(m, seed=0, dtype=dtype)
+    for pq, pk in zip(m.q.parameters(), m.k.parameters()):
+        assert torch.equal(pq, pk) and not pk.requires_grad
+    assert torch.equal(m.b, (m.a.float() * 2).to(m.b.dtype))
+    assert torch.equal(m.snapshot, m.lin.weight)
+    assert m.a.float().std() > 0.8  # still a random draw
