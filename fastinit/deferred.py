@@ -12,7 +12,9 @@
   scalar ``mul_``/``add_`` after a random fill fold into its spec; every
   fusable spec goes to the engine in one batch; everything else (QR, copies,
   buffer arithmetic, partial edits) replays in recorded order on the real tensor.
-* **Execute.** Values are keyed by ``(seed, fully-qualified name)``. Nothing in
+* **Execute.** Values are keyed by ``(seed, fully-qualified name)`` (and which of
+  the tensor's recorded fills it is); a tensor the replay of another reads (a
+  copy made in a constructor) starts exactly as its own plan does. Nothing in
   the module changes until every tensor is computed: a failure leaves it as it
   was.
 

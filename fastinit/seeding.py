@@ -3,8 +3,9 @@
 * Drop-in calls draw their key from ``generator=`` or torch's default CPU
   generator (:func:`draw_key`), so ``torch.manual_seed`` governs them and two
   calls never share a stream.
-* Materialization derives the key from ``(seed, fully-qualified name)``
-  (:func:`key_for_name`), so a parameter's values depend neither on the order of
+* Materialization derives the key from ``(seed, fully-qualified name)`` and the
+  index of the tensor's fill among its recorded events (:func:`key_for_name` of
+  ``"name#index"``), so a parameter's values depend neither on the order of
   init, nor on other parameters, devices or sharding.
 """
 
