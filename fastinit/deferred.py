@@ -89,6 +89,13 @@ def _skey(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _snapshot(obj):
+    """``obj`` with each meta tensor replaced by a detached alias: the same storage
+    and geometry, but an object that ``param.data = other`` (``Module.half()``
+    inside a constructor) cannot repoint later."""
+    return tree_map(lambda x: x.detach() if _is_meta(x) else x, obj)
+
+
 def _storage_numel(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes() // t.element_size()
 
@@ -179,7 +186,8 @@ class _Recorder(TorchFunctionMode):
         self.add_event(t, "fill", overwrites=True, spec=spec)
 
     def op_event(self, t: torch.Tensor, func, args, kwargs, overwrites: bool, label: str) -> None:
-        self.add_event(t, "op", overwrites=overwrites, func=func, args=args, kwargs=kwargs, label=label)
+        self.add_event(t, "op", overwrites=overwrites, func=func, args=_snapshot(args),
+                       kwargs=_snapshot(kwargs), label=label)
 
     # ----------------------------------------------------------- interception
 
@@ -229,7 +237,7 @@ class _Recorder(TorchFunctionMode):
         flat, _ = tree_flatten(out)
         metas = [x for x in flat if _is_meta(x)]
         if metas:
-            node = _Node(self.next_seq(), func, args, kwargs)
+            node = _Node(self.next_seq(), func, _snapshot(args), _snapshot(kwargs))
             for x in metas:
                 self._note_created(x, node)
         return out

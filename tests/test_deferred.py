@@ -96,6 +96,8 @@ TORCH_MODELS = {
     "mha": lambda: nn.MultiheadAttention(32, 4),
     "convstack": ConvStack,
     "factory": FactoryInit,
+    # Module.half() in a constructor repoints each parameter (param.data = ...)
+    "halved": lambda: nn.Sequential(nn.Linear(64, 48), nn.LayerNorm(48)).half(),
 }
 HF_MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "vit": _vit, "t5": _t5, "whisper": _whisper,
              "mamba": _mamba}
