@@ -407,7 +407,16 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
     """
     rec = _Recorder()
     with _recording(rec):
-        module = fn(*args, **kwargs)
+        try:
+            module = fn(*args, **kwargs)
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+            raise type(e)(
+                f"fastinit.deferred_init: {getattr(fn, '__name__', fn)!s} reads tensor values while it "
+                f"is built, which meta tensors do not have ({e}). Build this model eagerly, or "
+                "apply the step that reads values (a parametrization, say) after materialize()"
+            ) from e
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"deferred_init: {getattr(fn, '__name__', fn)!r} returned {type(module).__name__}, not an nn.Module")
     _reject_lazy(module, "fastinit.deferred_init")

@@ -578,3 +578,11 @@ def test_tensors_read_from_other_tensors_see_their_final_values(dtype):
     assert torch.equal(m.b, (m.a.float() * 2).to(m.b.dtype))
     assert torch.equal(m.snapshot, m.lin.weight)
     assert m.a.float().std() > 0.8  # still a random draw
+
+
+def test_constructors_that_read_values_get_a_clear_error():
+    # torch's orthogonal parametrization calls .item() while the module is built.
+    with pytest.raises(RuntimeError, match=r"reads tensor values while it is built.*item\(\)"):
+        fastinit.deferred_init(lambda: nn.utils.parametrizations.orthogonal(nn.Linear(8, 8)))
+    # ... and the hooks it installed are gone
+    assert "__new__" not in torch.Tensor.__dict__
