@@ -364,7 +364,9 @@ def _legacy_tensor_new(*args, **kwargs):
     The signature is ``(*args, **kwargs)`` on purpose: torch._dynamo, when first
     imported during a recording (meta ops can import it), checks the signature
     of ``torch.Tensor.__new__`` against its polyfill and accepts only an exact
-    match or this wildcard."""
+    match or this wildcard. Dynamo then keeps this function, not the builtin, in
+    its polyfill registry: compiled code that constructs Tensor subclasses may
+    graph-break in such a process; nothing else depends on it."""
     cls, args = args[0], args[1:]
     if cls is torch.Tensor and not kwargs and args and _active.get() is not None:
         sizes = args[0] if len(args) == 1 and isinstance(args[0], torch.Size) else args
