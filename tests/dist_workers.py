@@ -32,6 +32,9 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(d, ffn) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
         self.register_buffer("freq", 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+        # A random op outside init calls, and a tensor computed from another's value.
+        self.pos = nn.Parameter(torch.randn(5, d) * 0.02)
+        self.q_twice = nn.Parameter(self.blocks[0].q.weight.detach() * 2)
 
 
 def _setup(rank, world, port):
