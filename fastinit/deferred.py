@@ -414,11 +414,14 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
         except (RuntimeError, NotImplementedError) as e:
             if "meta" not in str(e):
                 raise
-            raise type(e)(
-                f"fastinit.deferred_init: {getattr(fn, '__name__', fn)!s} reads tensor values while it "
-                f"is built, which meta tensors do not have ({e}). Build this model eagerly, or "
-                "apply the step that reads values (a parametrization, say) after materialize()"
-            ) from e
+            try:
+                clear = type(e)(
+                    f"fastinit.deferred_init: {getattr(fn, '__name__', fn)!s} reads tensor values while "
+                    f"it is built, which meta tensors do not have ({e}). Build this model eagerly, or "
+                    "apply the step that reads values (a parametrization, say) after materialize()")
+            except Exception:  # an exception type that takes other arguments: keep torch's
+                raise e from None
+            raise clear from e
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"deferred_init: {getattr(fn, '__name__', fn)!r} returned {type(module).__name__}, not an nn.Module")
     _reject_lazy(module, "fastinit.deferred_init")
