@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import math
 import numbers
 import sys
 import threading
@@ -896,22 +897,42 @@ def materialize(
 
     # Allocate everything (nothing is assigned to the module yet).
     objs = list(objects.values())
-    reals: list[torch.Tensor] = []
+    shared = _shared_storages(rec, objs, plans)
+    in_shared = {i for ix in shared.values() for i in ix}
+    reals: list[torch.Tensor | None] = []
     total = 0
-    for (t, _names), plan in zip(objs, plans):
+    for i, ((t, _names), plan) in enumerate(zip(objs, plans)):
+        if i in in_shared:
+            reals.append(None)
+            continue
         real = dist_mod.allocate_like(t, device, target_dtype(t))
         reals.append(real)
         total += dist_mod.local_tensor(real).numel() * dist_mod.local_tensor(real).element_size()
+    bases = {}
+    for sk, ix in shared.items():  # one real storage, each tensor the same view of it as on meta
+        first = objs[ix[0]][0]
+        bases[sk] = torch.empty(_storage_numel(first), dtype=target_dtype(first), device=device)
+        total += bases[sk].numel() * bases[sk].element_size()
+        for i in ix:
+            t = objs[i][0]
+            reals[i] = bases[sk].as_strided(t.shape, t.stride(), t.storage_offset())
 
     ev = _Evaluator(rec, device, seed, names_of_storage)
     targets = []
-    for (t, _names), plan, real in zip(objs, plans, reals):
-        if plan.spec is not None:
+    for i, ((t, _names), plan, real) in enumerate(zip(objs, plans, reals)):
+        if plan.spec is not None and i not in in_shared:
             targets.extend(dist_mod.targets_for(real, t, plan.spec, plan.key))
     report_bytes = _progress_printer(total, progress) or (lambda nbytes: None)
     engines.fill(targets, progress=report_bytes)
+    with torch.no_grad():
+        for sk, base in bases.items():  # the storage's value, computed whole, cast once
+            base.copy_(ev.storage_value(sk, math.inf).reshape(-1))
+            report_bytes(base.numel() * base.element_size())
     replayed = 0
-    for (t, _names), plan, real in zip(objs, plans, reals):
+    for i, ((t, _names), plan, real) in enumerate(zip(objs, plans, reals)):
+        if i in in_shared:
+            replayed += 1
+            continue
         if plan.replay or (plan.spec is None and plan.start != "none"):
             replayed += 1
             if (dist_mod.is_dtensor(real) and plan.spec is not None and _engine_dtype(plan)
@@ -927,8 +948,30 @@ def materialize(
     if hasattr(module, _RECORD_ATTR):
         object.__delattr__(module, _RECORD_ATTR)
     entries = {a: p.describe() for p in plans for a in p.aliases}
-    return MaterializeReport(seed, device, entries, sum(p.spec is not None for p in plans), replayed,
-                             total, time.perf_counter() - t0)
+    for ix in shared.values():
+        group = [a for i in ix for a in objs[i][1]]
+        for a in group:
+            entries[a] = f"view of a storage shared with {', '.join(x for x in group if x != a)}: {entries[a]}"
+    fused = sum(p.spec is not None for i, p in enumerate(plans) if i not in in_shared)
+    return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0)
+
+
+def _shared_storages(rec: _Recorder, objs, plans) -> dict[int, list[int]]:
+    """Storages that several objects are views of (``nn.Parameter(base[:10])``,
+    ``nn.Parameter(base[10:])``): storage key -> indices into ``objs``. Only where
+    the recorded storage is known whole, on one device, in one dtype (not DTensors)."""
+    groups: dict[int, list[int]] = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault(plan.sk, []).append(i)
+    out = {}
+    for sk, ix in groups.items():
+        ts = [objs[i][0] for i in ix]
+        created = rec.created.get(sk)
+        if (len(ix) > 1 and created is not None and not any(dist_mod.is_dtensor(t) for t in ts)
+                and len({t.dtype for t in ts}) == 1 and created[1].dtype == ts[0].dtype
+                and created[1].numel() == _storage_numel(ts[0])):
+            out[sk] = ix
+    return out
 
 
 def _engine_dtype(plan: _Plan) -> bool:

@@ -587,3 +587,38 @@ def test_constructors_that_read_values_get_a_clear_error():
         fastinit.deferred_init(lambda: nn.utils.parametrizations.orthogonal(nn.Linear(8, 8)))
     # ... and the hooks it installed are gone
     assert "__new__" not in torch.Tensor.__dict__
+
+
+class _Views(nn.Module):
+    """Parameters and a buffer that are views of one storage, as in eager torch."""
+
+    def __init__(self):
+        super().__init__()
+        base = torch.empty(40, 16)
+        nn.init.normal_(base, std=0.5)
+        base[:, 0] = 1.0  # an edit of a view of the storage
+        self.a = nn.Parameter(base[:10])
+        self.b = nn.Parameter(base[10:])
+        self.register_buffer("whole", base)
+        self.lin = nn.Linear(16, 4)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_views_of_one_storage_stay_views_with_consistent_values(dtype):
+    eager = _Views()
+    assert eager.a.untyped_storage().data_ptr() == eager.whole.untyped_storage().data_ptr()
+    m = fastinit.deferred_init(_Views)
+    rep = fastinit.materialize(m, seed=3, dtype=dtype)
+    ptr = m.whole.untyped_storage().data_ptr()
+    assert m.a.untyped_storage().data_ptr() == ptr == m.b.untyped_storage().data_ptr()
+    assert torch.equal(m.whole[:10], m.a) and torch.equal(m.whole[10:], m.b)
+    assert (m.whole[:, 0] == 1).all() and isinstance(m.a, nn.Parameter) and m.a.requires_grad
+    assert m.whole.dtype == (dtype or torch.float32)
+    assert abs(m.whole[:, 1:].float().std().item() / 0.5 - 1) < 0.1
+    assert "shared with" in rep.entries["a"] and "Uniform" in rep.entries["lin.weight"]
+    again = fastinit.deferred_init(_Views)
+    fastinit.materialize(again, seed=3, dtype=dtype)
+    assert torch.equal(again.whole, m.whole)  # same seed, same storage
+    with torch.no_grad():
+        m.a.add_(1.0)
+    assert torch.equal(m.whole[:10], m.a)  # one storage, as in eager
