@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -806,9 +807,12 @@ def _progress_printer(total: int, enabled: bool | None):
 
 
 def _default_init_fn(module: torch.nn.Module) -> None:
+    """Every submodule's ``reset_parameters`` whose own tensors include meta ones:
+    real tensors (a part already loaded from a checkpoint) keep their values."""
     for m in module.modules():
         reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
+        own = itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False))
+        if callable(reset) and any(t.is_meta for t in own):
             reset()
 
 
@@ -853,6 +857,10 @@ def materialize(
     _reject_lazy(module, "fastinit.materialize")
     rec, by_name = getattr(module, _RECORD_ATTR, (None, {}))
     named = [(n, t) for n, t in _named_tensors(module) if t.is_meta]
+    if not named:  # already real (materialized, loaded, built eagerly): touch nothing
+        warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
+                      "(its init, default or init_fn, was not run)", stacklevel=2)
+        return MaterializeReport(seed, device, {}, 0, 0, 0, time.perf_counter() - t0)
     # A model not built by deferred_init runs its init (default: reset_parameters)
     # under the recorder; a deferred one runs only the init_fn it is given.
     run = init_fn if init_fn is not None else (_default_init_fn if rec is None else None)

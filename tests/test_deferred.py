@@ -622,3 +622,20 @@ def test_views_of_one_storage_stay_views_with_consistent_values(dtype):
     with torch.no_grad():
         m.a.add_(1.0)
     assert torch.equal(m.whole[:10], m.a)  # one storage, as in eager
+
+
+def test_real_tensors_are_never_reinitialized():
+    # A model with nothing deferred: materialize does nothing (and says so).
+    m = nn.Linear(4, 4)
+    w = m.weight.detach().clone()
+    with pytest.warns(UserWarning, match="no meta tensors"):
+        rep = fastinit.materialize(m, seed=0)
+    assert torch.equal(m.weight, w) and rep.entries == {}
+    # A meta model with one part already real (loaded): the default init leaves it alone.
+    with torch.device("meta"):
+        part = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    part[0] = nn.Linear(4, 4)
+    w = part[0].weight.detach().clone()
+    rep = fastinit.materialize(part, seed=0)
+    assert torch.equal(part[0].weight, w) and set(rep.entries) == {"1.weight", "1.bias"}
+    assert not part[1].weight.is_meta
