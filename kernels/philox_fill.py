@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from fastinit.specs import N_PARAMS
 
@@ -106,27 +107,19 @@ def _erfinv(t):
     return tl.where(w < 16.0, tl.where(w < 5.0, p, q) * v, tail)
 
 
-if _INTERPRET:
-    @triton.jit
-    def _sin(x):
-        return tl.sin(x)
+# The GPU's sin.approx / cos.approx (as cuRAND's Box-Muller, __sincosf): on
+# [0, 2pi) within about 1e-6 of the correctly rounded value, and no range
+# reduction; libdevice's sinf/cosf would make normal fills compute-bound. The
+# interpreter has no libdevice: exact sin/cos there.
+_FAST_TRIG = tl.constexpr(not _INTERPRET)
 
-    @triton.jit
-    def _cos(x):
-        return tl.cos(x)
-else:
-    # The GPU's sin.approx / cos.approx (as cuRAND's Box-Muller, __sincosf): on
-    # [0, 2pi) within about 1e-6 of the correctly rounded value, and no range
-    # reduction. libdevice's sinf/cosf would make normal fills compute-bound.
-    from triton.language.extra.cuda import libdevice as _libdevice
 
-    @triton.jit
-    def _sin(x):
-        return _libdevice.fast_sinf(x)
-
-    @triton.jit
-    def _cos(x):
-        return _libdevice.fast_cosf(x)
+@triton.jit
+def _sincos(x):
+    if _FAST_TRIG:
+        return libdevice.fast_sinf(x), libdevice.fast_cosf(x)
+    else:
+        return tl.sin(x), tl.cos(x)
 
 
 @triton.jit
@@ -234,10 +227,12 @@ def _fill_kernel(
         ta = _unit(w1) * 6.2831854820251465
         rb = tl.sqrt(-2.0 * tl.log(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
         tb = _unit(w3) * 6.2831854820251465
-        v0 = p0 + p1 * (ra * _cos(ta))
-        v1 = p0 + p1 * (ra * _sin(ta))
-        v2 = p0 + p1 * (rb * _cos(tb))
-        v3 = p0 + p1 * (rb * _sin(tb))
+        sa, ca = _sincos(ta)
+        sb, cb = _sincos(tb)
+        v0 = p0 + p1 * (ra * ca)
+        v1 = p0 + p1 * (ra * sa)
+        v2 = p0 + p1 * (rb * cb)
+        v3 = p0 + p1 * (rb * sb)
     elif kind == 3:  # truncated normal by inverse CDF
         v0 = _trunc(w0, p0, p1, p2, p3, p4, p5)
         v1 = _trunc(w1, p0, p1, p2, p3, p4, p5)
@@ -292,17 +287,17 @@ def fill_batch(tensors, layouts, kinds, keys, params) -> None:
     # Targets are addressed in elements from one base tensor; a tensor whose
     # address is not a whole number of elements away (never seen from torch's
     # allocators, but possible) goes in its own launch.
-    if len(tensors) == 1:  # a drop-in call: nothing to group
-        grid, args, kwargs = launch_args(tensors, layouts, kinds, keys, params)
-        _fill_kernel[grid](*args, **kwargs)
-        return
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.data_ptr() % t.element_size(), []).append(i)
-    for idx in groups.values():
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        p = [params[i * N_PARAMS + j] for i in idx for j in range(N_PARAMS)]
-        grid, args, kwargs = launch_args(pick(tensors), pick(layouts), pick(kinds), pick(keys), p)
+    if len(groups) == 1:  # always, in practice: the batch as it is
+        batches = [(tensors, layouts, kinds, keys, params)]
+    else:
+        batches = [([tensors[i] for i in idx], [layouts[i] for i in idx], [kinds[i] for i in idx],
+                    [keys[i] for i in idx], [params[i * N_PARAMS + j] for i in idx for j in range(N_PARAMS)])
+                   for idx in groups.values()]
+    for batch in batches:
+        grid, args, kwargs = launch_args(*batch)
         _fill_kernel[grid](*args, **kwargs)
 
 
