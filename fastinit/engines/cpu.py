@@ -104,9 +104,13 @@ class _ThreadState:
 
     def buffer(self, dtype, n: int, slot: str = "") -> np.ndarray:
         """``n`` elements (``n <= CHUNK``) of this thread's buffer ``slot`` of numpy ``dtype``."""
-        b = self.buffers.get((dtype, slot))
-        if b is None:
-            b = self.buffers[(dtype, slot)] = np.empty(CHUNK, dtype=dtype)
+        b = self.buffers.get((dtype, slot))  # keyed as called: np.dtype() costs a microsecond
+        if b is None:  # first use of this spelling: one buffer per dtype all the same
+            norm = (np.dtype(dtype), slot)
+            b = self.buffers.get(norm)
+            if b is None:
+                b = self.buffers[norm] = np.empty(CHUNK, dtype=norm[0])
+            self.buffers[(dtype, slot)] = b
         return b[:n]
 
 
