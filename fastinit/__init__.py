@@ -37,7 +37,7 @@ from .init import (
     zeros_,
 )
 from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
-from .deferred import MaterializeReport, batched, deferred_init, is_deferred, materialize
+from .deferred import MaterializeReport, Planned, batched, deferred_init, is_deferred, materialize, planned
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,6 @@ __all__ = [
     "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
     "sparse_", "uniform", "normal", "constant", "eye", "dirac", "xavier_uniform",
     "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "sparse",
-    "deferred_init", "materialize", "batched", "is_deferred", "MaterializeReport",
+    "deferred_init", "materialize", "batched", "planned", "is_deferred", "MaterializeReport", "Planned",
     "use_engine", "engines", "specs", "InitSpec", "Uniform", "Normal", "TruncNormal", "Constant",
 ]

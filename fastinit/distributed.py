@@ -15,6 +15,7 @@ tensors pass through these helpers unchanged.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -23,13 +24,29 @@ from .engines import Layout, Target
 
 
 def is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "placements") and hasattr(t, "device_mesh")
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing
+    torch.distributed where nothing made one yet)."""
+    cls = _DTENSOR_CLS
+    if cls is None:
+        if "torch.distributed.tensor" not in sys.modules or not hasattr(sys.modules["torch.distributed.tensor"], "DTensor"):
+            return False
+        cls = _load_dtensor_cls()
+    return isinstance(t, cls)
+
+
+_DTENSOR_CLS = None
+
+
+def _load_dtensor_cls():
+    global _DTENSOR_CLS
+    from torch.distributed.tensor import DTensor
+
+    _DTENSOR_CLS = DTensor
+    return DTensor
 
 
 def _dt_cls():
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    return _DTENSOR_CLS or _load_dtensor_cls()
 
 
 def shard_box(dt) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -74,7 +91,11 @@ def box_layout(global_shape, offset, local_shape) -> Layout:
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if is_dtensor(t) else t
+    """A DTensor's local shard (an alias: writes land in the DTensor), or ``t``."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def allocate_like(meta: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -92,7 +113,7 @@ def targets_for(real: torch.Tensor, meta: torch.Tensor, spec, key: int) -> list[
     if not is_dtensor(real):
         return [Target(real, spec, key)]
     local_shape, offset = shard_box(real)
-    local = real._local_tensor
+    local = local_tensor(real)
     if local.numel() == 0:
         return []
     return [Target(local, spec, key, box_layout(real.shape, offset, local_shape))]
@@ -104,35 +125,101 @@ def fill_dtensor(dt, spec, key: int) -> None:
         engines.fill(targets_for(dt, dt, spec, key))
 
 
-def replay_into(real: torch.Tensor, compute, plan, meta: torch.Tensor) -> None:
+def replay_into(real: torch.Tensor, compute, spec=None, key: int = 0, name: str = "") -> None:
     """Run ``compute(full_tensor)`` for a tensor whose value needs replayed ops.
 
-    Plain tensors compute in place. DTensors compute the replayed value with
-    DTensor's own ops: the full (replicated) value is built on this rank from the
-    recorded ops, which are the non-fusable, usually small tensors (buffers,
-    QR-initialized matrices), then this rank keeps its shard.
+    Plain tensors compute in place. For a DTensor the full (replicated) value is
+    built on this rank (filled with ``spec`` first, if given) from the recorded
+    ops, which are the non-fusable, usually small tensors (buffers, QR-initialized
+    matrices), then this rank keeps its shard. ``name``: the tensor's, for messages.
     """
     if not is_dtensor(real):
         compute(real)
         return
-    full = torch.empty(real.shape, dtype=real.dtype, device=real._local_tensor.device)
-    if plan.spec is not None:
-        engines.fill([Target(full, plan.spec, plan.key)])
+    full = torch.empty(real.shape, dtype=real.dtype, device=local_tensor(real).device)
+    if spec is not None:
+        engines.fill([Target(full, spec, key)])
     compute(full)
     local_shape, offset = shard_box(real)
     box = full[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
     with torch.no_grad():
-        real._local_tensor.copy_(box)
+        local_tensor(real).copy_(box)
 
 
-def after_assign(module: torch.nn.Module) -> None:
-    """Let FSDP2 re-register (and re-pad) the sharded parameters we assigned."""
-    for m in module.modules():
+def _row_major_strides(shape) -> list[int]:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def view_in_shard(real, geom) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a view ``geom = (size, stride, offset)`` of DTensor ``real``'s global
+    (row-major) storage: ``(inside, pos)``, per element of the view in view order,
+    whether this rank's shard holds it and where in the shard's flat local tensor."""
+    local_shape, offset = shard_box(real)
+    dev = local_tensor(real).device
+    gshape = tuple(real.shape)
+    gstrides = _row_major_strides(gshape)
+    lstrides = _row_major_strides(local_shape)
+    size, stride, off = geom
+    g = torch.full((), off, dtype=torch.int64, device=dev)
+    for k, (n, st) in enumerate(zip(size, stride)):
+        shape = [1] * len(size)
+        shape[k] = n
+        g = g + (torch.arange(n, dtype=torch.int64, device=dev) * st).view(shape)
+    g = g.reshape(-1)  # global storage index of each view element, in view order
+    inside = torch.ones_like(g, dtype=torch.bool)
+    pos = torch.zeros_like(g)
+    for d in range(len(gshape)):
+        coord = (g // gstrides[d]) % gshape[d] - offset[d]
+        inside &= (coord >= 0) & (coord < local_shape[d])
+        pos += coord * lstrides[d]
+    return inside, pos
+
+
+def apply_to_shard(real, edits, rec_dtype: torch.dtype) -> None:
+    """Apply recorded fills and scalar edits of views (``[(event, key)]``) to this
+    rank's shard of DTensor ``real``: each touches only the elements of its view
+    that the shard holds, with the values the unsharded replay gives them (a fill's
+    values are keyed by the view's flat index, so the view's values are drawn at
+    the view's size and the shard keeps its part). Memory: the edited views only."""
+    flat = local_tensor(real).view(-1)
+    with torch.no_grad():
+        for e, key in edits:
+            inside, pos = view_in_shard(real, e.geom)
+            if not bool(inside.any()):
+                continue
+            pos = pos[inside]
+            if e.kind == "fill":
+                buf = torch.empty(e.geom[0], dtype=rec_dtype, device=flat.device)
+                engines.fill([Target(buf, e.spec, key)])
+                vals = buf.reshape(-1)[inside]
+            else:
+                vals = flat[pos].to(rec_dtype) * e.mul + e.add
+            flat[pos] = vals.to(flat.dtype)
+
+
+def after_assign(modules, new_of: dict) -> None:
+    """Let FSDP2 re-register (and re-pad) the sharded parameters we assigned.
+
+    FSDP2 keeps, per module it wraps, a view of each parameter's padded shard;
+    after a parameter object is replaced it must be told (``reset_sharded_param``,
+    what FSDP2's own ``_apply`` calls after ``to_empty``). Only FSDP parameters
+    whose module now holds one of the new tensors are reset. Guarded: on a torch
+    whose FSDP2 lacks these internals this does nothing for modules without them.
+    """
+    new_ids = {id(t) for t in new_of.values()}
+    for m in modules.modules():
         get_state = getattr(m, "_get_fsdp_state", None)
         if get_state is None:
             continue
         state = get_state()
         with torch.no_grad():
-            for group in getattr(state, "_fsdp_param_groups", []) or []:
+            for group in getattr(state, "_fsdp_param_groups", None) or []:
                 for fsdp_param in group.fsdp_params:
-                    fsdp_param.reset_sharded_param()
+                    info = getattr(fsdp_param, "_module_info", None)
+                    current = getattr(info, "module", None)
+                    current = current._parameters.get(info.param_name) if current is not None else None
+                    if current is None or id(current) in new_ids:
+                        fsdp_param.reset_sharded_param()

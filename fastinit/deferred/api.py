@@ -1,0 +1,550 @@
+"""deferred_init, materialize, planned: record → plan → execute, as one transaction."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from .. import distributed as dist_mod
+from .. import engines
+from ..seeding import draw_seed
+from . import intercept
+from .batched import Batch
+from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
+from .plan import Plan, fill_tag, plan_tensor
+from .record import (HANDLE_ATTR, Handle, Recording, attach, covers_storage, detach_handles, geometry,
+                     module_handle, named_tensors, recording_of, storage_key, storage_numel, tensor_handle)
+from .report import MaterializeReport, Planned
+
+
+# ------------------------------------------------------------------ record
+
+
+def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.nn.Module:
+    """Build ``fn(*args, **kwargs)`` with no memory: every parameter and buffer on
+    the meta device, with a record of what initializes each one.
+
+    Example::
+
+        model = fastinit.deferred_init(LlamaForCausalLM, config)   # instant, no memory
+        report = fastinit.materialize(model, device="cuda", seed=0)
+
+    Anything the model's own code does to its tensors while it is built
+    (constructors, ``reset_parameters``, ``post_init``/``_init_weights``,
+    ``apply``) is recorded, on whatever device the code names. Values the code
+    reads while it is built (``[x.item() for x in torch.linspace(0, p, n)]``)
+    are computed on the CPU when they do not depend on random draws. Do further
+    initialization with :func:`fastinit.batched` (``module=model``) or by passing
+    ``init_fn`` to :func:`materialize`. Each tensor and module of the result
+    carries its record and its fully-qualified name, so any submodule can be
+    materialized on its own.
+    """
+    rec = Recording()
+    with intercept.recording(home=rec):
+        try:
+            module = fn(*args, **kwargs)
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e) or str(e).startswith("fastinit"):
+                raise
+            try:
+                clear = type(e)(
+                    f"fastinit.deferred_init: {getattr(fn, '__name__', fn)!s} reads tensor values while "
+                    f"it is built, which meta tensors do not have ({e}). Build this model eagerly, or "
+                    "apply the step that reads values (a parametrization, say) after materialize()")
+            except Exception:  # an exception type that takes other arguments: keep torch's
+                raise e from None
+            raise clear from e
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"deferred_init: {getattr(fn, '__name__', fn)!r} returned {type(module).__name__}, "
+                        "not an nn.Module")
+    _reject_lazy(module, "fastinit.deferred_init")
+    _convert_real_tensors(module, rec)
+    attach(module, rec)
+    return module
+
+
+def _reject_lazy(module: torch.nn.Module, where: str) -> None:
+    """Lazy modules (``nn.LazyLinear``...) have no shapes until their first forward."""
+    lazy = [n for n, t in named_tensors(module) if t is not None and torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"{where}: {', '.join(lazy)} belong to lazy modules and have no shape yet; run one "
+            "forward pass on a dummy batch first (torch's Lazy* modules infer their shapes from "
+            "it), or use the non-lazy modules"
+        )
+
+
+def _convert_real_tensors(module: torch.nn.Module, rec: Recording) -> None:
+    """Small real tensors a constructor made from data (``torch.tensor(...)``) become
+    meta tensors whose recorded value is that data."""
+    for mod in module.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.is_meta:
+                    continue
+                value = t.detach().clone()
+                meta = torch.empty_like(t, device="meta")
+                if isinstance(t, torch.nn.Parameter):
+                    meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+                rec.record(meta)
+                rec.add_event(meta, "op", overwrites=True, func=torch.Tensor.copy_, args=(meta.detach(), value),
+                              label="copy_(data)")
+                store[name] = meta
+
+
+def is_deferred(module: torch.nn.Module) -> bool:
+    """True when ``module`` holds tensors on the meta device."""
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+# ------------------------------------------------------------------ transactions
+
+
+class _Transaction:
+    """Everything a materialize (or a plan preview) adds to records, names and
+    handles, so that a failure, or a preview, leaves them as they were."""
+
+    def __init__(self):
+        self.points: dict[int, tuple[Recording, int]] = {}
+        self.names: list[tuple[Recording, str, int]] = []
+        self.handles: list = []
+        self.batch: Batch | None = None
+
+    def watch(self, rec: Recording) -> None:
+        if id(rec) not in self.points:
+            self.points[id(rec)] = (rec, rec.checkpoint())
+
+    def name(self, rec: Recording, name: str, sk: int, geom: tuple) -> None:
+        if name not in rec.by_name:
+            rec.by_name[name] = sk
+            rec.geoms[name] = geom
+            self.names.append((rec, name, sk))
+        if sk not in rec.names:
+            rec.names[sk] = name
+            self.names.append((rec, None, sk))
+
+    def rollback(self) -> None:
+        self.batch = None
+        detach_handles(self.handles)
+        for rec, name, sk in reversed(self.names):
+            if name is None:
+                rec.names.pop(sk, None)
+            else:
+                rec.by_name.pop(name, None)
+                rec.geoms.pop(name, None)
+        for rec, cp in self.points.values():
+            rec.rollback(cp)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _objects(module: torch.nn.Module):
+    """The meta tensors of ``module``, once per object, with all their names."""
+    objs: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for n, t in named_tensors(module):
+        if t is not None and t.is_meta:
+            objs.setdefault(id(t), (t, []))[1].append(n)
+    return list(objs.values())
+
+
+def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
+    """``(recording, storage record, fully-qualified name, geometry)`` of deferred
+    tensor ``t`` (named ``name`` in ``module``), or None for a tensor nothing records."""
+    h = tensor_handle(t)
+    if h is not None and not dist_mod.is_dtensor(t):
+        r = h.recording.storages.get(storage_key(t))
+        if r is not None:
+            return h.recording, r, h.name, geometry(t)
+    prefix, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(prefix) if prefix else module
+    except AttributeError:
+        owner = None
+    mh = module_handle(owner) if owner is not None else None
+    if mh is not None:
+        rec = mh.recording
+        fqn = _join(mh.name, leaf)
+        sk = rec.by_name.get(fqn)
+        r = rec.storages.get(sk) if sk is not None else None
+        geom = rec.geoms.get(fqn)
+        if r is not None and geom is not None and (
+                (dist_mod.is_dtensor(t) and tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype)
+                or storage_key(dist_mod.local_tensor(t)) == sk):
+            return rec, r, fqn, geom
+    if not dist_mod.is_dtensor(t):
+        found = recording_of(t)
+        if found is not None:
+            rec, r = found
+            return rec, r, rec.names.get(r.sk, name), geometry(t)
+    return None
+
+
+_DEFAULT_INIT_NOTE = (
+    "{where}: {what} was built on the meta device without fastinit.deferred_init, so the "
+    "initialization its constructors did was not recorded; each module's own reset hook "
+    "(reset_parameters, or _reset_parameters as in nn.MultiheadAttention) initializes it instead. "
+    "Build it with fastinit.deferred_init to keep what its code does, or pass init_fn=... to say "
+    "how to initialize it.")
+
+
+def default_init(module: torch.nn.Module, only: set[int] | None = None) -> None:
+    """torch's default init of a model built on the meta device: each module's own
+    reset hook, children before parents (as their constructors ran), for the
+    modules holding tensors in ``only`` (ids; None: every meta tensor)."""
+    for m in _post_order(module):
+        own = itertools.chain(m._parameters.values(), m._buffers.values())
+        if not any(t is not None and t.is_meta and (only is None or id(t) in only) for t in own):
+            continue
+        reset = getattr(m, "reset_parameters", None)
+        if not callable(reset):
+            reset = getattr(m, "_reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def _post_order(module: torch.nn.Module, seen=None):
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for child in module.children():
+        yield from _post_order(child, seen)
+    yield module
+
+
+def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where: str, persist: bool,
+             warn: int = 0):
+    """Resolve every meta tensor of ``module`` to its record: tensors nothing
+    records are adopted (recorded from their default init, or ``init_fn``), then
+    ``init_fn`` is recorded. Returns ``[(tensor, names, recording, record, fqn, geom)]``
+    and the home recording."""
+    resolved, orphans = [], []
+    for t, names in objs:
+        res = _resolve(module, t, names[0])
+        (resolved if res is not None else orphans).append((t, names, res))
+    mh = module_handle(module)
+    home = mh.recording if mh is not None else (resolved[0][2][0] if resolved else None)
+    if home is None:
+        home = Recording()
+        home.root = weakref.ref(module)
+    txn.watch(home)
+    for _, _, res in resolved:
+        txn.watch(res[0])
+    prefix = mh.name if mh is not None else ""
+    if orphans:
+        for t, names, _ in orphans:
+            r = home.record(t)
+            for n in names:
+                txn.name(home, _join(prefix, n), r.sk, geometry(t))
+        if persist:
+            added = attach_orphans(module, home, prefix, orphans)
+            txn.handles.extend(added)
+    run = init_fn
+    if run is None and orphans:
+        if warn:  # the stacklevel that names the user's call
+            warnings.warn(_DEFAULT_INIT_NOTE.format(where=where, what=type(module).__name__), stacklevel=warn + 1)
+        only = {id(t) for t, _, _ in orphans}
+        run = lambda m: default_init(m, only)  # noqa: E731
+    if run is not None:
+        txn.batch = Batch()
+        with intercept.recording(home, txn.batch):
+            run(module)
+    out = [(t, names, *res) for t, names, res in resolved]
+    for t, names, _ in orphans:
+        r = home.storages[storage_key(t)]
+        out.append((t, names, home, r, _join(prefix, names[0]), geometry(t)))
+    return out, home
+
+
+def attach_orphans(module, home: Recording, prefix: str, orphans) -> list:
+    """Handles on adopted tensors and on the modules that had none."""
+    added = []
+    for p, mod in module.named_modules(remove_duplicate=False):
+        if HANDLE_ATTR not in mod.__dict__:
+            object.__setattr__(mod, HANDLE_ATTR, Handle(home, _join(prefix, p)))
+            added.append(mod)
+    for t, names, _ in orphans:
+        try:
+            t.__dict__[HANDLE_ATTR] = Handle(home, _join(prefix, names[0]))
+            added.append(t)
+        except AttributeError:
+            pass
+    return added
+
+
+def adopt(module: torch.nn.Module) -> Recording:
+    """The recording ``module``'s meta tensors are recorded into (``batched(module=...)``).
+    A model built on the meta device without ``deferred_init`` first gets one,
+    holding its default init (each module's reset hook), kept with its tensors."""
+    txn = _Transaction()
+    try:
+        _, home = _prepare(module, _objects(module), None, txn, where="fastinit.batched", persist=True, warn=4)
+    except BaseException:
+        txn.rollback()
+        raise
+    if home.root is None:
+        home.root = weakref.ref(module)
+    return home
+
+
+# ------------------------------------------------------------------ plan
+
+
+def _plans(resolved) -> list[tuple[torch.Tensor, list[str], Recording, Plan, tuple]]:
+    out = []
+    for t, names, rec, r, fqn, geom in resolved:
+        out.append((t, names, rec, plan_tensor(fqn, list(names), r, _find), geom))
+    return out
+
+
+def _find(t: torch.Tensor):
+    found = recording_of(t)
+    return found[1] if found is not None else None
+
+
+def planned(module: torch.nn.Module) -> dict[str, Planned]:
+    """What each meta tensor of ``module`` will get from :func:`materialize`, by name,
+    before anything is allocated (nothing is changed, nothing is drawn).
+
+    Example::
+
+        model = fastinit.deferred_init(GPT2LMHeadModel, config)
+        fastinit.planned(model)["transformer.h.0.attn.c_proj.weight"].spec
+        # Normal(mean=0.0, std=0.0028...)
+    """
+    txn = _Transaction()
+    try:
+        resolved, _ = _prepare(module, _objects(module), None, txn, where="fastinit.planned", persist=False)
+        out = {}
+        for t, names, rec, plan, geom in _plans(resolved):
+            fused = plan.spec is not None and _covers(plan, geom)
+            item = Planned(plan.spec if fused else None, plan.describe(), plan.why_uninitialized)
+            for n in names:
+                out[n] = item
+        return out
+    finally:
+        txn.rollback()
+
+
+def _covers(plan: Plan, geom: tuple) -> bool:
+    r = plan.record
+    size, stride, off = geom
+    n = 1
+    for s in size:
+        n *= s
+    return off == 0 and n == storage_numel(r.tensor) and torch.empty(
+        0, device="meta").as_strided(size, stride).is_contiguous()
+
+
+# ------------------------------------------------------------------ execute
+
+
+def materialize(
+    module: torch.nn.Module,
+    device=None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    *,
+    strict: bool = True,
+    progress: bool | None = None,
+    init_fn: Callable[[torch.nn.Module], Any] | None = None,
+) -> MaterializeReport:
+    """Allocate and initialize every meta tensor of ``module``, in one fused pass.
+
+    Args:
+        module: a model from :func:`deferred_init` or any of its submodules (its
+            tensors are keyed by their names in the whole model, so materializing
+            block by block gives the same values as all at once), or any model
+            with meta tensors (then every module's reset hook is recorded first,
+            with a warning that constructor init was not recorded, unless
+            ``init_fn`` is given).
+        device: where to allocate (default: CUDA if available, else CPU).
+        dtype: cast floating parameters and buffers to this dtype.
+        seed: values are keyed by ``(seed, fully-qualified name)``: the same seed
+            gives the same model whatever the init order, the set of other
+            parameters, the device count or the sharding. ``None`` draws a seed
+            from torch's default generator (once).
+        strict: raise (before allocating anything) if a tensor was never
+            initialized or holds uninitialized memory (``empty``, ``empty_like``,
+            ``new_empty``, the legacy ``torch.Tensor(n, m)``, or values computed
+            from those), naming every such tensor.
+        progress: show bytes done on stderr (default: on a terminal, for big models).
+        init_fn: initialization to record and apply, after what is recorded. Its
+            writes to tensors that are already real are applied too, only if
+            materialize succeeds.
+
+    Returns:
+        A :class:`MaterializeReport`: per tensor, what it received.
+
+    A tensor's last whole overwrite wins; earlier ones never run. All fusable
+    fills run as one engine batch (one launch per dtype on CUDA, one thread-pool
+    pass on CPU); the rest replays in recorded order. Tied parameters stay one
+    object, also across the boundary of a submodule. On any failure (an
+    uninitialized tensor, out of memory, an op that cannot replay, an interrupt)
+    the model, its records included, is exactly as it was. Global random state is
+    untouched: with a ``seed``, no generator of any device is read or reset.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    _reject_lazy(module, "fastinit.materialize")
+    objs = _objects(module)
+    if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
+        warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
+                      "(its init, default or init_fn, was not run)", stacklevel=2)
+        return MaterializeReport(seed if seed is not None else 0, device, {}, 0, 0, 0, time.perf_counter() - t0)
+    if seed is None:
+        seed = draw_seed()
+    txn = _Transaction()
+    try:
+        resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
+        plans = _plans(resolved)
+        _check(plans, strict, dtype)
+        new_of, entries, counts = _compute(plans, device, dtype, seed, progress)
+        if txn.batch is not None:
+            txn.batch.flush()  # init_fn's writes to real tensors
+        root = home.root() if home.root is not None else None
+        targets = [module] if root is None or root is module else [module, root]
+        swap_in(_Modules(targets), new_of, after=lambda: dist_mod.after_assign(_Modules(targets), new_of))
+    except BaseException:
+        txn.rollback()
+        raise
+    fused, replayed, total = counts
+    return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0)
+
+
+class _Modules:
+    """Several module trees seen as one (``modules()`` without repeats)."""
+
+    def __init__(self, roots):
+        self.roots = roots
+
+    def modules(self):
+        seen = set()
+        for root in self.roots:
+            for m in root.modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    yield m
+
+
+def _check(plans, strict: bool, dtype) -> None:
+    if strict:
+        bad = [(a, p.why_uninitialized) for _, names, _, p, _ in plans if p.why_uninitialized for a in names]
+        if bad:
+            raise RuntimeError(
+                f"fastinit.materialize: {len(bad)} tensor(s) are never initialized: "
+                + ", ".join(f"{n} ({why})" for n, why in bad)
+                + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
+                "uninitialized)")
+    for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a float16 cannot hold
+        td = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+        if plan.spec is not None and td.is_floating_point:
+            try:
+                plan.spec.check_dtype(td)
+            except RuntimeError as e:
+                raise RuntimeError(f"fastinit.materialize: {names[0]}: {e}") from None
+
+
+def _compute(plans, device, dtype, seed, progress):
+    """Real values for every plan, in new tensors: ``(new_of, entries, counts)``."""
+    ev = Evaluator(device, seed)
+
+    def target_dtype(t):
+        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+    # Storages several objects view (nn.Parameter(base[:10]), nn.Parameter(base[10:])):
+    # one real storage, each object the same view of it as on meta.
+    by_storage: dict[int, list[int]] = {}
+    for i, (t, _, _, plan, _) in enumerate(plans):
+        if not dist_mod.is_dtensor(t):
+            by_storage.setdefault(id(plan.record), []).append(i)
+    shared = {k: ix for k, ix in by_storage.items()
+              if len(ix) > 1 and len({plans[i][0].dtype for i in ix}) == 1}
+    in_shared = {i for ix in shared.values() for i in ix}
+
+    reals: list[torch.Tensor | None] = [None] * len(plans)
+    fused_flags = [False] * len(plans)
+    total = 0
+    targets = []
+    for i, (t, names, rec, plan, geom) in enumerate(plans):
+        if i in in_shared:
+            continue
+        real = dist_mod.allocate_like(t, device, target_dtype(t))
+        reals[i] = real
+        local = dist_mod.local_tensor(real)
+        total += local.numel() * local.element_size()
+        if plan.spec is not None and _covers(plan, geom):
+            fused_flags[i] = True
+            targets.extend(dist_mod.targets_for(real, t, plan.spec, _plan_key(ev, rec, plan)))
+    bases = {}
+    for k, ix in shared.items():
+        t0, _, rec0, plan0, _ = plans[ix[0]]
+        base = torch.empty(storage_numel(plan0.record.tensor), dtype=target_dtype(t0), device=device)
+        bases[k] = (base, rec0, plan0)
+        total += base.numel() * base.element_size()
+        for i in ix:
+            reals[i] = base.as_strided(*plans[i][4])
+    report_bytes = progress_printer(total, progress)
+    with torch.no_grad():
+        engines.fill(targets, progress=report_bytes)
+        for base, rec0, plan0 in bases.values():  # the storage's value, computed whole, cast once
+            base.copy_(ev.storage_value(rec0, plan0.record, None))
+            report_bytes(base.numel() * base.element_size())
+        replayed = 0
+        for i, (t, names, rec, plan, geom) in enumerate(plans):
+            if i in in_shared:
+                replayed += 1
+                continue
+            real = reals[i]
+            if fused_flags[i] and not plan.replay:
+                continue
+            replayed += 1
+            if fused_flags[i] and dist_mod.is_dtensor(real) and plan.record.tensor.dtype in engines.FLOAT_DTYPES \
+                    and all(e.kind in ("fill", "affine") for e in plan.replay):
+                offset = len(plan.record.events) - len(plan.replay)
+                edits = [(e, _event_key(ev, rec, plan, e, idx) if e.kind == "fill" else 0)
+                         for idx, e in enumerate(plan.replay, offset)]
+                dist_mod.apply_to_shard(real, edits, plan.record.tensor.dtype)
+            else:
+                fused = fused_flags[i]
+                dist_mod.replay_into(
+                    real, lambda full, rec=rec, plan=plan, geom=geom, fused=fused:
+                    ev.plan_value(rec, plan, full, geom, fused),
+                    plan.spec if fused else None, _plan_key(ev, rec, plan) if fused else 0, name=plan.name)
+            if not fused_flags[i]:
+                local = dist_mod.local_tensor(real)
+                report_bytes(local.numel() * local.element_size())
+    new_of, entries = {}, {}
+    for i, (t, names, rec, plan, geom) in enumerate(plans):
+        new_of[id(t)] = as_module_tensor(t, reals[i], HANDLE_ATTR)
+        for a in names:
+            entries[a] = plan.describe()
+    for ix in shared.values():
+        group = [a for i in ix for a in plans[i][1]]
+        for a in group:
+            entries[a] = f"view of a storage shared with {', '.join(x for x in group if x != a)}: {entries[a]}"
+    n_fused = sum(fused_flags)
+    return new_of, entries, (n_fused, replayed, total)
+
+
+def _plan_key(ev: Evaluator, rec: Recording, plan: Plan) -> int:
+    st = plan.start
+    if st.index is not None and plan.record.events[st.index].key is not None:
+        return plan.record.events[st.index].key
+    return ev.key(rec, plan.record, plan.tag) if plan.spec.random else 0
+
+
+def _event_key(ev: Evaluator, rec: Recording, plan: Plan, e, idx: int) -> int:
+    if e.key is not None:
+        return e.key
+    return ev.key(rec, plan.record, fill_tag(plan.record.events, idx)) if e.spec.random else 0
+
+
+_ = (ReplayError, covers_storage)

@@ -1,0 +1,243 @@
+"""``batched()``: the recorder on real tensors, with the planner of ``materialize``.
+
+Inside the block, drop-in fills of real tensors are queued, keyed at call time
+(so values equal the same calls made one by one). Plain torch writes into a
+tensor with queued work that take only scalars (``w.data.mul_(0.5)``,
+``b.data[0] = 1``, ``w.data[pad].zero_()``, a ``fill_`` of a slice) are queued
+after it, in order; any other op that touches such a tensor (a read, a copy
+from another tensor, a random torch op) first runs everything queued. At the
+end (or at such a read) each storage is planned as materialize plans it: its
+last overwrite of everything written wins, scalar edits right after a fill fold
+into it, every fill left goes to the engine in one batch, and the rest replays
+in recorded order. So the values always equal the same code run without
+``batched()``; only when work runs differs.
+
+On a deferred model (meta tensors) the same calls are recorded into the model's
+records instead: ``materialize`` fuses them with everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import distributed as dist_mod
+from .. import engines
+from ..engines import Target
+from ..seeding import draw_key, key_for_name
+from ..specs import Constant
+from . import intercept
+from .plan import fill_tag, start_of
+from .record import Event, geometry, named_tensors, storage_key
+
+_RECORDABLE = frozenset({"fill_", "zero_", "mul_", "div_", "add_", "sub_", "clamp_", "clamp_min_",
+                         "clamp_max_", "__setitem__"})
+
+
+def _span(geom) -> tuple[int, int, bool]:
+    """``(first, last + 1, dense)`` of the storage elements a view touches;
+    ``dense``: it touches every element in between."""
+    size, stride, off = geom
+    n = 1
+    hi = off
+    for s, st in zip(size, stride):
+        if s == 0:
+            return off, off, True
+        n *= s
+        hi += (s - 1) * abs(st)
+    lo = off - sum((s - 1) * abs(st) for s, st in zip(size, stride) if st < 0)
+    return lo, hi + 1, n == hi + 1 - lo
+
+
+def _basic_index(idx) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool)
+               for i in items)
+
+
+class _Pending:
+    __slots__ = ("alias", "events", "name")
+
+    def __init__(self, alias: torch.Tensor, name: str | None):
+        self.alias = alias  # a detached alias of the storage (as_strided reaches all of it)
+        self.events: list[Event] = []
+        self.name = name
+
+
+class Batch:
+    """Work queued on real tensors, per storage. ``names`` (storage key -> name)
+    and ``seed`` key fills of those tensors as ``materialize(seed)`` would."""
+
+    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None):
+        self.pending: dict[int, _Pending] = {}
+        self.seed = seed
+        self.names = names or {}
+        self._seq = 0
+
+    def _queue(self, t: torch.Tensor, sk: int | None = None) -> _Pending:
+        sk = storage_key(t) if sk is None else sk
+        p = self.pending.get(sk)
+        if p is None:
+            p = self.pending[sk] = _Pending(t.detach(), self.names.get(sk) if self.seed is not None else None)
+        return p
+
+    def _event(self, t: torch.Tensor, kind: str, overwrites: bool, **kw) -> None:
+        self._seq += 1
+        self._queue(t).events.append(Event(self._seq, geometry(t), kind, False, overwrites, **kw))
+
+    # ------------------------------------------------------------ from the sink and the recorder
+
+    def fill(self, tensor: torch.Tensor, spec, generator) -> bool:
+        """Queue a drop-in fill (its key drawn now, as the call one by one would)."""
+        if tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):
+            return False
+        named = self.seed is not None and storage_key(tensor) in self.names
+        key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
+        self._event(tensor, "fill", True, spec=spec, key=key)
+        return True
+
+    def on_op(self, func, name, kind, target, args, kwargs):
+        """``(handled, result)`` for a torch op while work is queued."""
+        if kind == intercept._QUERY:
+            return False, None
+        if target is not None and not target.is_meta and storage_key(target) in self.pending:
+            if name in _RECORDABLE and self._record(func, name, target, args, kwargs):
+                return True, (None if name == "__setitem__" else target)
+            self.flush()
+            return False, None
+        if kind == intercept._VIEW or (name == "__getitem__" and len(args) > 1 and _basic_index(args[1])):
+            return False, None  # a view reads nothing
+        for t in intercept.tensors_in(args, kwargs):
+            if not t.is_meta and storage_key(t) in self.pending:
+                self.flush()
+                break
+        return False, None
+
+    def _record(self, func, name, t, args, kwargs) -> bool:
+        """Queue a scalar write (validated now, as eager code would fail now)."""
+        rest = args[1:]
+        if not intercept.only_scalars(rest, kwargs) or kwargs.get("out") is not None:
+            return False
+        if name == "__setitem__":
+            idx, value = rest if len(rest) == 2 else (None, None)
+            if not (_basic_index(idx) and intercept.is_number(value)):
+                return False
+            view = t[idx]  # IndexError as eager code raises it
+            if not view.numel():
+                return True
+            torch.empty(0, dtype=t.dtype).fill_(value)  # value checks: overflow
+            if t.dtype.is_floating_point:
+                self._event(view, "fill", True, spec=Constant(float(value)), key=0)
+            else:
+                self._event(view, "op", True, func=torch.Tensor.fill_, args=(view, value), label="__setitem__")
+            return True
+        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        func(meta, *rest, **kwargs)  # shapes and types
+        func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)  # values: overflow, casts
+        if not t.numel():
+            return True
+        arg0 = rest[0] if rest else kwargs.get("value", kwargs.get("other"))
+        alpha = kwargs.get("alpha", rest[1] if len(rest) > 1 else 1)
+        if name in ("fill_", "zero_") and t.dtype.is_floating_point:
+            self._event(t, "fill", True, spec=Constant(0.0 if name == "zero_" else float(arg0)), key=0)
+        elif name in ("mul_", "div_", "add_", "sub_") and t.dtype.is_floating_point and intercept.is_number(arg0) \
+                and not kwargs.get("rounding_mode") and intercept.is_number(alpha):
+            k, alpha = float(arg0), float(alpha)
+            mul, add = {"mul_": (k, 0.0), "div_": (1.0 / k if k else float("inf"), 0.0),
+                        "add_": (1.0, k * alpha), "sub_": (1.0, -k * alpha)}[name]
+            self._event(t, "affine", False, mul=mul, add=add, func=func, args=(t, *rest), kwargs=dict(kwargs),
+                        label=name)
+        else:
+            self._event(t, "op", name in intercept.OVERWRITING, func=func, args=(t, *rest), kwargs=dict(kwargs),
+                        label=name)
+        return True
+
+    # ------------------------------------------------------------ run
+
+    def flush(self) -> None:
+        """Run everything queued: the fills that start their storages' values in
+        one engine batch, then every other queued write in order."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        fused, later = [], []
+        for p in pending.values():
+            spans = [_span(e.geom) for e in p.events]
+            lo = min(s[0] for s in spans)
+            hi = max(s[1] for s in spans)
+            covering = {id(e) for e, s in zip(p.events, spans) if s[2] and s[0] <= lo and s[1] >= hi}
+
+            def whole(e, covering=covering):
+                return id(e) in covering
+
+            st = start_of(p.events, None, True, existing=True, whole=whole)
+            if st.kind == "fill":
+                ev = p.events[st.index]
+                fused.append(Target(p.alias.as_strided(*ev.geom), st.spec, self._key(p, ev, st.index, whole)))
+                later.append((p, st.rest, len(p.events) - len(st.rest), whole))
+            else:
+                todo = [p.events[st.index], *st.rest] if st.kind == "event" else st.rest
+                later.append((p, todo, len(p.events) - len(todo), whole))
+        with torch.no_grad():
+            engines.fill(fused)
+            for p, events, offset, whole in later:
+                for idx, e in enumerate(events, offset):
+                    view = p.alias.as_strided(*e.geom)
+                    if e.kind == "fill":
+                        engines.fill([Target(view, e.spec, self._key(p, e, idx, whole))])
+                    else:
+                        e.func(view, *e.args[1:], **e.kwargs)
+
+    def _key(self, p: _Pending, e: Event, idx: int, whole) -> int:
+        if e.key is not None:
+            return e.key
+        return key_for_name(self.seed, p.name + fill_tag(p.events, idx, whole))
+
+
+@contextlib.contextmanager
+def batched(seed: int | None = None, module: torch.nn.Module | None = None):
+    """Queue the drop-in calls made inside the block and run them as one fused pass at exit.
+
+    ::
+
+        with fastinit.batched():
+            model.apply(init_weights)   # fastinit.normal_/zeros_/... inside
+
+    Values equal those of the same code run without ``batched()`` with the same
+    seed state (keys are drawn at call time; plain torch edits of queued tensors,
+    such as ``w.data[padding_idx].zero_()``, keep their order after the fused
+    fill, and any read of a queued tensor runs the queue first). A tensor's last
+    whole fill wins and earlier ones never run. The whole model then costs one
+    launch per dtype on GPU and one parallel pass on CPU. A call that raises
+    queues nothing; what was queued before it still runs.
+
+    Args:
+        seed: with ``module``, fills of ``module``'s tensors are keyed by
+            ``(seed, fully-qualified name)`` exactly as ``materialize(seed=...)``
+            keys them (instead of drawing keys from torch's generator), so the
+            same init code gives the same values on an allocated and on a
+            deferred model.
+        module: a model whose tensors the block initializes. If it is deferred
+            (meta tensors), the calls are recorded into its records, for
+            ``materialize`` to fuse; a model built on the meta device without
+            ``deferred_init`` first records its default init (every module's
+            reset hook), as ``materialize`` would.
+    """
+    home = None
+    names = None
+    if module is not None:
+        from .api import adopt
+        if any(t.is_meta for _, t in named_tensors(module) if t is not None):
+            home = adopt(module)
+        if seed is not None:
+            names = {}
+            for name, t in named_tensors(module):
+                if t is not None and not t.is_meta:
+                    names.setdefault(storage_key(t), name)
+    batch = Batch(seed, names)
+    try:
+        with intercept.recording(home, batch):
+            yield
+    finally:
+        batch.flush()

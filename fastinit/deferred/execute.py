@@ -1,0 +1,384 @@
+"""Execute: compute real values from records, then swap them in, all or nothing.
+
+* :class:`Evaluator` computes the value any recorded storage has just before a
+  recorded step: its start (a fill keyed by ``(seed, name)``, the creating op,
+  or a replayed event), then the events after it. A tensor read by another
+  tensor's replay (a copy made in a constructor) is computed exactly as its own
+  plan computes it, so copies stay copies. Random ops get explicit generators
+  (or, for the few that take none, the device's default generator is seeded and
+  restored around the op): no global generator is consumed or reset.
+* :func:`compute` allocates every tensor of a plan (each DTensor rank only its
+  shard), fills all fusable specs in one engine batch and replays the rest.
+  Nothing in the module changes.
+* :func:`swap_in` puts the real tensors in place of the meta ones everywhere
+  they appear, with interrupts held back, and undoes itself if anything fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import signal
+import sys
+import threading
+import time
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .. import distributed as dist_mod
+from .. import engines
+from ..engines import Target
+from ..seeding import key_for_name
+from ..specs import Constant
+from .intercept import FACTORIES, RANDOM_NAMES, SHAPE_ONLY, tensors_in
+from .plan import Plan, events_before, fill_tag, start_of
+from .record import Recording, StorageRecord, recording_of, storage_numel
+
+
+class ReplayError(RuntimeError):
+    """A recorded op could not be replayed on real tensors."""
+
+
+def temp_names(rec: Recording) -> dict[int, str]:
+    """Names for the storages a model never names (``torch.randn(d)`` in
+    ``nn.Parameter(torch.randn(d) * 0.02)``): ``owner<k>``, after the named storage
+    (or named temporary) that reads it first, in recorded order. A function of the
+    records alone, so every materialization (whole, block by block, any order)
+    keys a temporary the same way, and other tensors do not change its name."""
+    names = dict(rec.names)
+    out: dict[int, str] = {}
+    queue = sorted(names.items(), key=lambda kv: rec.storages[kv[0]].born if kv[0] in rec.storages else 0)
+    claims: dict[int, tuple[int, str]] = {}  # temp -> (seq of its first read, reader name)
+    i = 0
+    while i < len(queue):
+        sk, name = queue[i]
+        i += 1
+        r = rec.storages.get(sk)
+        if r is None:
+            continue
+        reads = []
+        if r.node is not None:
+            reads.append((r.node.seq, r.node.args, r.node.kwargs))
+        for e in r.events:
+            if e.kind == "op":
+                reads.append((e.seq, e.args, e.kwargs))
+        mine = []
+        for seq, args, kwargs in reads:
+            for t in tensors_in(args, kwargs):
+                if t.is_meta:
+                    tsk = t.untyped_storage()._cdata
+                    if tsk != sk and tsk in rec.storages and tsk not in names and tsk not in claims:
+                        claims[tsk] = (seq, name)
+                        mine.append(tsk)
+        for k, tsk in enumerate(mine):
+            names[tsk] = out[tsk] = f"{name}<{k}>"
+            queue.append((tsk, out[tsk]))
+    return out
+
+
+_NO_GENERATOR = frozenset({"dropout", "dropout_", "feature_dropout", "alpha_dropout"})
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_generator(fn) -> bool:
+    """Whether a recorded op accepts ``generator=``: torch's random builtins do
+    (but dropout); Python functions say so in their signature."""
+    if not inspect.isfunction(fn):
+        name = getattr(fn, "__name__", "")
+        return name in RANDOM_NAMES and name not in _NO_GENERATOR
+    try:
+        return "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None
+                                             else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class Evaluator:
+    """Computes real values of recorded storages on ``device`` (in recorded dtypes),
+    keyed by ``seed``. ``deterministic``: values read while a model is built,
+    which must not depend on random draws (there is no seed yet)."""
+
+    def __init__(self, device: torch.device, seed: int | None, *, deterministic: bool = False):
+        self.device = device
+        self.seed = seed
+        self.deterministic = deterministic
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._temp: dict[int, dict[int, str]] = {}
+
+    @classmethod
+    def deterministic(cls, rec: Recording) -> "Evaluator":
+        return cls(torch.device("cpu"), None, deterministic=True)
+
+    # ------------------------------------------------------------ names and keys
+
+    def name(self, rec: Recording, r: StorageRecord) -> str:
+        n = rec.names.get(r.sk)
+        if n is None:
+            tn = self._temp.get(id(rec))
+            if tn is None:
+                tn = self._temp[id(rec)] = temp_names(rec)
+            n = tn.get(r.sk, f"<unnamed {r.born}>")
+        return n
+
+    def key(self, rec: Recording, r: StorageRecord, tag: str) -> int:
+        if self.deterministic:
+            raise ReplayError("a random draw")
+        return key_for_name(self.seed, self.name(rec, r) + tag)
+
+    def _random(self, what: str, rec: Recording, r: StorageRecord):
+        raise RuntimeError(
+            f"fastinit.deferred_init: the model reads the value of a tensor while it is built, and that "
+            f"value depends on random draws ({what}), which a deferred model only makes when it is "
+            "materialized with a seed. Build this model eagerly, or move the step that reads it after "
+            "materialize()")
+
+    # ------------------------------------------------------------ values
+
+    def value(self, t: torch.Tensor, seq: int) -> torch.Tensor:
+        """Real value of meta tensor ``t`` as it was just before recorded step ``seq``."""
+        found = recording_of(t)
+        if found is None:
+            raise ReplayError(f"a meta tensor of shape {tuple(t.shape)} that no recording holds")
+        rec, r = found
+        return self.storage_value(rec, r, seq).as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def resolve(self, obj, seq: int):
+        return tree_map(lambda x: self.value(x, seq) if isinstance(x, torch.Tensor) and x.is_meta else x, obj)
+
+    def storage_value(self, rec: Recording, r: StorageRecord, seq: int | None) -> torch.Tensor:
+        """The flat value of storage ``r`` just before step ``seq`` (None: the end)."""
+        events = events_before(r, seq)
+        ck = (r.sk, len(events))
+        hit = self.cache.get(ck)
+        if hit is not None:
+            return hit
+        dtype = r.tensor.dtype
+        st = start_of(events, r.node, dtype.is_floating_point)
+        if st.kind == "creation":
+            base = self._creation_value(rec, r)
+        else:
+            if st.kind == "none" and self.deterministic:
+                raise RuntimeError("fastinit.deferred_init: the model reads uninitialized memory while it is built")
+            base = torch.empty(storage_numel(r.tensor), dtype=dtype, device=self.device)
+        todo = [events[st.index], *st.rest] if st.kind == "event" else st.rest
+        if st.kind == "fill":
+            if st.spec.random and self.deterministic:
+                self._random(repr(st.spec), rec, r)
+            ev = r.events[st.index] if st.index is not None else None
+            key = ev.key if ev is not None and ev.key is not None else (
+                self.key(rec, r, fill_tag(r.events, st.index)) if st.spec.random else 0)
+            _fill(base if ev is None else base.as_strided(*ev.geom), st.spec, key)
+        offset = len(events) - len(todo)  # todo is a suffix of the events
+        self.apply(rec, r, base, todo, offset)
+        self.cache[ck] = base
+        return base
+
+    def _creation_value(self, rec: Recording, r: StorageRecord) -> torch.Tensor:
+        node = r.node
+        if self.deterministic and getattr(node.func, "__name__", "") in RANDOM_NAMES:
+            self._random(node.label, rec, r)
+        args = self.resolve(node.args, node.seq)
+        kwargs = self.resolve(node.kwargs, node.seq)
+        if node.func in FACTORIES or node.func in SHAPE_ONLY or str(kwargs.get("device")) == "meta":
+            kwargs["device"] = self.device
+        try:
+            out = self._call(node.func, args, kwargs, lambda: self.key(rec, r, "#create"))
+        except ReplayError:
+            raise
+        except Exception as e:
+            raise ReplayError(f"{self.name(rec, r)}: cannot replay {node.label} ({type(e).__name__}: {e})") from e
+        flat = [out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
+        x = flat[r.out_index] if r.out_index < len(flat) else None
+        if not isinstance(x, torch.Tensor) or x.shape != r.tensor.shape:
+            raise ReplayError(f"{self.name(rec, r)}: cannot replay {node.label} (its result has another shape)")
+        base = torch.empty(storage_numel(r.tensor), dtype=r.tensor.dtype, device=self.device)
+        with torch.no_grad():
+            base.as_strided(r.tensor.shape, r.tensor.stride(), r.tensor.storage_offset()).copy_(x)
+        return base
+
+    def _call(self, func, args, kwargs, key):
+        """Run a recorded op; a random one draws from a generator keyed by ``key()``."""
+        name = getattr(func, "__name__", "")
+        takes = _takes_generator(func)
+        if name not in RANDOM_NAMES and not takes:
+            return func(*args, **kwargs)
+        k = key() & ((1 << 63) - 1)
+        if takes:
+            # torch's builtins want a generator on the tensors' device; fastinit's
+            # functions draw their key from any generator.
+            gen = torch.Generator(device="cpu" if inspect.isfunction(func) else self.device)
+            try:
+                return func(*args, **{**kwargs, "generator": gen.manual_seed(k)})
+            except TypeError as e:
+                if "generator" not in str(e):
+                    raise
+        g = _default_generator(self.device)  # an op that takes no generator: seed and restore
+        state = g.get_state()
+        g.manual_seed(k)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            g.set_state(state)
+
+    def apply(self, rec: Recording, r: StorageRecord, base: torch.Tensor, events, offset: int) -> None:
+        """Replay ``events`` (those of ``r`` from index ``offset`` on) on the real ``base``."""
+        with torch.no_grad():
+            for idx, ev in enumerate(events, offset):
+                view = base.as_strided(*ev.geom)
+                try:
+                    if ev.kind == "fill":
+                        if ev.spec.random and self.deterministic:
+                            self._random(repr(ev.spec), rec, r)
+                        key = ev.key if ev.key is not None else (
+                            self.key(rec, r, fill_tag(r.events, idx)) if ev.spec.random else 0)
+                        _fill(view, ev.spec, key)
+                    elif "out" in ev.kwargs:  # torch.eye(n, m, out=w)
+                        args = self.resolve(ev.args, ev.seq)
+                        kwargs = {**self.resolve(ev.kwargs, ev.seq), "out": view}
+                        self._call(ev.func, args, kwargs, lambda: self.key(rec, r, f"#{idx}"))
+                    else:  # a method or init function whose first argument is the tensor
+                        if self.deterministic and ev.label in RANDOM_NAMES:
+                            self._random(ev.label, rec, r)
+                        args = self.resolve(ev.args[1:], ev.seq)
+                        kwargs = self.resolve(ev.kwargs, ev.seq)
+                        self._call(ev.func, (view, *args), kwargs, lambda: self.key(rec, r, f"#{idx}"))
+                except (ReplayError, KeyboardInterrupt):
+                    raise
+                except Exception as e:
+                    if self.deterministic and isinstance(e, RuntimeError) and "random draws" in str(e):
+                        raise
+                    raise ReplayError(f"{self.name(rec, r)}: cannot replay {ev.describe()} "
+                                      f"({type(e).__name__}: {e})") from e
+
+    # ------------------------------------------------------------ plans
+
+    def plan_value(self, rec: Recording, plan: Plan, out: torch.Tensor, geom: tuple, fused: bool) -> None:
+        """Compute ``plan``'s value into ``out``: a real tensor shaped as the plan's
+        tensor, which views its storage with ``geom``. ``fused``: the plan's spec was
+        already filled into ``out`` (which then covers the storage): only the
+        events after it are left."""
+        r = plan.record
+        with torch.no_grad():
+            if fused:
+                rest = plan.start.rest
+                if not rest:
+                    return
+                offset = len(r.events) - len(rest)
+                if out.dtype == r.tensor.dtype and out.is_contiguous():
+                    self.apply(rec, r, out.view(-1), rest, offset)
+                else:  # replay in the recorded dtype, round once
+                    tmp = out.to(r.tensor.dtype).reshape(-1)
+                    self.apply(rec, r, tmp, rest, offset)
+                    out.copy_(tmp.view(out.shape))
+                return
+            value = self.storage_value(rec, r, None)
+            out.copy_(value.as_strided(*geom))
+
+
+def _fill(view: torch.Tensor, spec, key: int) -> None:
+    if view.dtype in engines.FLOAT_DTYPES:
+        engines.fill([Target(view, spec, key)])
+    elif isinstance(spec, Constant):
+        view.fill_(spec.value)
+    else:
+        raise TypeError(f"cannot fill a {view.dtype} tensor with {spec!r}")
+
+
+# ------------------------------------------------------------------ interrupts
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) back for the block and deliver it after: in the main
+    thread, a KeyboardInterrupt cannot land half-way through swapping tensors in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except (ValueError, TypeError):  # no signals here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if callable(old):
+                old(signal.SIGINT, None)
+            else:
+                raise KeyboardInterrupt
+
+
+def swap_in(root: torch.nn.Module, new_of: dict[int, torch.Tensor], after=None) -> None:
+    """Replace each tensor object ``id -> new`` wherever it is a parameter or buffer
+    of ``root`` (tied names stay one object), then run ``after()``; all or nothing."""
+    swaps = []
+    for mod in root.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, v in store.items():
+                if v is not None and id(v) in new_of:
+                    swaps.append((store, k, v, new_of[id(v)]))
+    with interrupts_held():
+        done = 0
+        try:
+            for store, k, _old, new in swaps:
+                store[k] = new
+                done += 1
+            if after is not None:
+                after()
+        except BaseException:
+            for store, k, old, _new in swaps[:done]:
+                store[k] = old
+            raise
+
+
+def as_module_tensor(old: torch.Tensor, real: torch.Tensor, skip_attr: str) -> torch.Tensor:
+    """``real`` dressed as ``old`` was: the same Parameter type and requires_grad,
+    and ``old``'s Python attributes (HF's ``_is_hf_initialized``, ...)."""
+    if isinstance(old, torch.nn.Parameter):
+        try:
+            new = type(old)(real, requires_grad=old.requires_grad)
+        except TypeError:
+            new = torch.nn.Parameter(real, requires_grad=old.requires_grad)
+    else:
+        new = real
+    for k, v in getattr(old, "__dict__", {}).items():
+        if k == skip_attr:
+            continue
+        try:
+            setattr(new, k, v)
+        except (AttributeError, TypeError):
+            pass
+    return new
+
+
+def progress_printer(total: int, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty() and total > (256 << 20)
+    if not enabled:
+        return lambda nbytes: None
+    done = [0, time.perf_counter()]
+
+    def cb(nbytes: int) -> None:
+        done[0] += nbytes
+        now = time.perf_counter()
+        if now - done[1] > 0.1 or done[0] >= total:
+            done[1] = now
+            pct = 100.0 * done[0] / max(total, 1)
+            sys.stderr.write(f"\rfastinit: materializing {done[0] / 2**30:6.2f}/{total / 2**30:.2f} GiB {pct:5.1f}%")
+            if done[0] >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return cb
+

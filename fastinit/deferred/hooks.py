@@ -1,0 +1,139 @@
+"""Every hook fastinit puts into torch, in one place.
+
+Recording is a ``TorchFunctionMode`` (torch's public extension point), which is
+thread-local and leaves torch unchanged. Two things it cannot see are handled
+here, each checked against what it expects when first used (a clear error
+naming torch's version if torch changed), and inert for threads that are not
+recording:
+
+* **The legacy constructor** ``torch.Tensor(out, in)`` (uninitialized memory of
+  a size, as older modules write ``nn.Parameter(torch.Tensor(out, in))``) does
+  not dispatch to modes. While any thread records, ``torch.Tensor.__new__`` is
+  replaced by :func:`_legacy_tensor_new`, which makes a meta ``torch.empty`` in
+  a recording thread and calls torch's own constructor everywhere else; it is
+  removed when the last recording ends, also on error.
+* **Init functions that return early on meta tensors** (``trunc_normal_``,
+  ``orthogonal_``, ``sparse_``, ``dirac_`` in ``torch.nn.init``) never reach a
+  mode with their arguments, but each reads ``tensor.is_meta`` first, and a mode
+  does see that read. :func:`init_call_reading_is_meta` finds the calling init
+  function's frame and its arguments; no torch code is changed, and references
+  to these functions captured at import time (transformers' ``initialization``
+  module) are seen too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+import torch
+
+# torch.nn.init functions that return early on meta tensors after reading
+# tensor.is_meta, and the arguments fastinit reads from their frames.
+_EARLY_RETURN_INITS = {
+    "_no_grad_trunc_normal_": ("trunc_normal_", ("tensor", "mean", "std", "a", "b")),
+    "orthogonal_": ("orthogonal_", ("tensor", "gain")),
+    "sparse_": ("sparse_", ("tensor", "sparsity", "std")),
+    "dirac_": ("dirac_", ("tensor", "groups")),
+}
+_codes: dict | None = None
+
+
+def _torch_changed(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"fastinit: torch {torch.__version__} {what}, which fastinit's deferred init relies on; "
+        "this torch version is not supported by this fastinit release (please report it)")
+
+
+def _init_codes() -> dict:
+    """``{code object: (init name, argument names)}``, checked once against torch."""
+    global _codes
+    if _codes is None:
+        codes = {}
+        for fn_name, (init_name, params) in _EARLY_RETURN_INITS.items():
+            fn = getattr(torch.nn.init, fn_name, None)
+            code = getattr(fn, "__code__", None)
+            if code is None or "is_meta" not in code.co_names or not set(params) <= set(code.co_varnames):
+                raise _torch_changed(f"changed torch.nn.init.{fn_name} (it no longer reads tensor.is_meta "
+                                     f"with arguments {', '.join(params)})")
+            codes[code] = (init_name, params)
+        _codes = codes
+    return _codes
+
+
+def init_call_reading_is_meta(f):
+    """``(name, {argument: value}, frame)`` if ``f``, the frame that read
+    ``tensor.is_meta`` (the caller of a mode's ``__torch_function__``), is one of
+    the torch.nn.init functions of :data:`_EARLY_RETURN_INITS`, else None. Only
+    that frame counts, so a read made deeper inside such a function is not taken
+    for the function's own."""
+    hit = _init_codes().get(f.f_code)
+    if hit is None:
+        return None
+    name, params = hit
+    loc = f.f_locals
+    return name, {p: loc[p] for p in params}, f
+
+
+def stacklevel_above(frame) -> int:
+    """The ``warnings.warn`` stacklevel that names the caller of ``frame``'s function
+    (for warnings torch would have given the user's line)."""
+    level, f = 1, sys._getframe(1)
+    while f is not None and f is not frame:
+        f = f.f_back
+        level += 1
+    return level + 2 if f is not None else 2
+
+
+# ------------------------------------------------------------ torch.Tensor.__new__
+
+_local = threading.local()
+_lock = threading.Lock()
+_installed = 0
+
+
+def _recording_here() -> bool:
+    return getattr(_local, "depth", 0) > 0
+
+
+def _legacy_tensor_new(*args, **kwargs):
+    """``torch.Tensor(64, 32)`` becomes ``torch.empty(64, 32)`` on meta in a
+    recording thread, so that the init that follows is recorded instead of running
+    on real memory. Any other use is torch's own constructor.
+
+    The signature is ``(*args, **kwargs)`` on purpose: torch._dynamo, when first
+    imported during a recording (meta ops can import it), checks the signature
+    of ``torch.Tensor.__new__`` against its polyfill and accepts only an exact
+    match or this wildcard. Dynamo then keeps this function, not the builtin, in
+    its polyfill registry: compiled code that constructs Tensor subclasses may
+    graph-break in such a process; nothing else depends on it."""
+    cls, args = args[0], args[1:]
+    if cls is torch.Tensor and not kwargs and args and _recording_here():
+        sizes = args[0] if len(args) == 1 and isinstance(args[0], torch.Size) else args
+        if all(isinstance(a, int) and not isinstance(a, bool) for a in sizes):
+            return torch.empty(*sizes, device="meta")
+    return torch._C.TensorBase.__new__(cls, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_thread():
+    """Mark this thread as recording and keep the hooks installed meanwhile
+    (installed by the first recording in the process, removed by the last)."""
+    global _installed
+    _init_codes()  # fail early, with the torch version, if torch changed
+    with _lock:
+        if _installed == 0:
+            if "__new__" in torch.Tensor.__dict__:
+                raise _torch_changed("defines torch.Tensor.__new__ (or something else replaced it)")
+            torch.Tensor.__new__ = staticmethod(_legacy_tensor_new)
+        _installed += 1
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+        with _lock:
+            _installed -= 1
+            if _installed == 0:
+                del torch.Tensor.__new__  # back to torch._C.TensorBase's

@@ -1,0 +1,383 @@
+"""The recorder: one ``TorchFunctionMode`` behind ``deferred_init``,
+``materialize(init_fn=...)`` and ``batched()``.
+
+It sees every torch call of the thread it runs in and sorts it:
+
+* **meta tensors** (a model being built by ``deferred_init``, or one built
+  earlier): creations and writes are logged into the recording that holds the
+  storage (:mod:`.record`); factories make meta tensors while a *home*
+  recording is set (``deferred_init``; ``materialize``'s ``init_fn``), whatever
+  device the code names, so nothing is drawn from torch's generators;
+* **real tensors** with queued fills (``batched()``; ``init_fn``'s writes to
+  tensors that are already real): handed to the :class:`~.batched.Batch`, which
+  queues scalar edits after the fused fill and runs everything queued before an
+  op reads those values;
+* anything else runs as it would without fastinit.
+
+Drop-in calls (``fastinit.normal_`` ...) reach it through the sink of
+:mod:`fastinit._sink`: the same translation of a call into an
+:class:`~fastinit.specs.InitSpec` serves every user. ``torch.nn.init`` calls that
+reach the mode are handed to the drop-in of the same name, and those that return
+early on meta tensors are found by :mod:`.hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import sys
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .. import _sink
+from ..specs import Constant, Normal, Uniform
+from . import hooks
+from .record import Node, Recording, covers_storage, recording_of
+
+# Factory ops: new tensors from sizes (or ranges), on the device they name.
+FACTORIES = frozenset({
+    torch.empty, torch.zeros, torch.ones, torch.full, torch.arange, torch.range, torch.linspace,
+    torch.logspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm,
+    torch.empty_strided, torch.tril_indices, torch.triu_indices,
+})
+# Ops whose result is uninitialized memory (strict mode reports tensors made so).
+UNINITIALIZED = frozenset({torch.empty, torch.empty_strided, torch.empty_like, torch.Tensor.new_empty,
+                           torch.Tensor.new_empty_strided})
+# Ops that read only the shape, dtype and device of their tensor arguments.
+SHAPE_ONLY = frozenset({
+    torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
+    torch.randn_like, torch.randint_like, torch.Tensor.new_empty, torch.Tensor.new_zeros,
+    torch.Tensor.new_ones, torch.Tensor.new_full, torch.Tensor.new_empty_strided,
+})
+# Ops that draw random numbers (their replays are keyed by (seed, name)).
+RANDOM_NAMES = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
+    "bernoulli", "poisson", "multinomial", "uniform_", "normal_", "random_", "exponential_",
+    "geometric_", "log_normal_", "cauchy_", "bernoulli_", "dropout", "dropout_", "feature_dropout",
+    "alpha_dropout", "orthogonal_", "sparse_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
+    "kaiming_uniform_", "kaiming_normal_",
+})
+
+# Calls that read no values and write none: metadata, flags, grad mode.
+_QUERIES = frozenset({
+    "size", "stride", "dim", "ndimension", "numel", "nelement", "is_contiguous", "storage_offset",
+    "untyped_storage", "_typed_storage", "data_ptr", "element_size", "is_floating_point",
+    "is_complex", "is_signed", "get_device", "__len__", "requires_grad_", "retain_grad",
+    "register_hook", "__hash__", "is_inference", "is_pinned", "is_shared", "_is_view",
+    "is_set_to", "_set_grad_enabled", "__set__", "__get__", "has_names", "__reduce_ex__",
+    "__deepcopy__", "_fix_weakref",
+})
+# Calls that return views of their first argument's storage without reading it.
+VIEWS = frozenset({
+    "view", "view_as", "t", "transpose", "permute", "narrow", "select", "unsqueeze", "squeeze",
+    "expand", "expand_as", "as_strided", "detach", "unbind", "split", "chunk", "diagonal",
+    "unflatten", "movedim", "swapaxes", "swapdims", "alias", "__iter__", "T", "mT",
+})
+# Calls that return a Python value read from the tensor.
+_READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+                    "numpy", "__array__"})
+# In-place methods that change metadata or flags, not values.
+NOT_VALUE_MUTATIONS = frozenset({
+    "requires_grad_", "share_memory_", "t_", "transpose_", "squeeze_", "unsqueeze_", "as_strided_",
+    "swapdims_", "swapaxes_", "resize_", "resize_as_", "rename_", "detach_", "set_", "retain_grad_",
+})
+OVERWRITING = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_"})
+_AFFINE = {"mul_": 0, "div_": 1, "add_": 2, "sub_": 3}
+# Scalar in-place ops whose value checks (overflow, casts) meta kernels skip: run on
+# an empty CPU tensor of the dtype too, so recording raises what eager code raises.
+_VALUE_CHECKED = frozenset({"fill_", "mul_", "div_", "add_", "sub_", "clamp_", "clamp_min_", "clamp_max_",
+                            "pow_", "fmod_", "remainder_", "floor_divide_"})
+# torch.nn.init functions that reach a mode through handle_torch_function, by name
+# (transformers swaps in same-named wrappers): the drop-in of the same name takes them.
+_NN_INIT_DISPATCHED = frozenset({"uniform_", "normal_", "constant_", "kaiming_uniform_", "kaiming_normal_"})
+
+_QUERY, _VIEW, _FACTORY, _NN_INIT, _READ, _OTHER = range(6)
+_kinds: dict = {}
+
+
+def _kind(func) -> int:
+    k = _kinds.get(func)
+    if k is None:
+        name = getattr(func, "__name__", "")
+        if name in _QUERIES:
+            k = _QUERY
+        elif func in FACTORIES:
+            k = _FACTORY
+        elif isinstance(func, types.FunctionType) and name in _NN_INIT_DISPATCHED:
+            k = _NN_INIT
+        elif name in _READS:
+            k = _READ
+        elif name in VIEWS:
+            k = _VIEW
+        else:
+            k = _OTHER
+        try:
+            _kinds[func] = k
+        except TypeError:  # unhashable callables: classify every time
+            pass
+    return k
+
+
+def is_number(x) -> bool:
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def write_target(name: str, args, kwargs):
+    """The tensor an op writes into: ``out=``, or the first argument of an
+    in-place method (``x.mul_(2)``, ``x[i] = v``); None for ops that do not write."""
+    out = kwargs.get("out")
+    if isinstance(out, torch.Tensor):
+        return out
+    if args and isinstance(args[0], torch.Tensor) and name not in NOT_VALUE_MUTATIONS and (
+            name == "__setitem__" or (name.endswith("_") and not name.startswith("__"))):
+        return args[0]
+    return None
+
+
+def tensors_in(args, kwargs):
+    """The tensors among an op's arguments (one level of lists and tuples)."""
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                if isinstance(y, torch.Tensor):
+                    yield y
+
+
+def snapshot(obj):
+    """``obj`` as a record keeps it: meta tensors as detached aliases (the same
+    storage and geometry, which ``param.data = other`` cannot repoint later), real
+    tensors as copies of their current values."""
+    def snap(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach() if x.is_meta else x.detach().clone()
+        return x
+    return tree_map(snap, obj)
+
+
+def only_scalars(args, kwargs) -> bool:
+    return not any(True for _ in tensors_in(args, kwargs))
+
+
+class Recorder(TorchFunctionMode):
+    """Records into ``home`` (new meta storages; ``None``: only storages some
+    recording already holds) and hands real tensors to ``batch`` (or runs them)."""
+
+    def __init__(self, home: Recording | None = None, batch=None):
+        super().__init__()
+        self.home = home
+        self.batch = batch
+
+    def recording_for(self, t: torch.Tensor) -> Recording | None:
+        """Where a write into meta tensor ``t`` is recorded."""
+        found = recording_of(t)
+        if found is not None:
+            return found[0]
+        return self.home
+
+    # ------------------------------------------------------------ dispatch
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        kind = _kind(func)
+        if kind == _QUERY:
+            if getattr(func, "__self__", None) is _IS_META and args and args[0].is_meta:
+                self._early_return_init(args[0], sys._getframe(1))
+            return func(*args, **kwargs)
+        if self.home is not None and "out" not in kwargs and (
+                kind == _FACTORY or (func is torch.normal and ("size" in kwargs or len(args) >= 3))):
+            # (torch.normal(mean, std, size) is a factory; with tensor arguments it follows them)
+            kwargs["device"] = "meta"  # whatever device the code names: recorded, keyed by the seed
+            out = func(*args, **kwargs)
+            self.home.record(out, Node(self.home.next_seq(), func, snapshot(args), snapshot(kwargs)))
+            return out
+        name = getattr(func, "__name__", "")
+        if kind == _NN_INIT:
+            t = args[0] if args else kwargs.get("tensor")  # handle_torch_function passes keywords
+            if isinstance(t, torch.Tensor) and t.is_meta and self.recording_for(t) is not None:
+                from .. import init as dropin
+                return getattr(dropin, name)(*args, **kwargs)  # validates as torch does; the sink records
+        if kind == _READ and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            value = self._read_value(args[0])
+            if value is not None:
+                return func(value, *args[1:], **kwargs)
+        target = write_target(name, args, kwargs)
+        if self.batch is not None and self.batch.pending:
+            handled, result = self.batch.on_op(func, name, kind, target, args, kwargs)
+            if handled:
+                return result
+        if target is not None and target.is_meta:
+            rec = self.recording_for(target)
+            if rec is not None:
+                return self._record_write(rec, func, name, target, args, kwargs)
+        if self.home is not None and "device" in kwargs and kwargs["device"] is not None \
+                and any(True for t in tensors_in(args, kwargs) if t.is_meta):
+            kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
+        out = func(*args, **kwargs)
+        self._note_created(func, args, kwargs, out)
+        return out
+
+    def _note_created(self, func, args, kwargs, out) -> None:
+        """Record the new meta storages ``out`` holds, created by this call."""
+        if isinstance(out, torch.Tensor):
+            if not out.is_meta:
+                return
+            metas = [out]
+        else:
+            metas, _ = tree_flatten(out)
+            if not any(isinstance(x, torch.Tensor) and x.is_meta for x in metas):
+                return
+            metas = [x if isinstance(x, torch.Tensor) and x.is_meta else None for x in metas]
+        rec = self.home
+        if rec is None:  # batched() on a deferred model: a temporary of its tensors
+            for t in tensors_in(args, kwargs):
+                if t.is_meta:
+                    found = recording_of(t)
+                    if found is not None:
+                        rec = found[0]
+                        break
+        if rec is None:
+            return
+        node = None
+        for i, x in enumerate(metas):
+            if x is not None and recording_of(x) is None:  # a new storage (views of recorded ones are not)
+                if node is None:
+                    node = Node(rec.next_seq(), func, snapshot(args), snapshot(kwargs))
+                rec.record(x, node, i)
+
+    # ------------------------------------------------------------ writes into meta tensors
+
+    def _record_write(self, rec: Recording, func, name, t, args, kwargs):
+        if "out" in kwargs:
+            out = func(*args, **kwargs)
+            rec.add_event(t, "op", overwrites=True, func=func, args=snapshot(args),
+                          kwargs=snapshot(kwargs), label=name)
+            return out
+        rest = args[1:]
+
+        def arg(i, key, default):
+            return rest[i] if len(rest) > i else kwargs.get(key, default)
+
+        floating = t.dtype.is_floating_point
+        if name in ("uniform_", "normal_") and floating and only_scalars(rest, kwargs):
+            # On meta tensors torch runs these through its Python references (about a
+            # millisecond a call); the same checks, with the errors eager code raises,
+            # run on an empty CPU tensor of the dtype in microseconds.
+            func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)
+            if name == "uniform_" and is_number(arg(0, "from", 0.0)) and is_number(arg(1, "to", 1.0)):
+                spec = Uniform(float(arg(0, "from", 0.0)), float(arg(1, "to", 1.0)))
+            elif name == "normal_" and is_number(arg(0, "mean", 0.0)) and is_number(arg(1, "std", 1.0)):
+                spec = Normal(float(arg(0, "mean", 0.0)), float(arg(1, "std", 1.0)))
+            else:
+                spec = None
+            if spec is not None:
+                if t.numel():
+                    rec.add_event(t, "fill", overwrites=True, spec=spec)
+                return t
+        out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
+        if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
+            func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)  # values: overflow, casts
+        if t.numel() == 0:
+            return out
+        if name == "fill_" and is_number(arg(0, "value", None)) and floating:
+            rec.add_event(t, "fill", overwrites=True, spec=Constant(float(arg(0, "value", None))))
+        elif name == "zero_" and floating:
+            rec.add_event(t, "fill", overwrites=True, spec=Constant(0.0))
+        elif name in _AFFINE and floating and is_number(arg(0, "other", None)) \
+                and not kwargs.get("rounding_mode") and is_number(arg(1, "alpha", 1)):
+            k = float(arg(0, "other", None))
+            mul, add = ((k, 0.0), (1.0 / k if k else float("inf"), 0.0),
+                        (1.0, k * float(arg(1, "alpha", 1))), (1.0, -k * float(arg(1, "alpha", 1))))[_AFFINE[name]]
+            rec.add_event(t, "affine", overwrites=False, mul=mul, add=add, func=func, args=snapshot(args),
+                          kwargs=snapshot(kwargs), label=name)
+        else:
+            rec.add_event(t, "op", overwrites=name in OVERWRITING, func=func, args=snapshot(args),
+                          kwargs=snapshot(kwargs), label=name)
+        return out
+
+    def _early_return_init(self, t: torch.Tensor, frame) -> None:
+        """``trunc_normal_``/``orthogonal_``/``sparse_``/``dirac_`` of torch.nn.init
+        read ``t.is_meta`` (in ``frame``) and return: record the call they would have made."""
+        hit = hooks.init_call_reading_is_meta(frame)
+        if hit is None or self.recording_for(t) is None:
+            return
+        name, a, frame = hit
+        from .. import init as dropin
+        if name == "trunc_normal_":
+            # Eager code warns and raises (std == 0) as torch would: same checks here.
+            spec = dropin.trunc_normal_spec(a["mean"], a["std"], a["a"], a["b"], zero_std_is_error=True,
+                                            stacklevel=hooks.stacklevel_above(frame))
+            if t.numel():
+                self.recording_for(t).add_event(t, "fill", overwrites=True, spec=spec)
+        elif t.numel():
+            extra = {k: v for k, v in a.items() if k != "tensor"}
+            self.recording_for(t).add_event(t, "op", overwrites=True, func=getattr(dropin, name),
+                                            args=(t.detach(), *extra.values()), kwargs={}, label=name)
+
+    # ------------------------------------------------------------ values read while recording
+
+    def _read_value(self, t: torch.Tensor):
+        """The real value of a recorded meta tensor that code reads while it is
+        built (``[x.item() for x in torch.linspace(0, p, depth)]``), computed on the
+        CPU if it is deterministic; a value that depends on random draws is an error."""
+        found = recording_of(t)
+        if found is None:
+            return None
+        from .execute import Evaluator
+        return Evaluator.deterministic(found[0]).value(t, found[0].next_seq())
+
+
+_IS_META = torch.Tensor.is_meta
+
+
+class RecordingSink:
+    """Takes the drop-in calls made while a :class:`Recorder` runs."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def fill(self, tensor, spec, generator) -> bool:
+        if tensor.is_meta:
+            rec = self.recorder.recording_for(tensor)
+            if rec is None:
+                return False
+            if tensor.numel():
+                rec.add_event(tensor, "fill", overwrites=True, spec=spec)
+            return True
+        batch = self.recorder.batch
+        return batch is not None and batch.fill(tensor, spec, generator)
+
+    def replay(self, tensor, fn, args, kwargs) -> bool:
+        if tensor.is_meta:
+            rec = self.recorder.recording_for(tensor)
+            if rec is None:
+                return False
+            if tensor.numel():
+                rec.add_event(tensor, "op", overwrites=True, func=fn, args=(tensor.detach(), *args),
+                              kwargs=dict(kwargs), label=fn.__name__)
+            return True
+        batch = self.recorder.batch
+        if batch is not None:
+            batch.flush()  # a structured init reads its key now: everything queued first
+        return False
+
+
+@contextlib.contextmanager
+def recording(home: Recording | None = None, batch=None):
+    """Run the block under a :class:`Recorder` (and its sink)."""
+    rec = Recorder(home, batch)
+    token = _sink.current.set(RecordingSink(rec))
+    try:
+        # Only a recording with a home makes new tensors meta (the legacy constructor too).
+        with (hooks.recording_thread() if home is not None else contextlib.nullcontext()), rec:
+            yield rec
+    finally:
+        _sink.current.reset(token)
+
+
+__all__ = ["Recorder", "RecordingSink", "recording", "covers_storage"]

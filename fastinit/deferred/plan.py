@@ -1,0 +1,209 @@
+"""Plan: what a tensor's value is, decided from its record alone.
+
+Pure functions of records (no tensor is allocated or computed here), shared by
+``materialize``, ``batched()`` and ``planned()``:
+
+* :func:`start_of` — where a storage's value starts: the last overwrite of the
+  whole storage wins and everything before it is dead (never runs); a fill (or
+  a factory whose value is a spec: ``zeros``, ``randn``...) becomes one fused
+  fill, with the whole-tensor scalar edits right after it folded into its spec;
+  what follows replays in recorded order.
+* :func:`fill_tag` — which name keys a fill: a storage's final fill is keyed by
+  its name alone, earlier fills (read by other tensors before being overwritten)
+  by ``name#index``, factories by ``name#create``; so the same init code keys a
+  tensor the same way whether it was recorded at construction, in ``init_fn``
+  or in ``batched()``.
+* :func:`uninitialized` — why a value holds uninitialized memory (``empty``,
+  ``empty_like``, ``new_empty``, the legacy constructor, and anything computed
+  from those), or None.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..specs import Constant, InitSpec, Normal, Uniform
+from .intercept import SHAPE_ONLY, UNINITIALIZED, tensors_in
+from .record import Event, Node, StorageRecord
+
+
+def _whole(e: Event) -> bool:
+    return e.whole
+
+
+@dataclass
+class Start:
+    """Where a value starts. ``kind``: ``"fill"`` (``spec``, from the event at
+    ``index`` or, when ``index`` is None, from the creating factory),
+    ``"creation"`` (replay the creating op), ``"event"`` (replay the event at
+    ``index``), ``"existing"`` (a real tensor's current memory) or ``"none"``
+    (uninitialized memory); ``rest``: the events to replay after it, in order."""
+
+    kind: str
+    spec: InitSpec | None = None
+    index: int | None = None
+    rest: list[Event] = field(default_factory=list)
+
+
+def creation_spec(node: Node | None) -> InitSpec | None | str:
+    """The spec of a tensor a factory made, ``"empty"`` for uninitialized memory,
+    None when the creating op must be replayed."""
+    if node is None or node.func in UNINITIALIZED:
+        return "empty"
+    dtype = node.kwargs.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        return None
+    if node.func is torch.zeros:
+        return Constant(0.0)
+    if node.func is torch.ones:
+        return Constant(1.0)
+    if node.func is torch.full:
+        v = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+        return Constant(float(v)) if isinstance(v, numbers.Number) and not isinstance(v, bool) else None
+    if node.func is torch.rand:
+        return Uniform(0.0, 1.0)
+    if node.func is torch.randn:
+        return Normal(0.0, 1.0)
+    return None
+
+
+def last_overwrite(events: list[Event], whole: Callable[[Event], bool] = _whole) -> int | None:
+    for i in range(len(events) - 1, -1, -1):
+        if events[i].overwrites and whole(events[i]):
+            return i
+    return None
+
+
+def fold(spec: InitSpec, events: list[Event], whole: Callable[[Event], bool] = _whole):
+    """Fold the leading whole-tensor scalar affine edits into ``spec`` (exact in
+    distribution); returns ``(spec, the events left)``."""
+    i = 0
+    while i < len(events) and events[i].kind == "affine" and whole(events[i]):
+        spec = spec.scaled(events[i].mul).shifted(events[i].add)
+        i += 1
+    return spec, events[i:]
+
+
+def start_of(events: list[Event], node: Node | None, floating: bool, *, existing: bool = False,
+             whole: Callable[[Event], bool] = _whole) -> Start:
+    """Where a storage's value starts, given its events (see the module docstring).
+    ``existing``: the storage is real and holds values already (``batched()``)."""
+    w = last_overwrite(events, whole)
+    if w is None:
+        if existing:
+            return Start("existing", rest=list(events))
+        cs = creation_spec(node)
+        if cs == "empty":
+            return Start("none", rest=list(events))
+        if cs is not None and floating:
+            spec, rest = fold(cs, events, whole)
+            return Start("fill", spec, None, rest)
+        return Start("creation", rest=list(events))
+    if events[w].kind == "fill" and floating:
+        spec, rest = fold(events[w].spec, events[w + 1:], whole)
+        return Start("fill", spec, w, rest)
+    return Start("event", index=w, rest=list(events[w + 1:]))
+
+
+def fill_tag(all_events: list[Event], index: int | None, whole: Callable[[Event], bool] = _whole) -> str:
+    """The suffix of the name that keys the fill at ``index`` of a storage's
+    events (None: its creating factory): "" for the storage's final fill."""
+    if index is None:
+        return "#create"
+    return "" if index == last_overwrite(all_events, whole) else f"#{index}"
+
+
+def events_before(r: StorageRecord, seq: int | None) -> list[Event]:
+    if seq is None:
+        return r.events
+    return [e for e in r.events if e.seq < seq]
+
+
+@dataclass
+class Plan:
+    """One tensor object's plan: its canonical name and every name it has."""
+
+    name: str
+    aliases: list[str]
+    record: StorageRecord
+    start: Start
+    tag: str = ""
+    key: int = 0
+    why_uninitialized: str | None = None
+
+    @property
+    def spec(self) -> InitSpec | None:
+        return self.start.spec if self.start.kind == "fill" else None
+
+    @property
+    def replay(self) -> list[Event]:
+        return self.start.rest
+
+    def describe(self) -> str:
+        if self.why_uninitialized is not None and self.start.kind != "fill":
+            return "uninitialized"
+        st = self.start
+        parts = []
+        if st.kind == "fill":
+            parts.append(repr(st.spec))
+        elif st.kind == "creation":
+            parts.append(f"replay {self.record.node.label}")
+        elif st.kind == "event":
+            parts.append(f"replay {self.record.events[st.index].describe()}")
+        parts += [f"then {e.describe()}" for e in st.rest]
+        return "; ".join(parts) or "uninitialized"
+
+
+def plan_tensor(name: str, aliases: list[str], r: StorageRecord, find) -> Plan:
+    """The plan of the tensor named ``name`` whose storage's record is ``r``."""
+    floating = r.tensor.dtype.is_floating_point
+    st = start_of(r.events, r.node, floating)
+    tag = fill_tag(r.events, st.index) if st.kind == "fill" else ""
+    return Plan(name, aliases, r, st, tag, why_uninitialized=uninitialized(r, None, find))
+
+
+def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None) -> str | None:
+    """Why storage ``r``'s value just before step ``seq`` (None: at the end) holds
+    uninitialized memory, or None. ``find(tensor)`` gives the record of another
+    meta tensor's storage (or None)."""
+    memo = {} if _memo is None else _memo
+    events = events_before(r, seq)
+    mk = (r.sk, len(events))
+    if mk in memo:
+        return memo[mk]
+    memo[mk] = None  # cycles cannot happen (records only point back in time); be safe
+    st = start_of(events, r.node, r.tensor.dtype.is_floating_point)
+    why = None
+    if st.kind == "none":
+        if r.node is None:
+            why = "never initialized"
+        else:
+            why = f"made by {r.node.label} (uninitialized memory)"
+        if events:
+            why += ", only partly written"
+    else:
+        reads = []
+        if st.kind == "creation" and r.node.func not in SHAPE_ONLY:
+            reads.append((r.node.seq, r.node.args, r.node.kwargs))
+        replayed = ([events[st.index]] if st.kind == "event" else []) + st.rest
+        for e in replayed:
+            if e.kind == "op":
+                args = e.args if "out" in e.kwargs else e.args[1:]
+                reads.append((e.seq, args, {k: v for k, v in e.kwargs.items() if k != "out"}))
+        for at, args, kwargs in reads:
+            for t in tensors_in(args, kwargs):
+                if t.is_meta:
+                    src = find(t)
+                    if src is not None and src is not r:
+                        inner = uninitialized(src, at, find, memo)
+                        if inner is not None:
+                            why = f"computed from uninitialized memory ({inner})"
+                            break
+            if why is not None:
+                break
+    memo[mk] = why
+    return why

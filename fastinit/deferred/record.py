@@ -1,0 +1,259 @@
+"""Record: what a model's own code does to its tensors, kept with the tensors.
+
+A :class:`Recording` is the history of one model: for every storage its code
+made or touched, a :class:`StorageRecord` with the op that created it (a
+:class:`Node`) and the writes into it, in order (:class:`Event`). Records are
+plain data; nothing here computes a value (that is :mod:`.plan` and
+:mod:`.execute`).
+
+Records travel with tensors, as torchdistx attaches its op graph to its fake
+tensors: every deferred tensor and every module of a model built by
+``deferred_init`` carries a :class:`Handle` naming its recording and its
+fully-qualified name in the model ``deferred_init`` returned, so any submodule
+can be materialized on its own, keyed by the names of the whole model. A
+registry maps live meta storages to the recording that holds them, so an alias
+(``w.data``, ``w[0]``) finds its history too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..specs import InitSpec
+
+HANDLE_ATTR = "_fastinit_deferred"
+
+# storage key -> weak reference to the Recording that holds the storage. The
+# recording keeps its storages alive, so a live entry's key is never reused.
+_REGISTRY: dict[int, weakref.ref] = {}
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage (stable while the storage lives)."""
+    return t.untyped_storage()._cdata
+
+
+def storage_numel(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes() // t.element_size()
+
+
+def geometry(t: torch.Tensor) -> tuple:
+    """``(size, stride, storage_offset)``: which elements of its storage ``t`` views."""
+    return tuple(t.shape), tuple(t.stride()), t.storage_offset()
+
+
+def covers_storage(t: torch.Tensor) -> bool:
+    return t.storage_offset() == 0 and t.is_contiguous() and t.numel() == storage_numel(t)
+
+
+@dataclass(eq=False)
+class Node:
+    """A recorded op that created tensors (a factory, or a pure op of other tensors)."""
+
+    seq: int
+    func: Callable
+    args: tuple
+    kwargs: dict
+
+    @property
+    def label(self) -> str:
+        return getattr(self.func, "__name__", str(self.func))
+
+
+@dataclass(eq=False)
+class Event:
+    """A recorded write into a storage, through a view of it (``geom``).
+
+    ``kind`` is ``"fill"`` (``spec``: a fusable fill), ``"affine"`` (a scalar
+    ``mul_``/``div_``/``add_``/``sub_`` of a floating tensor: ``x * mul + add``,
+    which can fold into a fill's spec; replayed as the recorded op) or ``"op"``
+    (any other op, replayed as recorded: ``func(view, *args[1:], **kwargs)``).
+    ``key`` is set when the fill's key was drawn at call time (``batched()``);
+    otherwise materialization keys it by ``(seed, name)``.
+    """
+
+    seq: int
+    geom: tuple
+    kind: str
+    whole: bool  # the view covers the whole storage
+    overwrites: bool  # the result does not depend on the previous values
+    spec: InitSpec | None = None
+    mul: float = 1.0
+    add: float = 0.0
+    func: Callable | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    label: str = ""
+    key: int | None = None
+
+    def describe(self) -> str:
+        where = "" if self.whole else "[view]"
+        if self.kind == "fill":
+            return f"{self.spec!r}{where}"
+        if self.kind == "affine":
+            return f"affine(*{self.mul:g} +{self.add:g}){where}"
+        return f"{self.label}{where}"
+
+
+class StorageRecord:
+    """One storage's history: how it was created (``node``, None if made outside
+    the recording) and every write into it, in recorded order."""
+
+    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "__weakref__")
+
+    def __init__(self, sk: int, tensor: torch.Tensor, node: Node | None, born: int, out_index: int = 0):
+        self.sk = sk
+        self.tensor = tensor  # the tensor the storage was first seen as (geometry, dtype)
+        self.node = node
+        self.out_index = out_index  # which of the node's (flattened) outputs it is
+        self.events: list[Event] = []
+        self.born = born
+
+
+class Recording:
+    """The history of one model: its storages' records, and the names that key them.
+
+    ``names[sk]`` is the canonical fully-qualified name of a storage in the root
+    model (the first name a parameter or buffer viewing it has), ``by_name``
+    maps every name (tied aliases included) to its storage.
+    """
+
+    def __init__(self):
+        self._seq = itertools.count()
+        self.storages: dict[int, StorageRecord] = {}
+        self.keep: list[torch.Tensor] = []  # keeps every recorded storage (and its key) alive
+        self.names: dict[int, str] = {}
+        self.by_name: dict[str, int] = {}
+        self.geoms: dict[str, tuple] = {}  # name -> geometry of the tensor so named, in its storage
+        self.root: weakref.ref | None = None
+        self._self_ref = weakref.ref(self)
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def record(self, t: torch.Tensor, node: Node | None = None, out_index: int = 0) -> StorageRecord:
+        """The record of ``t``'s storage, made (created by output ``out_index`` of
+        ``node``) if it is new."""
+        sk = storage_key(t)
+        r = self.storages.get(sk)
+        if r is None:
+            r = self.storages[sk] = StorageRecord(sk, t, node, self.next_seq(), out_index)
+            self.keep.append(t)
+            _REGISTRY[sk] = self._self_ref
+        return r
+
+    def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, **kw) -> Event:
+        r = self.record(t)
+        ev = Event(self.next_seq(), geometry(t), kind, covers_storage(t), overwrites, **kw)
+        r.events.append(ev)
+        self.keep.append(t)
+        return ev
+
+    # ------------------------------------------------------------ transactions
+
+    def checkpoint(self) -> int:
+        """A point to :meth:`rollback` to: everything recorded after it can be undone."""
+        return self.next_seq()
+
+    def rollback(self, cp: int) -> None:
+        """Forget every storage registered and every event recorded after ``cp``."""
+        for sk, r in list(self.storages.items()):
+            if r.born > cp:
+                del self.storages[sk]
+                if _REGISTRY.get(sk) is self._self_ref:
+                    del _REGISTRY[sk]
+            elif r.events and r.events[-1].seq > cp:
+                r.events = [e for e in r.events if e.seq < cp]
+
+    def name_of(self, sk: int) -> str | None:
+        return self.names.get(sk)
+
+
+def recording_of(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
+    """The recording holding ``t``'s (meta) storage, and the storage's record."""
+    sk = storage_key(t)
+    ref = _REGISTRY.get(sk)
+    if ref is None:
+        return None
+    rec = ref()
+    if rec is None:
+        del _REGISTRY[sk]
+        return None
+    r = rec.storages.get(sk)
+    return (rec, r) if r is not None else None
+
+
+# ------------------------------------------------------------------ handles
+
+
+class Handle:
+    """What a deferred tensor or module knows: its recording and its
+    fully-qualified name (``prefix`` for a module) in the model ``deferred_init``
+    returned. Shared, never copied: a deep copy of a deferred model keeps the
+    same records, so both copies materialize to the same values for a seed."""
+
+    __slots__ = ("recording", "name")
+
+    def __init__(self, recording: Recording, name: str):
+        self.recording = recording
+        self.name = name
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def __repr__(self) -> str:
+        return f"<fastinit deferred record of {self.name or 'the root'}>"
+
+
+def named_tensors(module: torch.nn.Module):
+    """Every parameter and buffer with its name, tied aliases included."""
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def attach(root: torch.nn.Module, rec: Recording) -> list:
+    """Name ``rec``'s storages after ``root``'s parameters and buffers and hang a
+    handle on each module and each meta tensor. Returns what :func:`detach_handles`
+    needs to undo it."""
+    rec.root = weakref.ref(root)
+    added = []
+    for prefix, mod in root.named_modules(remove_duplicate=False):
+        if HANDLE_ATTR not in mod.__dict__:
+            object.__setattr__(mod, HANDLE_ATTR, Handle(rec, prefix))
+            added.append(mod)
+    for name, t in named_tensors(root):
+        if t is None or not t.is_meta:
+            continue
+        r = rec.record(t)
+        rec.names.setdefault(r.sk, name)
+        rec.by_name.setdefault(name, r.sk)
+        rec.geoms.setdefault(name, geometry(t))
+        if HANDLE_ATTR not in getattr(t, "__dict__", {}):
+            try:
+                t.__dict__[HANDLE_ATTR] = Handle(rec, name)
+                added.append(t)
+            except AttributeError:  # a tensor type without a __dict__
+                pass
+    return added
+
+
+def detach_handles(objs) -> None:
+    for o in objs:
+        o.__dict__.pop(HANDLE_ATTR, None)
+
+
+def module_handle(mod: torch.nn.Module) -> Handle | None:
+    return mod.__dict__.get(HANDLE_ATTR)
+
+
+def tensor_handle(t: torch.Tensor) -> Handle | None:
+    d = getattr(t, "__dict__", None)
+    return d.get(HANDLE_ATTR) if d else None

@@ -1,0 +1,46 @@
+"""Report: what every tensor received (``materialize``) or will receive (``planned``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..specs import InitSpec
+
+
+@dataclass
+class MaterializeReport:
+    """What every tensor received. ``entries[name]`` is a one-line description;
+    ``fused`` counts tensors filled by the engine in one batch, ``replayed``
+    those that needed replayed ops; ``seed`` is the seed used."""
+
+    seed: int
+    device: torch.device
+    entries: dict[str, str]
+    fused: int
+    replayed: int
+    bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"materialized {len(self.entries)} tensors ({self.bytes / 2**20:.1f} MiB) on {self.device} "
+                 f"in {self.seconds:.2f}s, seed {self.seed}: {self.fused} fused, {self.replayed} replayed"]
+        lines += [f"  {k}: {v}" for k, v in self.entries.items()]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What a deferred tensor will get when it is materialized: ``spec``, the
+    :class:`~fastinit.specs.InitSpec` of its fused fill (None when its value is
+    replayed, e.g. an ``orthogonal_`` or a computed buffer), ``description``
+    (the line ``materialize``'s report will show) and ``uninitialized`` (why
+    strict mode would reject it, or None)."""
+
+    spec: InitSpec | None
+    description: str
+    uninitialized: str | None = None
+
+    def __str__(self) -> str:
+        return self.description
