@@ -74,6 +74,12 @@ class Constant(InitSpec):
     value: float
     random = False
 
+    def check_dtype(self, dtype):
+        """torch's ``fill_`` check: a finite value beyond ``dtype``'s range overflows."""
+        v = self.value
+        if v == v and abs(v) != float("inf") and abs(v) > torch.finfo(dtype).max:
+            torch.empty(0, dtype=dtype).fill_(v)  # torch's own error (rounding at the edge is torch's)
+
     def kernel_params(self):
         return KIND_CONSTANT, (float(self.value), 0.0, 0.0, 0.0, 0.0, 0.0)
 

@@ -367,6 +367,9 @@ class RecordingSink:
         return False
 
 
+outside_sink = RecordingSink(Recorder())  # drop-in calls on deferred tensors outside any block
+
+
 @contextlib.contextmanager
 def recording(home: Recording | None = None, batch=None):
     """Run the block under a :class:`Recorder` (and its sink)."""
