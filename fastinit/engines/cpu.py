@@ -378,6 +378,15 @@ def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
             flat[r * lay.cols + a - g0 : r * lay.cols + b - g0] = v[a - lo : b - lo]
 
 
+# Chunks of fewer elements run on the calling thread, not on the pool.
+_POOL_MIN = 1 << 16
+
+
+def _chunk_elements(t, chunk: int) -> int:
+    glo, ghi = t.layout.global_range()
+    return max(0, min((chunk + 1) * CHUNK, ghi) - max(chunk * CHUNK, glo))
+
+
 def _chunks_of(t) -> range:
     glo, ghi = t.layout.global_range()
     return range(glo // CHUNK, (ghi + CHUNK - 1) // CHUNK)
@@ -409,10 +418,21 @@ def fill(targets, progress=None) -> None:
         work.extend((t, c) for c in _chunks_of(t))
     if not work:
         return
-    if len(work) == 1:  # one chunk: no pool, no scheduling (small tensors, per-call overhead)
-        _fill_chunk(*work[0])
-        if progress is not None:
-            progress(_chunk_bytes(*work[0]))
+    if len(work) > 1:
+        # Small chunks (small tensors) cost more in Python than in elements: on the
+        # pool, threads would only contend for the GIL. They run here, in order.
+        small = [w for w in work if _chunk_elements(*w) < _POOL_MIN]
+        if small:
+            work = [w for w in work if _chunk_elements(*w) >= _POOL_MIN]
+            for t, c in small:
+                _fill_chunk(t, c)
+                if progress is not None:
+                    progress(_chunk_bytes(t, c))
+    if len(work) <= 1:  # one chunk: no pool, no scheduling
+        for t, c in work:
+            _fill_chunk(t, c)
+            if progress is not None:
+                progress(_chunk_bytes(t, c))
         return
     nthreads = min(len(work), max(1, torch.get_num_threads()))
     # Dynamic scheduling: every thread (the caller's included) takes the next
