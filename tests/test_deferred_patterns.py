@@ -382,3 +382,16 @@ def test_dropin_calls_on_a_deferred_model_outside_any_block_are_recorded():
     assert 2.5 < m.b1.lin.weight.std().item() < 3.5
     w = m.b2.lin2.weight
     assert torch.allclose(w @ w.T, torch.eye(16), atol=1e-5)
+
+
+def test_lazy_modules_run_forward_inside_deferred_init_then_materialize():
+    def build():
+        m = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+        m(torch.zeros(2, 5))  # the dry run that gives LazyLinear its shape
+        return m
+
+    m = fastinit.deferred_init(build)
+    assert m[0].weight.shape == (8, 5) and m[0].weight.is_meta
+    fastinit.materialize(m, seed=0)
+    bound = 1 / 5 ** 0.5  # nn.Linear's reset_parameters: kaiming_uniform_(a=sqrt(5)) over fan_in 5
+    assert 0 < m[0].weight.abs().max() <= bound and m[0].weight.std() > bound / 3
