@@ -1,5 +1,9 @@
 """Fused one-pass fills: Philox4x32-10 → Uniform / Normal / TruncNormal / Constant.
 
+One tensor (a drop-in call) is filled by ``_fill_one_kernel``: its layout, key
+and six parameters are scalar arguments, its spec kind a compile-time constant,
+and repeated calls launch the compiled kernel directly (:func:`fill_one`).
+
 One launch fills a whole batch of tensors of one dtype. The host builds one
 table, O(targets) in size and copied to the device once (per target: address,
 layout, spec kind and parameters, key, first program id); each program finds
@@ -20,6 +24,7 @@ Element indices are 64-bit; the counter is built in 32-bit lanes with the carry.
 
 from __future__ import annotations
 
+import inspect
 import os
 import struct
 
@@ -151,6 +156,100 @@ def _rows_of_four(v0, v1, v2, v3, OUT_DTYPE: tl.constexpr, IS_BF16: tl.constexpr
         return vals.to(OUT_DTYPE)
 
 
+@triton.jit
+def _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS: tl.constexpr):
+    """The four words of each call -> four float32 values of spec ``kind``.
+    ``kind`` is a constexpr in the single-target kernel (one branch compiled)
+    and a runtime value in the batch kernel (all four compiled)."""
+    if kind == 1:  # uniform
+        v0 = _uniform(w0, p0, p1, p2)
+        v1 = _uniform(w1, p0, p1, p2)
+        v2 = _uniform(w2, p0, p1, p2)
+        v3 = _uniform(w3, p0, p1, p2)
+    elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
+        ra = tl.sqrt(-2.0 * tl.log(((w0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
+        ta = _unit(w1) * 6.2831854820251465
+        rb = tl.sqrt(-2.0 * tl.log(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
+        tb = _unit(w3) * 6.2831854820251465
+        sa, ca = _sincos(ta)
+        sb, cb = _sincos(tb)
+        v0 = p0 + p1 * (ra * ca)
+        v1 = p0 + p1 * (ra * sa)
+        v2 = p0 + p1 * (rb * cb)
+        v3 = p0 + p1 * (rb * sb)
+    elif kind == 3:  # truncated normal by inverse CDF
+        v0 = _trunc(w0, p0, p1, p2, p3, p4, p5)
+        v1 = _trunc(w1, p0, p1, p2, p3, p4, p5)
+        v2 = _trunc(w2, p0, p1, p2, p3, p4, p5)
+        v3 = _trunc(w3, p0, p1, p2, p3, p4, p5)
+    else:  # constant
+        v0 = tl.zeros([CALLS], dtype=tl.float32) + p0
+        v1 = v0
+        v2 = v0
+        v3 = v0
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _fill_block(base, row_start, g_row, blk, cols, base_aligned, k0, k1, kind, p0, p1, p2, p3, p4, p5,
+                OUT_DTYPE: tl.constexpr, IS_BF16: tl.constexpr, CALLS: tl.constexpr):
+    """Fill program ``blk`` of one row: the ``4 * CALLS`` elements of calls
+    ``q0 .. q0 + CALLS - 1`` that fall inside the row.
+
+    ``row_start``: element index (from ``base``) of the row's first element;
+    ``g_row``: its global flat index (>= 0); ``cols``: the row's length.
+    """
+    q0 = (g_row >> 2) + blk * CALLS  # first Philox call of this program
+    # Counter (q low, q high) for q = q0 + i, in 32-bit lanes with the carry.
+    lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
+    c0 = lo0 + tl.arange(0, CALLS).to(tl.uint32)
+    c1 = (q0 >> 32).to(tl.uint32) + (c0 < lo0).to(tl.uint32)
+    z = tl.zeros([CALLS], dtype=tl.uint32)
+    w0, w1, w2, w3 = _philox4x32_10(c0, c1, z, z, z + k0, z + k1)
+    v0, v1, v2, v3 = _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS)
+
+    lanes = tl.arange(0, CALLS)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    c_first = q0 * 4 - g_row  # column of this program's first element inside the row
+    first = row_start + c_first  # ... and its element index from base
+    if (c_first >= 0) & (c_first + 4 * CALLS <= cols) & (first % 4 == 0) & (base_aligned != 0):
+        # Whole block inside the row, 16-byte aligned: unmasked, vectorized stores.
+        # (x // 4) * 4 == x here; written so, the compiler can prove the alignment.
+        tl.store(base + (first // 4) * 4 + lanes, _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS))
+    else:  # row edges, shard boxes, odd offsets: masked
+        c = c_first + lanes
+        vals = _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS)
+        tl.store(base + row_start + c, vals, mask=(c >= 0) & (c < cols))
+
+
+# One target, its few parameters passed as scalars: no table, no copy to the
+# device, the spec kind a compile-time constant (one branch compiled, so each
+# kind's instruction count stands alone: benchmarks/sass_count.py). Integer
+# arguments are typed and never specialized, so one compiled kernel per
+# (dtype, kind, 16-byte alignment of ``out``) serves every call.
+@triton.jit(do_not_specialize=["aligned", "offset", "cols", "row_stride", "bpr", "k0", "k1"])
+def _fill_one_kernel(
+    out,  # the tensor's data
+    aligned: tl.int32,  # 1 if out is 16-byte aligned
+    offset: tl.int64,  # global index of the first element (Layout.offset)
+    cols: tl.int64,  # elements per row (rows = programs / bpr)
+    row_stride: tl.int64,  # global index distance between rows
+    bpr: tl.int32,  # programs per row
+    k0: tl.uint32,  # key, low word
+    k1: tl.uint32,  # key, high word
+    p0: tl.float32, p1: tl.float32, p2: tl.float32, p3: tl.float32, p4: tl.float32, p5: tl.float32,
+    KIND: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    CALLS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = (pid // bpr).to(tl.int64)
+    blk = (pid % bpr).to(tl.int64)
+    # (The casts are no-ops when compiled; the interpreter hands scalars over as int64.)
+    _fill_block(out, row * cols, offset + row * row_stride, blk, cols, aligned, k0.to(tl.uint32),
+                k1.to(tl.uint32), KIND, p0, p1, p2, p3, p4, p5, OUT_DTYPE, IS_BF16, CALLS)
+
+
 # The per-batch table is ONE int64 tensor (one host-to-device copy per launch):
 #   [0, T]                     first program id of each target, then the total;
 #   T+1 + 8*t + (0..7)         target t: offset, cols, row_stride, blocks per row,
@@ -208,53 +307,8 @@ def _fill_kernel(
     p4 = tl.load(pp + 4).to(tl.uint32).to(tl.float32, bitcast=True)
     p5 = tl.load(pp + 5).to(tl.uint32).to(tl.float32, bitcast=True)
 
-    g_row = offset + row * row_stride  # global index of this row's first element
-    q0 = (g_row >> 2) + blk * CALLS  # first Philox call of this program (g_row >= 0)
-    # Counter (q low, q high) for q = q0 + i, in 32-bit lanes with the carry.
-    lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
-    c0 = lo0 + tl.arange(0, CALLS).to(tl.uint32)
-    c1 = (q0 >> 32).to(tl.uint32) + (c0 < lo0).to(tl.uint32)
-    z = tl.zeros([CALLS], dtype=tl.uint32)
-    w0, w1, w2, w3 = _philox4x32_10(c0, c1, z, z, z + k0, z + k1)
-
-    if kind == 1:  # uniform
-        v0 = _uniform(w0, p0, p1, p2)
-        v1 = _uniform(w1, p0, p1, p2)
-        v2 = _uniform(w2, p0, p1, p2)
-        v3 = _uniform(w3, p0, p1, p2)
-    elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
-        ra = tl.sqrt(-2.0 * tl.log(((w0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
-        ta = _unit(w1) * 6.2831854820251465
-        rb = tl.sqrt(-2.0 * tl.log(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
-        tb = _unit(w3) * 6.2831854820251465
-        sa, ca = _sincos(ta)
-        sb, cb = _sincos(tb)
-        v0 = p0 + p1 * (ra * ca)
-        v1 = p0 + p1 * (ra * sa)
-        v2 = p0 + p1 * (rb * cb)
-        v3 = p0 + p1 * (rb * sb)
-    elif kind == 3:  # truncated normal by inverse CDF
-        v0 = _trunc(w0, p0, p1, p2, p3, p4, p5)
-        v1 = _trunc(w1, p0, p1, p2, p3, p4, p5)
-        v2 = _trunc(w2, p0, p1, p2, p3, p4, p5)
-        v3 = _trunc(w3, p0, p1, p2, p3, p4, p5)
-    else:  # constant
-        v0 = tl.zeros([CALLS], dtype=tl.float32) + p0
-        v1 = v0
-        v2 = v0
-        v3 = v0
-
-    lanes = tl.arange(0, CALLS)[:, None] * 4 + tl.arange(0, 4)[None, :]
-    c_first = q0 * 4 - g_row  # column of this program's first element inside the row
-    first = start + row * cols + c_first  # ... and its element index from base
-    if (c_first >= 0) & (c_first + 4 * CALLS <= cols) & (first % 4 == 0) & (base_aligned != 0):
-        # Whole block inside the row, 16-byte aligned: unmasked, vectorized stores.
-        # (x // 4) * 4 == x here; written so, the compiler can prove the alignment.
-        tl.store(base + (first // 4) * 4 + lanes, _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS))
-    else:  # row edges, shard boxes, odd offsets: masked
-        c = c_first + lanes
-        vals = _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS)
-        tl.store(base + (start + row * cols) + c, vals, mask=(c >= 0) & (c < cols))
+    _fill_block(base, start + row * cols, offset + row * row_stride, blk, cols, base_aligned, k0, k1, kind,
+                p0, p1, p2, p3, p4, p5, OUT_DTYPE, IS_BF16, CALLS)
 
 
 _TL_DTYPES = {
@@ -328,3 +382,112 @@ def launch_args(tensors, layouts, kinds, keys, params):
     return (first[-1],), (base, aligned, table, n, max(n - 1, 0).bit_length()), kwargs
 
 
+
+
+# --------------------------------------------------------------------------- one target
+#
+# A drop-in call fills one tensor: its parameters travel as kernel arguments
+# (no table, no host-to-device copy), and once the kernel for its (device,
+# dtype, kind, alignment, shape constants) is compiled, later calls hand the
+# arguments straight to the compiled kernel's launcher, skipping Triton's
+# per-call Python dispatch (argument binding, specialization, cache-key
+# hashing, launch metadata). The first call of each kind goes through
+# ``_fill_one_kernel[grid](...)``, which compiles and launches as usual.
+
+_DIRECT: dict = {}  # (device, dtype, kind, aligned, CALLS, NUM_WARPS) -> (launcher, function, metadata, constexprs)
+_LAUNCHER_PARAMS = ["gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
+                    "launch_enter_hook", "launch_exit_hook", "args"]
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _current_stream(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+if not _INTERPRET and torch.cuda.is_available():  # the raw calls Triton's own driver uses
+    _current_device = torch._C._cuda_getDevice  # noqa: F811
+    _current_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
+
+
+def _hooks_idle() -> bool:
+    """No launch hook is installed (a profiler such as proton installs them;
+    with one, every launch takes Triton's own path so the hook sees it)."""
+    rt = triton.knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def direct_launch_supported(compiled) -> bool:
+    """Whether ``compiled`` (what ``kernel[grid](...)`` returned) can be launched
+    by calling its launcher directly, as ``JITFunction.run`` does in Triton 3.x:
+    ``compiled.run(gridX, gridY, gridZ, stream, compiled.function,
+    compiled.packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``,
+    with every kernel argument (constexprs included) in signature order.
+    Anything else (another Triton, the interpreter, an asynchronous compile)
+    answers False, and launches keep going through ``kernel[grid](...)``."""
+    if _INTERPRET or compiled is None:
+        return False
+    try:
+        launcher = compiled.run  # creates the launcher and loads the module if needed
+        if getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata"):
+            return False
+        names = list(inspect.signature(launcher).parameters.values())
+        if [p.name for p in names] != _LAUNCHER_PARAMS or names[-1].kind != inspect.Parameter.VAR_POSITIONAL:
+            return False
+        return list(compiled.src.signature) == [p.name for p in _fill_one_kernel.params]
+    except Exception:  # noqa: BLE001 - any surprise means: use Triton's own path
+        return False
+
+
+def programs_per_row(offset: int, rows: int, cols: int) -> int:
+    """Programs per row: exact for one row (the Philox calls it touches), an
+    upper bound for several (rows start at different offsets mod 4)."""
+    if rows == 1:
+        return -(-(((offset + cols - 1) >> 2) - (offset >> 2) + 1) // CALLS)
+    return -(-(cols // 4 + 2) // CALLS)
+
+
+def fill_one(tensor, offset, rows, cols, row_stride, kind, key, params) -> None:
+    """Fill one contiguous ``tensor`` (layout ``offset, rows, cols, row_stride``
+    in its global flat index) with spec ``kind`` and its ``N_PARAMS`` floats
+    ``params``, keyed by the 64-bit ``key``: one launch, scalar arguments."""
+    dtype = tensor.dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"the triton engine cannot fill dtype {dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError("fill_one takes a contiguous tensor")
+    ptr = tensor.data_ptr()
+    aligned = 1 if ptr & 15 == 0 else 0
+    bpr = programs_per_row(offset, rows, cols)
+    device = tensor.get_device()
+    entry = _DIRECT.get((device, dtype, kind, aligned, CALLS, NUM_WARPS))
+    if entry is not None and _hooks_idle() and _current_device() == device:
+        launcher, function, metadata, constexprs = entry
+        launcher(rows * bpr, 1, 1, _current_stream(device), function, metadata, None, None, None,
+                 ptr, aligned, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF,
+                 *params, *constexprs)
+        return
+    _fill_one_launch(tensor, device, aligned, rows * bpr,
+                     (aligned, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF, *params),
+                     kind)
+
+
+def _fill_one_launch(tensor, device, aligned, grid, args, kind) -> None:
+    """Triton's own launch (compiling on first use); remembers the compiled
+    kernel for direct launches when :func:`direct_launch_supported`."""
+    dtype = tensor.dtype
+    constexprs = (kind, _TL_DTYPES[dtype], dtype == torch.bfloat16, CALLS)
+    kwargs = dict(zip(("KIND", "OUT_DTYPE", "IS_BF16", "CALLS"), constexprs))
+    if device >= 0 and device != _current_device():
+        with torch.cuda.device(device):
+            _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
+        return
+    compiled = _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
+    if direct_launch_supported(compiled):
+        _DIRECT[(device, dtype, kind, aligned, CALLS, NUM_WARPS)] = (
+            compiled.run, compiled.function, compiled.packed_metadata, constexprs)
