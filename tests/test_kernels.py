@@ -21,6 +21,7 @@ SPECS = [
     Normal(1.0, 2.0),
     TruncNormal(0.0, 1.0, -2.0, 2.0),
     TruncNormal(0.0, 1.0, 5.0, 6.0),  # mirrored upper tail, Acklam branch
+    TruncNormal(0.0, 0.02, -2.0, 2.0),  # trunc_normal_(w, std=.02): +-100 sigma, both polynomials
 ]
 SIZES = [1, 3, 4, 5, 2047, 2048, 2049, 4101]
 

@@ -2,7 +2,9 @@
 
 CUDA tensors always; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's
 interpreter, how CI checks the kernels). The kernels live in
-``fastinit.kernels.philox_fill``.
+``fastinit.kernels.philox_fill``: a batch of one tensor (every drop-in call)
+takes its single-target kernel, with scalar arguments and a direct launch once
+compiled; larger batches one table-driven launch per dtype.
 """
 
 from __future__ import annotations
@@ -21,22 +23,50 @@ def check_available() -> None:
 
 
 def _interpreting() -> bool:
+    """CPU tensors are accepted (read per call, for CPU tensors only;
+    benchmarks/host_path.py replaces it to time the CUDA path on CPU tensors
+    with the launch stubbed)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+_pf = None  # fastinit.kernels.philox_fill, imported on the first fill
+
+
+def _kernels():
+    global _pf
+    if _pf is None:
+        # Imported only now: the kernels are decorated (compiled or interpreted) on import.
+        from fastinit.kernels import philox_fill
+
+        _pf = philox_fill
+    return _pf
+
+
+def _device_error(dev) -> RuntimeError:
+    return RuntimeError(
+        f"the triton engine fills CUDA tensors (got a {dev.type} tensor); on CPU it runs "
+        "only under TRITON_INTERPRET=1 — use the 'cpu' or 'reference' engine"
+    )
 
 
 def fill(targets, progress=None) -> None:
+    if len(targets) == 1:  # a drop-in call: scalar arguments, direct launch
+        t = targets[0]
+        tensor = t.tensor
+        if not (tensor.is_cuda or (tensor.device.type == "cpu" and _interpreting())):
+            raise _device_error(tensor.device)
+        kind, params = t.spec.kernel_params()
+        lay = t.layout
+        (_pf or _kernels()).fill_one(tensor, lay.offset, lay.rows, lay.cols, lay.row_stride, kind, t.key, params)
+        if progress is not None:
+            progress(tensor.numel() * tensor.element_size())
+        return
     groups: dict[tuple, list] = {}
     for t in targets:
         dev = t.tensor.device
         if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
-            raise RuntimeError(
-                f"the triton engine fills CUDA tensors (got a {dev.type} tensor); on CPU it runs "
-                "only under TRITON_INTERPRET=1 — use the 'cpu' or 'reference' engine"
-            )
+            raise _device_error(dev)
         groups.setdefault((t.tensor.dtype, dev), []).append(t)
-    # Imported only now: the kernels are decorated (compiled or interpreted) on import.
-    from fastinit.kernels.philox_fill import fill_batch
-
+    fill_batch = _kernels().fill_batch
     for batch in groups.values():
         kinds, params = zip(*(t.spec.kernel_params() for t in batch))
         fill_batch(

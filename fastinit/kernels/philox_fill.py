@@ -1,5 +1,9 @@
 """Fused one-pass fills: Philox4x32-10 → Uniform / Normal / TruncNormal / Constant.
 
+One tensor (a drop-in call) is filled by ``_fill_one_kernel``: its layout, key
+and six parameters are scalar arguments, its spec kind a compile-time constant,
+and repeated calls launch the compiled kernel directly (:func:`fill_one`).
+
 One launch fills a whole batch of tensors of one dtype. The host builds one
 table, O(targets) in size and copied to the device once (per target: address,
 layout, spec kind and parameters, key, first program id); each program finds
@@ -20,6 +24,7 @@ Element indices are 64-bit; the counter is built in 32-bit lanes with the carry.
 
 from __future__ import annotations
 
+import inspect
 import os
 import struct
 
@@ -48,12 +53,14 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
         if r > 0:
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
-        a0 = c0
-        a2 = c2
-        hi0 = tl.umulhi(a0, 0xD2511F53)
-        lo0 = a0 * 0xD2511F53
-        hi1 = tl.umulhi(a2, 0xCD9E8D57)
-        lo1 = a2 * 0xCD9E8D57
+        # One 32x32 -> 64-bit product per multiplier (a single IMAD.WIDE.U32
+        # on sm_90) instead of separate high and low halves (IMAD.HI + IMAD).
+        m0 = c0.to(tl.uint64) * 0xD2511F53
+        m1 = c2.to(tl.uint64) * 0xCD9E8D57
+        hi0 = (m0 >> 32).to(tl.uint32)
+        lo0 = m0.to(tl.uint32)
+        hi1 = (m1 >> 32).to(tl.uint32)
+        lo1 = m1.to(tl.uint32)
         c0 = hi1 ^ c1 ^ k0
         c1 = lo1
         c2 = hi0 ^ c3 ^ k1
@@ -68,50 +75,116 @@ def _unit(w):
 
 
 @triton.jit
-def _erfinv(t):
-    """erfinv(t - 1) from t in (0, 2): Giles' single-precision polynomials and
-    Acklam's tail (same operations as fastinit.rng.erfinv_f32)."""
-    v = t - 1.0
-    w = -tl.log(t * (2.0 - t))
+def _erfinv_central(t, w):
+    """erfinv(t - 1) for w = -log(t (2 - t)) < 5: Giles' central polynomial."""
     ws = w - 2.5
-    p = 2.81022636e-08
-    p = 3.43273939e-07 + p * ws
-    p = -3.5233877e-06 + p * ws
-    p = -4.39150654e-06 + p * ws
-    p = 0.00021858087 + p * ws
-    p = -0.00125372503 + p * ws
-    p = -0.00417768164 + p * ws
-    p = 0.246640727 + p * ws
-    p = 1.50140941 + p * ws
+    p = tl.fma(2.81022636e-08, ws, 3.43273939e-07)
+    p = tl.fma(p, ws, -3.5233877e-06)
+    p = tl.fma(p, ws, -4.39150654e-06)
+    p = tl.fma(p, ws, 0.00021858087)
+    p = tl.fma(p, ws, -0.00125372503)
+    p = tl.fma(p, ws, -0.00417768164)
+    p = tl.fma(p, ws, 0.246640727)
+    p = tl.fma(p, ws, 1.50140941)
+    return p * (t - 1.0)
+
+
+@triton.jit
+def _erfinv_mid(t, w):
+    """erfinv(t - 1) for w < 16: Giles' two polynomials."""
     wl = tl.sqrt(w) - 3.0
-    q = -0.000200214257
-    q = 0.000100950558 + q * wl
-    q = 0.00134934322 + q * wl
-    q = -0.00367342844 + q * wl
-    q = 0.00573950773 + q * wl
-    q = -0.0076224613 + q * wl
-    q = 0.00943887047 + q * wl
-    q = 1.00167406 + q * wl
-    q = 2.83297682 + q * wl
-    # Deep lower tail (w >= 16): Acklam's rational quantile at p = t / 2.
-    r = tl.sqrt(-2.0 * tl.log(t * 0.5))
-    num = -7.784894002430293e-03 * r - 3.223964580411365e-01
-    num = num * r - 2.400758277161838e+00
-    num = num * r - 2.549732539343734e+00
-    num = num * r + 4.374664141464968e+00
-    num = num * r + 2.938163982698783e+00
-    den = 7.784695709041462e-03 * r + 3.224671290700398e-01
-    den = den * r + 2.445134137142996e+00
-    den = den * r + 3.754408661907416e+00
-    tail = num / (den * r + 1.0) * 0.7071067811865476
-    return tl.where(w < 16.0, tl.where(w < 5.0, p, q) * v, tail)
+    q = tl.fma(-0.000200214257, wl, 0.000100950558)
+    q = tl.fma(q, wl, 0.00134934322)
+    q = tl.fma(q, wl, -0.00367342844)
+    q = tl.fma(q, wl, 0.00573950773)
+    q = tl.fma(q, wl, -0.0076224613)
+    q = tl.fma(q, wl, 0.00943887047)
+    q = tl.fma(q, wl, 1.00167406)
+    q = tl.fma(q, wl, 2.83297682)
+    return tl.where(w < 5.0, _erfinv_central(t, w), q * (t - 1.0))
 
 
-# The GPU's sin.approx / cos.approx (as cuRAND's Box-Muller, __sincosf): on
-# [0, 2pi) within about 1e-6 of the correctly rounded value, and no range
-# reduction; libdevice's sinf/cosf would make normal fills compute-bound. The
-# interpreter has no libdevice: exact sin/cos there.
+@triton.jit
+def _erfinv_full(t, w):
+    """erfinv(t - 1) for any w: below 16 Giles' polynomials, beyond (the deep
+    lower tail) Acklam's rational quantile at p = t / 2, over sqrt(2)."""
+    r = tl.sqrt(_log2(t * 0.5) * -1.3862943611198906)
+    num = tl.fma(-7.784894002430293e-03, r, -3.223964580411365e-01)
+    num = tl.fma(num, r, -2.400758277161838e+00)
+    num = tl.fma(num, r, -2.549732539343734e+00)
+    num = tl.fma(num, r, 4.374664141464968e+00)
+    num = tl.fma(num, r, 2.938163982698783e+00)
+    den = tl.fma(7.784695709041462e-03, r, 3.224671290700398e-01)
+    den = tl.fma(den, r, 2.445134137142996e+00)
+    den = tl.fma(den, r, 3.754408661907416e+00)
+    tail = num / tl.fma(den, r, 1.0) * 0.7071067811865476
+    return tl.where(w < 16.0, _erfinv_mid(t, w), tail)
+
+
+@triton.jit
+def _trunc_t(w, p0, p1):
+    """The CDF window's point t = lo + span * u in (0, 2), u in (0, 1) from the top 24 bits."""
+    u = tl.fma((w >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
+    return tl.minimum(tl.maximum(tl.fma(p1, u, p0), 1.1754943508222875e-38), 1.9999998807907104)
+
+
+@triton.jit
+def _trunc4(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5):
+    """Truncated normal by inverse CDF, x = mean + scale * erfinv(t - 1), clamped
+    to [a, b]: Giles' polynomials in w = -log(t (2 - t)) (as fastinit.rng.erfinv_f32,
+    with fused multiply-adds). Which branches run is decided per program from
+    the largest w it meets, so a program computes only the polynomials some of
+    its elements need: the central one alone when every w < 5 (any window
+    inside about +-2.7 sigma, e.g. +-2 sigma), the second too when some w < 16,
+    and Acklam's tail (t below 1e-7) almost never. The values are those of
+    the branch each element's own w selects, whatever ran."""
+    t0 = _trunc_t(w0, p0, p1)
+    t1 = _trunc_t(w1, p0, p1)
+    t2 = _trunc_t(w2, p0, p1)
+    t3 = _trunc_t(w3, p0, p1)
+    l0 = _log2(t0 * (2.0 - t0)) * -0.6931471805599453
+    l1 = _log2(t1 * (2.0 - t1)) * -0.6931471805599453
+    l2 = _log2(t2 * (2.0 - t2)) * -0.6931471805599453
+    l3 = _log2(t3 * (2.0 - t3)) * -0.6931471805599453
+    wmax = tl.max(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3)), axis=0)
+    if wmax < 5.0:
+        e0 = _erfinv_central(t0, l0)
+        e1 = _erfinv_central(t1, l1)
+        e2 = _erfinv_central(t2, l2)
+        e3 = _erfinv_central(t3, l3)
+    elif wmax < 16.0:
+        e0 = _erfinv_mid(t0, l0)
+        e1 = _erfinv_mid(t1, l1)
+        e2 = _erfinv_mid(t2, l2)
+        e3 = _erfinv_mid(t3, l3)
+    else:
+        e0 = _erfinv_full(t0, l0)
+        e1 = _erfinv_full(t1, l1)
+        e2 = _erfinv_full(t2, l2)
+        e3 = _erfinv_full(t3, l3)
+    v0 = tl.minimum(tl.maximum(tl.fma(p2, e0, p3), p4), p5)
+    v1 = tl.minimum(tl.maximum(tl.fma(p2, e1, p3), p4), p5)
+    v2 = tl.minimum(tl.maximum(tl.fma(p2, e2, p3), p4), p5)
+    v3 = tl.minimum(tl.maximum(tl.fma(p2, e3, p3), p4), p5)
+    return v0, v1, v2, v3
+
+
+# The GPU's sin.approx / cos.approx / lg2.approx (as cuRAND's Box-Muller,
+# __sincosf, __logf): on [0, 2pi) sin and cos within about 1e-6 of the
+# correctly rounded value, and no range reduction; libdevice's sinf/cosf/logf
+# would make normal and truncated-normal fills compute-bound. The interpreter
+# has no libdevice: exact functions there.
 _FAST_TRIG = tl.constexpr(not _INTERPRET)
+
+
+@triton.jit
+def _log2(x):
+    """log2 by the GPU's lg2.approx (one MUFU.LG2; relative error about 2^-22,
+    as cuRAND's __logf): libdevice's accurate log is a dozen FMAs a call."""
+    if _FAST_TRIG:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
@@ -127,12 +200,7 @@ def _uniform(w, p0, p1, p2):
     return tl.minimum(p0 + p1 * _unit(w), p2)
 
 
-@triton.jit
-def _trunc(w, p0, p1, p2, p3, p4, p5):
-    u = ((w >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    t = tl.minimum(tl.maximum(p0 + p1 * u, 1.1754943508222875e-38), 1.9999998807907104)
-    x = p3 + p2 * _erfinv(t)
-    return tl.minimum(tl.maximum(x, p4), p5)
+_BY_HAND_BF16 = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
@@ -141,14 +209,108 @@ def _rows_of_four(v0, v1, v2, v3, OUT_DTYPE: tl.constexpr, IS_BF16: tl.constexpr
     4 * (q0 + i) + lane). Built in registers; called inside each store branch so
     that any layout change the masked store needs stays off the aligned path."""
     vals = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [CALLS, 4])
-    if IS_BF16:
-        # Round to nearest even by hand: identical on GPU and in the interpreter
-        # (whose float32 -> bfloat16 cast truncates). Values are finite.
+    if IS_BF16 and _BY_HAND_BF16:
+        # Round to nearest even by hand in the interpreter (whose float32 ->
+        # bfloat16 cast truncates); the GPU's own conversion (cvt.rn.bf16x2.f32,
+        # one instruction per two values) rounds the same way. Values are finite.
         bits = vals.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return vals.to(OUT_DTYPE)
+
+
+@triton.jit
+def _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS: tl.constexpr):
+    """The four words of each call -> four float32 values of spec ``kind``.
+    ``kind`` is a constexpr in the single-target kernel (one branch compiled)
+    and a runtime value in the batch kernel (all four compiled)."""
+    if kind == 1:  # uniform
+        v0 = _uniform(w0, p0, p1, p2)
+        v1 = _uniform(w1, p0, p1, p2)
+        v2 = _uniform(w2, p0, p1, p2)
+        v3 = _uniform(w3, p0, p1, p2)
+    elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
+        # r = sqrt(-2 ln u) as sqrt(log2(u) * -2 ln 2); the angle 2 pi (x 2^-24)
+        # as x (2 pi 2^-24): the same float32 product, one multiply fewer.
+        ra = tl.sqrt(_log2(((w0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08) * -1.3862943611198906)
+        ta = (w1 >> 8).to(tl.float32) * 3.745070282126183e-07
+        rb = tl.sqrt(_log2(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08) * -1.3862943611198906)
+        tb = (w3 >> 8).to(tl.float32) * 3.745070282126183e-07
+        sa, ca = _sincos(ta)
+        sb, cb = _sincos(tb)
+        v0 = tl.fma(p1, ra * ca, p0)
+        v1 = tl.fma(p1, ra * sa, p0)
+        v2 = tl.fma(p1, rb * cb, p0)
+        v3 = tl.fma(p1, rb * sb, p0)
+    elif kind == 3:  # truncated normal by inverse CDF
+        v0, v1, v2, v3 = _trunc4(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5)
+    else:  # constant
+        v0 = tl.zeros([CALLS], dtype=tl.float32) + p0
+        v1 = v0
+        v2 = v0
+        v3 = v0
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _fill_block(base, row_start, g_row, blk, cols, base_aligned, k0, k1, kind, p0, p1, p2, p3, p4, p5,
+                OUT_DTYPE: tl.constexpr, IS_BF16: tl.constexpr, CALLS: tl.constexpr):
+    """Fill program ``blk`` of one row: the ``4 * CALLS`` elements of calls
+    ``q0 .. q0 + CALLS - 1`` that fall inside the row.
+
+    ``row_start``: element index (from ``base``) of the row's first element;
+    ``g_row``: its global flat index (>= 0); ``cols``: the row's length.
+    """
+    q0 = (g_row >> 2) + blk * CALLS  # first Philox call of this program
+    # Counter (q low, q high) for q = q0 + i, in 32-bit lanes with the carry.
+    lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
+    c0 = lo0 + tl.arange(0, CALLS).to(tl.uint32)
+    c1 = (q0 >> 32).to(tl.uint32) + (c0 < lo0).to(tl.uint32)
+    z = tl.zeros([CALLS], dtype=tl.uint32)
+    w0, w1, w2, w3 = _philox4x32_10(c0, c1, z, z, z + k0, z + k1)
+    v0, v1, v2, v3 = _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS)
+
+    lanes = tl.arange(0, CALLS)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    c_first = q0 * 4 - g_row  # column of this program's first element inside the row
+    first = row_start + c_first  # ... and its element index from base
+    if (c_first >= 0) & (c_first + 4 * CALLS <= cols) & (first % 4 == 0) & (base_aligned != 0):
+        # Whole block inside the row, 16-byte aligned: unmasked, vectorized stores.
+        # (x // 4) * 4 == x here; written so, the compiler can prove the alignment.
+        tl.store(base + (first // 4) * 4 + lanes, _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS))
+    else:  # row edges, shard boxes, odd offsets: masked
+        c = c_first + lanes
+        vals = _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS)
+        tl.store(base + row_start + c, vals, mask=(c >= 0) & (c < cols))
+
+
+# One target, its few parameters passed as scalars: no table, no copy to the
+# device, the spec kind a compile-time constant (one branch compiled, so each
+# kind's instruction count stands alone: benchmarks/sass_count.py). Integer
+# arguments are typed and never specialized, so one compiled kernel per
+# (dtype, kind, 16-byte alignment of ``out``) serves every call.
+@triton.jit(do_not_specialize=["aligned", "offset", "cols", "row_stride", "bpr", "k0", "k1"])
+def _fill_one_kernel(
+    out,  # the tensor's data
+    aligned: tl.int32,  # 1 if out is 16-byte aligned
+    offset: tl.int64,  # global index of the first element (Layout.offset)
+    cols: tl.int64,  # elements per row (rows = programs / bpr)
+    row_stride: tl.int64,  # global index distance between rows
+    bpr: tl.int32,  # programs per row
+    k0: tl.uint32,  # key, low word
+    k1: tl.uint32,  # key, high word
+    p0: tl.float32, p1: tl.float32, p2: tl.float32, p3: tl.float32, p4: tl.float32, p5: tl.float32,
+    KIND: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    CALLS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = (pid // bpr).to(tl.int64)
+    blk = (pid % bpr).to(tl.int64)
+    # (The casts are no-ops when compiled; the interpreter hands scalars over as int64.)
+    _fill_block(out, row * cols, offset + row * row_stride, blk, cols, aligned, k0.to(tl.uint32),
+                k1.to(tl.uint32), KIND, p0, p1, p2, p3, p4, p5, OUT_DTYPE, IS_BF16, CALLS)
 
 
 # The per-batch table is ONE int64 tensor (one host-to-device copy per launch):
@@ -208,53 +370,8 @@ def _fill_kernel(
     p4 = tl.load(pp + 4).to(tl.uint32).to(tl.float32, bitcast=True)
     p5 = tl.load(pp + 5).to(tl.uint32).to(tl.float32, bitcast=True)
 
-    g_row = offset + row * row_stride  # global index of this row's first element
-    q0 = (g_row >> 2) + blk * CALLS  # first Philox call of this program (g_row >= 0)
-    # Counter (q low, q high) for q = q0 + i, in 32-bit lanes with the carry.
-    lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
-    c0 = lo0 + tl.arange(0, CALLS).to(tl.uint32)
-    c1 = (q0 >> 32).to(tl.uint32) + (c0 < lo0).to(tl.uint32)
-    z = tl.zeros([CALLS], dtype=tl.uint32)
-    w0, w1, w2, w3 = _philox4x32_10(c0, c1, z, z, z + k0, z + k1)
-
-    if kind == 1:  # uniform
-        v0 = _uniform(w0, p0, p1, p2)
-        v1 = _uniform(w1, p0, p1, p2)
-        v2 = _uniform(w2, p0, p1, p2)
-        v3 = _uniform(w3, p0, p1, p2)
-    elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
-        ra = tl.sqrt(-2.0 * tl.log(((w0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
-        ta = _unit(w1) * 6.2831854820251465
-        rb = tl.sqrt(-2.0 * tl.log(((w2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
-        tb = _unit(w3) * 6.2831854820251465
-        sa, ca = _sincos(ta)
-        sb, cb = _sincos(tb)
-        v0 = p0 + p1 * (ra * ca)
-        v1 = p0 + p1 * (ra * sa)
-        v2 = p0 + p1 * (rb * cb)
-        v3 = p0 + p1 * (rb * sb)
-    elif kind == 3:  # truncated normal by inverse CDF
-        v0 = _trunc(w0, p0, p1, p2, p3, p4, p5)
-        v1 = _trunc(w1, p0, p1, p2, p3, p4, p5)
-        v2 = _trunc(w2, p0, p1, p2, p3, p4, p5)
-        v3 = _trunc(w3, p0, p1, p2, p3, p4, p5)
-    else:  # constant
-        v0 = tl.zeros([CALLS], dtype=tl.float32) + p0
-        v1 = v0
-        v2 = v0
-        v3 = v0
-
-    lanes = tl.arange(0, CALLS)[:, None] * 4 + tl.arange(0, 4)[None, :]
-    c_first = q0 * 4 - g_row  # column of this program's first element inside the row
-    first = start + row * cols + c_first  # ... and its element index from base
-    if (c_first >= 0) & (c_first + 4 * CALLS <= cols) & (first % 4 == 0) & (base_aligned != 0):
-        # Whole block inside the row, 16-byte aligned: unmasked, vectorized stores.
-        # (x // 4) * 4 == x here; written so, the compiler can prove the alignment.
-        tl.store(base + (first // 4) * 4 + lanes, _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS))
-    else:  # row edges, shard boxes, odd offsets: masked
-        c = c_first + lanes
-        vals = _rows_of_four(v0, v1, v2, v3, OUT_DTYPE, IS_BF16, CALLS)
-        tl.store(base + (start + row * cols) + c, vals, mask=(c >= 0) & (c < cols))
+    _fill_block(base, start + row * cols, offset + row * row_stride, blk, cols, base_aligned, k0, k1, kind,
+                p0, p1, p2, p3, p4, p5, OUT_DTYPE, IS_BF16, CALLS)
 
 
 _TL_DTYPES = {
@@ -328,3 +445,112 @@ def launch_args(tensors, layouts, kinds, keys, params):
     return (first[-1],), (base, aligned, table, n, max(n - 1, 0).bit_length()), kwargs
 
 
+
+
+# --------------------------------------------------------------------------- one target
+#
+# A drop-in call fills one tensor: its parameters travel as kernel arguments
+# (no table, no host-to-device copy), and once the kernel for its (device,
+# dtype, kind, alignment, shape constants) is compiled, later calls hand the
+# arguments straight to the compiled kernel's launcher, skipping Triton's
+# per-call Python dispatch (argument binding, specialization, cache-key
+# hashing, launch metadata). The first call of each kind goes through
+# ``_fill_one_kernel[grid](...)``, which compiles and launches as usual.
+
+_DIRECT: dict = {}  # (device, dtype, kind, aligned, CALLS, NUM_WARPS) -> (launcher, function, metadata, constexprs)
+_LAUNCHER_PARAMS = ["gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
+                    "launch_enter_hook", "launch_exit_hook", "args"]
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _current_stream(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+if not _INTERPRET and torch.cuda.is_available():  # the raw calls Triton's own driver uses
+    _current_device = torch._C._cuda_getDevice  # noqa: F811
+    _current_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
+
+
+def _hooks_idle() -> bool:
+    """No launch hook is installed (a profiler such as proton installs them;
+    with one, every launch takes Triton's own path so the hook sees it)."""
+    rt = triton.knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def direct_launch_supported(compiled) -> bool:
+    """Whether ``compiled`` (what ``kernel[grid](...)`` returned) can be launched
+    by calling its launcher directly, as ``JITFunction.run`` does in Triton 3.x:
+    ``compiled.run(gridX, gridY, gridZ, stream, compiled.function,
+    compiled.packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``,
+    with every kernel argument (constexprs included) in signature order.
+    Anything else (another Triton, the interpreter, an asynchronous compile)
+    answers False, and launches keep going through ``kernel[grid](...)``."""
+    if _INTERPRET or compiled is None:
+        return False
+    try:
+        launcher = compiled.run  # creates the launcher and loads the module if needed
+        if getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata"):
+            return False
+        names = list(inspect.signature(launcher).parameters.values())
+        if [p.name for p in names] != _LAUNCHER_PARAMS or names[-1].kind != inspect.Parameter.VAR_POSITIONAL:
+            return False
+        return list(compiled.src.signature) == [p.name for p in _fill_one_kernel.params]
+    except Exception:  # noqa: BLE001 - any surprise means: use Triton's own path
+        return False
+
+
+def programs_per_row(offset: int, rows: int, cols: int) -> int:
+    """Programs per row: exact for one row (the Philox calls it touches), an
+    upper bound for several (rows start at different offsets mod 4)."""
+    if rows == 1:
+        return -(-(((offset + cols - 1) >> 2) - (offset >> 2) + 1) // CALLS)
+    return -(-(cols // 4 + 2) // CALLS)
+
+
+def fill_one(tensor, offset, rows, cols, row_stride, kind, key, params) -> None:
+    """Fill one contiguous ``tensor`` (layout ``offset, rows, cols, row_stride``
+    in its global flat index) with spec ``kind`` and its ``N_PARAMS`` floats
+    ``params``, keyed by the 64-bit ``key``: one launch, scalar arguments."""
+    dtype = tensor.dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"the triton engine cannot fill dtype {dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError("fill_one takes a contiguous tensor")
+    ptr = tensor.data_ptr()
+    aligned = 1 if ptr & 15 == 0 else 0
+    bpr = programs_per_row(offset, rows, cols)
+    device = tensor.get_device()
+    entry = _DIRECT.get((device, dtype, kind, aligned, CALLS, NUM_WARPS))
+    if entry is not None and _hooks_idle() and _current_device() == device:
+        launcher, function, metadata, constexprs = entry
+        launcher(rows * bpr, 1, 1, _current_stream(device), function, metadata, None, None, None,
+                 ptr, aligned, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF,
+                 *params, *constexprs)
+        return
+    _fill_one_launch(tensor, device, aligned, rows * bpr,
+                     (aligned, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF, *params),
+                     kind)
+
+
+def _fill_one_launch(tensor, device, aligned, grid, args, kind) -> None:
+    """Triton's own launch (compiling on first use); remembers the compiled
+    kernel for direct launches when :func:`direct_launch_supported`."""
+    dtype = tensor.dtype
+    constexprs = (kind, _TL_DTYPES[dtype], dtype == torch.bfloat16, CALLS)
+    kwargs = dict(zip(("KIND", "OUT_DTYPE", "IS_BF16", "CALLS"), constexprs))
+    if device >= 0 and device != _current_device():
+        with torch.cuda.device(device):
+            _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
+        return
+    compiled = _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
+    if direct_launch_supported(compiled):
+        _DIRECT[(device, dtype, kind, aligned, CALLS, NUM_WARPS)] = (
+            compiled.run, compiled.function, compiled.packed_metadata, constexprs)
