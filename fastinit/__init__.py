@@ -52,3 +52,4 @@ __all__ = [
 ]
 from . import schemes
 from .schemes import Rule, Scheme, apply_scheme
+from .audit import Audit, audit
