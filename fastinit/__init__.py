@@ -50,3 +50,6 @@ __all__ = [
     "deferred_init", "materialize", "batched", "planned", "is_deferred", "MaterializeReport", "Planned",
     "use_engine", "engines", "specs", "InitSpec", "Uniform", "Normal", "TruncNormal", "Constant",
 ]
+from . import schemes
+from .schemes import Rule, Scheme, apply_scheme
+from .audit import Audit, audit
