@@ -10,6 +10,13 @@ from . import engines, specs
 from .engines import use_engine
 from .fans import calculate_fan_in_and_fan_out, calculate_gain, variance_scaling
 from .init import (
+    _calculate_correct_fan,
+    _calculate_fan_in_and_fan_out,
+    _no_grad_fill_,
+    _no_grad_normal_,
+    _no_grad_trunc_normal_,
+    _no_grad_uniform_,
+    _no_grad_zero_,
     constant,
     constant_,
     dirac,
