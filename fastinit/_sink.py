@@ -6,31 +6,22 @@ has ``fill(tensor, spec, generator) -> bool`` (fusable specs) and
 ``replay(tensor, fn, args, kwargs) -> bool`` (everything else): ``True`` means it
 took the call and nothing is to be done now.
 
-Outside any block, the default sink takes only calls on meta tensors that a
-deferred model holds: they are recorded onto that model's recording, as inside
-``batched(module=model)``, instead of doing nothing as torch's calls on meta
-tensors do.
+Outside any block, a call on a meta tensor that a deferred model holds is still
+recorded, onto that model's recording (as inside ``batched(module=model)``),
+instead of doing nothing as torch's calls on meta tensors do.
 """
 
 from __future__ import annotations
 
 import contextvars
 
-
-class _DeferredTensors:
-    """The default sink: records calls on deferred meta tensors, ignores the rest."""
-
-    def fill(self, tensor, spec, generator) -> bool:
-        if not tensor.is_meta:
-            return False
-        from .deferred.intercept import outside_sink
-        return outside_sink.fill(tensor, spec, generator)
-
-    def replay(self, tensor, fn, args, kwargs) -> bool:
-        if not tensor.is_meta:
-            return False
-        from .deferred.intercept import outside_sink
-        return outside_sink.replay(tensor, fn, args, kwargs)
+current: contextvars.ContextVar = contextvars.ContextVar("fastinit_sink", default=None)
 
 
-current: contextvars.ContextVar = contextvars.ContextVar("fastinit_sink", default=_DeferredTensors())
+def for_tensor(tensor):
+    """The sink a drop-in call on ``tensor`` goes to (None: fill it now)."""
+    sink = current.get()
+    if sink is None and tensor.is_meta:
+        from .deferred.intercept import outside_sink_for
+        return outside_sink_for(tensor)
+    return sink

@@ -129,7 +129,7 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     the call to the active recorder. ``torch_fallback()`` runs instead for
     dtypes the engines do not hold (complex). Nothing is written when it raises.
     """
-    sink = _sink.current.get()
+    sink = _sink.for_tensor(tensor)
     check_like_torch(tensor, op, *op_args, generator=generator, recording=sink is not None)
     if sink is None and tensor.is_meta:
         return tensor  # torch's meta kernels check no more than that
@@ -165,12 +165,12 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
         return random_fill(tensor, "uniform_", (spec.a, spec.b), generator, lambda: spec, torch_fallback)
     if isinstance(spec, Normal):
         return random_fill(tensor, "normal_", (spec.mean, spec.std), generator, lambda: spec, torch_fallback)
-    return _fill_now(tensor, spec, generator, _sink.current.get(), torch_fallback)
+    return _fill_now(tensor, spec, generator, _sink.for_tensor(tensor), torch_fallback)
 
 
 def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
     """``tensor.fill_(value)`` under no_grad, as torch.nn.init does (or recorded)."""
-    sink = _sink.current.get()
+    sink = _sink.for_tensor(tensor)
     check_like_torch(tensor, "fill_", value, recording=sink is not None)
     if sink is not None and sink.fill(tensor, Constant(value), None):
         return tensor
@@ -184,7 +184,7 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
 
 
 def _replay_or_none(tensor, fn, args, kwargs):
-    sink = _sink.current.get()
+    sink = _sink.for_tensor(tensor)
     return sink is not None and sink.replay(tensor, fn, args, kwargs)
 
 
@@ -252,7 +252,7 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         >>> w = torch.empty(3, 5)
         >>> fastinit.trunc_normal_(w)
     """
-    sink = _sink.current.get()
+    sink = _sink.for_tensor(tensor)
     if tensor.is_meta and sink is None:
         return tensor  # torch returns at once: no checks, no warning
     _trunc_normal_warn(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=4)

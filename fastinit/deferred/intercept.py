@@ -376,7 +376,12 @@ class RecordingSink:
         return False
 
 
-outside_sink = RecordingSink(Recorder())  # drop-in calls on deferred tensors outside any block
+_OUTSIDE = RecordingSink(Recorder())
+
+
+def outside_sink_for(t: torch.Tensor):
+    """Outside any block: the sink of deferred meta tensor ``t`` (None for other tensors)."""
+    return _OUTSIDE if recording_of(t) is not None else None
 
 
 @contextlib.contextmanager
