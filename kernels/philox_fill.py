@@ -75,9 +75,9 @@ def _unit(w):
 
 
 @triton.jit
-def _erfinv_central(t, w):
-    """erfinv(t - 1) for w = -log(t (2 - t)) < 5: Giles' central polynomial."""
-    ws = w - 2.5
+def _erfinv_central(t, g):
+    """erfinv(t - 1) where w = -log(t (2 - t)) = -ln2 g < 5: Giles' central polynomial."""
+    ws = tl.fma(g, -0.6931471805599453, -2.5)
     p = tl.fma(2.81022636e-08, ws, 3.43273939e-07)
     p = tl.fma(p, ws, -3.5233877e-06)
     p = tl.fma(p, ws, -4.39150654e-06)
@@ -90,8 +90,9 @@ def _erfinv_central(t, w):
 
 
 @triton.jit
-def _erfinv_mid(t, w):
+def _erfinv_mid(t, g):
     """erfinv(t - 1) for w < 16: Giles' two polynomials."""
+    w = g * -0.6931471805599453
     wl = tl.sqrt(w) - 3.0
     q = tl.fma(-0.000200214257, wl, 0.000100950558)
     q = tl.fma(q, wl, 0.00134934322)
@@ -101,11 +102,11 @@ def _erfinv_mid(t, w):
     q = tl.fma(q, wl, 0.00943887047)
     q = tl.fma(q, wl, 1.00167406)
     q = tl.fma(q, wl, 2.83297682)
-    return tl.where(w < 5.0, _erfinv_central(t, w), q * (t - 1.0))
+    return tl.where(w < 5.0, _erfinv_central(t, g), q * (t - 1.0))
 
 
 @triton.jit
-def _erfinv_full(t, w):
+def _erfinv_full(t, g):
     """erfinv(t - 1) for any w: below 16 Giles' polynomials, beyond (the deep
     lower tail) Acklam's rational quantile at p = t / 2, over sqrt(2)."""
     r = tl.sqrt(_log2(t * 0.5) * -1.3862943611198906)
@@ -118,7 +119,7 @@ def _erfinv_full(t, w):
     den = tl.fma(den, r, 2.445134137142996e+00)
     den = tl.fma(den, r, 3.754408661907416e+00)
     tail = num / tl.fma(den, r, 1.0) * 0.7071067811865476
-    return tl.where(w < 16.0, _erfinv_mid(t, w), tail)
+    return tl.where(g * -0.6931471805599453 < 16.0, _erfinv_mid(t, g), tail)
 
 
 @triton.jit
@@ -142,11 +143,12 @@ def _trunc4(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5):
     t1 = _trunc_t(w1, p0, p1)
     t2 = _trunc_t(w2, p0, p1)
     t3 = _trunc_t(w3, p0, p1)
-    l0 = _log2(t0 * (2.0 - t0)) * -0.6931471805599453
-    l1 = _log2(t1 * (2.0 - t1)) * -0.6931471805599453
-    l2 = _log2(t2 * (2.0 - t2)) * -0.6931471805599453
-    l3 = _log2(t3 * (2.0 - t3)) * -0.6931471805599453
-    wmax = tl.max(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3)), axis=0)
+    l0 = _log2(t0 * (2.0 - t0))  # g = log2(t (2 - t)) <= 0
+    l1 = _log2(t1 * (2.0 - t1))  # g = log2(t (2 - t)) <= 0
+    l2 = _log2(t2 * (2.0 - t2))  # g = log2(t (2 - t)) <= 0
+    l3 = _log2(t3 * (2.0 - t3))  # g = log2(t (2 - t)) <= 0
+    # w = -ln2 g, so the largest w is -ln2 times the smallest g (rounding is monotone).
+    wmax = tl.min(tl.minimum(tl.minimum(l0, l1), tl.minimum(l2, l3)), axis=0) * -0.6931471805599453
     if wmax < 5.0:
         e0 = _erfinv_central(t0, l0)
         e1 = _erfinv_central(t1, l1)
@@ -304,10 +306,15 @@ def _fill_one_kernel(
     OUT_DTYPE: tl.constexpr,
     IS_BF16: tl.constexpr,
     CALLS: tl.constexpr,
+    ONE_ROW: tl.constexpr,  # rows == 1 (every unsharded tensor): no division
 ):
     pid = tl.program_id(0)
-    row = (pid // bpr).to(tl.int64)
-    blk = (pid % bpr).to(tl.int64)
+    if ONE_ROW:
+        row = pid.to(tl.int64) * 0
+        blk = pid.to(tl.int64)
+    else:
+        row = (pid // bpr).to(tl.int64)
+        blk = (pid % bpr).to(tl.int64)
     # (The casts are no-ops when compiled; the interpreter hands scalars over as int64.)
     _fill_block(out, row * cols, offset + row * row_stride, blk, cols, aligned, k0.to(tl.uint32),
                 k1.to(tl.uint32), KIND, p0, p1, p2, p3, p4, p5, OUT_DTYPE, IS_BF16, CALLS)
@@ -457,7 +464,8 @@ def launch_args(tensors, layouts, kinds, keys, params):
 # hashing, launch metadata). The first call of each kind goes through
 # ``_fill_one_kernel[grid](...)``, which compiles and launches as usual.
 
-_DIRECT: dict = {}  # (device, dtype, kind, aligned, CALLS, NUM_WARPS) -> (launcher, function, metadata, constexprs)
+# (device, dtype, kind, aligned, one row, CALLS, NUM_WARPS) -> (launcher, function, metadata, constexprs)
+_DIRECT: dict = {}
 _LAUNCHER_PARAMS = ["gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
                     "launch_enter_hook", "launch_exit_hook", "args"]
 
@@ -528,7 +536,7 @@ def fill_one(tensor, offset, rows, cols, row_stride, kind, key, params) -> None:
     aligned = 1 if ptr & 15 == 0 else 0
     bpr = programs_per_row(offset, rows, cols)
     device = tensor.get_device()
-    entry = _DIRECT.get((device, dtype, kind, aligned, CALLS, NUM_WARPS))
+    entry = _DIRECT.get((device, dtype, kind, aligned, rows == 1, CALLS, NUM_WARPS))
     if entry is not None and _hooks_idle() and _current_device() == device:
         launcher, function, metadata, constexprs = entry
         launcher(rows * bpr, 1, 1, _current_stream(device), function, metadata, None, None, None,
@@ -537,20 +545,20 @@ def fill_one(tensor, offset, rows, cols, row_stride, kind, key, params) -> None:
         return
     _fill_one_launch(tensor, device, aligned, rows * bpr,
                      (aligned, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF, *params),
-                     kind)
+                     kind, rows == 1)
 
 
-def _fill_one_launch(tensor, device, aligned, grid, args, kind) -> None:
+def _fill_one_launch(tensor, device, aligned, grid, args, kind, one_row) -> None:
     """Triton's own launch (compiling on first use); remembers the compiled
     kernel for direct launches when :func:`direct_launch_supported`."""
     dtype = tensor.dtype
-    constexprs = (kind, _TL_DTYPES[dtype], dtype == torch.bfloat16, CALLS)
-    kwargs = dict(zip(("KIND", "OUT_DTYPE", "IS_BF16", "CALLS"), constexprs))
+    constexprs = (kind, _TL_DTYPES[dtype], dtype == torch.bfloat16, CALLS, one_row)
+    kwargs = dict(zip(("KIND", "OUT_DTYPE", "IS_BF16", "CALLS", "ONE_ROW"), constexprs))
     if device >= 0 and device != _current_device():
         with torch.cuda.device(device):
             _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
         return
     compiled = _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
     if direct_launch_supported(compiled):
-        _DIRECT[(device, dtype, kind, aligned, CALLS, NUM_WARPS)] = (
+        _DIRECT[(device, dtype, kind, aligned, one_row, CALLS, NUM_WARPS)] = (
             compiled.run, compiled.function, compiled.packed_metadata, constexprs)
