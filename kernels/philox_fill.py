@@ -123,51 +123,81 @@ def _erfinv_full(t, g):
 
 
 @triton.jit
-def _trunc_t(w, p0, p1):
-    """The CDF window's point t = lo + span * u in (0, 2), u in (0, 1) from the top 24 bits."""
-    u = tl.fma((w >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
-    return tl.minimum(tl.maximum(tl.fma(p1, u, p0), 1.1754943508222875e-38), 1.9999998807907104)
+def _trunc_t(w, a, b):
+    """The CDF window's point t = lo + span u, u = (x + 1/2) 2^-24 for x the top
+    24 bits of the word, as one multiply-add: t = a x + b (a = span 2^-24,
+    b = lo + span 2^-25)."""
+    return tl.fma((w >> 8).to(tl.float32), a, b)
+
+
+@triton.jit
+def _clamp_t(t):
+    """Keep t in (0, 2): log(t (2 - t)) finite, and the upper tail below the Acklam branch."""
+    return tl.minimum(tl.maximum(t, 1.1754943508222875e-38), 1.9999998807907104)
 
 
 @triton.jit
 def _trunc4(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5):
     """Truncated normal by inverse CDF, x = mean + scale * erfinv(t - 1), clamped
     to [a, b]: Giles' polynomials in w = -log(t (2 - t)) (as fastinit.rng.erfinv_f32,
-    with fused multiply-adds). Which branches run is decided per program from
-    the largest w it meets, so a program computes only the polynomials some of
-    its elements need: the central one alone when every w < 5 (any window
-    inside about +-2.7 sigma, e.g. +-2 sigma), the second too when some w < 16,
-    and Acklam's tail (t below 1e-7) almost never. The values are those of
-    the branch each element's own w selects, whatever ran."""
-    t0 = _trunc_t(w0, p0, p1)
-    t1 = _trunc_t(w1, p0, p1)
-    t2 = _trunc_t(w2, p0, p1)
-    t3 = _trunc_t(w3, p0, p1)
-    l0 = _log2(t0 * (2.0 - t0))  # g = log2(t (2 - t)) <= 0
-    l1 = _log2(t1 * (2.0 - t1))  # g = log2(t (2 - t)) <= 0
-    l2 = _log2(t2 * (2.0 - t2))  # g = log2(t (2 - t)) <= 0
-    l3 = _log2(t3 * (2.0 - t3))  # g = log2(t (2 - t)) <= 0
-    # w = -ln2 g, so the largest w is -ln2 times the smallest g (rounding is monotone).
-    wmax = tl.min(tl.minimum(tl.minimum(l0, l1), tl.minimum(l2, l3)), axis=0) * -0.6931471805599453
-    if wmax < 5.0:
-        e0 = _erfinv_central(t0, l0)
-        e1 = _erfinv_central(t1, l1)
-        e2 = _erfinv_central(t2, l2)
-        e3 = _erfinv_central(t3, l3)
-    elif wmax < 16.0:
-        e0 = _erfinv_mid(t0, l0)
-        e1 = _erfinv_mid(t1, l1)
-        e2 = _erfinv_mid(t2, l2)
-        e3 = _erfinv_mid(t3, l3)
+    with fused multiply-adds). A program computes only the polynomials its
+    elements need. When the whole CDF window is central (every w < 5: windows
+    inside about +-2.7 sigma, e.g. +-2 sigma), known from the window's ends
+    alone, it computes the central polynomial with no clamp of t and nothing
+    else. Otherwise the largest w among its elements decides: the second
+    polynomial too when some w >= 5 (std=.02's default bounds), and Acklam's
+    tail (t below 1e-7) almost never. The values are those of the branch each
+    element's own w selects, whatever ran."""
+    a = p1 * 5.9604644775390625e-08
+    b = tl.fma(p1, 2.9802322387695312e-08, p0)
+    # The window's ends (x = 0 and x = 2^24 - 1; t is monotone in x), and the
+    # smallest t (2 - t) over it, which is at an end (concave): w < 5 everywhere
+    # if log2 of it exceeds -5 / ln 2 = -7.2135 (with a margin for rounding).
+    e0 = b
+    e1 = tl.fma(16777215.0, a, b)
+    c0 = _clamp_t(e0)
+    c1 = _clamp_t(e1)
+    g_ends = tl.minimum(_log2(c0 * (2.0 - c0)), _log2(c1 * (2.0 - c1)))
+    central = (tl.minimum(e0, e1) >= 1.1754943508222875e-38) & (tl.maximum(e0, e1) <= 1.9999998807907104)
+    if central & (g_ends > -7.2063):
+        t0 = _trunc_t(w0, a, b)
+        t1 = _trunc_t(w1, a, b)
+        t2 = _trunc_t(w2, a, b)
+        t3 = _trunc_t(w3, a, b)
+        r0 = _erfinv_central(t0, _log2(t0 * (2.0 - t0)))
+        r1 = _erfinv_central(t1, _log2(t1 * (2.0 - t1)))
+        r2 = _erfinv_central(t2, _log2(t2 * (2.0 - t2)))
+        r3 = _erfinv_central(t3, _log2(t3 * (2.0 - t3)))
     else:
-        e0 = _erfinv_full(t0, l0)
-        e1 = _erfinv_full(t1, l1)
-        e2 = _erfinv_full(t2, l2)
-        e3 = _erfinv_full(t3, l3)
-    v0 = tl.minimum(tl.maximum(tl.fma(p2, e0, p3), p4), p5)
-    v1 = tl.minimum(tl.maximum(tl.fma(p2, e1, p3), p4), p5)
-    v2 = tl.minimum(tl.maximum(tl.fma(p2, e2, p3), p4), p5)
-    v3 = tl.minimum(tl.maximum(tl.fma(p2, e3, p3), p4), p5)
+        t0 = _clamp_t(_trunc_t(w0, a, b))
+        t1 = _clamp_t(_trunc_t(w1, a, b))
+        t2 = _clamp_t(_trunc_t(w2, a, b))
+        t3 = _clamp_t(_trunc_t(w3, a, b))
+        l0 = _log2(t0 * (2.0 - t0))  # g = log2(t (2 - t)) <= 0
+        l1 = _log2(t1 * (2.0 - t1))
+        l2 = _log2(t2 * (2.0 - t2))
+        l3 = _log2(t3 * (2.0 - t3))
+        # w = -ln2 g, so the largest w is -ln2 times the smallest g (rounding is monotone).
+        wmax = tl.min(tl.minimum(tl.minimum(l0, l1), tl.minimum(l2, l3)), axis=0) * -0.6931471805599453
+        if wmax < 5.0:
+            r0 = _erfinv_central(t0, l0)
+            r1 = _erfinv_central(t1, l1)
+            r2 = _erfinv_central(t2, l2)
+            r3 = _erfinv_central(t3, l3)
+        elif wmax < 16.0:
+            r0 = _erfinv_mid(t0, l0)
+            r1 = _erfinv_mid(t1, l1)
+            r2 = _erfinv_mid(t2, l2)
+            r3 = _erfinv_mid(t3, l3)
+        else:
+            r0 = _erfinv_full(t0, l0)
+            r1 = _erfinv_full(t1, l1)
+            r2 = _erfinv_full(t2, l2)
+            r3 = _erfinv_full(t3, l3)
+    v0 = tl.minimum(tl.maximum(tl.fma(p2, r0, p3), p4), p5)
+    v1 = tl.minimum(tl.maximum(tl.fma(p2, r1, p3), p4), p5)
+    v2 = tl.minimum(tl.maximum(tl.fma(p2, r2, p3), p4), p5)
+    v3 = tl.minimum(tl.maximum(tl.fma(p2, r3, p3), p4), p5)
     return v0, v1, v2, v3
 
 
