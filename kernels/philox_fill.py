@@ -258,10 +258,19 @@ def _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS: tl.constexpr):
     ``kind`` is a constexpr in the single-target kernel (one branch compiled)
     and a runtime value in the batch kernel (all four compiled)."""
     if kind == 1:  # uniform
-        v0 = _uniform(w0, p0, p1, p2)
-        v1 = _uniform(w1, p0, p1, p2)
-        v2 = _uniform(w2, p0, p1, p2)
-        v3 = _uniform(w3, p0, p1, p2)
+        if p1 >= 7.888609052210118e-31:
+            # span * (x 2^-24) == (span 2^-24) * x exactly while span 2^-24 and
+            # the product stay normal floats (span >= 2^-100): one multiply less.
+            s1 = p1 * 5.9604644775390625e-08
+            v0 = tl.minimum(p0 + s1 * (w0 >> 8).to(tl.float32), p2)
+            v1 = tl.minimum(p0 + s1 * (w1 >> 8).to(tl.float32), p2)
+            v2 = tl.minimum(p0 + s1 * (w2 >> 8).to(tl.float32), p2)
+            v3 = tl.minimum(p0 + s1 * (w3 >> 8).to(tl.float32), p2)
+        else:
+            v0 = _uniform(w0, p0, p1, p2)
+            v1 = _uniform(w1, p0, p1, p2)
+            v2 = _uniform(w2, p0, p1, p2)
+            v3 = _uniform(w3, p0, p1, p2)
     elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
         # r = sqrt(-2 ln u) as sqrt(log2(u) * -2 ln 2); the angle 2 pi (x 2^-24)
         # as x (2 pi 2^-24): the same float32 product, one multiply fewer.

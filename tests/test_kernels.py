@@ -17,6 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SPECS = [
     Uniform(-3.0, 5.0),
+    Uniform(-(2.0**-110), 2.0**-110),  # a span below 2^-100: the kernel's unscaled uniform path
     Constant(-0.375),
     Normal(1.0, 2.0),
     TruncNormal(0.0, 1.0, -2.0, 2.0),
@@ -93,7 +94,7 @@ def test_same_key_same_values_different_key_different_values():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("spec", SPECS[:4], ids=repr)
+@pytest.mark.parametrize("spec", SPECS[:5], ids=repr)
 def test_kernel_honours_shard_layouts(spec):
     R, C = 9, 23
     full = torch.empty(R, C, device=DEVICE)
