@@ -145,9 +145,10 @@ def _trunc4(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5):
     inside about +-2.7 sigma, e.g. +-2 sigma), known from the window's ends
     alone, it computes the central polynomial with no clamp of t and nothing
     else. Otherwise the largest w among its elements decides: the second
-    polynomial too when some w >= 5 (std=.02's default bounds), and Acklam's
-    tail (t below 1e-7) almost never. The values are those of the branch each
-    element's own w selects, whatever ran."""
+    polynomial too when some w >= 5 (std=.02's default bounds), Acklam's tail
+    as well when some w >= 16 (t below 5.6e-8: windows deep in the lower tail,
+    such as a mirrored [5 sigma, 6 sigma]). The values are those of the branch
+    each element's own w selects, whatever ran."""
     a = p1 * 5.9604644775390625e-08
     b = tl.fma(p1, 2.9802322387695312e-08, p0)
     # The window's ends (x = 0 and x = 2^24 - 1; t is monotone in x), and the
