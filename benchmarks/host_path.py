@@ -87,8 +87,8 @@ def install_stubs(device: str):
         pf._current_stream = lambda device: 0
         for dtype in (torch.float32, torch.bfloat16):
             for kind in range(4):
-                constexprs = (kind, pf._TL_DTYPES[dtype], dtype == torch.bfloat16, pf.CALLS)
-                pf._DIRECT[(-1, dtype, kind, 1, pf.CALLS, pf.NUM_WARPS)] = (stub, 0, b"", constexprs)
+                constexprs = (kind, pf._TL_DTYPES[dtype], dtype == torch.bfloat16, pf.CALLS, True)
+                pf._DIRECT[(-1, dtype, kind, 1, True, pf.CALLS, pf.NUM_WARPS)] = (stub, 0, b"", constexprs)
     else:
         for key, (_launcher, function, metadata, constexprs) in list(pf._DIRECT.items()):
             pf._DIRECT[key] = (stub, function, metadata, constexprs)
@@ -117,7 +117,7 @@ def triton_dispatch_us(calls, repeat) -> float | None:
     binder = create_function_from_signature(k.signature, k.params, make_backend(GPUTarget("cuda", 90, 32)))
     t = torch.empty(N)
     args = (t, 1, 0, N, N, 513, 5, 6, 0.5, 0.25, 0.75, 0.0, -1.0, 1.0)
-    kw = dict(KIND=1, OUT_DTYPE=pf._TL_DTYPES[torch.float32], IS_BF16=False, CALLS=pf.CALLS,
+    kw = dict(KIND=1, OUT_DTYPE=pf._TL_DTYPES[torch.float32], IS_BF16=False, CALLS=pf.CALLS, ONE_ROW=True,
               num_warps=pf.NUM_WARPS, **pf._COMPILE_OPTIONS)
     cache: dict = {}
 

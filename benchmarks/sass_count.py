@@ -7,15 +7,18 @@ with Triton's own compiler (``GPUTarget("cuda", 90, 32)``: Triton -> PTX ->
 the ``ptxas`` Triton ships), reads back ``ptxas -v`` (registers, spills) and
 the SASS (``cuobjdump -sass``), and counts, per element, the instructions a
 thread issues on the fast path (aligned, unmasked blocks: the shortest path
-from the entry to an ``EXIT`` through the widest global store). Instructions
-are grouped by the pipe that executes them, with sm_90's throughputs (CUDA C
-Programming Guide, "Arithmetic Instructions", compute capability 9.0, per SM
-per clock): FP32 add/mul/fma 128, 32-bit integer add/logic/shift/compare and
-multiply-add 64, conversions int<->float32 and the special functions (MUFU:
-lg2, sin, cos, rsqrt, rcp) 16; and one instruction per clock issued by each
-of the 4 schedulers of an SM. The slowest of these, at 132 SMs and 1.98 GHz,
-is the compute bound, compared with the store bound at HBM3e's 4.8 TB/s
-(memset measured 4.6 TB/s in float32).
+from the entry to an ``EXIT`` through the widest global store; for the
+truncated normal also the path through its second polynomial, which the
+default wide bounds take). Instructions are grouped by the pipe that executes
+them (see ``cycles``: one issue per scheduler per clock, 16-lane ALU and
+FMA-heavy pipes, FP32 on both FMA pipes, the 4-lane XU for MUFU and
+conversions), and each resource's cycles give the element rate it allows at
+132 SMs x 4 schedulers x 1.98 GHz. The slowest of these and the store bound
+(torch's memset as measured on an H200: 4.63 TB/s in float32, 3.36 TB/s in
+bfloat16; HBM3e peak 4.8 TB/s) is the prediction: a model that assumes every
+resource busy every cycle, so an upper bound on the rate, not a measurement.
+"issue busy at memset rate" is the share of every scheduler's cycles the fill
+needs to keep up with memset: near or above 100%, the kernel cannot.
 
 ``--check`` exits non-zero unless every kernel stores aligned blocks with
 vector stores and ptxas reports no spills (what tests/test_kernels.py checks).
@@ -37,34 +40,50 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (read when
 
 import torch  # noqa: E402
 
-# H200 (SXM): 132 SMs, 4 schedulers each, boost clock, HBM3e.
+# H200 (SXM): 132 SMs, 4 schedulers each, boost clock, HBM3e (4.8 TB/s peak).
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9
-HBM_PEAK, MEMSET = 4.8e12, 4.6e12
-# Throughput per SM per clock (CUDA C Programming Guide, compute capability 9.0).
-PIPES = {
-    "fp32": 128,  # FFMA FADD FMUL FMNMX FSEL FSETP ...
-    "int": 64,  # IADD3 LOP3 SHF ISETP LEA SEL PRMT IMAD ... (integer multiply-add too)
-    "xu": 16,  # MUFU.* I2F F2I: transcendental and conversion unit
-}
+HBM_PEAK = 4.8e12
+# What the goals compare with: torch's zero_() of the same 2 GiB tensor, as
+# measured on an H200 (benchmarks/gpu_check.py, README's GPU section).
+MEMSET = {"float32": 4.633e12, "bfloat16": 3.359e12}
+GOAL_PCT = {"float32": 85, "bfloat16": 70}
+# Cycles one warp instruction keeps a pipe of one SM sub-partition (scheduler)
+# busy, sm_90: 16-lane ALU and FMA-heavy pipes (2 cycles), FP32 on both FMA
+# pipes (heavy + lite, so 1 cycle when the two are free), the 4-lane XU for
+# MUFU and I2F/F2I (8 cycles; 16 per SM per clock in the CUDA C Programming
+# Guide's throughput table). IMAD.WIDE (a 64-bit result) is counted as two
+# IMADs. One instruction issues per scheduler per cycle.
 KINDS = {"uniform": 1, "normal": 2, "trunc_normal": 3, "constant": 0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Paths beyond the shortest one: (row label, opcode a block on the path must hold).
+VARIANTS = {"trunc_normal": [("trunc_normal, some w >= 5 (default +-100 sigma)", "MUFU.SQRT")]}
 
 
-def pipe_of(op: str) -> str | None:
-    """The pipe an opcode (``MUFU.LG2``, ``IMAD.WIDE.U32``...) issues to; None
-    for instructions that move no data through an arithmetic pipe (branches,
-    stores, register moves done by the scheduler's uniform datapath)."""
+def pipe_of(op: str) -> str:
+    """The pipe class of an opcode (``MUFU.LG2``, ``IMAD.WIDE.U32``...):
+    alu, imad, imad_wide, fp32, xu, or other (memory, branches, the uniform
+    datapath: an issue slot each, no arithmetic pipe of the sub-partition)."""
     base = op.split(".")[0]
-    if base in ("MUFU", "I2F", "F2I", "F2F"):  # (I2FP, sm_86's integer-pipe conversion, is not one)
+    if base in ("MUFU", "I2F", "F2I", "F2F"):  # (I2FP, sm_86+'s integer-pipe conversion, is alu)
         return "xu"
+    if base == "IMAD":
+        return "imad_wide" if op.startswith("IMAD.WIDE") else "imad"
+    if base in ("FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2"):
+        return "fp32"
     if base.startswith("U") or base in ("BRA", "EXIT", "STG", "LDG", "LDC", "S2R", "S2UR", "NOP", "BSSY",
                                         "BSYNC", "CALL", "RET", "BAR", "WARPSYNC", "STS", "LDS", "ST", "LD",
-                                        "STL", "LDL", "DEPBAR", "MEMBAR", "CS2R", "RPCMOV"):
-        return None
-    if base in ("FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "FSET", "FCHK", "HADD2", "HFMA2", "HMUL2",
-                "F2FP", "FSWZADD", "FRND"):
-        return "fp32"
-    return "int"  # IADD3 IMAD LOP3 SHF ISETP LEA SEL PRMT MOV I2FP PLOP3 POPC FLO VIADD ...
+                                        "STL", "LDL", "DEPBAR", "MEMBAR", "CS2R", "SHFL", "R2UR", "ELECT",
+                                        "VOTE", "VOTEU"):
+        return "other"
+    return "alu"  # IADD3 LOP3 SHF ISETP LEA SEL PRMT MOV I2FP FMNMX FSEL FSETP F2FP VIADD PLOP3 ...
+
+
+def cycles(counts: dict) -> dict:
+    """Cycles of one scheduler per warp, per resource, for these instruction counts."""
+    imad = counts.get("imad", 0) + 2 * counts.get("imad_wide", 0)
+    fp32 = counts.get("fp32", 0)
+    return {"issue": sum(counts.values()), "alu": 2 * counts.get("alu", 0), "fma heavy": 2 * imad,
+            "fma": imad + fp32, "xu": 8 * counts.get("xu", 0)}
 
 
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -86,9 +105,10 @@ def parse_sass(text: str) -> list[tuple[int, str | None, str, str]]:
     return out
 
 
-def fast_path(insns) -> list:
+def fast_path(insns, require: str | None = None) -> list:
     """Instructions on the shortest path from the entry to an EXIT that goes
-    through the widest global store (the aligned, unmasked block)."""
+    through the widest global store (the aligned, unmasked block) and, if
+    ``require`` is given, through a block holding that opcode."""
     addr_index = {a: i for i, (a, *_r) in enumerate(insns)}
     leaders = {0}
     for i, (a, pred, op, rest) in enumerate(insns):
@@ -144,15 +164,18 @@ def fast_path(insns) -> list:
                     heapq.heappush(heap, (nd, str(n), n, path + [n]))
         return None
 
+    need = [s for s, blk in blocks.items() if any(op.startswith(require) for _a, _p, op, _r in blk)] \
+        if require else [0]
     best = None
     for sb in store_blocks:
-        head, tail = shortest(0, sb), shortest(sb, "exit")
-        if head is None or tail is None:
-            continue
-        path = head + tail[1:]
-        n = sum(len(blocks[s]) for s in path)
-        if best is None or n < best[0]:
-            best = (n, path)
+        for rb in need:
+            parts = [shortest(0, rb), shortest(rb, sb), shortest(sb, "exit")]
+            if None in parts:
+                continue
+            path = parts[0] + parts[1][1:] + parts[2][1:]
+            n = sum(len(blocks[s]) for s in path)
+            if best is None or n < best[0]:
+                best = (n, path)
     return [i for s in best[1] for i in blocks[s]], widest
 
 
@@ -213,7 +236,7 @@ def one_kernel_args(dtype, kind):
     bpr = pf.programs_per_row(0, 1, t.numel())
     args = (t, 1, 0, t.numel(), t.numel(), bpr, 5, 6, 0.5, 0.25, 0.75, 0.0, -1.0, 1.0)
     kwargs = dict(KIND=kind, OUT_DTYPE=pf._TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16, CALLS=pf.CALLS,
-                  num_warps=pf.NUM_WARPS, **pf._COMPILE_OPTIONS)
+                  ONE_ROW=True, num_warps=pf.NUM_WARPS, **pf._COMPILE_OPTIONS)
     return args, kwargs
 
 
@@ -226,7 +249,29 @@ def batch_kernel_args(dtype):
     return args, kwargs
 
 
-def analyse(name, kernel, args, kwargs, dtype, sass_dir=None) -> dict:
+def predict(path, per_thread: int, size: int, dtype: str) -> dict:
+    """Counts per element on ``path`` and the element rate each resource allows."""
+    counts: dict[str, int] = {}
+    for _a, _p, op, _r in path:
+        k = pipe_of(op)
+        counts[k] = counts.get(k, 0) + 1
+    cyc = cycles(counts)
+    # Elements per second over the whole GPU if only that resource counted:
+    # a warp writes 32 * per_thread elements in cyc[r] cycles of its scheduler.
+    limits = {r: SMS * SCHEDULERS * CLOCK_HZ * 32 * per_thread / c for r, c in cyc.items() if c}
+    memset = MEMSET[dtype] / size
+    compute = min(limits.values())
+    return dict(insns_per_element=round(len(path) / per_thread, 2),
+                per_element={k: round(v / per_thread, 2) for k, v in sorted(counts.items())},
+                limits_Gelem_s={k: round(v / 1e9) for k, v in limits.items()},
+                memset_Gelem_s=round(memset / 1e9), bound=min(limits, key=limits.get),
+                issue_use_at_memset=round(100 * memset / limits["issue"]),
+                predicted_GBps=round(min(compute, memset) * size / 1e9),
+                predicted_pct_memset=round(100 * min(compute, memset) / memset))
+
+
+def analyse(name, kernel, args, kwargs, dtype, sass_dir=None, variants=()) -> list[dict]:
+    """Rows for one kernel: its fast path, then each ``(label, required opcode)`` variant."""
     from fastinit.kernels import philox_fill as pf
 
     ptx, cubin, log, sass = build(kernel, args, kwargs)
@@ -235,39 +280,21 @@ def analyse(name, kernel, args, kwargs, dtype, sass_dir=None) -> dict:
         with open(os.path.join(sass_dir, f"{name}.sass"), "w") as f:
             f.write(sass)
     insns = parse_sass(sass)
-    path, widest = fast_path(insns)
     per_thread = 4 * pf.CALLS // (32 * pf.NUM_WARPS)  # elements a thread writes per program
-    counts: dict[str, int] = {}
-    for _a, _p, op, _r in path:
-        p = pipe_of(op)
-        counts[p or "other"] = counts.get(p or "other", 0) + 1
-    mufu = sum(1 for _a, _p, op, _r in path if op.startswith(("MUFU", "I2F", "F2I")) and not op.startswith("I2FP"))
-    imul = sum(1 for _a, _p, op, _r in path if op.startswith("IMAD") and not op.startswith(("IMAD.MOV", "IMAD.IADD",
-                                                                                           "IMAD.SHL")))
     size = torch.tensor([], dtype=dtype).element_size()
-    per_elem = {k: v / per_thread for k, v in counts.items()}
-    issue = len(path) / per_thread
-    # Elements per second each resource allows, over the whole H200.
-    lanes_per_s = SMS * CLOCK_HZ
-    limits = {"issue": SMS * SCHEDULERS * 32 * CLOCK_HZ / issue}
-    for p, rate in PIPES.items():
-        if per_elem.get(p):
-            limits[p] = lanes_per_s * rate / per_elem[p]
-    limits["memory (memset)"] = MEMSET / size
-    bound = min(limits, key=limits.get)
     facts = ptxas_facts(log)
-    stores = sorted(set(re.findall(r"st\.global[.\w]*", ptx)))
-    return dict(kernel=name, dtype=str(dtype).replace("torch.", ""), registers=facts["registers"],
-                spill_stores=facts["spill_stores"], spill_loads=facts["spill_loads"],
-                stack_frame=facts["stack_frame"],
-                local_memory_insns=sum(1 for _a, _p, op, _r in insns if op.startswith(("STL", "LDL"))),
-                ptx_stores=stores, widest_store_bits=widest, static_insns=len(insns), path_insns=len(path),
-                elements_per_thread=per_thread, insns_per_element=round(issue, 2),
-                per_element={k: round(v, 2) for k, v in sorted(per_elem.items())},
-                xu_per_element=round(mufu / per_thread, 2), imad_per_element=round(imul / per_thread, 2),
-                limits_Gelem_s={k: round(v / 1e9) for k, v in limits.items()}, bound=bound,
-                predicted_GBps=round(min(limits.values()) * size / 1e9),
-                predicted_pct_memset=round(100 * min(limits.values()) * size / MEMSET))
+    common = dict(kernel=name, dtype=str(dtype).replace("torch.", ""), registers=facts["registers"],
+                  spill_stores=facts["spill_stores"], spill_loads=facts["spill_loads"],
+                  stack_frame=facts["stack_frame"],
+                  local_memory_insns=sum(1 for _a, _p, op, _r in insns if op.startswith(("STL", "LDL"))),
+                  ptx_stores=sorted(set(re.findall(r"st\.global[.\w]*", ptx))),
+                  static_insns=len(insns), elements_per_thread=per_thread)
+    rows = []
+    for label, require in [(None, None), *variants]:
+        path, widest = fast_path(insns, require)
+        rows.append(dict(common, variant=label, widest_store_bits=widest, path_insns=len(path),
+                         **predict(path, per_thread, size, common["dtype"])))
+    return rows
 
 
 def main(argv=None):
@@ -275,7 +302,6 @@ def main(argv=None):
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--sass", help="write each kernel's SASS into this folder")
     ap.add_argument("--check", action="store_true", help="fail unless vector stores and no spills everywhere")
-    ap.add_argument("--only", choices=sorted(KINDS) + ["batch"], help="one kernel only")
     args = ap.parse_args(argv)
     import triton
 
@@ -284,28 +310,35 @@ def main(argv=None):
     rows = []
     for dname, dtype in DTYPES.items():
         for kname, kind in KINDS.items():
-            if args.only and args.only != kname:
-                continue
             a, kw = one_kernel_args(dtype, kind)
-            rows.append(analyse(f"one_{kname}_{dname}", pf._fill_one_kernel, a, kw, dtype, args.sass))
-        if not args.only or args.only == "batch":
-            a, kw = batch_kernel_args(dtype)
-            rows.append(analyse(f"batch_{dname}", pf._fill_kernel, a, kw, dtype, args.sass))
+            rows += analyse(f"one_{kname}_{dname}", pf._fill_one_kernel, a, kw, dtype, args.sass,
+                            VARIANTS.get(kname, ()))
+        a, kw = batch_kernel_args(dtype)
+        rows += analyse(f"batch_{dname}", pf._fill_kernel, a, kw, dtype, args.sass)
     print(f"triton {triton.__version__}, sm_90 (H200: {SMS} SMs x {SCHEDULERS} schedulers at "
-          f"{CLOCK_HZ / 1e9:.2f} GHz; memset {MEMSET / 1e12:.1f} TB/s), CALLS={pf.CALLS}, "
-          f"num_warps={pf.NUM_WARPS}, {rows[0]['elements_per_thread']} elements per thread")
-    print("| kernel | dtype | regs | spills | widest store | insns/elem | int | fp32 | xu | "
-          "issue | int pipe | fp32 pipe | xu pipe | memset | bound | predicted % of memset |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+          f"{CLOCK_HZ / 1e9:.2f} GHz); CALLS={pf.CALLS}, num_warps={pf.NUM_WARPS}: "
+          f"{rows[0]['elements_per_thread']} elements per thread; memset as measured on an H200: "
+          + ", ".join(f"{d} {v / 1e12:.2f} TB/s" for d, v in MEMSET.items()))
+    print("| fill | dtype | regs | spills | widest store | instructions / element | alu | imad (wide) | fp32 | xu "
+          "| G elements/s allowed by issue, alu, fma, xu | memset G elements/s | bound | issue busy at memset rate "
+          "| predicted % of memset (goal) |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
     for r in rows:
+        if r["kernel"].startswith("batch"):
+            label = "batch kernel (shortest kind)"
+        else:
+            label = r["variant"] or r["kernel"][4:].rsplit("_", 1)[0]
         pe, lim = r["per_element"], r["limits_Gelem_s"]
-        print(f"| {r['kernel'].split('_', 1)[1].rsplit('_', 1)[0] if r['kernel'].startswith('one_') else 'batch'} "
-              f"| {r['dtype']} | {r['registers']} | {r['spill_stores'] + r['spill_loads']} "
-              f"| {r['widest_store_bits']}-bit | {r['insns_per_element']} | {pe.get('int', 0)} | "
-              f"{pe.get('fp32', 0)} | {pe.get('xu', 0)} | {lim['issue']} | {lim.get('int', '-')} | "
-              f"{lim.get('fp32', '-')} | {lim.get('xu', '-')} | {lim['memory (memset)']} | {r['bound']} | "
-              f"{min(100, r['predicted_pct_memset'])}% |")
-    print("(pipe columns: G elements/s each resource allows over the whole GPU)")
+        allowed = ", ".join(str(lim.get(k, "-")) for k in ("issue", "alu", "fma", "xu"))
+        if lim.get("fma heavy", 1e30) < lim.get("fma", 1e30):
+            allowed += f" (fma heavy {lim['fma heavy']})"
+        compute_bound = min(lim, key=lim.get)
+        bound = "memory" if r["predicted_pct_memset"] >= 100 else compute_bound
+        print(f"| {label} | {r['dtype']} | {r['registers']} | {r['spill_stores'] + r['spill_loads']} "
+              f"| {r['widest_store_bits']}-bit | {r['insns_per_element']} | {pe.get('alu', 0)} | "
+              f"{pe.get('imad', 0)} ({pe.get('imad_wide', 0)}) | {pe.get('fp32', 0)} | {pe.get('xu', 0)} | "
+              f"{allowed} | {r['memset_Gelem_s']} | {bound} | {r['issue_use_at_memset']}% | "
+              f"{r['predicted_pct_memset']}% ({GOAL_PCT[r['dtype']]}%) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -313,7 +346,7 @@ def main(argv=None):
         bad = [r["kernel"] for r in rows
                if r["spill_stores"] or r["spill_loads"] or r["local_memory_insns"] or r["widest_store_bits"] < (
                    128 if r["dtype"] == "float32" else 64)]
-        print("check:", "ok" if not bad else f"FAILED for {bad}")
+        print("check:", "ok" if not bad else f"FAILED for {sorted(set(bad))}")
         return 1 if bad else 0
     return 0
 

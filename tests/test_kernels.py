@@ -17,6 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SPECS = [
     Uniform(-3.0, 5.0),
+    Uniform(-(2.0**-110), 2.0**-110),  # a span below 2^-100: the kernel's unscaled uniform path
     Constant(-0.375),
     Normal(1.0, 2.0),
     TruncNormal(0.0, 1.0, -2.0, 2.0),
@@ -93,7 +94,7 @@ def test_same_key_same_values_different_key_different_values():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("spec", SPECS[:4], ids=repr)
+@pytest.mark.parametrize("spec", SPECS[:5], ids=repr)
 def test_kernel_honours_shard_layouts(spec):
     R, C = 9, 23
     full = torch.empty(R, C, device=DEVICE)
@@ -154,39 +155,158 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 from fastinit.kernels import philox_fill as pf
 
-kernel, target = pf._fill_kernel, GPUTarget("cuda", 90, 32)
+target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-binder = create_function_from_signature(kernel.signature, kernel.params, backend)
 # Widest store of the aligned path: 4 elements per instruction, 16 bytes (8 for 2-byte types).
 VECTOR = {torch.float32: "st.global.v4.b32", torch.float64: "st.global.v2.b64",
           torch.bfloat16: "st.global.v2.b32", torch.float16: "st.global.v2.b32"}
+
+
+def build(kernel, args, kwargs):
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, options = binder(*args, **kwargs)  # what a real launch binds first
+    # ... then the signature, constants and alignment facts it compiles with
+    options, sig, const, attrs = kernel._pack_args(backend, options, bound, spec, options)
+    return triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=options.__dict__)
+
+
 for dtype in pf._TL_DTYPES:
     ts = [torch.empty(5000, dtype=dtype), torch.empty(3, dtype=dtype)]
     grid, args, kwargs = pf.launch_args(ts, [(0, 1, 5000, 5000), (7, 1, 3, 3)], [1, 2], [5, 6],
                                         [0.5] * (2 * pf.N_PARAMS))
-    bound, spec, options = binder(*args, **kwargs)  # what a real launch binds first
-    # ... then the signature, constants and alignment facts it compiles with
-    options, sig, const, attrs = kernel._pack_args(backend, options, bound, spec, options)
-    out = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=options.__dict__)
-    ptx = out.asm["ptx"]
-    assert len(out.asm["cubin"]) > 0
-    assert VECTOR[dtype] in ptx, (dtype, sorted(set(re.findall(r"st\.global[.\w]*", ptx))))
-    print(dtype, "ok", grid)
+    one = dict(KIND=2, OUT_DTYPE=pf._TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16, CALLS=pf.CALLS,
+               ONE_ROW=False, num_warps=pf.NUM_WARPS, **pf._COMPILE_OPTIONS)
+    for name, out in (("batch", build(pf._fill_kernel, args, kwargs)),
+                      ("one", build(pf._fill_one_kernel, (ts[0], 1, 0, 50, 100, 1, 5, 6) + (0.5,) * 6, one))):
+        ptx = out.asm["ptx"]
+        assert len(out.asm["cubin"]) > 0
+        assert VECTOR[dtype] in ptx, (name, dtype, sorted(set(re.findall(r"st\.global[.\w]*", ptx))))
+        print(name, dtype, "ok")
 """
 
 
-def test_kernel_binds_and_compiles_for_hopper_without_a_gpu():
-    # The interpreter checks what the kernel computes, not that the launch binds
-    # its arguments, that the kernel compiles, or how it stores: this builds it
-    # for sm_90 (the H100/H200) with Triton's own launcher code and compiler, no
-    # GPU needed, and checks that aligned blocks are written with vector stores
-    # (scalar stores held a fill to a third of memset bandwidth on an H200).
+def _compiled_mode(script, timeout=600):
+    """Run ``script`` in a fresh interpreter with Triton compiling (not interpreting)."""
     import os
     import subprocess
     import sys
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _HOPPER_BUILD], env=env, capture_output=True, text=True,
-                         timeout=600)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    args = [sys.executable, "-c", script] if isinstance(script, str) else [sys.executable, *script]
+    return subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+
+
+def test_kernel_binds_and_compiles_for_hopper_without_a_gpu():
+    # The interpreter checks what the kernels compute, not that a launch binds
+    # their arguments, that they compile, or how they store: this builds both
+    # (the batch kernel and the single-target one) for sm_90 (the H100/H200)
+    # with Triton's own launcher code and compiler, no GPU needed, and checks
+    # that aligned blocks are written with vector stores (scalar stores held a
+    # fill to a third of memset bandwidth on an H200).
+    res = _compiled_mode(_HOPPER_BUILD)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count(" ok ") == 4, res.stdout
+    assert res.stdout.count(" ok") == 8, res.stdout
+
+
+def _nvidia_tools_present() -> bool:
+    try:
+        import os
+
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        bindir = os.path.join(os.path.dirname(get_ptxas(90).path))
+        return os.path.exists(get_ptxas(90).path) and os.path.exists(os.path.join(bindir, "cuobjdump"))
+    except Exception:  # noqa: BLE001 - no nvidia backend at all
+        return False
+
+
+@pytest.mark.skipif(not _nvidia_tools_present(), reason="Triton's nvidia backend tools (ptxas, cuobjdump) are absent")
+def test_sm90_machine_code_keeps_what_the_bandwidth_prediction_assumes(tmp_path):
+    # docs/gpu-bound.md predicts each fill's rate from its sm_90 SASS; the
+    # prediction assumes 128-bit stores (64-bit for bfloat16: four values per
+    # store) on the aligned path and no local memory (spills would add memory
+    # traffic and instructions). benchmarks/sass_count.py --check enforces both.
+    import json
+
+    out = tmp_path / "sass.json"
+    res = _compiled_mode(["-m", "benchmarks.sass_count", "--check", "--json", str(out)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    kernels = {r["kernel"] for r in rows}
+    assert {f"one_{k}_{d}" for k in ("uniform", "normal", "trunc_normal", "constant")
+            for d in ("float32", "bfloat16")} <= kernels and {"batch_float32", "batch_bfloat16"} <= kernels
+    for r in rows:
+        assert r["spill_stores"] == r["spill_loads"] == r["local_memory_insns"] == 0, r
+        assert r["widest_store_bits"] == (128 if r["dtype"] == "float32" else 64), r
+        if r["dtype"] == "float32":
+            assert "st.global.v4.b32" in r["ptx_stores"], r
+    # The fast paths the doc counts (constant: a store of a broadcast value).
+    per = {(r["kernel"], r["variant"]): r["insns_per_element"] for r in rows}
+    assert per[("one_constant_float32", None)] < 6, per
+
+
+_DIRECT_LAUNCH = r"""
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.driver import CudaLauncher
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+from fastinit.kernels import philox_fill as pf
+
+# 1. The internals a direct launch relies on are this Triton's.
+assert list(inspect.signature(CudaLauncher.__call__).parameters)[1:] == pf._LAUNCHER_PARAMS
+run_src = inspect.getsource(JITFunction.run)
+assert "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata" in run_src
+assert "*bound_args.values())" in run_src
+assert not pf.direct_launch_supported(None) and not pf.direct_launch_supported(object())
+
+# 2. A direct launch hands the launcher exactly what Triton's binder binds, in
+#    order (constexprs included), with the grid and stream in front.
+kernel = pf._fill_one_kernel
+binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+pf._current_device = lambda: -1
+pf._current_stream = lambda device: 1234
+seen, slow = [], []
+pf._fill_one_launch = lambda *a: slow.append(a)
+key = 0xDEADBEEF12345678
+for dtype in (torch.float32, torch.bfloat16):
+    for kind, params in ((1, (-1.0, 2.0, 0.9999999, 0.0, 0.0, 0.0)), (3, (0.1, 1.8, 1.4, 0.5, -2.0, 2.0))):
+        for offset, rows, cols, row_stride in ((0, 1, 5000, 5000), (7, 3, 10, 23), ((1 << 33) + 3, 1, 9, 9)):
+            t = torch.empty(rows * cols, dtype=dtype)
+            one_row = rows == 1
+            constexprs = (kind, pf._TL_DTYPES[dtype], dtype == torch.bfloat16, pf.CALLS, one_row)
+            pf._DIRECT[(-1, dtype, kind, 1, one_row, pf.CALLS, pf.NUM_WARPS)] = (
+                lambda *a: seen.append(a), "function", b"metadata", constexprs)
+            pf.fill_one(t, offset, rows, cols, row_stride, kind, key, params)
+            got = seen.pop()
+            bpr = pf.programs_per_row(offset, rows, cols)
+            assert got[:9] == (rows * bpr, 1, 1, 1234, "function", b"metadata", None, None, None), got[:9]
+            bound, spec, _ = binder(t, 1, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, key >> 32, *params,
+                                    KIND=kind, OUT_DTYPE=pf._TL_DTYPES[dtype], IS_BF16=dtype == torch.bfloat16,
+                                    CALLS=pf.CALLS, ONE_ROW=one_row)
+            want = list(bound.values())
+            assert list(got[9:]) == [t.data_ptr()] + want[1:], (got[9:], want)
+            # every program's calls lie inside the grid: the last program still touches the row
+            assert (bpr - 1) * pf.CALLS * 4 < cols + offset % 4 <= bpr * pf.CALLS * 4 or rows > 1
+
+# 3. With a launch hook installed (a profiler), Triton's own launch runs, so the hook sees it.
+hook = lambda *a: None
+triton.knobs.runtime.launch_enter_hook.add(hook)
+pf.fill_one(torch.empty(8), 0, 1, 8, 8, 1, key, (0.0, 1.0, 0.9, 0.0, 0.0, 0.0))
+triton.knobs.runtime.launch_enter_hook.remove(hook)
+assert len(slow) == 1 and not seen
+print("direct launch ok")
+"""
+
+
+def test_direct_launch_passes_what_tritons_own_launch_binds():
+    # After the first launch of a kernel, fill_one calls the compiled kernel's
+    # launcher itself (no binding, specialization or cache key per call). This
+    # checks, without a GPU, that the arguments it passes are those Triton's
+    # own JITFunction.run would pass for the same call, and that the Triton
+    # internals this relies on are the installed Triton's.
+    res = _compiled_mode(_DIRECT_LAUNCH)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "direct launch ok" in res.stdout

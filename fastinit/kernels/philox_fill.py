@@ -75,9 +75,9 @@ def _unit(w):
 
 
 @triton.jit
-def _erfinv_central(t, w):
-    """erfinv(t - 1) for w = -log(t (2 - t)) < 5: Giles' central polynomial."""
-    ws = w - 2.5
+def _erfinv_central(t, g):
+    """erfinv(t - 1) where w = -log(t (2 - t)) = -ln2 g < 5: Giles' central polynomial."""
+    ws = tl.fma(g, -0.6931471805599453, -2.5)
     p = tl.fma(2.81022636e-08, ws, 3.43273939e-07)
     p = tl.fma(p, ws, -3.5233877e-06)
     p = tl.fma(p, ws, -4.39150654e-06)
@@ -90,8 +90,9 @@ def _erfinv_central(t, w):
 
 
 @triton.jit
-def _erfinv_mid(t, w):
+def _erfinv_mid(t, g):
     """erfinv(t - 1) for w < 16: Giles' two polynomials."""
+    w = g * -0.6931471805599453
     wl = tl.sqrt(w) - 3.0
     q = tl.fma(-0.000200214257, wl, 0.000100950558)
     q = tl.fma(q, wl, 0.00134934322)
@@ -101,11 +102,11 @@ def _erfinv_mid(t, w):
     q = tl.fma(q, wl, 0.00943887047)
     q = tl.fma(q, wl, 1.00167406)
     q = tl.fma(q, wl, 2.83297682)
-    return tl.where(w < 5.0, _erfinv_central(t, w), q * (t - 1.0))
+    return tl.where(w < 5.0, _erfinv_central(t, g), q * (t - 1.0))
 
 
 @triton.jit
-def _erfinv_full(t, w):
+def _erfinv_full(t, g):
     """erfinv(t - 1) for any w: below 16 Giles' polynomials, beyond (the deep
     lower tail) Acklam's rational quantile at p = t / 2, over sqrt(2)."""
     r = tl.sqrt(_log2(t * 0.5) * -1.3862943611198906)
@@ -118,54 +119,86 @@ def _erfinv_full(t, w):
     den = tl.fma(den, r, 2.445134137142996e+00)
     den = tl.fma(den, r, 3.754408661907416e+00)
     tail = num / tl.fma(den, r, 1.0) * 0.7071067811865476
-    return tl.where(w < 16.0, _erfinv_mid(t, w), tail)
+    return tl.where(g * -0.6931471805599453 < 16.0, _erfinv_mid(t, g), tail)
 
 
 @triton.jit
-def _trunc_t(w, p0, p1):
-    """The CDF window's point t = lo + span * u in (0, 2), u in (0, 1) from the top 24 bits."""
-    u = tl.fma((w >> 8).to(tl.float32), 5.9604644775390625e-08, 2.9802322387695312e-08)
-    return tl.minimum(tl.maximum(tl.fma(p1, u, p0), 1.1754943508222875e-38), 1.9999998807907104)
+def _trunc_t(w, a, b):
+    """The CDF window's point t = lo + span u, u = (x + 1/2) 2^-24 for x the top
+    24 bits of the word, as one multiply-add: t = a x + b (a = span 2^-24,
+    b = lo + span 2^-25)."""
+    return tl.fma((w >> 8).to(tl.float32), a, b)
+
+
+@triton.jit
+def _clamp_t(t):
+    """Keep t in (0, 2): log(t (2 - t)) finite, and the upper tail below the Acklam branch."""
+    return tl.minimum(tl.maximum(t, 1.1754943508222875e-38), 1.9999998807907104)
 
 
 @triton.jit
 def _trunc4(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5):
     """Truncated normal by inverse CDF, x = mean + scale * erfinv(t - 1), clamped
     to [a, b]: Giles' polynomials in w = -log(t (2 - t)) (as fastinit.rng.erfinv_f32,
-    with fused multiply-adds). Which branches run is decided per program from
-    the largest w it meets, so a program computes only the polynomials some of
-    its elements need: the central one alone when every w < 5 (any window
-    inside about +-2.7 sigma, e.g. +-2 sigma), the second too when some w < 16,
-    and Acklam's tail (t below 1e-7) almost never. The values are those of
-    the branch each element's own w selects, whatever ran."""
-    t0 = _trunc_t(w0, p0, p1)
-    t1 = _trunc_t(w1, p0, p1)
-    t2 = _trunc_t(w2, p0, p1)
-    t3 = _trunc_t(w3, p0, p1)
-    l0 = _log2(t0 * (2.0 - t0)) * -0.6931471805599453
-    l1 = _log2(t1 * (2.0 - t1)) * -0.6931471805599453
-    l2 = _log2(t2 * (2.0 - t2)) * -0.6931471805599453
-    l3 = _log2(t3 * (2.0 - t3)) * -0.6931471805599453
-    wmax = tl.max(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3)), axis=0)
-    if wmax < 5.0:
-        e0 = _erfinv_central(t0, l0)
-        e1 = _erfinv_central(t1, l1)
-        e2 = _erfinv_central(t2, l2)
-        e3 = _erfinv_central(t3, l3)
-    elif wmax < 16.0:
-        e0 = _erfinv_mid(t0, l0)
-        e1 = _erfinv_mid(t1, l1)
-        e2 = _erfinv_mid(t2, l2)
-        e3 = _erfinv_mid(t3, l3)
+    with fused multiply-adds). A program computes only the polynomials its
+    elements need. When the whole CDF window is central (every w < 5: windows
+    inside about +-2.7 sigma, e.g. +-2 sigma), known from the window's ends
+    alone, it computes the central polynomial with no clamp of t and nothing
+    else. Otherwise the largest w among its elements decides: the second
+    polynomial too when some w >= 5 (std=.02's default bounds), Acklam's tail
+    as well when some w >= 16 (t below 5.6e-8: windows deep in the lower tail,
+    such as a mirrored [5 sigma, 6 sigma]). The values are those of the branch
+    each element's own w selects, whatever ran."""
+    a = p1 * 5.9604644775390625e-08
+    b = tl.fma(p1, 2.9802322387695312e-08, p0)
+    # The window's ends (x = 0 and x = 2^24 - 1; t is monotone in x), and the
+    # smallest t (2 - t) over it, which is at an end (concave): w < 5 everywhere
+    # if log2 of it exceeds -5 / ln 2 = -7.2135 (with a margin for rounding).
+    e0 = b
+    e1 = tl.fma(16777215.0, a, b)
+    c0 = _clamp_t(e0)
+    c1 = _clamp_t(e1)
+    g_ends = tl.minimum(_log2(c0 * (2.0 - c0)), _log2(c1 * (2.0 - c1)))
+    central = (tl.minimum(e0, e1) >= 1.1754943508222875e-38) & (tl.maximum(e0, e1) <= 1.9999998807907104)
+    if central & (g_ends > -7.2063):
+        t0 = _trunc_t(w0, a, b)
+        t1 = _trunc_t(w1, a, b)
+        t2 = _trunc_t(w2, a, b)
+        t3 = _trunc_t(w3, a, b)
+        r0 = _erfinv_central(t0, _log2(t0 * (2.0 - t0)))
+        r1 = _erfinv_central(t1, _log2(t1 * (2.0 - t1)))
+        r2 = _erfinv_central(t2, _log2(t2 * (2.0 - t2)))
+        r3 = _erfinv_central(t3, _log2(t3 * (2.0 - t3)))
     else:
-        e0 = _erfinv_full(t0, l0)
-        e1 = _erfinv_full(t1, l1)
-        e2 = _erfinv_full(t2, l2)
-        e3 = _erfinv_full(t3, l3)
-    v0 = tl.minimum(tl.maximum(tl.fma(p2, e0, p3), p4), p5)
-    v1 = tl.minimum(tl.maximum(tl.fma(p2, e1, p3), p4), p5)
-    v2 = tl.minimum(tl.maximum(tl.fma(p2, e2, p3), p4), p5)
-    v3 = tl.minimum(tl.maximum(tl.fma(p2, e3, p3), p4), p5)
+        t0 = _clamp_t(_trunc_t(w0, a, b))
+        t1 = _clamp_t(_trunc_t(w1, a, b))
+        t2 = _clamp_t(_trunc_t(w2, a, b))
+        t3 = _clamp_t(_trunc_t(w3, a, b))
+        l0 = _log2(t0 * (2.0 - t0))  # g = log2(t (2 - t)) <= 0
+        l1 = _log2(t1 * (2.0 - t1))
+        l2 = _log2(t2 * (2.0 - t2))
+        l3 = _log2(t3 * (2.0 - t3))
+        # w = -ln2 g, so the largest w is -ln2 times the smallest g (rounding is monotone).
+        wmax = tl.min(tl.minimum(tl.minimum(l0, l1), tl.minimum(l2, l3)), axis=0) * -0.6931471805599453
+        if wmax < 5.0:
+            r0 = _erfinv_central(t0, l0)
+            r1 = _erfinv_central(t1, l1)
+            r2 = _erfinv_central(t2, l2)
+            r3 = _erfinv_central(t3, l3)
+        elif wmax < 16.0:
+            r0 = _erfinv_mid(t0, l0)
+            r1 = _erfinv_mid(t1, l1)
+            r2 = _erfinv_mid(t2, l2)
+            r3 = _erfinv_mid(t3, l3)
+        else:
+            r0 = _erfinv_full(t0, l0)
+            r1 = _erfinv_full(t1, l1)
+            r2 = _erfinv_full(t2, l2)
+            r3 = _erfinv_full(t3, l3)
+    v0 = tl.minimum(tl.maximum(tl.fma(p2, r0, p3), p4), p5)
+    v1 = tl.minimum(tl.maximum(tl.fma(p2, r1, p3), p4), p5)
+    v2 = tl.minimum(tl.maximum(tl.fma(p2, r2, p3), p4), p5)
+    v3 = tl.minimum(tl.maximum(tl.fma(p2, r3, p3), p4), p5)
     return v0, v1, v2, v3
 
 
@@ -226,10 +259,19 @@ def _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS: tl.constexpr):
     ``kind`` is a constexpr in the single-target kernel (one branch compiled)
     and a runtime value in the batch kernel (all four compiled)."""
     if kind == 1:  # uniform
-        v0 = _uniform(w0, p0, p1, p2)
-        v1 = _uniform(w1, p0, p1, p2)
-        v2 = _uniform(w2, p0, p1, p2)
-        v3 = _uniform(w3, p0, p1, p2)
+        if p1 >= 7.888609052210118e-31:
+            # span * (x 2^-24) == (span 2^-24) * x exactly while span 2^-24 and
+            # the product stay normal floats (span >= 2^-100): one multiply less.
+            s1 = p1 * 5.9604644775390625e-08
+            v0 = tl.minimum(p0 + s1 * (w0 >> 8).to(tl.float32), p2)
+            v1 = tl.minimum(p0 + s1 * (w1 >> 8).to(tl.float32), p2)
+            v2 = tl.minimum(p0 + s1 * (w2 >> 8).to(tl.float32), p2)
+            v3 = tl.minimum(p0 + s1 * (w3 >> 8).to(tl.float32), p2)
+        else:
+            v0 = _uniform(w0, p0, p1, p2)
+            v1 = _uniform(w1, p0, p1, p2)
+            v2 = _uniform(w2, p0, p1, p2)
+            v3 = _uniform(w3, p0, p1, p2)
     elif kind == 2:  # normal: Box–Muller on (w0, w1) and (w2, w3), both outputs used
         # r = sqrt(-2 ln u) as sqrt(log2(u) * -2 ln 2); the angle 2 pi (x 2^-24)
         # as x (2 pi 2^-24): the same float32 product, one multiply fewer.
@@ -304,10 +346,15 @@ def _fill_one_kernel(
     OUT_DTYPE: tl.constexpr,
     IS_BF16: tl.constexpr,
     CALLS: tl.constexpr,
+    ONE_ROW: tl.constexpr,  # rows == 1 (every unsharded tensor): no division
 ):
     pid = tl.program_id(0)
-    row = (pid // bpr).to(tl.int64)
-    blk = (pid % bpr).to(tl.int64)
+    if ONE_ROW:
+        row = pid.to(tl.int64) * 0
+        blk = pid.to(tl.int64)
+    else:
+        row = (pid // bpr).to(tl.int64)
+        blk = (pid % bpr).to(tl.int64)
     # (The casts are no-ops when compiled; the interpreter hands scalars over as int64.)
     _fill_block(out, row * cols, offset + row * row_stride, blk, cols, aligned, k0.to(tl.uint32),
                 k1.to(tl.uint32), KIND, p0, p1, p2, p3, p4, p5, OUT_DTYPE, IS_BF16, CALLS)
@@ -457,7 +504,8 @@ def launch_args(tensors, layouts, kinds, keys, params):
 # hashing, launch metadata). The first call of each kind goes through
 # ``_fill_one_kernel[grid](...)``, which compiles and launches as usual.
 
-_DIRECT: dict = {}  # (device, dtype, kind, aligned, CALLS, NUM_WARPS) -> (launcher, function, metadata, constexprs)
+# (device, dtype, kind, aligned, one row, CALLS, NUM_WARPS) -> (launcher, function, metadata, constexprs)
+_DIRECT: dict = {}
 _LAUNCHER_PARAMS = ["gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
                     "launch_enter_hook", "launch_exit_hook", "args"]
 
@@ -528,7 +576,7 @@ def fill_one(tensor, offset, rows, cols, row_stride, kind, key, params) -> None:
     aligned = 1 if ptr & 15 == 0 else 0
     bpr = programs_per_row(offset, rows, cols)
     device = tensor.get_device()
-    entry = _DIRECT.get((device, dtype, kind, aligned, CALLS, NUM_WARPS))
+    entry = _DIRECT.get((device, dtype, kind, aligned, rows == 1, CALLS, NUM_WARPS))
     if entry is not None and _hooks_idle() and _current_device() == device:
         launcher, function, metadata, constexprs = entry
         launcher(rows * bpr, 1, 1, _current_stream(device), function, metadata, None, None, None,
@@ -537,20 +585,20 @@ def fill_one(tensor, offset, rows, cols, row_stride, kind, key, params) -> None:
         return
     _fill_one_launch(tensor, device, aligned, rows * bpr,
                      (aligned, offset, cols, row_stride, bpr, key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF, *params),
-                     kind)
+                     kind, rows == 1)
 
 
-def _fill_one_launch(tensor, device, aligned, grid, args, kind) -> None:
+def _fill_one_launch(tensor, device, aligned, grid, args, kind, one_row) -> None:
     """Triton's own launch (compiling on first use); remembers the compiled
     kernel for direct launches when :func:`direct_launch_supported`."""
     dtype = tensor.dtype
-    constexprs = (kind, _TL_DTYPES[dtype], dtype == torch.bfloat16, CALLS)
-    kwargs = dict(zip(("KIND", "OUT_DTYPE", "IS_BF16", "CALLS"), constexprs))
+    constexprs = (kind, _TL_DTYPES[dtype], dtype == torch.bfloat16, CALLS, one_row)
+    kwargs = dict(zip(("KIND", "OUT_DTYPE", "IS_BF16", "CALLS", "ONE_ROW"), constexprs))
     if device >= 0 and device != _current_device():
         with torch.cuda.device(device):
             _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
         return
     compiled = _fill_one_kernel[(grid,)](tensor, *args, num_warps=NUM_WARPS, **kwargs, **_COMPILE_OPTIONS)
     if direct_launch_supported(compiled):
-        _DIRECT[(device, dtype, kind, aligned, CALLS, NUM_WARPS)] = (
+        _DIRECT[(device, dtype, kind, aligned, one_row, CALLS, NUM_WARPS)] = (
             compiled.run, compiled.function, compiled.packed_metadata, constexprs)
