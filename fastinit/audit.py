@@ -189,15 +189,19 @@ class Audit:
         ax.legend(fontsize=8)
         if self.layers:
             ax2 = axes[0][1]
-            d = [l.depth for l in self.layers]
-            ax2.plot(d, [l.act_std if l.act_std else float("nan") for l in self.layers], ".-", label="activation std")
-            ax2.plot(d, [l.grad_std if l.grad_std else float("nan") for l in self.layers], ".-",
-                     label="gradient std (w.r.t. the layer's output)")
+            kinds = list(dict.fromkeys(l.module for l in self.layers))
+            for k, kind in enumerate(kinds):
+                rows = [l for l in self.layers if l.module == kind]
+                d = [l.depth for l in rows]
+                ax2.plot(d, [l.act_std if l.act_std else float("nan") for l in rows], "o-", ms=3.5, lw=0.8,
+                         color=f"C{k % 10}", label=f"activation std, {kind}")
+                ax2.plot(d, [l.grad_std if l.grad_std else float("nan") for l in rows], "^--", ms=3.5, lw=0.8,
+                         color=f"C{k % 10}", alpha=0.7, label=f"gradient std, {kind}")
             ax2.set_yscale("log")
             ax2.set_xlabel("depth (layers with parameters, forward order)")
             ax2.set_ylabel("std (log scale)")
             ax2.set_title(f"one forward/backward pass, input {self.input_shape}")
-            ax2.legend(fontsize=8)
+            ax2.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
