@@ -660,7 +660,10 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
         seed: key each parameter by ``(seed, its name)``: the same values on an
             allocated and on a deferred model. None: an allocated model draws keys
             from torch's default generator (``torch.manual_seed`` governs them);
-            a deferred one is keyed by ``materialize``'s seed.
+            a deferred one is keyed by ``materialize``'s seed. (On a deferred
+            model the seed keys the scheme's fills and orthogonal matrices; a
+            module's own ``reset_parameters()`` fallback and the fills after the
+            first of a ``Call`` are keyed by ``materialize``'s seed.)
         **options: the scheme's options (``n_layer=``, ``nonlinearity=``,
             ``qkv=3``, ``example_input=`` for LSUV, ...).
 
