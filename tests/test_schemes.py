@@ -464,3 +464,25 @@ def test_lsuv_needs_an_example_batch_and_an_allocated_model():
     zero_in = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="variance"):
         apply_scheme(zero_in, "lsuv", example_input=torch.zeros(4, 3))
+
+
+def test_norm_layers_that_are_not_torchs_keep_their_own_init():
+    class GemmaRMSNorm(nn.Module):  # scales by (1 + weight): its weight starts at zero
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(d))
+
+    class NormedLinear(nn.Linear):  # not a norm layer, whatever its name says
+        pass
+
+    model = nn.Sequential(NormedLinear(8, 8), GemmaRMSNorm(8), nn.LayerNorm(8))
+    with torch.no_grad():
+        model[2].weight.fill_(3.0)
+    r = apply_scheme(model, "xavier_uniform", seed=0)
+    assert torch.all(model[1].weight == 0) and r["1.weight"][1] == "keep"
+    assert torch.all(model[2].weight == 1)  # torch's LayerNorm: its gain is 1
+    assert r.plans["0.weight"].spec.b == pytest.approx(math.sqrt(6 / 16))
+    d = fastinit.deferred_init(lambda: nn.Sequential(NormedLinear(8, 8), GemmaRMSNorm(8)))
+    apply_scheme(d, "gpt2", n_layer=1)
+    fastinit.materialize(d, seed=0)
+    assert torch.all(d[1].weight == 0)
