@@ -166,6 +166,7 @@ def test_xavier_uniform_dim_is_the_loop_it_replaces():
             assert spec == Uniform(-b, b) or spec.b == pytest.approx(b, rel=1e-15), name
         else:
             assert spec == Constant(0.0) and torch.all(p == 0), name  # LayerNorm's gain too, as the loop does
+    _ks_pool(model, report.plans)
 
 
 def test_torch_default_matches_torch_module_by_module():
@@ -271,6 +272,7 @@ def test_fused_qkv_fans_per_block():
     per_block = math.sqrt(6 / (32 + 32))  # each of q, k, v: 32 -> 32
     whole = math.sqrt(6 / (32 + 96))
     assert report.plans["h.0.c_attn.weight"].spec.b == pytest.approx(per_block, rel=1e-15)
+    _ks_pool(model, report.plans)
     assert apply_scheme(model, "xavier_uniform").plans["h.0.c_attn.weight"].spec.b == pytest.approx(whole)
     # Grouped-query sizes: one spec per block, each block within its own bounds.
     gqa = nn.Module()
@@ -297,6 +299,7 @@ def test_orthogonal_rnn_gates_and_forget_bias():
     b = model.lstm.bias_ih_l0.detach()
     assert torch.all(b[16:32] == 1) and torch.all(b[:16] == 0) and torch.all(b[32:] == 0)
     assert torch.all(model.lstm.bias_hh_l0 == 0) and torch.all(model.gru.bias_ih_l0 == 0)
+    _ks_pool(model, report.plans)  # weight_ih (per-gate fans) and the head
     ih = report.plans["lstm.weight_ih_l0"].spec
     assert ih.b == pytest.approx(math.sqrt(6 / (8 + 16)), rel=1e-15)  # per-gate fans: 8 -> 16
     assert model.lstm.weight_ih_l0.abs().max() < ih.b
