@@ -32,7 +32,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn

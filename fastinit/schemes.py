@@ -46,7 +46,7 @@ import torch.nn as nn
 from . import init as dropin
 from .fans import calculate_fan_in_and_fan_out, calculate_gain
 from .seeding import draw_key, key_for_name
-from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
+from .specs import Constant, InitSpec, Normal, Uniform
 
 KEEP = "keep"
 
