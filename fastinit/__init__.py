@@ -45,6 +45,9 @@ from .init import (
 )
 from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
 from .deferred import MaterializeReport, Planned, batched, deferred_init, is_deferred, materialize, planned
+from . import schemes
+from .schemes import Rule, Scheme, apply_scheme
+from .audit import Audit, audit
 
 __version__ = "0.1.0"
 
@@ -56,7 +59,5 @@ __all__ = [
     "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "sparse",
     "deferred_init", "materialize", "batched", "planned", "is_deferred", "MaterializeReport", "Planned",
     "use_engine", "engines", "specs", "InitSpec", "Uniform", "Normal", "TruncNormal", "Constant",
+    "apply_scheme", "Scheme", "Rule", "schemes", "audit", "Audit",
 ]
-from . import schemes
-from .schemes import Rule, Scheme, apply_scheme
-from .audit import Audit, audit

@@ -32,7 +32,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -189,15 +188,19 @@ class Audit:
         ax.legend(fontsize=8)
         if self.layers:
             ax2 = axes[0][1]
-            d = [l.depth for l in self.layers]
-            ax2.plot(d, [l.act_std if l.act_std else float("nan") for l in self.layers], ".-", label="activation std")
-            ax2.plot(d, [l.grad_std if l.grad_std else float("nan") for l in self.layers], ".-",
-                     label="gradient std (w.r.t. the layer's output)")
+            kinds = list(dict.fromkeys(l.module for l in self.layers))
+            for k, kind in enumerate(kinds):
+                rows = [l for l in self.layers if l.module == kind]
+                d = [l.depth for l in rows]
+                ax2.plot(d, [l.act_std if l.act_std else float("nan") for l in rows], "o-", ms=3.5, lw=0.8,
+                         color=f"C{k % 10}", label=f"activation std, {kind}")
+                ax2.plot(d, [l.grad_std if l.grad_std else float("nan") for l in rows], "^--", ms=3.5, lw=0.8,
+                         color=f"C{k % 10}", alpha=0.7, label=f"gradient std, {kind}")
             ax2.set_yscale("log")
             ax2.set_xlabel("depth (layers with parameters, forward order)")
             ax2.set_ylabel("std (log scale)")
             ax2.set_title(f"one forward/backward pass, input {self.input_shape}")
-            ax2.legend(fontsize=8)
+            ax2.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -347,27 +350,41 @@ def _matches(st: dict, c: _Cand, n: int, dtype) -> bool:
 
 
 def _stats(t: torch.Tensor) -> dict:
+    """Moments (of a strided sample of at most :data:`SAMPLE` elements), extremes and
+    counts of NaN/inf, subnormal and huge values (of every element)."""
     x = t.detach()
     flat = x.reshape(-1)
+    if not flat.dtype.is_floating_point:
+        flat = flat.double()
     n = flat.numel()
+    empty = {"n": n, "mean": None, "std": None, "min": None, "max": None, "nonfinite": 0, "subnormal": 0,
+             "huge": 0, "constant": False}
     if n == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "nonfinite": 0, "subnormal": 0,
-                "huge": 0, "constant": False, "same_rows": False}
-    fin = torch.isfinite(flat) if flat.dtype.is_floating_point else torch.ones_like(flat, dtype=torch.bool)
-    nonfinite = int(n - fin.sum().item())
-    vals = flat if nonfinite == 0 else flat[fin]
-    if vals.numel() == 0:
-        return {"n": n, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "nonfinite": nonfinite,
-                "subnormal": 0, "huge": 0, "constant": False, "same_rows": False}
+        return empty
+    mn, mx = (v.item() for v in torch.aminmax(flat))
+    nonfinite = 0
+    vals = flat
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        fin = torch.isfinite(flat)
+        nonfinite = int(n - fin.sum().item())
+        vals = flat[fin]
+        if vals.numel() == 0:
+            return {**empty, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan,
+                    "nonfinite": nonfinite}
+        mn, mx = (v.item() for v in torch.aminmax(vals))
     sample = vals if vals.numel() <= SAMPLE else vals[:: vals.numel() // SAMPLE]
-    sf = sample.double() if sample.device.type == "cpu" or sample.dtype == torch.float64 else sample.float()
-    std, mean = torch.std_mean(sf, unbiased=False) if sf.numel() > 1 else (torch.zeros(()), sf.mean())
-    tiny = torch.finfo(flat.dtype).tiny if flat.dtype.is_floating_point else 0
+    sf = sample.float() if sample.dtype != torch.float64 else sample
+    if sf.numel() > 1:
+        std, mean = (v.item() for v in torch.std_mean(sf, unbiased=False))
+    else:
+        std, mean = 0.0, sf.item()
     a = vals.abs()
-    sub = int(((a < tiny) & (a > 0)).sum().item()) if tiny else 0
-    huge = int((a > 1e8).sum().item())
-    mn, mx = vals.min().item(), vals.max().item()
-    return {"n": sample.numel(), "mean": mean.item(), "std": std.item(), "min": float(mn), "max": float(mx),
+    huge = int((a > 1e8).sum().item()) if max(abs(mn), abs(mx)) > 1e8 else 0
+    tiny = torch.finfo(vals.dtype).tiny
+    sub = 0
+    if a.amin().item() < tiny:  # zeros or subnormals: count the subnormals
+        sub = int(((a < tiny) & (a > 0)).sum().item())
+    return {"n": sample.numel(), "mean": mean, "std": std, "min": float(mn), "max": float(mx),
             "nonfinite": nonfinite, "subnormal": sub, "huge": huge, "constant": mn == mx}
 
 
@@ -377,7 +394,9 @@ def _same_units(p: Param) -> bool:
     if p.out_dim == 1:
         x = x.t()
     rows = x.reshape(x.shape[0], -1)
-    return rows.shape[0] > 1 and bool((rows == rows[:1]).all().item())
+    if rows.shape[0] < 2 or not bool((rows[1] == rows[0]).all().item()):
+        return False
+    return bool((rows == rows[:1]).all().item())
 
 
 def _fan_layer(p: Param) -> bool:
@@ -525,14 +544,15 @@ def _orthogonal_gain(p: Param) -> float | None:
     x = p.tensor.detach()
     if x.dim() < 2 or not x.dtype.is_floating_point:
         return None
-    m = x.reshape(x.shape[0], -1).double()
+    m = x.reshape(x.shape[0], -1)
     r, c = m.shape
     if min(r, c) < 2 or min(r, c) > 2048:
         return None
     rounding = {torch.bfloat16: 2e-2, torch.float16: 3e-3}.get(x.dtype, 1e-4)
-    norms = (m * m).sum(1 if r <= c else 0)  # an orthogonal matrix's short-side vectors all have norm gain
+    norms = m.float().square().sum(1 if r <= c else 0)  # an orthogonal matrix's short-side vectors: norm = gain
     if (norms.max() - norms.min()).item() > rounding * norms.mean().item():
         return None
+    m = m.double()
     g = m @ m.t() if r <= c else m.t() @ m
     diag = g.diagonal()
     g2 = diag.mean().item()

@@ -46,12 +46,15 @@ import torch.nn as nn
 from . import init as dropin
 from .fans import calculate_fan_in_and_fan_out, calculate_gain
 from .seeding import draw_key, key_for_name
-from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
+from .specs import Constant, InitSpec, Normal, Uniform
 
 KEEP = "keep"
 
-#: Module class-name glob of normalization layers (LayerNorm, BatchNorm2d, GroupNorm, RMSNorm, LlamaRMSNorm, ...).
-NORM = "*Norm*"
+#: torch's normalization layers: their gains start at 1 and their biases at 0.
+TORCH_NORMS = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                getattr(nn, "RMSNorm", None)) if c is not None)
+#: Normalization layers: torch's, and any class named ``*Norm``/``*Norm2d`` (LlamaRMSNorm, T5LayerNorm, ...).
+NORM = (*TORCH_NORMS, "*Norm", "*Norm1d", "*Norm2d", "*Norm3d")
 #: Default names of fused query/key/value matrices (GPT-2, GPT-NeoX, MPT/ViT-style, nn.MultiheadAttention).
 QKV_NAMES = ("*c_attn.weight", "*query_key_value.weight", "*qkv*.weight", "*Wqkv.weight", "*in_proj_weight")
 #: GPT-2's residual projections (scaled by 1/sqrt(2 n_layer)): attn.c_proj and mlp.c_proj.
@@ -250,6 +253,10 @@ class _ResetAction:
         return f"{type(self.module).__name__}.reset_parameters()"
 
 
+def _is_keep(x) -> bool:
+    return isinstance(x, str) and x == KEEP
+
+
 def _glob(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         patterns = (patterns,)
@@ -343,7 +350,7 @@ def _spec_label(spec) -> str:
 def _check_spec(spec) -> None:
     if isinstance(spec, bool):
         raise TypeError("a rule's spec cannot be a bool")
-    if isinstance(spec, (int, float, InitSpec, Call)) or spec == KEEP or callable(spec):
+    if isinstance(spec, (int, float, InitSpec, Call)) or _is_keep(spec) or callable(spec):
         return
     raise TypeError(f"a rule's spec must be a number, an InitSpec, Call(fn, ...), 'keep' or a function of a "
                     f"Param, not {spec!r}")
@@ -417,8 +424,8 @@ class Planned:
         return self.action if isinstance(self.action, InitSpec) else None
 
     def describe(self) -> str:
-        d = "keep" if self.action == KEEP else repr(self.action)
-        if self.padding_idx is not None and self.action != KEEP:
+        d = "keep" if _is_keep(self.action) else repr(self.action)
+        if self.padding_idx is not None and not _is_keep(self.action):
             d += f"; row {self.padding_idx} (padding_idx) zero"
         return d
 
@@ -430,7 +437,7 @@ def _resolve(spec, p: Param, depth: int = 0):
         raise TypeError(f"{p.name}: a spec cannot be a bool")
     if isinstance(spec, (int, float)):
         return Constant(float(spec))
-    if isinstance(spec, (InitSpec, Call, Blocks, _OrthoAction, _ResetAction)) or spec == KEEP:
+    if isinstance(spec, (InitSpec, Call, Blocks, _OrthoAction, _ResetAction)) or _is_keep(spec):
         return spec
     if callable(spec):
         return _resolve(spec(p), p, depth + 1)
@@ -593,7 +600,7 @@ def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, d
                   keys: dict) -> None:
     a = plan.action
     t = p.detach()
-    if a == KEEP:
+    if _is_keep(a):
         return
     if isinstance(a, InitSpec):
         _fill(t, a, seed, f"{name}#scheme", keys)
@@ -660,7 +667,10 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
         seed: key each parameter by ``(seed, its name)``: the same values on an
             allocated and on a deferred model. None: an allocated model draws keys
             from torch's default generator (``torch.manual_seed`` governs them);
-            a deferred one is keyed by ``materialize``'s seed.
+            a deferred one is keyed by ``materialize``'s seed. (On a deferred
+            model the seed keys the scheme's fills and orthogonal matrices; a
+            module's own ``reset_parameters()`` fallback and the fills after the
+            first of a ``Call`` are keyed by ``materialize``'s seed.)
         **options: the scheme's options (``n_layer=``, ``nonlinearity=``,
             ``qkv=3``, ``example_input=`` for LSUV, ...).
 
@@ -708,8 +718,12 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
 
 
 def _norm_rules() -> list[Rule]:
-    return [Rule(1.0, module=NORM, name="weight", label="norm weight"),
-            Rule(0.0, module=NORM, name="bias", label="norm bias")]
+    """torch's norm layers: weight 1, bias 0. Other norm classes keep what their own
+    code gives them: Gemma's RMSNorm scales by ``1 + weight`` and starts at zeros, so
+    a generic 1 would be a silent wrong value."""
+    return [Rule(1.0, module=TORCH_NORMS, name="weight", ndim=1, label="norm weight"),
+            Rule(0.0, module=TORCH_NORMS, name="bias", ndim=1, label="norm bias"),
+            Rule(KEEP, module=NORM, ndim=1, label="other norm layers: their own init, kept")]
 
 
 def _weights_then_zeros(weight_spec, label: str) -> list[Rule]:
