@@ -143,3 +143,16 @@ def test_bad_input():
         fastinit.audit(torch.zeros(3))
     with pytest.raises(ValueError, match="band"):
         fastinit.audit(nn.Linear(2, 2), band=0.5)
+
+
+def test_deferred_uninitialized_tensor_is_flagged_before_allocation():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4, 4))
+            self.lin = nn.Linear(4, 4)
+            nn.init.orthogonal_(self.lin.weight)
+
+    a = fastinit.audit(fastinit.deferred_init(M))
+    assert [(f.where, f.kind) for f in a.flags] == [("w", "uninitialized")]
+    assert a.params[1].planned == "replay orthogonal_" and a.params[1].std is None
