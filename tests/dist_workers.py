@@ -1,6 +1,5 @@
 """Worker bodies for the multi-process tests (importable by spawned processes)."""
 
-import os
 
 import torch
 import torch.distributed as dist
@@ -37,11 +36,11 @@ class TinyLM(nn.Module):
         self.q_twice = nn.Parameter(self.blocks[0].q.weight.detach() * 2)
 
 
-def _setup(rank, world, port):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _setup(rank, world, rendezvous):
+    # A file rendezvous: no TCP store hosted by rank 0 (which, exiting first, could
+    # abort a rank still tearing down) and no port picked free then taken by another.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 def _teardown():
@@ -74,13 +73,13 @@ def _compare(model, ref, perturb=False):
     return n_dt
 
 
-def _check_sharded_deferred(rank, world, port, make_mesh, shard_block):
+def _check_sharded_deferred(rank, world, rendezvous, make_mesh, shard_block):
     """deferred_init -> shard every block (and FSDP the root) -> materialize -> compare."""
     from torch.distributed.fsdp import fully_shard
 
     import fastinit.distributed as dm
 
-    _setup(rank, world, port)
+    _setup(rank, world, rendezvous)
     full_replay = dm.replay_into
 
     def no_full_embedding(real, compute, spec=None, key=0, name=""):
@@ -99,21 +98,21 @@ def _check_sharded_deferred(rank, world, port, make_mesh, shard_block):
     _teardown()
 
 
-def fsdp_deferred(rank, world, port):
+def fsdp_deferred(rank, world, rendezvous):
     """deferred_init -> fully_shard per layer -> materialize."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _check_sharded_deferred(rank, world, port, lambda: init_device_mesh("cpu", (world,)),
+    _check_sharded_deferred(rank, world, rendezvous, lambda: init_device_mesh("cpu", (world,)),
                             lambda block, mesh: fully_shard(block, mesh=mesh))
 
 
-def fsdp_block_by_block(rank, world, port):
+def fsdp_block_by_block(rank, world, rendezvous):
     """deferred_init -> fully_shard per block -> materialize block by block, then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _setup(rank, world, port)
+    _setup(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (world,))
     model = fastinit.deferred_init(TinyLM)
     for b in model.blocks:
@@ -128,7 +127,7 @@ def fsdp_block_by_block(rank, world, port):
     _teardown()
 
 
-def tp_2d(rank, world, port):
+def tp_2d(rank, world, rendezvous):
     """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -140,16 +139,16 @@ def tp_2d(rank, world, port):
         fully_shard(block, mesh=mesh["dp"])
 
     _check_sharded_deferred(
-        rank, world, port,
+        rank, world, rendezvous,
         lambda: init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp")), shard)
 
 
-def fsdp_meta_init_fn(rank, world, port):
+def fsdp_meta_init_fn(rank, world, rendezvous):
     """A plain meta model sharded first, materialized with init_fn."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _setup(rank, world, port)
+    _setup(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (world,))
 
     def build():
@@ -173,12 +172,12 @@ def fsdp_meta_init_fn(rank, world, port):
     _teardown()
 
 
-def dropin_dtensor(rank, world, port):
+def dropin_dtensor(rank, world, rendezvous):
     """fastinit.normal_ on a DTensor equals the same call on a plain tensor."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    _setup(rank, world, port)
+    _setup(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (world,))
     for placement in (Shard(0), Shard(1), Replicate()):
         for fn, args in ((fastinit.normal_, (0.0, 2.0)), (fastinit.trunc_normal_, ()),
@@ -190,11 +189,11 @@ def dropin_dtensor(rank, world, port):
     _teardown()
 
 
-def negative_control(rank, world, port):
+def negative_control(rank, world, rendezvous):
     """The comparison catches a shard filled one element off."""
     from fastinit.engines import Layout, Target, fill
 
-    _setup(rank, world, port)
+    _setup(rank, world, rendezvous)
     model = fastinit.deferred_init(TinyLM)
     fastinit.materialize(model, device="cpu", seed=SEED)
     ref = _reference()

@@ -4,7 +4,8 @@ Every parameter gathered with full_tensor() must equal, bit for bit, the
 single-process materialization with the same seed.
 """
 
-import socket
+import os
+import tempfile
 
 import pytest
 import torch
@@ -16,14 +17,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world):
-    torch.multiprocessing.spawn(fn, args=(world, _free_port()), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as d:  # a fresh rendezvous file per run
+        torch.multiprocessing.spawn(fn, args=(world, os.path.join(d, "rendezvous")), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
