@@ -1,6 +1,5 @@
 """Worker bodies for the multi-process tests (importable by spawned processes)."""
 
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
