@@ -31,12 +31,6 @@ py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
-# From a source checkout that is not pip-installed, fastinit.kernels (the
-# top-level kernels/ folder, mapped by pyproject.toml) is reached through a link.
-if ! $py -c "import fastinit.kernels" 2>/dev/null; then
-    ln -sfn ../kernels fastinit/kernels
-fi
-
 failed=0
 step() {  # step NAME SECONDS CMD...   (output in $out/NAME.log, a summary in $out/summary.txt)
     local name=$1 secs=$2

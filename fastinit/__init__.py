@@ -10,6 +10,13 @@ from . import engines, specs
 from .engines import use_engine
 from .fans import calculate_fan_in_and_fan_out, calculate_gain, variance_scaling
 from .init import (
+    _calculate_correct_fan,
+    _calculate_fan_in_and_fan_out,
+    _no_grad_fill_,
+    _no_grad_normal_,
+    _no_grad_trunc_normal_,
+    _no_grad_uniform_,
+    _no_grad_zero_,
     constant,
     constant_,
     dirac,
@@ -38,6 +45,9 @@ from .init import (
 )
 from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
 from .deferred import MaterializeReport, Planned, batched, deferred_init, is_deferred, materialize, planned
+from . import schemes
+from .schemes import Rule, Scheme, apply_scheme
+from .audit import Audit, audit
 
 __version__ = "0.1.0"
 
@@ -49,4 +59,5 @@ __all__ = [
     "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "sparse",
     "deferred_init", "materialize", "batched", "planned", "is_deferred", "MaterializeReport", "Planned",
     "use_engine", "engines", "specs", "InitSpec", "Uniform", "Normal", "TruncNormal", "Constant",
+    "apply_scheme", "Scheme", "Rule", "schemes", "audit", "Audit",
 ]

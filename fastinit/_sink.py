@@ -2,9 +2,13 @@
 
 ``deferred_init``/``materialize`` record the calls made on meta tensors, and
 ``batched()`` queues the calls made inside it; both install a sink here. A sink
-has ``fill(tensor, spec, generator, op) -> bool`` (fusable specs) and
+has ``fill(tensor, spec, generator) -> bool`` (fusable specs) and
 ``replay(tensor, fn, args, kwargs) -> bool`` (everything else): ``True`` means it
 took the call and nothing is to be done now.
+
+Outside any block, a call on a meta tensor that a deferred model holds is still
+recorded, onto that model's recording (as inside ``batched(module=model)``),
+instead of doing nothing as torch's calls on meta tensors do.
 """
 
 from __future__ import annotations
@@ -12,3 +16,12 @@ from __future__ import annotations
 import contextvars
 
 current: contextvars.ContextVar = contextvars.ContextVar("fastinit_sink", default=None)
+
+
+def for_tensor(tensor):
+    """The sink a drop-in call on ``tensor`` goes to (None: fill it now)."""
+    sink = current.get()
+    if sink is None and tensor.is_meta:
+        from .deferred.intercept import outside_sink_for
+        return outside_sink_for(tensor)
+    return sink

@@ -1,15 +1,22 @@
-"""The ``fastinit`` command line: ``bench`` (the main job) and ``compare``.
+"""The ``fastinit`` command line: ``bench`` (the main job), ``compare`` and ``audit``.
 
     fastinit bench                         # llama-1b on CUDA if available, else CPU
-    fastinit bench --model gpt2-xl --device cpu --dtype bfloat16 --json out.json
+    fastinit bench --preset gpt2-xl --device cpu --dtype bfloat16 --json out.json
     fastinit compare --epochs 5 --plot losses.png
+    fastinit compare --scheme xavier_uniform,kaiming_normal,lsuv
+    fastinit audit transformers:GPT2LMHeadModel --scheme gpt2 --input-shape 1,64 --plot audit.png
+
+Every usage error (a bad option value, an output folder that does not exist, an
+unknown device or scheme) is one line on stderr and exit code 2, before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -21,6 +28,54 @@ EXIT_CHECK = 4
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message.splitlines()[0] if message else message}\n")
+
+
+def _device(arg):
+    """The torch device ``--device`` names (default: CUDA if available, else CPU)."""
+    import torch
+
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {arg!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {arg!r} is not supported: use cpu or cuda (cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {arg}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _out_path(path, opt: str):
+    """Check an output file's folder before any work (not after a long run)."""
+    if not path:
+        return path
+    full = os.path.abspath(path)
+    folder = os.path.dirname(full)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{opt} {path}: the folder {folder} does not exist")
+    if os.path.isdir(full):
+        raise UsageError(f"{opt} {path}: is a folder, not a file name")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{opt} {path}: the folder {folder} is not writable")
+    return path
+
+
+def _at_least(value, least: int, opt: str):
+    if value < least:
+        raise UsageError(f"{opt} must be at least {least}, got {value}")
 
 
 def _available_bytes(device) -> int | None:
@@ -85,14 +140,10 @@ def bench(args) -> int:
     from fastinit.presets import PRESETS
 
     preset = PRESETS[args.model]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _log("fastinit bench: --device cuda was asked for, but no CUDA device is available "
-             "(use --device cpu)")
-        return EXIT_USAGE
-    if device.type not in ("cpu", "cuda"):
-        _log(f"fastinit bench: device {device} is not supported (use cpu or cuda)")
-        return EXIT_USAGE
+    _at_least(args.repeat, 1, "--repeat")
+    _at_least(args.threads, 0, "--threads")
+    _out_path(args.json, "--json")
+    device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,15 +246,132 @@ def bench(args) -> int:
 
 
 def compare(args) -> int:
-    from .compare import run
+    from .compare import check_schemes, run
 
+    _at_least(args.epochs, 1, "--epochs")
+    _out_path(args.plot, "--plot")
+    _out_path(args.json, "--json")
+    if args.scheme:
+        bad = check_schemes([n.strip() for a in args.scheme for n in a.split(",") if n.strip()])
+        if bad:
+            raise UsageError(bad)
     return run(args)
+
+
+def load_model_factory(spec: str):
+    """``(name, factory)`` for a preset name or a ``package.module:callable`` factory; a
+    transformers model class (``transformers:GPT2LMHeadModel``) is built from its default config."""
+    from fastinit.presets import PRESETS
+
+    if spec in PRESETS:
+        return spec, PRESETS[spec].build
+    if ":" not in spec:
+        raise UsageError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                         "package.module:callable factory")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except ImportError as e:
+        raise UsageError(f"cannot import {mod_name!r} ({e})") from None
+    except AttributeError:
+        raise UsageError(f"{mod_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise UsageError(f"{spec} is not callable")
+    config_class = getattr(obj, "config_class", None)
+    if isinstance(obj, type) and config_class is not None and callable(config_class):
+        return spec, lambda: obj(config_class())
+    return spec, obj
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    import re
+
+    try:
+        shape = tuple(int(x) for x in re.split(r"[,x]", text.strip()))
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: give sizes separated by commas, e.g. 8,3,32,32") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r}: every size must be a positive integer")
+    return shape
+
+
+def _example_input(model, shape, kind: str, device, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if kind == "auto":
+        kind = "ids" if embeddings else "float"
+    if kind == "ids":
+        high = min((m.num_embeddings for m in embeddings), default=2)
+        return torch.randint(0, high, shape, generator=g).to(device)
+    return torch.randn(shape, generator=g).to(device)
+
+
+def audit_cmd(args) -> int:
+    import torch
+
+    import fastinit
+    from fastinit.schemes import SCHEMES
+
+    device = _device(args.device)
+    for opt in ("scheme", "expect"):
+        name = getattr(args, opt)
+        if name is not None and name not in SCHEMES:
+            raise UsageError(f"--{opt} {name!r}: unknown scheme; built-in schemes: {', '.join(SCHEMES)}")
+    if args.scheme and args.expect and args.scheme != args.expect:
+        raise UsageError("--scheme already sets the expectation; give --scheme or --expect, not both")
+    shape = _parse_shape(args.input_shape) if args.input_shape else None
+    if args.deferred and shape is not None:
+        raise UsageError("--deferred audits the plan, before anything is allocated: it cannot run an input "
+                         "(drop --input-shape or --deferred)")
+    if args.scheme == "lsuv" and shape is None:
+        raise UsageError("--scheme lsuv needs --input-shape (it rescales layers on an example batch)")
+    _out_path(args.json, "--json")
+    _out_path(args.plot, "--plot")
+    label, factory = load_model_factory(args.model)
+    torch.manual_seed(args.seed)
+    try:
+        if args.deferred:
+            model = fastinit.deferred_init(factory)
+        else:
+            with torch.device(device):
+                model = factory()
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"building {label} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{label} returned {type(model).__name__}, not an nn.Module")
+    x = _example_input(model, shape, args.input_dtype, device, args.seed) if shape is not None else None
+    if args.scheme:
+        opts = {"example_input": x} if args.scheme == "lsuv" else {}
+        try:
+            fastinit.apply_scheme(model, args.scheme, seed=args.seed, **opts)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--scheme {args.scheme}: {e}") from None
+    expect = args.scheme or args.expect
+    try:
+        result = fastinit.audit(model, x, scheme=expect if expect != "lsuv" else None)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UsageError(f"auditing {label} failed: {type(e).__name__}: {e}") from None
+    result.model_name = f"{type(model).__name__} ({label})"
+    print(result.table())
+    if args.json:
+        result.to_json(args.json)
+        print(f"json: {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"plot: {args.plot}")
+    return EXIT_CHECK if args.strict and not result.ok else 0
 
 
 def main(argv=None) -> int:
     from fastinit.presets import PRESETS
 
-    ap = argparse.ArgumentParser(prog="fastinit", description="fastinit: fast, reproducible weight init.")
+    ap = _Parser(prog="fastinit", description="fastinit: fast, reproducible weight init.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser(
         "bench",
@@ -214,14 +382,15 @@ def main(argv=None) -> int:
                     "fastinit's speedup, then check each weight's std against what the model's init implies.",
         epilog="Presets: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
     )
-    b.add_argument("--model", default="llama-1b", choices=list(PRESETS),
-                   help="model preset (default llama-1b)")
+    b.add_argument("--model", "--preset", dest="model", default="llama-1b", choices=list(PRESETS),
+                   help="model preset (default llama-1b); --preset is the same option")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default float32)")
     b.add_argument("--seed", type=int, default=0, help="materialization seed (default 0)")
-    b.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported (default 1)")
-    b.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's setting)")
+    b.add_argument("--repeat", type=int, default=1,
+                   help="runs per method, at least 1; the median is reported (default 1)")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's setting)")
     b.add_argument("--skip-eager", action="store_true", help="skip torch's eager construction (slowest)")
     b.add_argument("--json", metavar="PATH", help="also write every row of the table as JSON")
     b.set_defaults(fn=bench)
@@ -232,13 +401,55 @@ def main(argv=None) -> int:
                     "scikit-learn's bundled handwritten digits (no download), fixed seeds; prints validation "
                     "accuracy and loss per scheme and writes a PNG of the training-loss curves.",
     )
-    c.add_argument("--epochs", type=int, default=2, help="training epochs (default 2, as the classic table)")
+    c.add_argument("--epochs", type=int, default=2,
+                   help="training epochs, at least 1 (default 2, as the classic table)")
     c.add_argument("--seed", type=int, default=0, help="seed for data split and init (default 0)")
     c.add_argument("--plot", default="fastinit-compare.png", help="PNG path for the loss curves ('' to skip)")
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    c.add_argument("--scheme", action="append", metavar="NAME[,NAME]",
+                   help="compare these built-in schemes (fastinit.schemes: torch_default, xavier_uniform, "
+                        "kaiming_normal, general_rule, lsuv, ...) or classic rows instead of the classic table; "
+                        "repeatable")
     c.set_defaults(fn=compare)
+    from fastinit.schemes import SCHEMES
+
+    a = sub.add_parser(
+        "audit",
+        help="audit a model's init: per-parameter stats, known-scheme matches, flags, signal by depth",
+        description="Build a model (a preset, or any package.module:callable factory; a transformers model "
+                    "class is built from its default config), optionally initialize it with a built-in scheme, "
+                    "and print per parameter: shape, fans, mean, std, min/max, std*sqrt(fan_in), the known "
+                    "scheme it matches and flags (symmetry, NaN/inf, uninitialized memory, std far outside "
+                    "the Glorot/He band). With --input-shape, one forward/backward pass adds activation and "
+                    "gradient std by depth.",
+        epilog="Schemes: " + ", ".join(SCHEMES) + ". Presets: " + ", ".join(PRESETS) + ".",
+    )
+    a.add_argument("model", help="a preset name or a package.module:callable factory "
+                                 "(e.g. transformers:GPT2LMHeadModel)")
+    a.add_argument("--scheme", metavar="NAME", help="initialize with this built-in scheme first (seeded), and "
+                                                    "check every parameter against it")
+    a.add_argument("--expect", metavar="NAME", help="check every parameter against this built-in scheme "
+                                                    "without applying it")
+    a.add_argument("--input-shape", metavar="N,N,...", help="run one forward/backward pass on a random batch "
+                                                            "of this shape")
+    a.add_argument("--input-dtype", choices=["auto", "float", "ids"], default="auto",
+                   help="the batch: token ids below the smallest vocabulary, or N(0, 1) floats (default: ids "
+                        "when the model has an Embedding)")
+    a.add_argument("--deferred", action="store_true", help="build with deferred_init and audit the plan "
+                                                           "(nothing allocated)")
+    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    a.add_argument("--seed", type=int, default=0, help="seed for the model, the scheme and the batch (default 0)")
+    a.add_argument("--json", metavar="PATH", help="also write the audit as JSON")
+    a.add_argument("--plot", metavar="PATH", help="also write a PNG: weight std against the expectation, "
+                                                  "activation/gradient std by depth")
+    a.add_argument("--strict", action="store_true", help="exit with code 4 when anything is flagged")
+    a.set_defaults(fn=audit_cmd)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        _log(f"fastinit {args.cmd}: {e}")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

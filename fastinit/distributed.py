@@ -211,10 +211,9 @@ def after_assign(modules, new_of: dict) -> None:
     """
     new_ids = {id(t) for t in new_of.values()}
     for m in modules.modules():
-        get_state = getattr(m, "_get_fsdp_state", None)
-        if get_state is None:
+        if not hasattr(type(m), "_get_fsdp_state"):  # a class attribute of FSDP2's module classes
             continue
-        state = get_state()
+        state = m._get_fsdp_state()
         with torch.no_grad():
             for group in getattr(state, "_fsdp_param_groups", None) or []:
                 for fsdp_param in group.fsdp_params:

@@ -5,7 +5,8 @@ operations ``torch.nn.init`` uses, so bounds and standard deviations agree with
 torch to the last bit. :func:`variance_scaling` is the one mechanism that turns
 (gain, fan mode, distribution) into a :class:`~fastinit.specs.Uniform` or
 :class:`~fastinit.specs.Normal` spec, the way JAX's ``variance_scaling`` serves
-lecun, glorot and he.
+lecun, glorot and he (with one difference: here ``gain`` multiplies the standard
+deviation, as in torch, where JAX's ``scale`` multiplies the variance).
 """
 
 from __future__ import annotations
@@ -113,6 +114,16 @@ def calculate_correct_fan(tensor, mode: str) -> int:
     return fan_in if mode == "fan_in" else fan_out
 
 
+def scaled_std(shape: Sequence[int], gain: float, mode: str) -> float:
+    r"""The standard deviation :math:`\sigma = g / \sqrt{n}` of Xavier (``mode="fan_avg"``,
+    :math:`n = (\text{fan\_in} + \text{fan\_out}) / 2`) and Kaiming (``"fan_in"``,
+    ``"fan_out"``), with exactly torch's float operations."""
+    if mode == "fan_avg":
+        fan_in, fan_out = calculate_fan_in_and_fan_out(shape)
+        return gain * math.sqrt(2.0 / float(fan_in + fan_out))
+    return gain / math.sqrt(calculate_correct_fan(shape, mode))
+
+
 def variance_scaling(
     shape: Sequence[int], gain: float, mode: str, distribution: str
 ) -> InitSpec:
@@ -123,12 +134,22 @@ def variance_scaling(
     ``distribution`` is ``"uniform"`` (:math:`U(-\sqrt{3}\sigma, \sqrt{3}\sigma)`)
     or ``"normal"`` (:math:`\mathcal{N}(0, \sigma^2)`). Kaiming is ``fan_in`` or
     ``fan_out`` with :math:`g` from :func:`calculate_gain`; Xavier is ``fan_avg``.
+
+    .. warning::
+        ``gain`` multiplies the **standard deviation**, as torch's ``gain`` does.
+        JAX's ``variance_scaling(scale, mode, distribution)`` takes a ``scale``
+        that multiplies the **variance** (:math:`\sigma^2 = s / n`). A JAX
+        ``scale`` ports as ``gain = sqrt(scale)``: JAX's ``he_normal`` (scale 2)
+        is ``variance_scaling(shape, math.sqrt(2), "fan_in", "normal")``, and
+        JAX's ``"uniform"`` with scale ``s`` is ``gain = sqrt(s)`` here too.
+        (JAX's ``"truncated_normal"``, its default, has no counterpart here: this
+        function's ``"normal"`` is JAX's ``"normal"``, the plain normal.)
+
+    Example:
+        >>> variance_scaling((256, 128), math.sqrt(2.0), "fan_in", "normal")  # kaiming_normal_, relu
+        Normal(mean=0.0, std=0.125)
     """
-    if mode == "fan_avg":
-        fan_in, fan_out = calculate_fan_in_and_fan_out(shape)
-        std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
-    else:
-        std = gain / math.sqrt(calculate_correct_fan(shape, mode))
+    std = scaled_std(shape, gain, mode)
     if distribution == "uniform":
         bound = math.sqrt(3.0) * std
         return Uniform(-bound, bound)

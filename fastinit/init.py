@@ -21,6 +21,7 @@ from .fans import (
     calculate_correct_fan,
     calculate_fan_in_and_fan_out,
     calculate_gain,
+    scaled_std,
     variance_scaling,
 )
 from .seeding import draw_key, splitmix64
@@ -31,6 +32,15 @@ _TORCH_TYPE_NAMES = {
     torch.uint8: "Byte", torch.bool: "Bool", torch.uint16: "UInt16", torch.uint32: "UInt32",
     torch.uint64: "UInt64",
 }
+_INFERENCE_MSG = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed."
+    "You can make a clone to get a normal tensor before doing inplace update."
+    "See https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+_OVERLAP_MSG = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single "
+    "memory location. Please clone() the tensor before performing the operation."
+)
 
 
 def _is_engine_dtype(dtype: torch.dtype) -> bool:
@@ -44,9 +54,104 @@ def _check_random_dtype(tensor: torch.Tensor, kernel: str) -> None:
         raise NotImplementedError(f'"{kernel}" not implemented for \'{name}\'')
 
 
+# ------------------------------------------------------------ checks, before any write
+#
+# torch.nn.init ends every random init in one in-place op (``uniform_``/``normal_``)
+# under ``no_grad``. Its argument, generator, dtype and bound checks are made by
+# running that very op on a 0-element tensor of the same dtype and device (a
+# "stand-in": it writes nothing, consumes no random numbers and costs about a
+# microsecond), so every bad input raises torch's own error, before anything is
+# written. What torch checks only while writing (overlapping memory, inference
+# tensors) is checked here first.
+
+_STAND_INS: dict = {}
+
+
+def _stand_in(dtype: torch.dtype, device) -> torch.Tensor:
+    """A 0-element tensor of ``dtype`` on ``device`` (not an inference tensor)."""
+    key = (dtype, device)
+    s = _STAND_INS.get(key)
+    if s is None:
+        with torch._C.DisableTorchFunction(), torch.inference_mode(False):
+            s = _STAND_INS[key] = torch.empty(0, dtype=dtype, device=device)
+    return s
+
+
+def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = False, **kwargs) -> None:
+    """Raise what ``tensor.<op>(*args, **kwargs)`` would raise in torch, writing nothing.
+
+    A meta tensor is checked as torch's meta kernels check it, unless it is being
+    recorded (``recording``: it stands for the real tensor eager code would make
+    on the CPU, so it is checked as that one would be).
+    """
+    device = torch.device("cpu") if recording and tensor.is_meta else tensor.device
+    stand_in = _stand_in(tensor.dtype, device)
+    with torch._C.DisableTorchFunction():
+        getattr(stand_in, op)(*args, **kwargs)
+    if op == "normal_" and tensor.numel() and (recording or not tensor.is_meta):
+        # torch's normal_ looks at the dtype only when there are elements to write
+        _check_random_dtype(tensor, f"normal_kernel_{device.type}")
+
+
+def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
+    """torch's checks of an in-place write that its kernels make while writing."""
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(_INFERENCE_MSG)
+    if not overlap or tensor.numel() == 0:
+        return
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        if stride == 0 and size > 1:
+            raise RuntimeError(_OVERLAP_MSG)
+
+
+def _bump_version(tensor: torch.Tensor, before) -> None:
+    """One version-counter bump for the call (autograd then sees the write), unless a
+    torch op of the fill already made it."""
+    if before is not None and tensor._version == before:
+        torch.autograd.graph.increment_version(tensor)
+
+
+def _version(tensor: torch.Tensor):
+    return None if tensor.is_inference() else tensor._version
+
+
 def _kernel_name(spec: InitSpec, tensor: torch.Tensor) -> str:
     dev = "cpu" if tensor.device.type == "cpu" else tensor.device.type
     return "check_uniform_bounds" if isinstance(spec, Uniform) else f"normal_kernel_{dev}"
+
+
+def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_spec,
+                torch_fallback=None) -> torch.Tensor:
+    """The drop-in path of every random init that torch ends in ``tensor.<op>(*op_args)``.
+
+    Checks as torch would (:func:`check_like_torch`, :func:`check_writable`),
+    then builds the spec (``make_spec()``), then fills the tensor now or hands
+    the call to the active recorder. ``torch_fallback()`` runs instead for
+    dtypes the engines do not hold (complex). Nothing is written when it raises.
+    """
+    sink = _sink.for_tensor(tensor)
+    check_like_torch(tensor, op, *op_args, generator=generator, recording=sink is not None)
+    if sink is None and tensor.is_meta:
+        return tensor  # torch's meta kernels check no more than that
+    return _fill_now(tensor, make_spec(), generator, sink, torch_fallback)
+
+
+def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
+    """The checked spec's fill: recorded, a no-op on meta, or written now (one version bump)."""
+    if sink is not None and sink.fill(tensor, spec, generator):
+        return tensor
+    if tensor.is_meta:
+        return tensor
+    check_writable(tensor)
+    if not _is_engine_dtype(tensor.dtype):
+        return torch_fallback()
+    before = _version(tensor)
+    if is_dtensor(tensor):
+        fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
+    else:
+        engines.fill([engines.Target(tensor, spec, draw_key(generator) if spec.random else 0)])
+    _bump_version(tensor, before)
+    return tensor
 
 
 def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=None) -> torch.Tensor:
@@ -54,35 +159,32 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
 
     ``torch_fallback()`` runs instead for dtypes the engines do not hold (complex).
     """
-    if spec.random:
-        _check_random_dtype(tensor, _kernel_name(spec, tensor))
-    if not tensor.is_meta and tensor.dtype.is_floating_point:
-        spec.check_dtype(tensor.dtype)  # before anything is queued or written
-    sink = _sink.current.get()
-    if sink is not None and sink.fill(tensor, spec, generator):
+    if isinstance(spec, Constant):
+        return _constant_fill(tensor, spec.value)
+    if isinstance(spec, Uniform):
+        return random_fill(tensor, "uniform_", (spec.a, spec.b), generator, lambda: spec, torch_fallback)
+    if isinstance(spec, Normal):
+        return random_fill(tensor, "normal_", (spec.mean, spec.std), generator, lambda: spec, torch_fallback)
+    return _fill_now(tensor, spec, generator, _sink.for_tensor(tensor), torch_fallback)
+
+
+def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
+    """``tensor.fill_(value)`` under no_grad, as torch.nn.init does (or recorded)."""
+    sink = _sink.for_tensor(tensor)
+    check_like_torch(tensor, "fill_", value, recording=sink is not None)
+    if sink is not None and sink.fill(tensor, Constant(value), None):
         return tensor
-    if tensor.is_meta:
+    if not tensor.is_meta:
+        check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
+    if is_dtensor(tensor) and _is_engine_dtype(tensor.dtype):
+        fill_dtensor(tensor, Constant(float(value)), 0)
         return tensor
-    if not _is_engine_dtype(tensor.dtype):
-        if isinstance(spec, Constant):
-            with torch.no_grad():
-                return tensor.fill_(spec.value)
-        if torch_fallback is not None:
-            return torch_fallback()
-        raise TypeError(f"fastinit cannot fill a tensor of dtype {tensor.dtype}")
-    if is_dtensor(tensor):
-        fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
-        return tensor
-    if isinstance(spec, Constant) and tensor.device.type == "cpu":
-        with torch.no_grad():  # a memset: torch's own fill_ is already the floor
-            return tensor.fill_(spec.value)
-    key = draw_key(generator) if spec.random else 0
-    engines.fill([engines.Target(tensor, spec, key)])
-    return tensor
+    with torch.no_grad():  # a memset: torch's own fill_ is the floor, and its checks are torch's
+        return tensor.fill_(value)
 
 
 def _replay_or_none(tensor, fn, args, kwargs):
-    sink = _sink.current.get()
+    sink = _sink.for_tensor(tensor)
     return sink is not None and sink.replay(tensor, fn, args, kwargs)
 
 
@@ -104,8 +206,8 @@ def uniform_(tensor, a: float = 0.0, b: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.uniform_(w)
     """
-    return submit(tensor, Uniform(a, b), generator,
-                  lambda: torch.nn.init.uniform_(tensor, a, b, generator=generator))
+    return random_fill(tensor, "uniform_", (a, b), generator, lambda: Uniform(float(a), float(b)),
+                       lambda: torch.nn.init.uniform_(tensor, a, b, generator=generator))
 
 
 def normal_(tensor, mean: float = 0.0, std: float = 1.0, generator=None):
@@ -123,8 +225,8 @@ def normal_(tensor, mean: float = 0.0, std: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.normal_(w)
     """
-    return submit(tensor, Normal(mean, std), generator,
-                  lambda: torch.nn.init.normal_(tensor, mean, std, generator=generator))
+    return random_fill(tensor, "normal_", (mean, std), generator, lambda: Normal(float(mean), float(std)),
+                       lambda: torch.nn.init.normal_(tensor, mean, std, generator=generator))
 
 
 def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
@@ -150,17 +252,48 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         >>> w = torch.empty(3, 5)
         >>> fastinit.trunc_normal_(w)
     """
-    spec = trunc_normal_spec(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=3)
-    return submit(tensor, spec, generator,
-                  lambda: torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator))
+    sink = _sink.for_tensor(tensor)
+    if tensor.is_meta and sink is None:
+        return tensor  # torch returns at once: no checks, no warning
+    _trunc_normal_warn(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=4)
+    recording = sink is not None
+    p = None
+    if std != 0:
+        # torch's sampler: the window's mass p picks normal_ (then bounds cast to the
+        # dtype) or uniform_(a, b); the op it would run checks the arguments.
+        p = _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
+        stand_in = _stand_in(tensor.dtype, "cpu")
+        if p > 0.3:
+            with torch._C.DisableTorchFunction():
+                stand_in.new_tensor(a, device="cpu").item()
+                stand_in.new_tensor(b, device="cpu").item()
+            check_like_torch(tensor, "normal_", mean, std, generator=generator, recording=recording)
+        else:
+            check_like_torch(tensor, "uniform_", a, b, generator=generator, recording=recording)
+    def torch_fallback():  # complex: torch's rejection compares values, which have no order
+        with torch._C.DisableTorchFunction():
+            (torch.lt if std != 0 and p > 0.3 else torch.gt)(_stand_in(tensor.dtype, "cpu"), 0)
+        return torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator)
+
+    return _fill_now(tensor, _trunc_normal_spec(mean, std, a, b), generator, sink, torch_fallback)
+
+
+def _norm_cdf(x: float) -> float:
+    return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
 
 
 def trunc_normal_spec(mean: float, std: float, a: float, b: float, *, zero_std_is_error: bool,
-                      stacklevel: int) -> TruncNormal:
+                      stacklevel: int) -> InitSpec:
     """The spec of ``trunc_normal_(mean, std, a, b)`` with torch's argument rules: its
     warning when the mean is more than 2 std from [a, b] (``stacklevel`` for it), its
     ZeroDivisionError for std == 0 (it divides by std first), and a negative std
-    sampled as |std| (torch only uses std squared)."""
+    sampled as |std| (torch only uses std squared). A NaN mean or std makes torch's
+    sampler accept every uniform candidate: the spec is then ``Uniform(a, b)``."""
+    _trunc_normal_warn(mean, std, a, b, zero_std_is_error=zero_std_is_error, stacklevel=stacklevel + 1)
+    return _trunc_normal_spec(mean, std, a, b)
+
+
+def _trunc_normal_warn(mean, std, a, b, *, zero_std_is_error: bool, stacklevel: int) -> None:
     if (mean < a - 2 * std) or (mean > b + 2 * std):
         warnings.warn(
             "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
@@ -169,7 +302,13 @@ def trunc_normal_spec(mean: float, std: float, a: float, b: float, *, zero_std_i
         )
     if std == 0 and zero_std_is_error:
         raise ZeroDivisionError("float division by zero")
-    return TruncNormal(mean, abs(std), a, b)
+
+
+def _trunc_normal_spec(mean, std, a, b) -> InitSpec:
+    mean, std, a, b = float(mean), abs(float(std)), float(a), float(b)
+    if math.isnan(mean) or math.isnan(std):
+        return Uniform(a, b)
+    return TruncNormal(mean, std, a, b)
 
 
 def constant_(tensor, val: float):
@@ -179,7 +318,7 @@ def constant_(tensor, val: float):
         >>> w = torch.empty(3, 5)
         >>> fastinit.constant_(w, 0.3)
     """
-    return submit(tensor, Constant(val))
+    return _constant_fill(tensor, val)
 
 
 def ones_(tensor):
@@ -189,7 +328,7 @@ def ones_(tensor):
         >>> w = torch.empty(3, 5)
         >>> fastinit.ones_(w)
     """
-    return submit(tensor, Constant(1.0))
+    return _constant_fill(tensor, 1.0)
 
 
 def zeros_(tensor):
@@ -199,7 +338,7 @@ def zeros_(tensor):
         >>> w = torch.empty(3, 5)
         >>> fastinit.zeros_(w)
     """
-    return submit(tensor, Constant(0.0))
+    return _constant_fill(tensor, 0.0)
 
 
 # ------------------------------------------------------------- variance scaling
@@ -218,9 +357,10 @@ def xavier_uniform_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_uniform_(w, gain=fastinit.calculate_gain("relu"))
     """
-    spec = variance_scaling(tensor.shape, gain, "fan_avg", "uniform")
-    return submit(tensor, spec, generator,
-                  lambda: torch.nn.init.xavier_uniform_(tensor, gain, generator=generator))
+    bound = math.sqrt(3.0) * scaled_std(tensor.shape, gain, "fan_avg")
+    return random_fill(tensor, "uniform_", (-bound, bound), generator,
+                       lambda: Uniform(-float(bound), float(bound)),
+                       lambda: torch.nn.init.xavier_uniform_(tensor, gain, generator=generator))
 
 
 def xavier_normal_(tensor, gain: float = 1.0, generator=None):
@@ -235,19 +375,22 @@ def xavier_normal_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_normal_(w)
     """
-    spec = variance_scaling(tensor.shape, gain, "fan_avg", "normal")
-    return submit(tensor, spec, generator,
-                  lambda: torch.nn.init.xavier_normal_(tensor, gain, generator=generator))
+    std = scaled_std(tensor.shape, gain, "fan_avg")
+    return random_fill(tensor, "normal_", (0.0, std), generator, lambda: Normal(0.0, float(std)),
+                       lambda: torch.nn.init.xavier_normal_(tensor, gain, generator=generator))
 
 
 def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
     if 0 in tensor.shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
-    calculate_correct_fan(tensor, mode)  # validates dims and mode before the gain, as torch does
-    gain = calculate_gain(nonlinearity, a)
-    spec = variance_scaling(tensor.shape, gain, mode.lower(), distribution)
-    return submit(tensor, spec, generator, fallback)
+    fan = calculate_correct_fan(tensor, mode)  # validates dims and mode before the gain, as torch does
+    std = calculate_gain(nonlinearity, a) / math.sqrt(fan)
+    if distribution == "uniform":
+        bound = math.sqrt(3.0) * std
+        return random_fill(tensor, "uniform_", (-bound, bound), generator,
+                           lambda: Uniform(-float(bound), float(bound)), fallback)
+    return random_fill(tensor, "normal_", (0, std), generator, lambda: Normal(0.0, float(std)), fallback)
 
 
 def kaiming_uniform_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu",
@@ -325,6 +468,7 @@ def eye_(tensor):
         raise ValueError("Only tensors with 2 dimensions are supported")
     if _replay_or_none(tensor, eye_, (), {}) or tensor.is_meta:
         return tensor
+    check_writable(tensor, overlap=False)
     with torch.no_grad():
         torch.eye(*tensor.shape, out=tensor, requires_grad=tensor.requires_grad)
     return tensor
@@ -351,15 +495,14 @@ def dirac_(tensor, groups: int = 1):
         return tensor
     out_per_group = sizes[0] // groups
     min_dim = min(out_per_group, sizes[1])
-    with torch.no_grad():
+    range(groups), range(min_dim)  # torch's loops raise TypeError for non-integers: before any write
+    check_writable(tensor, overlap=False)  # (torch's zero_ and element writes allow expanded tensors)
+    with torch.no_grad():  # torch's own loop: same writes, same errors, same version bumps
         tensor.zero_()
-        d = torch.arange(min_dim, device=tensor.device)
         centre = tuple(s // 2 for s in sizes[2:])
         for g in range(groups):
-            index = (g * out_per_group + d, d) + tuple(
-                torch.full_like(d, c) for c in centre
-            )
-            tensor.index_put_(index, torch.ones((), dtype=tensor.dtype, device=tensor.device))
+            for d in range(min_dim):
+                tensor[(g * out_per_group + d, d) + centre] = 1
     return tensor
 
 
@@ -383,9 +526,17 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         return tensor
     if tensor.numel() == 0 or tensor.is_meta:
         return tensor
-    _check_random_dtype(tensor, _kernel_name(Normal(), tensor))
+    if not _is_engine_dtype(tensor.dtype):  # complex and integer tensors: torch's own errors
+        return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
     rows = tensor.size(0)
     cols = tensor.numel() // rows
+    # torch draws with new_empty((rows, cols)).normal_(0, 1, generator), then writes
+    # tensor.view_as(q).copy_(q) and tensor.mul_(gain): all checked before any write.
+    check_like_torch(tensor, "normal_", 0, 1, generator=generator)
+    check_writable(tensor)
+    target = tensor.view(rows, cols)
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        _stand_in(tensor.dtype, tensor.device).mul_(gain)
     flattened = _filled((rows, cols), Normal(0.0, 1.0), _subkey(generator, 0x0), tensor)
     if rows < cols:
         flattened.t_()
@@ -395,7 +546,7 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
     if rows < cols:
         q.t_()
     with torch.no_grad():
-        tensor.view_as(q).copy_(q)
+        target.copy_(q)
         tensor.mul_(gain)
     return tensor
 
@@ -417,22 +568,58 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
         return tensor
     if tensor.is_meta:
         return tensor
-    _check_random_dtype(tensor, _kernel_name(Normal(), tensor))
     rows, cols = tensor.shape
     num_zeros = math.ceil(sparsity * rows)
-    spec = Normal(0.0, std)
+    check_like_torch(tensor, "normal_", 0, std, generator=generator)
+    check_writable(tensor)
+    if not _is_engine_dtype(tensor.dtype):  # complex: torch's own
+        return torch.nn.init.sparse_(tensor, sparsity, std, generator=generator)
+    spec = Normal(0.0, float(std))
     values_key, mask_key = _subkey(generator, 0x1), _subkey(generator, 0x2)
     # Zero positions: per column, the rows of the num_zeros smallest uniform scores
     # (a uniformly random subset, as torch's randperm per column, without the loop).
     scores = _filled((rows, cols), Uniform(0.0, 1.0), mask_key, torch.empty(0, device=tensor.device))
     zero_rows = scores.argsort(dim=0)[:num_zeros]
+    before = _version(tensor)
+    engines.fill([engines.Target(tensor, spec, values_key)])
     with torch.no_grad():
-        if _is_engine_dtype(tensor.dtype):
-            engines.fill([engines.Target(tensor, spec, values_key)])
-        else:
-            tensor.normal_(0, std, generator=generator)
         tensor.scatter_(0, zero_rows, 0)
+    _bump_version(tensor, before)
     return tensor
+
+
+# ------------------------------------------------- private helpers third-party code calls
+#
+# torch.nn.init's private names that libraries reach for through the module
+# (timm's ``init._calculate_fan_in_and_fan_out``, ...): same signatures and behaviour.
+
+
+def _calculate_fan_in_and_fan_out(tensor):
+    return calculate_fan_in_and_fan_out(tensor)
+
+
+def _calculate_correct_fan(tensor, mode):
+    return calculate_correct_fan(tensor, mode)
+
+
+def _no_grad_uniform_(tensor, a, b, generator=None):
+    return uniform_(tensor, a, b, generator=generator)
+
+
+def _no_grad_normal_(tensor, mean, std, generator=None):
+    return normal_(tensor, mean, std, generator=generator)
+
+
+def _no_grad_trunc_normal_(tensor, mean, std, a, b, generator=None):
+    return trunc_normal_(tensor, mean, std, a, b, generator=generator)
+
+
+def _no_grad_fill_(tensor, val):
+    return _constant_fill(tensor, val)
+
+
+def _no_grad_zero_(tensor):
+    return _constant_fill(tensor, 0.0)
 
 
 # ------------------------------------------------------------ deprecated aliases

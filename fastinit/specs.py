@@ -14,7 +14,8 @@ the spec's kind code and six float32 parameters, precomputed in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ KIND_NORMAL = 2
 KIND_TRUNC_NORMAL = 3
 
 N_PARAMS = 6
+# |z| below which exp(-z^2/2) is 1 in float64: a truncated normal that narrow is uniform.
+FLAT_Z = 2.0**-27
 
 
 def float_below(x: float, ftype=np.float32):
@@ -35,6 +38,28 @@ def float_below(x: float, ftype=np.float32):
     if float(f) >= x:
         f = np.nextafter(f, ftype(-np.inf))
     return f
+
+
+def dtype_below(x: float, dtype: torch.dtype) -> float:
+    """The largest value of torch floating ``dtype`` strictly below ``x``."""
+    if dtype == torch.bfloat16:
+        r = torch.tensor(x, dtype=dtype)
+        if float(r) >= x:
+            r = torch.nextafter(r, torch.tensor(-math.inf, dtype=dtype))
+        return float(r)
+    ftype = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    return float(float_below(x, ftype))
+
+
+@functools.lru_cache(maxsize=4096)
+def uniform_top(a: float, b: float, dtype: torch.dtype) -> float:
+    """The largest value a ``U[a, b)`` fill of a ``dtype`` tensor may hold: the
+    largest ``dtype`` value below ``b`` (so that rounding to the dtype keeps
+    ``[a, b)``), or ``a`` rounded to the dtype when nothing of the dtype lies in
+    ``[a, b)`` (as torch: ``uniform_(1 - 1e-10, 1)`` fills float32 with 1.0)."""
+    if not b > a:
+        return a
+    return max(dtype_below(b, dtype), float(torch.tensor(a, dtype=dtype)))
 
 
 # How torch's messages name floating dtypes: the C++ type, and the ScalarType.
@@ -74,6 +99,12 @@ class Constant(InitSpec):
     value: float
     random = False
 
+    def check_dtype(self, dtype):
+        """torch's ``fill_`` check: a finite value beyond ``dtype``'s range overflows."""
+        v = self.value
+        if v == v and abs(v) != float("inf") and abs(v) > torch.finfo(dtype).max:
+            torch.empty(0, dtype=dtype).fill_(v)  # torch's own error (rounding at the edge is torch's)
+
     def kernel_params(self):
         return KIND_CONSTANT, (float(self.value), 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -90,6 +121,9 @@ class Uniform(InitSpec):
 
     a: float = 0.0
     b: float = 1.0
+    #: The largest value the fill may hold (see :func:`uniform_top`), set by the
+    #: engines for the target's dtype; None: the largest float32 below ``b``.
+    top: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.a > self.b:  # NaN and infinite bounds are reported by check_dtype, as torch does
@@ -111,8 +145,15 @@ class Uniform(InitSpec):
                 f"but found to={self.b:g} and from={self.a:g} which result in to-from to exceed the limit"
             )
 
+    def for_dtype(self, dtype: torch.dtype) -> "Uniform":
+        """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it."""
+        top = uniform_top(float(self.a), float(self.b), dtype)
+        return self if self.top == top else replace(self, top=top)
+
     def kernel_params(self):
-        hi = float(float_below(self.b)) if self.b > self.a else self.a
+        hi = self.top
+        if hi is None:
+            hi = max(float(float_below(self.b)), float(np.float32(self.a))) if self.b > self.a else self.a
         return KIND_UNIFORM, (float(self.a), float(self.b - self.a), hi, 0.0, 0.0, 0.0)
 
     def scaled(self, k):
@@ -171,6 +212,23 @@ class TruncNormal(InitSpec):
                 f"trunc_normal_ expects a <= b, but found a={self.a} > b={self.b}"
             )
 
+    def z_window(self) -> tuple[float, float]:
+        """``(alpha, beta)``: the bounds in standard deviations from the mean."""
+        if self.std == math.inf:
+            return 0.0, 0.0
+        return (self.a - self.mean) / self.std, (self.b - self.mean) / self.std
+
+    def is_flat(self) -> bool:
+        """Whether the density varies across [a, b] by less than float64 resolves
+        (|alpha|, |beta| <= 2^-27, e.g. std = inf): then it is exactly U(a, b)."""
+        alpha, beta = self.z_window()
+        return self.std > 0 and max(abs(alpha), abs(beta)) <= FLAT_Z
+
+    def outside_mass(self) -> float:
+        """The normal's mass outside [a, b]: Phi(alpha) + 1 - Phi(beta)."""
+        alpha, beta = self.z_window()
+        return 0.5 * (math.erfc(-alpha / math.sqrt(2.0)) + math.erfc(beta / math.sqrt(2.0)))
+
     def cdf_window(self) -> tuple[float, float, float]:
         """``(lo, span, sign)``: sample ``t = lo + span * u`` in (0, 2) and
         ``x = mean + sign * std * sqrt(2) * erfinv(t - 1)``."""
@@ -187,6 +245,8 @@ class TruncNormal(InitSpec):
         return lo, hi - lo, sign
 
     def kernel_params(self):
+        if self.is_flat():  # std >> b - a (or infinite): uniform on [a, b] to float64 precision
+            return Uniform(self.a, self.b).kernel_params()
         lo, span, sign = self.cdf_window()
         scale = sign * self.std * math.sqrt(2.0)
         # Clamp bounds past the mean when std == 0 so the result is the mean, clipped.

@@ -108,6 +108,26 @@ def fsdp_deferred(rank, world, port):
                             lambda block, mesh: fully_shard(block, mesh=mesh))
 
 
+def fsdp_block_by_block(rank, world, port):
+    """deferred_init -> fully_shard per block -> materialize block by block, then the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    model = fastinit.deferred_init(TinyLM)
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for b in model.blocks:
+        fastinit.materialize(b, device="cpu", seed=SEED)
+        assert not any(t.is_meta for t in b.parameters())
+    assert any(t.is_meta for t in model.parameters())  # the rest is still deferred
+    fastinit.materialize(model, device="cpu", seed=SEED)
+    assert _compare(model, _reference()) > 0
+    _teardown()
+
+
 def tp_2d(rank, world, port):
     """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -182,3 +182,77 @@ def test_import_works_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------ autograd and inference mode
+
+RANDOM_CALLS = [
+    lambda t: fastinit.uniform_(t, -1, 1),
+    lambda t: fastinit.normal_(t),
+    lambda t: fastinit.trunc_normal_(t, std=0.02),
+    lambda t: fastinit.trunc_normal_(t),
+    lambda t: fastinit.xavier_uniform_(t),
+    lambda t: fastinit.xavier_normal_(t),
+    lambda t: fastinit.kaiming_uniform_(t),
+    lambda t: fastinit.kaiming_normal_(t),
+    lambda t: fastinit.orthogonal_(t),
+    lambda t: fastinit.sparse_(t, 0.5),
+    lambda t: fastinit.constant_(t, 0.5),
+    lambda t: fastinit.ones_(t),
+    lambda t: fastinit.zeros_(t),
+    lambda t: fastinit.eye_(t),
+]
+
+
+@pytest.mark.parametrize("call", RANDOM_CALLS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_a_fill_after_use_makes_backward_raise_as_in_torch(call, layout):
+    x = torch.randn(8, 6, requires_grad=True)
+    w = x.detach().clone() if layout == "contiguous" else x.detach().t().contiguous().t()
+    w.requires_grad_(True)
+    y = (w * w).sum()
+    v = w._version
+    call(w)
+    assert w._version > v
+    assert w.is_leaf and w.requires_grad and w.grad_fn is None
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("call", RANDOM_CALLS)
+def test_inference_tensors_are_refused_outside_inference_mode_and_filled_inside(call):
+    with torch.inference_mode():
+        t = torch.full((8, 6), 7.0)
+    with pytest.raises(RuntimeError, match="inference tensor outside InferenceMode"):
+        call(t)
+    assert (t == 7).all()
+    with torch.inference_mode():
+        call(t)
+    assert not (t == 7).all()
+
+
+def test_private_helpers_exist_with_torchs_behaviour():
+    import torch.nn.init as tinit
+
+    for name in ("_calculate_fan_in_and_fan_out", "_calculate_correct_fan", "_no_grad_uniform_",
+                 "_no_grad_normal_", "_no_grad_trunc_normal_", "_no_grad_fill_", "_no_grad_zero_"):
+        assert callable(getattr(fastinit, name)), name
+        ours = inspect.signature(getattr(fastinit, name))
+        theirs = inspect.signature(getattr(tinit, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+    for shape in [(3, 4), (64, 3, 7, 7), (2, 3, 4, 5, 6)]:
+        t = torch.empty(shape)
+        assert fastinit._calculate_fan_in_and_fan_out(t) == tinit._calculate_fan_in_and_fan_out(t)
+        for mode in ("fan_in", "fan_out", "FAN_OUT"):
+            assert fastinit._calculate_correct_fan(t, mode) == tinit._calculate_correct_fan(t, mode)
+    with pytest.raises(ValueError):
+        fastinit._calculate_correct_fan(torch.empty(3, 4), "fan_avg")
+    w = torch.full((50, 40), 7.0)
+    assert fastinit._no_grad_uniform_(w, -1, 1) is w and w.abs().max() <= 1
+    assert fastinit._no_grad_normal_(w, 5.0, 0.1) is w and abs(w.mean().item() - 5.0) < 0.05
+    assert fastinit._no_grad_trunc_normal_(w, 0.0, 1.0, -0.5, 0.5) is w and w.abs().max() <= 0.5
+    assert torch.equal(fastinit._no_grad_fill_(w, 3.0), torch.full_like(w, 3.0))
+    assert torch.equal(fastinit._no_grad_zero_(w), torch.zeros_like(w))
+    p = torch.nn.Parameter(torch.empty(4, 4))
+    fastinit._no_grad_normal_(p, 0.0, 1.0)  # no_grad: a leaf that requires grad may be filled
+    assert p.is_leaf and p.requires_grad

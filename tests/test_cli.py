@@ -86,3 +86,122 @@ def test_compare_orders_the_schemes_and_writes_a_png(tmp_path):
     with Image.open(png) as im:
         im.verify()
         assert im.size[0] > 500
+
+
+# ------------------------------------------------------------------ usage errors: one line, exit 2
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--device", "banana"], "not a device"),
+    (["bench", "--device", "tpu"], "cpu or cuda"),
+    (["bench", "--repeat", "0"], "--repeat must be at least 1"),
+    (["bench", "--threads", "-1"], "--threads must be at least 0"),
+    (["bench", "--json", "/nonexistent-folder/x.json"], "does not exist"),
+    (["bench", "--preset", "gpt5"], "llama-1b"),
+    (["bench", "--repeat", "many"], "invalid int"),
+    (["compare", "--epochs", "0"], "--epochs must be at least 1"),
+    (["compare", "--plot", "/nonexistent-folder/x.png"], "does not exist"),
+    (["compare", "--json", "/nonexistent-folder/x.json"], "does not exist"),
+    (["compare", "--scheme", "xavier_uniform,nope"], "unknown scheme"),
+    (["audit", "nope"], "neither a preset"),
+    (["audit", "no_such_module_xyz:f"], "cannot import"),
+    (["audit", "torch.nn:NoSuchLayer"], "has no attribute"),
+    (["audit", "llama-tiny", "--scheme", "nope"], "unknown scheme"),
+    (["audit", "llama-tiny", "--input-shape", "2,x"], "--input-shape"),
+    (["audit", "llama-tiny", "--deferred", "--input-shape", "2,4"], "--deferred"),
+    (["audit", "llama-tiny", "--json", "/nonexistent-folder/a.json"], "does not exist"),
+    (["audit", "llama-tiny", "--plot", "/nonexistent-folder/a.png"], "does not exist"),
+    (["audit", "llama-tiny", "--device", "banana"], "not a device"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE
+    assert err.count("\n") == 1 and says in err, err
+    assert "Traceback" not in err
+
+
+def test_usage_errors_in_a_fresh_process_are_one_line():
+    for argv in (["bench", "--device", "banana"], ["compare", "--epochs", "0"], ["bench", "--threads", "-1"]):
+        out = _run(*argv)
+        assert out.returncode == EXIT_USAGE and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_preset_is_an_alias_of_model():
+    from fastinit.cli import _Parser  # noqa: F401 - the parser main() builds
+    import fastinit.cli as cli
+
+    seen = {}
+    real = cli.bench
+    try:
+        cli.bench = lambda args: seen.setdefault("model", args.model) and 0
+        main(["bench", "--preset", "llama-tiny"])
+        assert seen["model"] == "llama-tiny"
+    finally:
+        cli.bench = real
+    assert "--preset" in _run("bench", "--help").stdout
+
+
+def test_compare_is_reproducible_and_takes_builtin_schemes(tmp_path):
+    pytest.importorskip("sklearn")
+    js1, js2 = tmp_path / "a.json", tmp_path / "b.json"
+    argv = ["compare", "--epochs", "1", "--plot", "", "--scheme", "general_rule,kaiming_normal",
+            "--scheme", "lsuv", "--scheme", "ones"]
+    assert main(argv + ["--json", str(js1)]) == 0
+    assert main(argv + ["--json", str(js2)]) == 0
+    a, b = json.loads(js1.read_text()), json.loads(js2.read_text())
+    assert [r["scheme"] for r in a] == ["general_rule", "kaiming_normal", "lsuv", "ones"]
+    assert a == b  # the same table, to the last bit, from one run to the next
+    acc = {r["scheme"]: r["val_accuracy"] for r in a}
+    assert acc["ones"] < 0.2 and min(acc["general_rule"], acc["kaiming_normal"], acc["lsuv"]) > 0.6
+
+
+_FACTORIES = '''
+import torch.nn as nn
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def zeros():
+    m = mlp()
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+def not_a_model():
+    return 3
+'''
+
+
+def test_audit_a_factory_with_scheme_input_json_and_plot(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "fi_factories.py").write_text(_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    js, png = tmp_path / "a.json", tmp_path / "a.png"
+    rc = main(["audit", "fi_factories:mlp", "--scheme", "kaiming_normal", "--input-shape", "64,16",
+               "--json", str(js), "--plot", str(png), "--strict"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads(js.read_text())
+    assert data["ok"] and data["scheme"] == "kaiming_normal" and len(data["layers"]) == 3
+    assert "| 0.weight" in out and "no flags" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a zeros model: flagged, exit 4 with --strict, 0 without
+    assert main(["audit", "fi_factories:zeros", "--strict"]) == 4
+    assert "[symmetry] 0.weight" in capsys.readouterr().out
+    assert main(["audit", "fi_factories:zeros"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "fi_factories:not_a_model"]) == EXIT_USAGE
+    assert "not an nn.Module" in capsys.readouterr().err
+
+
+def test_audit_a_deferred_preset_allocates_nothing(capsys):
+    assert main(["audit", "llama-tiny", "--deferred", "--expect", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "plan of a deferred model" in out and "layers.0.q_proj.weight" in out

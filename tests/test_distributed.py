@@ -31,6 +31,10 @@ def test_fsdp2_deferred_model_matches_unsharded(world):
     _spawn(dist_workers.fsdp_deferred, world)
 
 
+def test_fsdp2_blocks_materialized_one_by_one_match_unsharded():
+    _spawn(dist_workers.fsdp_block_by_block, 2)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp2_meta_model_with_init_fn_matches_unsharded(world):
     _spawn(dist_workers.fsdp_meta_init_fn, world)

@@ -137,3 +137,48 @@ def test_trunc_normal_takes_a_negative_std_as_torch_does():
     torch.manual_seed(0)
     fastinit.trunc_normal_(y, 0.5, 1.5, -1.0, 3.0)
     assert torch.equal(x, y)
+
+
+BAD_CALLS = [  # (function, tensor, args, kwargs): each raises in torch, with nothing written here
+    ("normal_", lambda: _t(4, 4), (), {"generator": 5}),
+    ("uniform_", lambda: _t(4, 4), (), {"generator": "gen"}),
+    ("trunc_normal_", lambda: _t(4, 4), (), {"generator": 1}),
+    ("kaiming_normal_", lambda: _t(4, 4), (), {"generator": 5}),
+    ("xavier_uniform_", lambda: _t(4, 4), (), {"generator": "x"}),
+    ("orthogonal_", lambda: _t(4, 4), (), {"generator": 3}),
+    ("sparse_", lambda: _t(4, 4), (0.5,), {"generator": 3}),
+    ("uniform_", lambda: _t(4, dtype=I64), (2.0, 1.0), {}),  # the dtype before the bounds
+    ("uniform_", lambda: _t(4, dtype=torch.bool), (0.0, float("inf")), {}),
+    ("normal_", lambda: _t(4, dtype=torch.uint8), (0.0, 1.0), {}),
+    ("dirac_", lambda: _t(6, 2, 3, 3), (1.5,), {}),  # torch zeroes the tensor, then raises
+    ("orthogonal_", lambda: _t(6, 4), (1 + 2j,), {}),  # torch writes Q, then raises
+    ("trunc_normal_", lambda: _t(600), (1 + 2j,), {}),
+    ("uniform_", lambda: torch.full((1,), 7.0).expand(5), (), {}),
+    ("normal_", lambda: _t(4), ("0",), {}),
+]
+
+
+@pytest.mark.parametrize("name,make,args,kwargs", BAD_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_bad_calls_raise_torchs_exception_type_and_write_nothing(name, make, args, kwargs):
+    with pytest.raises(Exception) as torch_exc:
+        getattr(torch.nn.init, name)(make(), *args, **kwargs)
+    t = make()
+    before, version = t.clone(), t._version
+    with pytest.raises(type(torch_exc.value)):
+        getattr(fastinit, name)(t, *args, **kwargs)
+    assert torch.equal(t, before) and t._version == version
+
+
+def test_calls_torch_accepts_are_accepted():
+    import numpy as np
+
+    w = _t(600)
+    fastinit.trunc_normal_(w, np.float64(0.1), np.float32(0.5), -1.0, 1.0)  # numpy scalars
+    assert w.abs().max() <= 1.0
+    fastinit.uniform_(w, torch.tensor(-0.5), torch.tensor(0.5))  # 0-d tensors
+    assert w.abs().max() <= 0.5
+    g = _t(6, 2, 3, 3)
+    t = _t(6, 2, 3, 3)
+    torch.nn.init.dirac_(g, -1)  # torch: zeroes the tensor and sets nothing
+    fastinit.dirac_(t, -1)
+    assert torch.equal(t, g)

@@ -72,7 +72,10 @@ def test_low_precision_kernel_output_is_float32_rounded_once():
         a = torch.empty(3000, device=DEVICE)
         b = torch.empty(3000, dtype=torch.bfloat16, device=DEVICE)
         _run("triton", [Target(a, spec, 77), Target(b, spec, 77)])
-        assert torch.equal(a.bfloat16(), b)
+        expected = a.bfloat16()
+        if isinstance(spec, Uniform):  # what would round up to b stays on bfloat16's last value below b
+            expected = expected.clamp(max=spec.for_dtype(torch.bfloat16).top)
+        assert torch.equal(expected, b)
 
 
 def test_a_batch_equals_one_by_one():

@@ -5,11 +5,14 @@ Sizes are not multiples of the cpu engine's chunk and span several chunks.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import fastinit
 from fastinit.engines.cpu import CHUNK
+from scipy import stats
+
 from stats_util import check_against, check_rounded, exact_dist, two_sample
 
 N = 3 * CHUNK + 12_345
@@ -21,6 +24,10 @@ CASES = [
     ("trunc_normal_", (0.0, 1.0, -2.0, 2.0), {}, lambda t: exact_dist("trunc_normal", mean=0.0, std=1.0, a=-2.0, b=2.0)),
     ("trunc_normal_", (0.0, 0.02, -0.04, 0.04), {}, lambda t: exact_dist("trunc_normal", mean=0.0, std=0.02, a=-0.04, b=0.04)),
     ("trunc_normal_", (1.0, 1.0, 1.5, 3.0), {}, lambda t: exact_dist("trunc_normal", mean=1.0, std=1.0, a=1.5, b=3.0)),
+    # the common call: std=.02 with the default bounds +-2 (+-100 std), and +-3.5 std
+    # (the normal drawn directly, the rare values outside replaced)
+    ("trunc_normal_", (0.0, 0.02), {}, lambda t: exact_dist("trunc_normal", mean=0.0, std=0.02, a=-2.0, b=2.0)),
+    ("trunc_normal_", (0.5, 1.0, -3.0, 4.0), {}, lambda t: exact_dist("trunc_normal", mean=0.5, std=1.0, a=-3.0, b=4.0)),
     ("xavier_uniform_", (), {"gain": 2.0}, lambda t: _uni(2.0 * math.sqrt(6.0 / sum(t.shape)))),
     ("xavier_normal_", (), {}, lambda t: exact_dist("normal", mean=0, std=math.sqrt(2.0 / sum(t.shape)))),
     ("kaiming_uniform_", (), {"a": math.sqrt(5)}, lambda t: _uni(1 / math.sqrt(t.shape[1]))),
@@ -79,8 +86,14 @@ def test_two_sample_against_torch(name, args, kwargs, dist, dtype):
 @pytest.mark.parametrize("name,args,kwargs,dist", CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(CASES)])
 def test_low_precision_is_the_float32_fill_rounded_once(name, args, kwargs, dist, dtype):
     low = _fill(name, args, kwargs, dtype, fastinit, seed=9)
-    ref = _fill(name, args, kwargs, torch.float32, fastinit, seed=9)
-    assert torch.equal(low, ref.to(dtype))
+    ref = _fill(name, args, kwargs, torch.float32, fastinit, seed=9).to(dtype)
+    if "uniform" in name:  # except that what would round up to b is the dtype's last value below b
+        hi = dist(ref).support()[1]
+        top = torch.tensor(hi, dtype=dtype)
+        if top.item() >= hi:
+            top = torch.nextafter(top, torch.tensor(-math.inf, dtype=dtype))
+        ref = torch.minimum(ref, top)
+    assert torch.equal(low, ref)
 
 
 def test_zero_std_and_degenerate_ranges():
@@ -101,3 +114,71 @@ def test_far_tail_truncation_stays_inside_and_finite():
         t = fastinit.trunc_normal_(torch.empty(200_000), 0.0, 1.0, 5.0, 6.0)
     assert torch.isfinite(t).all() and t.min() >= 5.0 and t.max() <= 6.0
     check_against(t.numpy(), exact_dist("trunc_normal", mean=0, std=1, a=5, b=6), label="tail")
+
+
+# ------------------------------------------------------------ bounds after rounding, extremes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("a,b", [(-1.0, 1.0), (0.0, 1.0), (2.0, 3.0), (-0.1, 0.1)])
+def test_uniform_keeps_a_b_after_rounding_to_the_dtype(dtype, a, b):
+    """b is never returned (torch never returns it), though float32 values just below b
+    round up to it in bfloat16 (~1/1000 of them on [-1, 1]) and float16."""
+    t = torch.empty(2_000_000, dtype=dtype)
+    torch.manual_seed(0)
+    fastinit.uniform_(t, a, b)
+    assert t.min() >= torch.tensor(a, dtype=dtype) and t.max().item() < b
+    if dtype in (torch.float16, torch.bfloat16):
+        # round to nearest, except that what would round to b or above stays on the
+        # dtype's last value below b
+        top = torch.tensor(b, dtype=dtype)
+        if top.item() >= b:
+            top = torch.nextafter(top, torch.tensor(-math.inf, dtype=dtype))
+        top_mid = (top.double() + torch.nextafter(top, torch.tensor(math.inf, dtype=dtype)).double()) / 2
+
+        class Held:
+            def cdf(self, x):
+                return np.where(x >= top_mid.item(), 1.0, exact_dist("uniform", a=a, b=b).cdf(x))
+
+        check_rounded(t, Held(), label=f"uniform {dtype}")
+
+
+def test_uniform_bounds_that_round_together_give_the_rounded_value_as_torch():
+    for a, b in [(1 - 1e-10, 1.0), (0.5, 0.5 + 1e-12)]:
+        ours = fastinit.uniform_(torch.empty(1000), a, b)
+        theirs = torch.nn.init.uniform_(torch.empty(1000), a, b)
+        assert torch.equal(ours, theirs), (a, b)
+
+
+def test_trunc_normal_with_std_far_above_the_window_is_not_quantized():
+    t = torch.empty(100_000)
+    torch.manual_seed(0)
+    fastinit.trunc_normal_(t, 0.0, 1e6, -2.0, 2.0)
+    assert t.unique().numel() > 99_000  # 24-bit uniform draws: ~99.7k distinct, as torch's
+    exact = exact_dist("trunc_normal", mean=0.0, std=1e6, a=-2.0, b=2.0)
+    assert stats.kstest(t.double().numpy(), exact.cdf).pvalue > 1e-4
+    # (scipy's moments of so narrow a truncation are off; it is U(-2, 2) to 1e-12)
+    check_against(t.numpy(), exact_dist("uniform", a=-2.0, b=2.0), label="std=1e6")
+
+
+@pytest.mark.parametrize("std", [math.inf, 1e300, 1e30])
+def test_trunc_normal_with_huge_std_is_uniform_and_finite(std):
+    t = torch.empty(100_000)
+    torch.manual_seed(1)
+    fastinit.trunc_normal_(t, 0.0, std, -2.0, 2.0)
+    assert torch.isfinite(t).all() and t.min() >= -2.0 and t.max() <= 2.0
+    check_against(t.numpy(), exact_dist("uniform", a=-2.0, b=2.0), label=f"std={std}")
+
+
+@pytest.mark.parametrize("lo", [5.5, 8.0, 14.0, 30.0, 40.0])
+@pytest.mark.parametrize("side", [1, -1])
+def test_trunc_normal_deep_in_a_tail_against_the_exact_cdf(lo, side):
+    """[a, a + 1] with a = 5.5 ... 40 std: Phi(-40) underflows even in float64, yet the
+    exact truncated normal (its mean - a ~ 1/a) comes out, on either side."""
+    a, b = (lo, lo + 1.0) if side > 0 else (-lo - 1.0, -lo)
+    t = torch.empty(200_000, dtype=torch.float64)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="more than 2 std"):
+        fastinit.trunc_normal_(t, 0.0, 1.0, a, b)
+    assert torch.isfinite(t).all() and t.min() >= a and t.max() <= b
+    check_against(t.numpy(), exact_dist("trunc_normal", mean=0.0, std=1.0, a=a, b=b), label=f"[{a}, {b}]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import time
 import warnings
@@ -9,6 +11,8 @@ import weakref
 from typing import Any, Callable
 
 import torch
+
+from torch.nn.modules.lazy import LazyModuleMixin as _LazyModuleMixin
 
 from .. import distributed as dist_mod
 from .. import engines
@@ -45,7 +49,7 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
     materialized on its own.
     """
     rec = Recording()
-    with intercept.recording(home=rec):
+    with intercept.recording(home=rec), _gc_paused():
         try:
             module = fn(*args, **kwargs)
         except (RuntimeError, NotImplementedError) as e:
@@ -68,11 +72,31 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
     return module
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while a model is recorded: recording allocates
+    thousands of small acyclic objects (records, events), each batch of which would
+    otherwise make the collector walk the whole live model again (~10% of the time)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _reject_lazy(module: torch.nn.Module, where: str) -> None:
     """Lazy modules (``nn.LazyLinear``...) have no shapes until their first forward."""
+    if not any(isinstance(m, _LazyModuleMixin) for m in module.modules()):
+        return  # (one cheap walk: only lazy modules hold uninitialized parameters)
     lazy = [n for n, t in named_tensors(module) if t is not None and torch.nn.parameter.is_lazy(t)]
     if lazy:
-        raise ValueError(
+        _lazy_error(lazy, where)
+
+
+def _lazy_error(lazy: list[str], where: str):
+    raise ValueError(
             f"{where}: {', '.join(lazy)} belong to lazy modules and have no shape yet; run one "
             "forward pass on a dummy batch first (torch's Lazy* modules infer their shapes from "
             "it), or use the non-lazy modules"
@@ -145,12 +169,26 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _objects(module: torch.nn.Module):
-    """The meta tensors of ``module``, once per object, with all their names."""
+def _objects(module: torch.nn.Module, where: str | None = None):
+    """The meta tensors of ``module``, once per object, with all their names (in
+    ``named_parameters`` then ``named_buffers`` order). With ``where``: lazy
+    modules are an error (see :func:`_reject_lazy`). One walk of the module tree."""
     objs: dict[int, tuple[torch.Tensor, list[str]]] = {}
-    for n, t in named_tensors(module):
-        if t is not None and t.is_meta:
+    params, buffers = [], []
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for store, out in ((mod._parameters, params), (mod._buffers, buffers)):
+            for k, t in store.items():
+                if t is not None:
+                    out.append((f"{prefix}.{k}" if prefix else k, t))
+    lazy = []
+    for n, t in itertools.chain(params, buffers):
+        if torch.nn.parameter.is_lazy(t):  # (before anything else: lazy tensors raise on use)
+            if where is not None:
+                lazy.append(n)
+        elif t.is_meta:
             objs.setdefault(id(t), (t, []))[1].append(n)
+    if lazy:
+        _lazy_error(lazy, where)
     return list(objs.values())
 
 
@@ -339,8 +377,14 @@ def _covers(plan: Plan, geom: tuple) -> bool:
     n = 1
     for s in size:
         n *= s
-    return off == 0 and n == storage_numel(r.tensor) and torch.empty(
-        0, device="meta").as_strided(size, stride).is_contiguous()
+    if off != 0 or n != storage_numel(r.tensor):
+        return False
+    expect = 1  # row-major strides (dims of size 1 may have any stride, as torch says)
+    for s, st in zip(reversed(size), reversed(stride)):
+        if s != 1 and st != expect:
+            return False
+        expect *= s
+    return True
 
 
 # ------------------------------------------------------------------ execute
@@ -393,8 +437,7 @@ def materialize(
     """
     t0 = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    _reject_lazy(module, "fastinit.materialize")
-    objs = _objects(module)
+    objs = _objects(module, "fastinit.materialize")
     if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
         warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
                       "(its init, default or init_fn, was not run)", stacklevel=2)
@@ -411,7 +454,8 @@ def materialize(
             txn.batch.flush()  # init_fn's writes to real tensors
         root = home.root() if home.root is not None else None
         targets = [module] if root is None or root is module else [module, root]
-        swap_in(_Modules(targets), new_of, after=lambda: dist_mod.after_assign(_Modules(targets), new_of))
+        mods = _Modules(targets)
+        swap_in(mods, new_of, after=lambda: dist_mod.after_assign(mods, new_of))
     except BaseException:
         txn.rollback()
         raise
@@ -424,14 +468,17 @@ class _Modules:
 
     def __init__(self, roots):
         self.roots = roots
+        self._all = None
 
     def modules(self):
-        seen = set()
-        for root in self.roots:
-            for m in root.modules():
-                if id(m) not in seen:
-                    seen.add(id(m))
-                    yield m
+        if self._all is None:  # one walk, however many passes use it
+            seen, self._all = set(), []
+            for root in self.roots:
+                for m in root.modules():
+                    if id(m) not in seen:
+                        seen.add(id(m))
+                        self._all.append(m)
+        return iter(self._all)
 
 
 def _check(plans, strict: bool, dtype) -> None:

@@ -152,11 +152,20 @@ def snapshot(obj):
     """``obj`` as a record keeps it: meta tensors as detached aliases (the same
     storage and geometry, which ``param.data = other`` cannot repoint later), real
     tensors as copies of their current values."""
-    def snap(x):
-        if isinstance(x, torch.Tensor):
-            return x.detach() if x.is_meta else x.detach().clone()
-        return x
-    return tree_map(snap, obj)
+    t = type(obj)
+    if t is tuple or t is list:  # the common cases without pytree's per-leaf cost
+        return t(snapshot(x) for x in obj)
+    if t is dict:
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        return obj.detach() if obj.is_meta else obj.detach().clone()
+    if t in _LEAVES:
+        return obj
+    return tree_map(snapshot, obj) if isinstance(obj, (tuple, list, dict)) else obj
+
+
+_LEAVES = frozenset({int, float, bool, str, type(None), complex, torch.dtype, torch.device, torch.Size,
+                     torch.memory_format, torch.layout, slice, type(Ellipsis)})
 
 
 def only_scalars(args, kwargs) -> bool:
@@ -365,6 +374,14 @@ class RecordingSink:
         if batch is not None:
             batch.flush()  # a structured init reads its key now: everything queued first
         return False
+
+
+_OUTSIDE = RecordingSink(Recorder())
+
+
+def outside_sink_for(t: torch.Tensor):
+    """Outside any block: the sink of deferred meta tensor ``t`` (None for other tensors)."""
+    return _OUTSIDE if recording_of(t) is not None else None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..specs import InitSpec
+from ..specs import InitSpec, Uniform
 
 ENGINE_NAMES = ("cpu", "reference", "triton")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastinit_engine", default=None)
@@ -139,6 +139,8 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
     for t in targets:
         if t.tensor.numel() == 0:
             continue
+        if type(t.spec) is Uniform and t.tensor.dtype in FLOAT_DTYPES:
+            t.spec = t.spec.for_dtype(t.tensor.dtype)  # [a, b) once rounded to the dtype
         groups.setdefault(engine_for(t.tensor.device), []).append(t)
     for name, batch in groups.items():
         mod = _engine_module(name)

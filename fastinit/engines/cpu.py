@@ -37,7 +37,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..rng import T_MAX, T_MIN
 from ..seeding import MASK64
 from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
 
@@ -155,18 +154,21 @@ def chunk_numpy_generator(key: int, chunk: int) -> _ThreadState:
 
 
 @functools.lru_cache(maxsize=1024)
-def _uniform_map(lo: float, hi: float, ftype) -> tuple:
+def _uniform_map(lo: float, hi: float, ftype, top: float | None = None) -> tuple:
     """``(span, lo, clamp)`` in ``ftype`` for ``x = lo + span * u``, ``u`` in [0, 1).
 
-    ``clamp`` is the largest value below ``hi``, or None when even the largest
-    ``u`` numpy draws maps below ``hi`` (the map is monotonic, so no clamp pass
-    is needed then, which is the common case).
+    ``clamp`` is ``top`` (default: the largest ``ftype`` value below ``hi``, or
+    ``lo`` rounded when nothing of ``ftype`` lies in [lo, hi)), or None when even
+    the largest ``u`` numpy draws maps below it (the map is monotonic, so no
+    clamp pass is needed then, which is the common case).
     """
     span_f, lo_f = ftype(hi - lo), ftype(lo)
+    if top is None:
+        top = max(float(float_below(hi, ftype)), float(lo_f))
     umax = ftype(1.0) - ftype(2.0 ** (-24 if ftype == np.float32 else -53))
-    if float(ftype(umax * span_f) + lo_f) < hi:
+    if float(ftype(umax * span_f) + lo_f) <= top:
         return span_f, lo_f, None
-    return span_f, lo_f, float_below(hi, ftype)
+    return span_f, lo_f, ftype(top)
 
 
 def _draw_j24(st: _ThreadState, n: int) -> np.ndarray:
@@ -177,19 +179,20 @@ def _draw_j24(st: _ThreadState, n: int) -> np.ndarray:
     return j
 
 
-def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float) -> None:
+def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float, top: float | None = None) -> None:
     """``o`` (float32/64 numpy array) <- U[lo, hi) from ``st``'s SFC64 stream.
 
     float32: each raw 64-bit word gives two ``j = w >> 8`` (24 random bits, the
     resolution of torch's float32 ``uniform_``), ``x = lo + j * (2^-24 (hi - lo))``
     (the same value as ``lo + (hi - lo) u`` with ``u = j 2^-24``, since scaling
     by 2^-24 is exact): about 1.7x the speed of numpy's own ``random(float32)``
-    per core. float64: numpy's ``random`` (53 bits). Values are kept below ``hi``.
+    per core. float64: numpy's ``random`` (53 bits). Values are kept below ``hi``
+    (at most ``top``: see :func:`_uniform_map`).
     """
     if not hi > lo:
         o.fill(lo)
         return
-    span, lo_f, clamp = _uniform_map(lo, hi, o.dtype.type)
+    span, lo_f, clamp = _uniform_map(lo, hi, o.dtype.type, top)
     if o.dtype == np.float32:
         j = _draw_j24(st, o.size)
         scale = span * np.float32(2.0**-24)
@@ -206,27 +209,128 @@ def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float) -> None:
         np.minimum(o, clamp, out=o)
 
 
-def _np_trunc_normal(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
-    """``o`` <- the truncated normal ``spec`` by its inverse CDF:
-    ``x = mean + sign * std * sqrt(2) * erfinv(t - 1)``, ``t = 2p`` uniform in the
-    window of ``[a, b]`` (:meth:`TruncNormal.cdf_window`), then clipped to ``[a, b]``."""
-    t_lo, span, sign = spec.cdf_window()  # t = 2p in (0, 2)
-    _np_uniform(st, o, t_lo, t_lo + span)
-    np.clip(o, T_MIN, T_MAX, out=o)
+# Truncated normal: which sampler (all exact; see _np_trunc_normal).
+_WIDE_Q = 2.0**-10  # mass outside [a, b] below which the normal is drawn directly
+_TAIL_Z = 5.0  # a window wholly beyond this many std on one side: the tail sampler
+
+
+def _bounds_as(o: np.ndarray, a: float, b: float):
+    """``a`` and ``b`` in ``o``'s dtype (beyond its range: infinite, the same clip)."""
+    with np.errstate(over="ignore"):
+        return o.dtype.type(a), o.dtype.type(b)
+
+
+def _np_trunc_normal(o: np.ndarray, spec: TruncNormal, key: int, chunk: int) -> None:
+    """``o`` <- chunk ``chunk`` of the truncated normal ``spec`` keyed ``key``, exactly:
+
+    * ``[a, b]`` holds all but < 2^-10 of the normal's mass (``trunc_normal_(std=.02)``
+      with its default bounds +-2 is +-100 std): the normal itself
+      (:func:`_normal_chunk`), and each value outside ``[a, b]`` replaced by an
+      independent draw of the truncated normal (:func:`_trunc_icdf`, from the
+      chunk's SFC64 stream): a value is then in ``A`` with probability
+      ``P(Z in A, Z in [a, b]) + P(Z outside) TN(A) = TN(A)``;
+    * ``[a, b]`` is flat (std >> b - a, std = inf): ``U(a, b)``;
+    * ``[a, b]`` wholly beyond 5 std on one side: :func:`_trunc_tail`;
+    * otherwise the inverse CDF, :func:`_trunc_icdf`.
+    """
+    if spec.std == 0.0:
+        o.fill(min(max(spec.mean, spec.a), spec.b))
+        return
+    if spec.is_flat():
+        _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b)
+        return
+    if spec.outside_mass() < _WIDE_Q:
+        _normal_chunk(o, spec.mean, spec.std, key, chunk)
+        a, b = _bounds_as(o, spec.a, spec.b)
+        if o.min() < a or o.max() > b:
+            bad = np.flatnonzero((o < a) | (o > b))
+            st = chunk_numpy_generator(key, chunk)
+            fix = np.empty(bad.size, dtype=o.dtype)
+            _trunc_icdf(st, fix, spec)
+            o[bad] = fix
+        return
+    alpha, beta = spec.z_window()
+    st = chunk_numpy_generator(key, chunk)
+    if alpha >= _TAIL_Z or beta <= -_TAIL_Z:
+        _trunc_tail(st, o, spec)
+    else:
+        _trunc_icdf(st, o, spec)
+
+
+def _trunc_icdf(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
+    """``o`` <- the truncated normal ``spec`` by its inverse CDF, from ``st``'s stream.
+
+    A window in the upper half is sampled as its mirror image and negated, so the
+    window ``[alpha, beta]`` (in std) lies in the lower half. If ``2 Phi(alpha) >=``
+    2e-3, ``v = erf(z / sqrt 2)`` is drawn uniform in ``[erf(alpha/sqrt2), erf(beta/sqrt2))``
+    and ``x = mean + sign std sqrt2 erfinv(v)``: ``v`` is drawn directly (not as
+    ``2p - 1``), so a window narrow around the mean (std >> b - a) keeps full
+    resolution. Further out, ``p = Phi(z)`` is drawn and ``x = mean + sign std ndtri(p)``
+    (torch's ndtri is precise for small ``p``). Then clipped to ``[a, b]``.
+    """
+    alpha, beta = spec.z_window()
+    sign = 1.0
+    if alpha + beta > 0:
+        alpha, beta, sign = -beta, -alpha, -1.0
+    r2 = math.sqrt(2.0)
     v = torch.from_numpy(o)
-    if t_lo >= _TAIL_T:
-        np.subtract(o, 1.0, out=o)
+    if math.erfc(-alpha / r2) >= _TAIL_T:
+        _np_uniform(st, o, math.erf(alpha / r2), math.erf(beta / r2))
         for s in range(0, o.size, GRAIN):
             v[s : s + GRAIN].erfinv_()
-        scale = sign * spec.std * math.sqrt(2.0)
+        scale = sign * spec.std * r2
     else:
-        np.multiply(o, 0.5, out=o)
+        _np_uniform(st, o, 0.5 * math.erfc(-alpha / r2), 0.5 * math.erfc(-beta / r2))
+        np.maximum(o, np.finfo(o.dtype).tiny, out=o)  # p > 0: ndtri stays finite
         for s in range(0, o.size, GRAIN):
             torch.special.ndtri(v[s : s + GRAIN], out=v[s : s + GRAIN])
         scale = sign * spec.std
     np.multiply(o, scale, out=o)
     np.add(o, spec.mean, out=o)
-    np.clip(o, spec.a, spec.b, out=o)
+    np.clip(o, *_bounds_as(o, spec.a, spec.b), out=o)
+
+
+def _trunc_tail(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
+    """``o`` <- the truncated normal ``spec`` whose window lies wholly beyond 5 std on
+    one side, in float64 from ``st``'s stream (Marsaglia's tail method, exact):
+    with the window as ``[lo, hi]`` std above the mean, propose
+    ``z = sqrt(lo^2 + w)``, ``w = -2 log(1 - u (1 - exp(-(hi^2 - lo^2)/2)))``
+    (density proportional to ``z exp(-z^2/2)`` on ``[lo, hi]``) and accept with
+    probability ``lo / z`` (>= 1 - 1/lo^2, so a few vectorized rounds finish any
+    chunk). No CDF is evaluated, so nothing underflows however far out the window
+    is: ``[a, a + 1]`` with ``a = 40`` std keeps its mean - a ~ 1/a.
+    """
+    alpha, beta = spec.z_window()
+    sign = 1.0
+    lo, hi = alpha, beta
+    if beta <= -_TAIL_Z:
+        lo, hi, sign = -beta, -alpha, -1.0
+    c = -math.expm1(-(hi - lo) * (hi + lo) / 2.0) if hi < math.inf else 1.0  # 1 - exp(-(hi^2-lo^2)/2)
+    lo2 = lo * lo
+    z = np.empty(o.size, dtype=np.float64)
+    pending = np.arange(o.size)
+    with np.errstate(over="ignore"):
+        while pending.size:
+            u = st.numpy_gen.random(pending.size)
+            w = np.log1p(-c * u)
+            w *= -2.0
+            prop = lo + w / (lo + np.sqrt(lo2 + w))  # sqrt(lo^2 + w), without cancellation
+            accept = st.numpy_gen.random(pending.size) * prop <= lo
+            z[pending[accept]] = prop[accept]
+            pending = pending[~accept]
+    z *= sign * spec.std
+    z += spec.mean
+    np.clip(z, spec.a, spec.b, out=z)
+    o[:] = z
+
+
+def _normal_chunk(o: np.ndarray, mean: float, std: float, key: int, chunk: int) -> None:
+    """``o`` <- chunk ``chunk`` of N(mean, std^2) keyed ``key`` (torch's Mersenne
+    Twister per chunk; Box-Muller on SFC64 where torch's state layout is unknown)."""
+    if _use_torch_normal():
+        torch.from_numpy(o).normal_(mean, std, generator=chunk_generator(key, chunk))
+    else:
+        _np_box_muller(chunk_numpy_generator(key, chunk), o, mean, std)
 
 
 def _np_box_muller(st: _ThreadState, o: np.ndarray, mean: float, std: float) -> None:
@@ -272,14 +376,11 @@ def generate_chunk(spec, key: int, chunk: int, o: np.ndarray) -> None:
     their state taken from SHAKE128 of ``(key, chunk)``.
     """
     if isinstance(spec, Uniform):
-        _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b)
+        _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b, spec.top)
     elif isinstance(spec, TruncNormal):
-        _np_trunc_normal(chunk_numpy_generator(key, chunk), o, spec)
+        _np_trunc_normal(o, spec, key, chunk)
     elif isinstance(spec, Normal):
-        if _use_torch_normal():
-            torch.from_numpy(o).normal_(spec.mean, spec.std, generator=chunk_generator(key, chunk))
-        else:
-            _np_box_muller(chunk_numpy_generator(key, chunk), o, spec.mean, spec.std)
+        _normal_chunk(o, spec.mean, spec.std, key, chunk)
     elif isinstance(spec, Constant):
         o.fill(spec.value)
     else:
@@ -378,6 +479,15 @@ def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
             flat[r * lay.cols + a - g0 : r * lay.cols + b - g0] = v[a - lo : b - lo]
 
 
+# Chunks of fewer elements run on the calling thread, not on the pool.
+_POOL_MIN = 1 << 16
+
+
+def _chunk_elements(t, chunk: int) -> int:
+    glo, ghi = t.layout.global_range()
+    return max(0, min((chunk + 1) * CHUNK, ghi) - max(chunk * CHUNK, glo))
+
+
 def _chunks_of(t) -> range:
     glo, ghi = t.layout.global_range()
     return range(glo // CHUNK, (ghi + CHUNK - 1) // CHUNK)
@@ -409,10 +519,21 @@ def fill(targets, progress=None) -> None:
         work.extend((t, c) for c in _chunks_of(t))
     if not work:
         return
-    if len(work) == 1:  # one chunk: no pool, no scheduling (small tensors, per-call overhead)
-        _fill_chunk(*work[0])
-        if progress is not None:
-            progress(_chunk_bytes(*work[0]))
+    if len(work) > 1:
+        # Small chunks (small tensors) cost more in Python than in elements: on the
+        # pool, threads would only contend for the GIL. They run here, in order.
+        small = [w for w in work if _chunk_elements(*w) < _POOL_MIN]
+        if small:
+            work = [w for w in work if _chunk_elements(*w) >= _POOL_MIN]
+            for t, c in small:
+                _fill_chunk(t, c)
+                if progress is not None:
+                    progress(_chunk_bytes(t, c))
+    if len(work) <= 1:  # one chunk: no pool, no scheduling
+        for t, c in work:
+            _fill_chunk(t, c)
+            if progress is not None:
+                progress(_chunk_bytes(t, c))
         return
     nthreads = min(len(work), max(1, torch.get_num_threads()))
     # Dynamic scheduling: every thread (the caller's included) takes the next

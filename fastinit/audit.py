@@ -1,0 +1,654 @@
+r"""Init audit: what did each parameter of a model actually get?
+
+:func:`audit` looks at every parameter (shape, fans, mean, std, min, max,
+:math:`\text{std}\cdot\sqrt{\text{fan\_in}}`), names the known scheme it matches
+within sampling error, and flags what goes wrong in practice:
+
+* ``symmetry``: a weight matrix whose output units all have the same weights (a
+  constant matrix: zeros, ones) gets the same gradient for every unit, which
+  then never differ (the zeros/ones rows of the classic comparison stay at chance);
+* ``nonfinite``: NaN or inf values;
+* ``uninitialized``: values that look like uninitialized memory (subnormal or
+  huge magnitudes, as ``torch.empty`` leaves them);
+* ``band``: a weight's std far outside the Glorot/He band
+  (:math:`\min(\sqrt{2/(n_i+n_o)}, 1/\sqrt{3 n_i})/4` to :math:`4\max(\sqrt{2/n_i}, \sqrt{2/n_o})`);
+* ``scheme``: a std that is not what ``scheme=`` says it should be.
+
+With ``example_input``, one forward and one backward pass (hooks on every layer
+that holds parameters; eval mode; nothing in the model changes, not even
+``.grad``) give each layer's activation std and gradient std by depth, flagging
+``exploding``/``vanishing`` signal and gradients.
+
+On a deferred model (:func:`fastinit.deferred_init`) the audit reads the plan
+(:func:`fastinit.planned`): what each tensor *will* get, before anything is allocated.
+
+Output: ``str(a)`` (a table), ``a.to_dict()``, ``a.to_json(path)``, ``a.plot(path)`` (PNG,
+with matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .schemes import NORM, QKV_NAMES, Param, _glob, _module_ok, _transposed, infer_d_model, infer_n_layer
+from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
+
+#: Sampled elements per tensor for the moments (min/max/NaN counts use every element).
+SAMPLE = 1 << 22
+#: A weight's std outside [lo / BAND, hi * BAND] of the Glorot/He band is flagged.
+BAND = 4.0
+#: Activation or gradient std changing by more than this factor from the first to the last layer is flagged.
+SIGNAL_RATIO = 100.0
+
+
+@dataclass
+class ParamAudit:
+    name: str
+    shape: list
+    dtype: str
+    module: str
+    fan_in: int | None
+    fan_out: int | None
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    std_sqrt_fan_in: float | None
+    matches: list = field(default_factory=list)
+    expected_std: float | None = None  # from scheme=, else from the best match
+    expected: str | None = None
+    planned: str | None = None  # deferred: what materialize will do
+    flags: list = field(default_factory=list)
+
+
+@dataclass
+class LayerAudit:
+    depth: int
+    name: str
+    module: str
+    act_std: float | None
+    grad_std: float | None
+
+
+@dataclass
+class Flag:
+    where: str
+    kind: str
+    message: str
+
+
+class Audit:
+    """The result of :func:`audit`: ``params``, ``layers``, ``flags``; ``ok`` when nothing is flagged."""
+
+    def __init__(self, model_name: str, deferred: bool, device: str, scheme: str | None,
+                 params: list[ParamAudit], layers: list[LayerAudit], flags: list[Flag], input_shape=None):
+        self.model_name, self.deferred, self.device, self.scheme = model_name, deferred, device, scheme
+        self.params, self.layers, self.flags, self.input_shape = params, layers, flags, input_shape
+
+    @property
+    def ok(self) -> bool:
+        return not self.flags
+
+    def flagged(self, kind: str) -> list[Flag]:
+        return [f for f in self.flags if f.kind == kind]
+
+    def to_dict(self) -> dict:
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return x
+
+        return clean({"model": self.model_name, "deferred": self.deferred, "device": self.device,
+                      "scheme": self.scheme, "input_shape": self.input_shape, "ok": self.ok,
+                      "parameters": [asdict(p) for p in self.params], "layers": [asdict(l) for l in self.layers],
+                      "flags": [asdict(f) for f in self.flags]})
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    # ------------------------------------------------------------ table
+
+    def table(self) -> str:
+        n = len(self.params)
+        what = "plan of a deferred model (nothing allocated)" if self.deferred else f"on {self.device}"
+        lines = [f"audit of {self.model_name}: {n} parameters, {what}"
+                 + (f", scheme {self.scheme}" if self.scheme else "")]
+        head = ["parameter", "shape", "fan_in", "fan_out", "mean", "std", "min", "max", "std·√fan_in",
+                "matches", "flags"]
+        rows = []
+        for p in self.params:
+            match = p.matches[0] if p.matches else (p.planned or "-")
+            if len(p.matches) > 1:
+                match += f" (+{len(p.matches) - 1})"
+            rows.append([p.name, "x".join(map(str, p.shape)) or "scalar", _i(p.fan_in), _i(p.fan_out), _g(p.mean),
+                         _g(p.std), _g(p.min), _g(p.max), _g(p.std_sqrt_fan_in), match, ", ".join(p.flags) or "ok"])
+        lines += _aligned(head, rows)
+        if self.layers:
+            lines.append("")
+            lines.append(f"forward/backward on an input of shape {self.input_shape} (eval mode):")
+            lines += _aligned(["depth", "layer", "module", "activation std", "gradient std"],
+                              [[str(l.depth), l.name, l.module, _g(l.act_std), _g(l.grad_std)] for l in self.layers])
+        lines.append("")
+        if self.flags:
+            lines.append(f"{len(self.flags)} flag(s):")
+            lines += [f"  [{f.kind}] {f.where}: {f.message}" for f in self.flags]
+        else:
+            lines.append("no flags")
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def __repr__(self) -> str:
+        return f"<Audit of {self.model_name}: {len(self.params)} parameters, {len(self.flags)} flags>"
+
+    # ------------------------------------------------------------ plot
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """A PNG: each weight's std against its expectation (the scheme's, or its best
+        match's), and activation/gradient std by depth. Needs matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("Audit.plot needs matplotlib (pip install matplotlib)") from e
+        ws = [p for p in self.params if len(p.shape) >= 2 and p.std is not None]
+        panels = 2 if self.layers else 1
+        fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.8), squeeze=False)
+        ax = axes[0][0]
+        x = list(range(len(ws)))
+        ax.plot(x, [max(p.std, 1e-12) for p in ws], "o", ms=3.5, label="measured std")
+        ex = [(i, p.expected_std) for i, p in enumerate(ws) if p.expected_std]
+        if ex:
+            lab = f"scheme {self.scheme}" if self.scheme else "best-matching known scheme"
+            ax.plot([i for i, _ in ex], [e for _, e in ex], "_", ms=11, mew=1.6, color="C3",
+                    label=f"expected ({lab})")
+        bad = [(i, max(p.std, 1e-12)) for i, p in enumerate(ws) if p.flags]
+        if bad:
+            ax.plot([i for i, _ in bad], [s for _, s in bad], "x", ms=7, color="k", label="flagged")
+        ax.set_yscale("log")
+        ax.set_xlabel("weight (ndim ≥ 2), in model order")
+        ax.set_ylabel("std (log scale)")
+        ax.set_title(f"{self.model_name}: weight std")
+        ax.legend(fontsize=8)
+        if self.layers:
+            ax2 = axes[0][1]
+            kinds = list(dict.fromkeys(l.module for l in self.layers))
+            for k, kind in enumerate(kinds):
+                rows = [l for l in self.layers if l.module == kind]
+                d = [l.depth for l in rows]
+                ax2.plot(d, [l.act_std if l.act_std else float("nan") for l in rows], "o-", ms=3.5, lw=0.8,
+                         color=f"C{k % 10}", label=f"activation std, {kind}")
+                ax2.plot(d, [l.grad_std if l.grad_std else float("nan") for l in rows], "^--", ms=3.5, lw=0.8,
+                         color=f"C{k % 10}", alpha=0.7, label=f"gradient std, {kind}")
+            ax2.set_yscale("log")
+            ax2.set_xlabel("depth (layers with parameters, forward order)")
+            ax2.set_ylabel("std (log scale)")
+            ax2.set_title(f"one forward/backward pass, input {self.input_shape}")
+            ax2.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _i(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def _g(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def _aligned(head, rows) -> list[str]:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    out = ["| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |",
+           "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    out += ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |" for r in rows]
+    return out
+
+
+# ------------------------------------------------------------------ known schemes
+
+
+@dataclass(frozen=True)
+class _Cand:
+    label: str
+    kind: str  # "uniform" (center, half-width), "normal" (mean, std), "constant" (value)
+    a: float
+    b: float
+    depth_scaled: bool = False  # below the band on purpose (residual projections scaled by depth)
+
+    @property
+    def std(self) -> float:
+        if self.kind == "uniform":
+            return self.b / math.sqrt(3.0)
+        if self.kind == "normal":
+            return self.b
+        return 0.0
+
+
+def _candidates(p: Param, model_facts: dict) -> list[_Cand]:
+    out = []
+    if p.ndim >= 2:
+        fi, fo = p.fans()
+        if fi > 0 and fo > 0:
+            out += [
+                _Cand("U(±1/√fan_in) (torch default, general rule)", "uniform", 0.0, 1 / math.sqrt(fi)),
+                _Cand("xavier_uniform", "uniform", 0.0, math.sqrt(6.0 / (fi + fo))),
+                _Cand("xavier_normal", "normal", 0.0, math.sqrt(2.0 / (fi + fo))),
+                _Cand("kaiming_uniform (relu, fan_in)", "uniform", 0.0, math.sqrt(6.0 / fi)),
+                _Cand("kaiming_normal (relu, fan_in)", "normal", 0.0, math.sqrt(2.0 / fi)),
+                _Cand("kaiming_uniform (relu, fan_out)", "uniform", 0.0, math.sqrt(6.0 / fo)),
+                _Cand("kaiming_normal (relu, fan_out)", "normal", 0.0, math.sqrt(2.0 / fo)),
+                _Cand("N(0, 1/√fan_in) (LeCun)", "normal", 0.0, 1 / math.sqrt(fi)),
+            ]
+            if _glob(p.name, QKV_NAMES) and fo % 3 == 0:
+                out.append(_Cand("xavier_uniform per q/k/v block", "uniform", 0.0,
+                                 math.sqrt(6.0 / (fi + fo / 3))))
+        out += [_Cand("N(0, 0.02) (GPT-2/BERT)", "normal", 0.0, 0.02), _Cand("N(0, 0.01)", "normal", 0.0, 0.01),
+                _Cand("N(0, 1) (torch Embedding)", "normal", 0.0, 1.0)]
+        n_layer, d = model_facts.get("n_layer"), model_facts.get("d_model")
+        if n_layer:
+            out.append(_Cand(f"GPT-2 residual N(0, 0.02/√(2·{n_layer}))", "normal", 0.0, 0.02 / math.sqrt(2 * n_layer),
+                             True))
+        if d:
+            out.append(_Cand(f"small_init N(0, √(2/(5·{d})))", "normal", 0.0, math.sqrt(2.0 / (5 * d))))
+            if n_layer:
+                out.append(_Cand(f"wang N(0, 2/({n_layer}·√{d}))", "normal", 0.0, 2.0 / n_layer / math.sqrt(d),
+                                 True))
+    else:
+        wf = p.weight_fans()
+        if wf and wf[0] > 0:
+            out.append(_Cand("U(±1/√fan_in) (torch default bias)", "uniform", 0.0, 1 / math.sqrt(wf[0])))
+        h = getattr(p.module, "hidden_size", None)
+        if isinstance(p.module, (nn.RNNBase, nn.RNNCellBase)) and h:
+            out.append(_Cand("U(±1/√hidden) (torch default RNN)", "uniform", 0.0, 1 / math.sqrt(h)))
+        out += [_Cand("N(1, 0.02) (DCGAN BatchNorm)", "normal", 1.0, 0.02), _Cand("N(0, 0.02)", "normal", 0.0, 0.02)]
+    if isinstance(p.module, (nn.RNNBase, nn.RNNCellBase)) and p.ndim >= 2 and getattr(p.module, "hidden_size", 0):
+        out.append(_Cand("U(±1/√hidden) (torch default RNN)", "uniform", 0.0, 1 / math.sqrt(p.module.hidden_size)))
+    return out
+
+
+def _spec_moments(spec: InitSpec) -> tuple[float, float, float, float]:
+    """mean, std, min, max of a spec's distribution."""
+    if isinstance(spec, Constant):
+        return spec.value, 0.0, spec.value, spec.value
+    if isinstance(spec, Uniform):
+        return (spec.a + spec.b) / 2, (spec.b - spec.a) / math.sqrt(12.0), spec.a, spec.b
+    if isinstance(spec, Normal):
+        return spec.mean, spec.std, -math.inf if spec.std else spec.mean, math.inf if spec.std else spec.mean
+    if isinstance(spec, TruncNormal):
+        s = spec.std
+        if s == 0:
+            v = min(max(spec.mean, spec.a), spec.b)
+            return v, 0.0, v, v
+        al, be = (spec.a - spec.mean) / s, (spec.b - spec.mean) / s
+        phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+        zz = cdf(be) - cdf(al)
+        m = (phi(al) - phi(be)) / zz
+        var = 1 + (al * phi(al) - be * phi(be)) / zz - m * m
+        return spec.mean + s * m, s * math.sqrt(max(var, 0.0)), spec.a, spec.b
+    raise TypeError(repr(spec))
+
+
+def _spec_matches(spec: InitSpec, c: _Cand) -> bool:
+    def close(a, b):
+        return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-30)
+    if c.kind == "uniform" and isinstance(spec, Uniform):
+        return close(spec.a, c.a - c.b) and close(spec.b, c.a + c.b)
+    if c.kind == "normal" and isinstance(spec, Normal):
+        return close(spec.mean, c.a) and close(spec.std, c.b)
+    return False
+
+
+def _std_tol(n: int, dtype: torch.dtype) -> float:
+    rounding = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}.get(dtype, 0.0)
+    return 6.0 * math.sqrt(1.0 / (2 * max(n, 1))) + 2 * rounding + 1e-6
+
+
+def _matches(st: dict, c: _Cand, n: int, dtype) -> bool:
+    """Whether measured stats ``st`` are consistent with candidate ``c`` (within sampling error)."""
+    std, mean = st["std"], st["mean"]
+    if std is None or c.std <= 0 or n < 8:
+        return False
+    if abs(std / c.std - 1) > _std_tol(n, dtype):
+        return False
+    if abs(mean - c.a) > 6 * c.std / math.sqrt(n) + 1e-7:
+        return False
+    slack = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}.get(dtype, 1e-6)
+    lo, hi = st["min"] - c.a, st["max"] - c.a
+    if c.kind == "uniform":
+        if lo < -c.b * (1 + slack) or hi > c.b * (1 + slack):
+            return False
+        reach = c.b * (1 - min(1.0, 40.0 / n)) * (1 - slack)  # the extremes of n uniform draws get this close
+        return -lo >= reach and hi >= reach
+    # normal: tails beyond a uniform's sqrt(3) std when there are enough draws
+    return n < 200 or max(-lo, hi) > 2.2 * c.std
+
+
+# ------------------------------------------------------------------ audit
+
+
+def _stats(t: torch.Tensor) -> dict:
+    """Moments (of a strided sample of at most :data:`SAMPLE` elements), extremes and
+    counts of NaN/inf, subnormal and huge values (of every element)."""
+    x = t.detach()
+    flat = x.reshape(-1)
+    if not flat.dtype.is_floating_point:
+        flat = flat.double()
+    n = flat.numel()
+    empty = {"n": n, "mean": None, "std": None, "min": None, "max": None, "nonfinite": 0, "subnormal": 0,
+             "huge": 0, "constant": False}
+    if n == 0:
+        return empty
+    mn, mx = (v.item() for v in torch.aminmax(flat))
+    nonfinite = 0
+    vals = flat
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        fin = torch.isfinite(flat)
+        nonfinite = int(n - fin.sum().item())
+        vals = flat[fin]
+        if vals.numel() == 0:
+            return {**empty, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan,
+                    "nonfinite": nonfinite}
+        mn, mx = (v.item() for v in torch.aminmax(vals))
+    sample = vals if vals.numel() <= SAMPLE else vals[:: vals.numel() // SAMPLE]
+    sf = sample.float() if sample.dtype != torch.float64 else sample
+    if sf.numel() > 1:
+        std, mean = (v.item() for v in torch.std_mean(sf, unbiased=False))
+    else:
+        std, mean = 0.0, sf.item()
+    a = vals.abs()
+    huge = int((a > 1e8).sum().item()) if max(abs(mn), abs(mx)) > 1e8 else 0
+    tiny = torch.finfo(vals.dtype).tiny
+    sub = 0
+    if a.amin().item() < tiny:  # zeros or subnormals: count the subnormals
+        sub = int(((a < tiny) & (a > 0)).sum().item())
+    return {"n": sample.numel(), "mean": mean, "std": std, "min": float(mn), "max": float(mx),
+            "nonfinite": nonfinite, "subnormal": sub, "huge": huge, "constant": mn == mx}
+
+
+def _same_units(p: Param) -> bool:
+    """Every output unit of weight ``p`` has the same weights (symmetry never breaks)."""
+    x = p.tensor.detach()
+    if p.out_dim == 1:
+        x = x.t()
+    rows = x.reshape(x.shape[0], -1)
+    if rows.shape[0] < 2 or not bool((rows[1] == rows[0]).all().item()):
+        return False
+    return bool((rows == rows[:1]).all().item())
+
+
+def _fan_layer(p: Param) -> bool:
+    return p.ndim >= 2 and not isinstance(p.module, (nn.Embedding, nn.EmbeddingBag)) and not _module_ok(p.module, NORM)
+
+
+def _facts(model: nn.Module) -> dict:
+    out = {}
+    for key, fn in (("n_layer", infer_n_layer), ("d_model", infer_d_model)):
+        try:
+            out[key] = fn(model)
+        except ValueError:
+            out[key] = None
+    return out
+
+
+def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BAND, **scheme_options) -> Audit:
+    """Audit what every parameter of ``model`` got (see the module docstring).
+
+    Example::
+
+        a = fastinit.audit(model, torch.randn(32, 784))
+        print(a)                 # the table, then the flags
+        a.to_json("audit.json"); a.plot("audit.png")
+        assert a.ok
+
+    Args:
+        model: an allocated model (CPU or CUDA), or a deferred one (its plan is audited).
+        example_input: a batch to run one forward/backward pass on (a tuple is
+            unpacked into arguments, a dict into keywords); not for deferred models.
+        scheme: a :class:`~fastinit.schemes.Scheme` or built-in name: each
+            parameter's std is checked against what that scheme gives it.
+        band: the factor outside the Glorot/He band at which a std is flagged.
+        **scheme_options: options of ``scheme`` (``n_layer=``, ...).
+    """
+    from .deferred import planned as planned_fn
+    from .schemes import Scheme, _params, _plan, get_scheme
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"audit: expected an nn.Module, got {type(model).__name__}")
+    if not (band > 1):
+        raise ValueError(f"audit: band must be > 1, got {band}")
+    deferred = any(t.is_meta for t in model.parameters())
+    if deferred and example_input is not None:
+        raise ValueError("audit: a deferred model has no values to run a forward pass on: materialize it first, "
+                         "or audit its plan without example_input")
+    sch = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    if sch is not None and not isinstance(sch, Scheme):
+        raise TypeError(f"audit: scheme must be a Scheme or a built-in name, not {type(scheme).__name__}")
+    expected_plan = _plan(model, sch, sch._options(scheme_options)) if sch is not None else {}
+    plan = planned_fn(model) if deferred else {}
+    facts = _facts(model)
+    params, flags = [], []
+    dev = "meta" if deferred else str(next(model.parameters()).device) if any(True for _ in model.parameters()) \
+        else "cpu"
+
+    for p in _params(model, {}):
+        fans = None
+        try:
+            if p.ndim >= 2:
+                fans = p.fans()
+        except ValueError:
+            fans = None
+        pa = ParamAudit(p.name, list(p.shape), str(p.tensor.dtype).replace("torch.", ""), type(p.module).__name__,
+                        fans[0] if fans else None, fans[1] if fans else None, None, None, None, None, None)
+        cands = _candidates(p, facts)
+        own: list[tuple[str, str]] = []
+        if deferred:
+            pl = plan.get(p.name)
+            spec = pl.spec if pl is not None else None
+            pa.planned = pl.description if pl is not None else "not recorded"
+            if pl is not None and pl.uninitialized:
+                own.append(("uninitialized", f"will hold uninitialized memory ({pl.uninitialized})"))
+            if spec is not None:
+                m, s, lo, hi = _spec_moments(spec)
+                pa.mean, pa.std, pa.min, pa.max = m, s, lo, hi
+                pa.matches = [c.label for c in cands if _spec_matches(spec, c)]
+                if isinstance(spec, Constant):
+                    pa.matches = ["zeros" if spec.value == 0 else "ones" if spec.value == 1 else f"constant {spec.value:g}"]
+                    if p.ndim >= 2 and p.shape[p.out_dim] > 1:
+                        own.append(("symmetry", f"constant matrix (all {spec.value:g}): every output unit gets the "
+                                                "same gradient, so they never differ"))
+        else:
+            st = _stats(p.tensor)
+            pa.mean, pa.std, pa.min, pa.max = st["mean"], st["std"], st["min"], st["max"]
+            if st["nonfinite"]:
+                own.append(("nonfinite", f"{st['nonfinite']} NaN/inf value(s)"))
+            if st["subnormal"] or st["huge"]:
+                own.append(("uninitialized", f"looks like uninitialized memory: {st['subnormal']} subnormal and "
+                                             f"{st['huge']} huge (>1e8) value(s)"))
+            if st["constant"] and p.tensor.numel():
+                v = st["min"]
+                pa.matches = ["zeros" if v == 0 else "ones" if v == 1 else f"constant {v:g}"]
+            elif st["std"] is not None and math.isfinite(st["std"]):
+                ok = [c for c in cands if _matches(st, c, st["n"], p.tensor.dtype)]
+                pa.matches = [c.label for c in sorted(ok, key=lambda c: abs(st["std"] / c.std - 1))]
+                if p.ndim >= 2 and _orthogonal_gain(p) is not None:
+                    pa.matches.insert(0, f"orthogonal (gain {_orthogonal_gain(p):.3g})")
+            if p.ndim >= 2 and p.tensor.numel() and not st["nonfinite"] and _same_units(p):
+                what = f"constant matrix (all {st['min']:g})" if st["constant"] else "identical output units"
+                own.append(("symmetry", f"{what}: every output unit gets the same gradient, so they never differ"))
+        if fans and pa.std is not None and math.isfinite(pa.std):
+            pa.std_sqrt_fan_in = pa.std * math.sqrt(fans[0])
+        # expectation: the scheme's, else the best match's
+        exp = expected_plan.get(p.name)
+        if exp is not None and exp.spec is not None:
+            pa.expected, pa.expected_std = f"{sch.name}: {exp.describe()}", _spec_moments(exp.spec)[1]
+            if pa.std is not None and math.isfinite(pa.std):
+                n = p.tensor.numel()
+                tol = _std_tol(min(n, SAMPLE), p.tensor.dtype) if not deferred else 1e-6
+                want = pa.expected_std
+                if (want == 0 and pa.std != 0) or (want > 0 and abs(pa.std / want - 1) > tol):
+                    own.append(("scheme", f"std {pa.std:.4g}, but scheme {sch.name} gives {want:.4g} "
+                                          f"({exp.describe()})"))
+        elif pa.matches:
+            c = next((c for c in cands if c.label == pa.matches[0]), None)
+            if c is not None:
+                pa.expected, pa.expected_std = c.label, c.std
+        deliberate = any(c.depth_scaled and c.label in pa.matches for c in cands) or (
+            exp is not None and exp.spec is not None and not any(k == "scheme" for k, _ in own))
+        if fans and _fan_layer(p) and pa.std is not None and math.isfinite(pa.std) and pa.std > 0 \
+                and not deliberate and not any(k == "symmetry" for k, _ in own):
+            fi, fo = fans
+            if fi > 0 and fo > 0:
+                lo = min(math.sqrt(2.0 / (fi + fo)), 1 / math.sqrt(3.0 * fi))
+                hi = max(math.sqrt(2.0 / fi), math.sqrt(2.0 / fo))
+                if pa.std < lo / band or pa.std > hi * band:
+                    side = "below" if pa.std < lo / band else "above"
+                    own.append(("band", f"std {pa.std:.3g} is far {side} the Glorot/He band "
+                                        f"[{lo:.3g}, {hi:.3g}] for fan_in {fi}, fan_out {fo}"))
+        pa.flags = [k for k, _ in own]
+        flags += [Flag(p.name, k, msg) for k, msg in own]
+        params.append(pa)
+
+    layers, shape = [], None
+    if example_input is not None:
+        layers, lflags = _signal(model, example_input)
+        flags += lflags
+        shape = _shape_of(example_input)
+    name = type(model).__name__
+    return Audit(name, deferred, dev, sch.name if sch is not None else None, params, layers, flags, shape)
+
+
+def _orthogonal_gain(p: Param) -> float | None:
+    x = p.tensor.detach()
+    if x.dim() < 2 or not x.dtype.is_floating_point:
+        return None
+    m = x.reshape(x.shape[0], -1)
+    r, c = m.shape
+    if min(r, c) < 2 or min(r, c) > 2048:
+        return None
+    rounding = {torch.bfloat16: 2e-2, torch.float16: 3e-3}.get(x.dtype, 1e-4)
+    norms = m.float().square().sum(1 if r <= c else 0)  # an orthogonal matrix's short-side vectors: norm = gain
+    if (norms.max() - norms.min()).item() > rounding * norms.mean().item():
+        return None
+    m = m.double()
+    g = m @ m.t() if r <= c else m.t() @ m
+    diag = g.diagonal()
+    g2 = diag.mean().item()
+    if not g2 > 0:
+        return None
+    off = (g - torch.diag(diag)).abs().max().item()
+    if off > rounding * g2 or (diag - g2).abs().max().item() > rounding * g2:
+        return None
+    return math.sqrt(g2)
+
+
+def _shape_of(x):
+    if isinstance(x, torch.Tensor):
+        return list(x.shape)
+    if isinstance(x, (tuple, list)):
+        return [_shape_of(y) for y in x]
+    if isinstance(x, dict):
+        return {k: _shape_of(v) for k, v in x.items()}
+    return None
+
+
+def _signal(model: nn.Module, example_input) -> tuple[list[LayerAudit], list[Flag]]:
+    """One forward and backward pass with hooks: activation and gradient std per layer."""
+    from .schemes import _first_tensor, run_model
+
+    layers = [(n, m) for n, m in model.named_modules()
+              if any(True for _ in m.parameters(recurse=False))]
+    outs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+
+    def hook(n):
+        def fn(mod, inp, out):
+            t = _first_tensor(out)
+            if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and n not in outs:
+                outs[n] = t
+                order.append(n)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = _first_tensor(run_model(model, example_input))
+            if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+                raise ValueError("audit: the model's output has no floating tensor to backpropagate from")
+            want = [n for n in order if outs[n].requires_grad]
+            grads = {}
+            if want and out.requires_grad:
+                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+                got = torch.autograd.grad(out, [outs[n] for n in want], grad_outputs=g.to(out.device, out.dtype),
+                                          allow_unused=True)
+                grads = {n: gr for n, gr in zip(want, got)}
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    mods = dict(layers)
+    rows = []
+    for d, n in enumerate(order):
+        a = outs[n].detach().float()
+        gr = grads.get(n)
+        rows.append(LayerAudit(d, n, type(mods[n]).__name__, a.std().item() if a.numel() > 1 else None,
+                               gr.float().std().item() if gr is not None and gr.numel() > 1 else None))
+    flags = []
+    for r in rows:
+        if r.act_std is not None and not math.isfinite(r.act_std):
+            flags.append(Flag(r.name, "nonfinite", "NaN/inf in its output"))
+        if r.grad_std is not None and not math.isfinite(r.grad_std):
+            flags.append(Flag(r.name, "nonfinite", "NaN/inf in its gradient"))
+    weights = [r for r in rows if isinstance(mods[r.name], (nn.Linear, nn.modules.conv._ConvNd))
+               or _transposed(mods[r.name])] or rows
+    acts = [r for r in weights if r.act_std is not None and math.isfinite(r.act_std)]
+    dead = [r for r in acts if r.act_std == 0]
+    if dead:
+        flags.append(Flag(dead[0].name, "vanishing", f"output std is 0 at depth {dead[0].depth} "
+                          f"({len(dead)} layer(s) output a constant): no signal reaches the layers after it"))
+    elif len(acts) >= 2:
+        ratio = acts[-1].act_std / acts[0].act_std
+        top = max(acts, key=lambda r: r.act_std)
+        if ratio > SIGNAL_RATIO or top.act_std / acts[0].act_std > SIGNAL_RATIO:
+            flags.append(Flag(top.name, "exploding", f"activation std grows from {acts[0].act_std:.3g} "
+                              f"({acts[0].name}) to {top.act_std:.3g} ({top.name})"))
+        elif ratio < 1 / SIGNAL_RATIO:
+            flags.append(Flag(acts[-1].name, "vanishing", f"activation std shrinks from {acts[0].act_std:.3g} "
+                              f"({acts[0].name}) to {acts[-1].act_std:.3g} ({acts[-1].name})"))
+    gs = [r for r in weights if r.grad_std is not None and math.isfinite(r.grad_std)]
+    if len(gs) >= 2 and gs[-1].grad_std > 0:
+        ratio = gs[0].grad_std / gs[-1].grad_std  # backward: from the last layer to the first
+        if ratio > SIGNAL_RATIO:
+            flags.append(Flag(gs[0].name, "exploding", f"gradient std grows from {gs[-1].grad_std:.3g} "
+                              f"({gs[-1].name}) to {gs[0].grad_std:.3g} ({gs[0].name}) on the way back"))
+        elif ratio < 1 / SIGNAL_RATIO:
+            flags.append(Flag(gs[0].name, "vanishing", f"gradient std shrinks from {gs[-1].grad_std:.3g} "
+                              f"({gs[-1].name}) to {gs[0].grad_std:.3g} ({gs[0].name}) on the way back"))
+    return rows, flags
+
+
+__all__ = ["audit", "Audit", "ParamAudit", "LayerAudit", "Flag"]

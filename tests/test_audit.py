@@ -1,0 +1,145 @@
+"""The init audit: flags (symmetry, NaN, uninitialized memory, band, exploding/vanishing
+signal), known-scheme matches, deferred plans, JSON and PNG output."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastinit
+from fastinit import Rule, Scheme, apply_scheme
+
+
+def mlp(depth, width, act, d_in=64, d_out=10):
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), act()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, d_out))
+
+
+def batch(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_kaiming_relu_mlp_passes():
+    model = mlp(8, 64, nn.ReLU)
+    apply_scheme(model, "kaiming_normal", nonlinearity="relu", seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    a = fastinit.audit(model, batch(256, 64))
+    assert a.ok, a.flags
+    assert a.params[0].matches[0] == "kaiming_normal (relu, fan_in)"
+    assert a.params[0].std_sqrt_fan_in == pytest.approx(math.sqrt(2), rel=0.05)
+    assert len(a.layers) == 9 and all(l.act_std > 0 and l.grad_std > 0 for l in a.layers)
+    # nothing in the model changed: values, .grad, mode
+    assert all(torch.equal(x, p) for x, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_zeros_init_mlp_is_flagged_for_symmetry():
+    model = mlp(3, 32, nn.ReLU)
+    apply_scheme(model, Scheme("zeros", [Rule(0.0)]))
+    a = fastinit.audit(model, batch(16, 64))
+    sym = {f.where for f in a.flagged("symmetry")}
+    assert sym == {"0.weight", "2.weight", "4.weight", "6.weight"}
+    assert a.flagged("vanishing") and not a.ok
+    assert a.params[0].matches == ["zeros"]
+    # ones: every unit identical too; a matrix with identical rows, not constant, as well
+    apply_scheme(model, Scheme("ones", [Rule(1.0)]))
+    assert {f.where for f in fastinit.audit(model).flagged("symmetry")} == sym
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(64.0).expand(32, 64))
+    assert "0.weight" in {f.where for f in fastinit.audit(model).flagged("symmetry")}
+
+
+def test_nan_and_uninitialized_memory_are_flagged():
+    model = mlp(2, 16, nn.ReLU)
+    with torch.no_grad():
+        model[0].weight[3, 4] = float("nan")
+        model[2].weight[0, 0] = 1e-41  # subnormal in float32
+        model[4].weight[1, 1] = 3e30
+    a = fastinit.audit(model, batch(8, 64))
+    assert [f.where for f in a.flags if f.kind == "nonfinite"][0] == "0.weight"
+    assert {f.where for f in a.flagged("uninitialized")} == {"2.weight", "4.weight"}
+    assert fastinit.audit(mlp(2, 16, nn.ReLU)).ok  # torch's default: nothing to flag
+
+
+def test_deep_tanh_with_unit_normal_weights_explodes():
+    model = mlp(50, 64, nn.Tanh)
+    apply_scheme(model, Scheme("N(0,1)", [Rule(fastinit.Normal(0.0, 1.0), ndim=2), Rule(0.0)]), seed=0)
+    a = fastinit.audit(model, batch(128, 64))
+    assert a.flagged("exploding"), a.flags
+    assert "gradient" in a.flagged("exploding")[0].message
+    # Every hidden weight: std 1 against a band of [0.072, 0.177] (x4); the 64 -> 10 head's band
+    # reaches sqrt(2/10) x4 = 1.8 (He with fan_out), so it is not flagged.
+    assert {f.where for f in a.flagged("band")} == {f"{i}.weight" for i in range(0, 100, 2)}
+
+
+def test_scheme_expectation_and_matches():
+    model = mlp(2, 32, nn.ReLU)
+    apply_scheme(model, "xavier_uniform", seed=0)
+    assert fastinit.audit(model, scheme="xavier_uniform").ok
+    a = fastinit.audit(model, scheme="kaiming_normal")
+    # The 32 -> 10 head: xavier's std is 13% below kaiming's, within the sampling error of 320 values.
+    assert {f.where for f in a.flagged("scheme")} == {"0.weight", "2.weight"}
+    assert a.params[0].expected_std == pytest.approx(math.sqrt(2 / 64))
+    assert fastinit.audit(model).params[0].matches[0] == "xavier_uniform"
+    lin = nn.Linear(64, 32)
+    fastinit.orthogonal_(lin.weight)
+    assert fastinit.audit(lin).params[0].matches[0] == "orthogonal (gain 1)"
+
+
+def test_deferred_model_is_audited_from_its_plan():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 32)
+            self.b = nn.Linear(32, 4)
+            nn.init.zeros_(self.b.weight)
+
+    model = fastinit.deferred_init(Net)
+    a = fastinit.audit(model)
+    assert a.deferred and all(p.is_meta for p in model.parameters())  # nothing allocated
+    pa = {p.name: p for p in a.params}
+    assert pa["a.weight"].max == pytest.approx(1 / 4) and pa["a.weight"].matches[0].startswith("U(±1/√fan_in)")
+    assert pa["a.weight"].std == pytest.approx(1 / 4 / math.sqrt(3))
+    assert [f.where for f in a.flagged("symmetry")] == ["b.weight"]
+    with pytest.raises(ValueError, match="materialize it first"):
+        fastinit.audit(model, batch(2, 16))
+    apply_scheme(model, "gpt2", n_layer=1)
+    assert fastinit.audit(model, scheme="gpt2", n_layer=1).ok
+
+
+def test_json_table_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    model = mlp(3, 32, nn.Tanh)
+    a = fastinit.audit(model, batch(32, 64))
+    path = tmp_path / "a.json"
+    a.to_json(path)
+    data = json.loads(path.read_text())
+    assert data["model"] == "Sequential" and len(data["parameters"]) == 8 and len(data["layers"]) == 4
+    assert set(data["parameters"][0]) >= {"name", "shape", "fan_in", "fan_out", "mean", "std", "min", "max",
+                                          "std_sqrt_fan_in", "matches", "flags"}
+    text = str(a)
+    assert "| parameter" in text and "0.weight" in text and "activation std" in text
+    png = tmp_path / "a.png"
+    a.plot(png)
+    raw = png.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+        assert im.size[0] > 1000  # two panels
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    assert json.loads(fastinit.audit(model).to_json())["parameters"][0]["max"] is not None  # inf excluded
+
+
+def test_bad_input():
+    with pytest.raises(TypeError):
+        fastinit.audit(torch.zeros(3))
+    with pytest.raises(ValueError, match="band"):
+        fastinit.audit(nn.Linear(2, 2), band=0.5)

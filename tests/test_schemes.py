@@ -1,0 +1,491 @@
+"""Model-level init schemes: exact formulas per parameter, distributions (KS),
+allocated == deferred for a seed, one fused pass, unmatched parameters named, LSUV."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy import stats
+
+import fastinit
+from fastinit import Rule, Scheme, apply_scheme
+from fastinit.schemes import SCHEMES, Call, get_scheme
+from fastinit.specs import Constant, Normal, Uniform
+
+P_MIN = 1e-4
+
+
+class Net(nn.Module):
+    """Conv, BatchNorm, Embedding with padding, Linear, LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.emb = nn.Embedding(100, 32, padding_idx=1)
+        self.fc1 = nn.Linear(32, 64)
+        self.ln = nn.LayerNorm(64)
+        self.fc2 = nn.Linear(64, 16)
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.attention = nn.Module()
+        self.attention.dense = nn.Linear(d, d)
+        self.mlp = nn.Module()
+        self.mlp.dense_h_to_4h = nn.Linear(d, 4 * d)
+        self.mlp.dense_4h_to_h = nn.Linear(4 * d, d)
+
+
+class Tiny(nn.Module):
+    """A GPT-like stack in plain torch: n_layer and d_model are inferred (ModuleList, Embedding)."""
+
+    def __init__(self, d=32, layers=3, vocab=64):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.h = nn.ModuleList(Block(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+
+class RNNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16)
+        self.gru = nn.GRU(16, 12)
+        self.head = nn.Linear(12, 4)
+
+
+class DCGen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(16, 8, 4, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 3, 3, padding=1, bias=False)
+
+
+def _fans(shape):
+    rf = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[1] * rf, shape[0] * rf
+
+
+def _ks_pool(model, plans):
+    """Every random parameter standardized by its spec, pooled: one KS per distribution family."""
+    u, z = [], []
+    for name, p in model.named_parameters():
+        spec = plans[name].spec
+        x = p.detach().double().flatten()
+        if isinstance(spec, Uniform):
+            assert x.min() >= spec.a and x.max() < spec.b, name  # the bounds, exactly
+            u.append(((x - spec.a) / (spec.b - spec.a)).numpy())
+        elif isinstance(spec, Normal) and spec.std > 0:
+            if plans[name].padding_idx is not None:
+                x = torch.cat([p.detach()[: plans[name].padding_idx], p.detach()[plans[name].padding_idx + 1:]])
+                x = x.double().flatten()
+            z.append(((x - spec.mean) / spec.std).numpy())
+        elif isinstance(spec, Constant):
+            if plans[name].padding_idx is None:
+                assert torch.all(p == spec.value), name
+    if u:
+        assert stats.kstest(np.concatenate(u), "uniform").pvalue > P_MIN
+    if z:
+        assert stats.kstest(np.concatenate(z), "norm").pvalue > P_MIN
+
+
+# ------------------------------------------------------------------ exact formulas, per parameter
+
+
+def _expected_variance_scaling(model, gain, mode, dist):
+    out = {}
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if type(owner).__name__.endswith("Norm") or "Norm" in type(owner).__name__:
+            out[name] = Constant(1.0 if name.endswith("weight") else 0.0)
+        elif p.dim() >= 2:
+            fi, fo = _fans(p.shape)
+            n = {"fan_in": fi, "fan_out": fo, "fan_avg": (fi + fo) / 2}[mode]
+            std = gain / math.sqrt(n)
+            out[name] = Uniform(-math.sqrt(3) * std, math.sqrt(3) * std) if dist == "uniform" else Normal(0.0, std)
+        else:
+            out[name] = Constant(0.0)
+    return out
+
+
+@pytest.mark.parametrize("name, opts, gain, mode, dist", [
+    ("xavier_uniform", {}, 1.0, "fan_avg", "uniform"),
+    ("xavier_uniform", {"gain": 5 / 3}, 5 / 3, "fan_avg", "uniform"),
+    ("xavier_normal", {}, 1.0, "fan_avg", "normal"),
+    ("kaiming_uniform", {}, math.sqrt(2), "fan_in", "uniform"),
+    ("kaiming_normal", {"mode": "fan_out", "nonlinearity": "relu"}, math.sqrt(2), "fan_out", "normal"),
+    ("kaiming_normal", {"nonlinearity": "tanh"}, 5 / 3, "fan_in", "normal"),
+    ("general_rule", {}, 1 / math.sqrt(3), "fan_in", "uniform"),
+    ("general_normal", {}, 1.0, "fan_in", "normal"),
+])
+def test_variance_scaling_schemes_give_the_formula_per_parameter(name, opts, gain, mode, dist):
+    model = Net()
+    report = apply_scheme(model, name, seed=0, **opts)
+    want = _expected_variance_scaling(model, gain, mode, dist)
+    for pname, spec in want.items():
+        got = report.plans[pname].spec
+        if isinstance(spec, Constant):
+            assert got == spec, pname
+        else:
+            assert type(got) is type(spec), pname
+            for a, b in zip(vars(got).values(), vars(spec).values()):
+                assert a == pytest.approx(b, rel=1e-12, abs=0), pname
+    _ks_pool(model, report.plans)
+    assert torch.all(model.emb.weight[1] == 0)  # the padding row stays zero, as torch keeps it
+
+
+def test_general_rule_bounds_are_one_over_sqrt_fan_in_exactly():
+    model = nn.Sequential(nn.Linear(50, 20), nn.ReLU(), nn.Linear(20, 3))
+    report = apply_scheme(model, "general_rule", seed=1)
+    for i, n in ((0, 50), (2, 20)):
+        spec = report.plans[f"{i}.weight"].spec
+        assert spec.b == pytest.approx(1 / math.sqrt(n), rel=1e-15) and spec.a == -spec.b
+        w = model[i].weight
+        assert w.abs().max() <= spec.b and w.abs().max() > 0.9 * spec.b
+        assert torch.all(model[i].bias == 0)
+    report = apply_scheme(model, "general_normal", seed=1)
+    assert report.plans["0.weight"].spec == Normal(0.0, 1 / math.sqrt(50))
+
+
+def test_xavier_uniform_dim_is_the_loop_it_replaces():
+    model = Net()
+    report = apply_scheme(model, "xavier_uniform_dim", seed=0)
+    for name, p in model.named_parameters():
+        spec = report.plans[name].spec
+        if p.dim() > 1:
+            fi, fo = _fans(p.shape)
+            b = math.sqrt(6 / (fi + fo))
+            assert spec == Uniform(-b, b) or spec.b == pytest.approx(b, rel=1e-15), name
+        else:
+            assert spec == Constant(0.0) and torch.all(p == 0), name  # LayerNorm's gain too, as the loop does
+    _ks_pool(model, report.plans)
+
+
+def test_torch_default_matches_torch_module_by_module():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 30)
+            self.conv = nn.Conv1d(4, 6, 5, groups=2)
+            self.convt = nn.ConvTranspose2d(6, 4, 3)
+            self.bil = nn.Bilinear(5, 7, 3)
+            self.emb = nn.Embedding(40, 8, padding_idx=0)
+            self.lstm = nn.LSTM(8, 10)
+            self.mha = nn.MultiheadAttention(16, 4, add_bias_kv=True)
+            self.ln = nn.LayerNorm(16)
+            self.prelu = nn.PReLU(3, init=0.1)
+
+    m = M()
+    report = apply_scheme(m, "torch_default", seed=0)
+    plans = report.plans
+
+    def u(b):
+        return Uniform(-b, b)
+
+    assert plans["fc.weight"].spec == u(1 / math.sqrt(20)) and plans["fc.bias"].spec == u(1 / math.sqrt(20))
+    assert plans["conv.weight"].spec == u(1 / math.sqrt(2 * 5))  # fan_in per group: in/groups * k
+    assert plans["convt.weight"].spec == u(1 / math.sqrt(4 * 9))  # torch's fans of the (in, out, k, k) weight
+    assert plans["bil.weight"].spec == u(1 / math.sqrt(5)) and plans["bil.bias"].spec == u(1 / math.sqrt(5))
+    assert plans["emb.weight"].spec == Normal(0.0, 1.0) and torch.all(m.emb.weight[0] == 0)
+    for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+        assert plans[f"lstm.{n}"].spec == u(1 / math.sqrt(10))
+    xb = math.sqrt(6 / (16 + 48))
+    assert plans["mha.in_proj_weight"].spec.b == pytest.approx(xb, rel=1e-15)
+    assert plans["mha.in_proj_bias"].spec == Constant(0.0) and plans["mha.out_proj.bias"].spec == Constant(0.0)
+    assert plans["mha.out_proj.weight"].spec == u(1 / math.sqrt(16))
+    assert plans["mha.bias_k"].spec == Normal(0.0, math.sqrt(2 / (16 + 16)))
+    assert plans["ln.weight"].spec == Constant(1.0)
+    assert "reset_parameters" in report["prelu.weight"][1] and torch.all(m.prelu.weight == 0.1)
+    _ks_pool(m, plans)
+    # The same distributions as torch's own constructor (two-sample KS on the pooled Linear weights).
+    torch.manual_seed(0)
+    ref = torch.cat([nn.Linear(20, 30).weight.detach().flatten() for _ in range(20)])
+    ours = []
+    for s in range(20):
+        lin = nn.Linear(20, 30)
+        apply_scheme(lin, "torch_default", seed=s)
+        ours.append(lin.weight.detach().flatten())
+    assert stats.ks_2samp(ref.numpy(), torch.cat(ours).numpy()).pvalue > P_MIN
+
+
+def test_dcgan():
+    g = DCGen()
+    report = apply_scheme(g, "dcgan", seed=0)
+    assert report.plans["up.weight"].spec == Normal(0.0, 0.02)
+    assert report.plans["out.weight"].spec == Normal(0.0, 0.02)
+    assert report.plans["bn.weight"].spec == Normal(1.0, 0.02)
+    assert report.plans["bn.bias"].spec == Constant(0.0)
+    _ks_pool(g, report.plans)
+
+
+def test_gpt2_scales_residual_projections_by_depth():
+    model = Tiny(d=32, layers=3)
+    report = apply_scheme(model, "gpt2", seed=0)
+    assert report.plans["h.0.c_proj.weight"].spec == Normal(0.0, 0.02 / math.sqrt(2 * 3))  # n_layer inferred: 3
+    assert report.plans["h.0.c_attn.weight"].spec == Normal(0.0, 0.02)
+    assert report.plans["wte.weight"].spec == Normal(0.0, 0.02)
+    assert report.plans["h.1.c_attn.bias"].spec == Constant(0.0)
+    assert report.plans["h.2.ln_1.weight"].spec == Constant(1.0)
+    _ks_pool(model, report.plans)
+    report = apply_scheme(model, "gpt2", n_layer=12, std=0.01)
+    assert report.plans["h.0.c_proj.weight"].spec == Normal(0.0, 0.01 / math.sqrt(24))
+
+
+def test_gpt2_on_transformers_gpt2_with_conv1d():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    report = apply_scheme(model, "gpt2", seed=0)
+    assert report.plans["transformer.h.1.attn.c_proj.weight"].spec == Normal(0.0, 0.02 / 2)
+    assert report.plans["transformer.h.1.mlp.c_proj.weight"].spec == Normal(0.0, 0.02 / 2)
+    assert report.plans["transformer.h.1.mlp.c_fc.weight"].spec == Normal(0.0, 0.02)
+    # Conv1D stores (in, out): fans follow the layer, not the storage order.
+    r = apply_scheme(model, "kaiming_uniform", seed=0)
+    b = math.sqrt(2) * math.sqrt(3 / 32)  # fan_in of c_fc is 32 (n_embd), not 128
+    assert r.plans["transformer.h.0.mlp.c_fc.weight"].spec.b == pytest.approx(b, rel=1e-15)
+
+
+def test_neox_small_init_and_wang():
+    model = Tiny(d=32, layers=4)
+    report = apply_scheme(model, "neox", seed=0)
+    small, wang = math.sqrt(2 / (5 * 32)), 2 / 4 / math.sqrt(32)
+    assert report.plans["h.0.mlp.dense_h_to_4h.weight"].spec == Normal(0.0, small)
+    assert report.plans["wte.weight"].spec == Normal(0.0, small)
+    assert report.plans["h.3.attention.dense.weight"].spec == Normal(0.0, wang)
+    assert report.plans["h.3.mlp.dense_4h_to_h.weight"].spec == Normal(0.0, wang)
+    _ks_pool(model, report.plans)
+    r = apply_scheme(model, "neox", d_model=64, n_layer=8)
+    assert r.plans["h.0.attention.dense.weight"].spec == Normal(0.0, 2 / 8 / 8)
+
+
+def test_fused_qkv_fans_per_block():
+    model = Tiny(d=32, layers=1)
+    report = apply_scheme(model, "fused_qkv", seed=0)
+    per_block = math.sqrt(6 / (32 + 32))  # each of q, k, v: 32 -> 32
+    whole = math.sqrt(6 / (32 + 96))
+    assert report.plans["h.0.c_attn.weight"].spec.b == pytest.approx(per_block, rel=1e-15)
+    _ks_pool(model, report.plans)
+    assert apply_scheme(model, "xavier_uniform").plans["h.0.c_attn.weight"].spec.b == pytest.approx(whole)
+    # Grouped-query sizes: one spec per block, each block within its own bounds.
+    gqa = nn.Module()
+    gqa.qkv = nn.Linear(32, 64)
+    r = apply_scheme(gqa, "fused_qkv", qkv=(32, 16, 16), seed=0)
+    w = gqa.qkv.weight.detach()
+    bounds = [math.sqrt(6 / (32 + 32)), math.sqrt(6 / (32 + 16)), math.sqrt(6 / (32 + 16))]
+    for blk, b in zip(w.split([32, 16, 16]), bounds):
+        assert blk.abs().max() < b and blk.abs().max() > 0.9 * b
+    assert "blocks(32:" in r["qkv.weight"][1]
+    with pytest.raises(ValueError, match="does not add up"):
+        apply_scheme(gqa, "fused_qkv", qkv=(32, 16))
+
+
+def test_orthogonal_rnn_gates_and_forget_bias():
+    torch.manual_seed(0)
+    model = RNNNet()
+    report = apply_scheme(model, "orthogonal_rnn", seed=0)
+    hh = model.lstm.weight_hh_l0.detach().double()
+    for gate in hh.split(16):
+        assert torch.allclose(gate @ gate.t(), torch.eye(16, dtype=torch.float64), atol=1e-5)
+    for gate in model.gru.weight_hh_l0.detach().double().split(12):
+        assert torch.allclose(gate @ gate.t(), torch.eye(12, dtype=torch.float64), atol=1e-5)
+    b = model.lstm.bias_ih_l0.detach()
+    assert torch.all(b[16:32] == 1) and torch.all(b[:16] == 0) and torch.all(b[32:] == 0)
+    assert torch.all(model.lstm.bias_hh_l0 == 0) and torch.all(model.gru.bias_ih_l0 == 0)
+    _ks_pool(model, report.plans)  # weight_ih (per-gate fans) and the head
+    ih = report.plans["lstm.weight_ih_l0"].spec
+    assert ih.b == pytest.approx(math.sqrt(6 / (8 + 16)), rel=1e-15)  # per-gate fans: 8 -> 16
+    assert model.lstm.weight_ih_l0.abs().max() < ih.b
+    apply_scheme(model, "orthogonal_rnn", forget_bias=2.0, gain=2.0)
+    assert torch.all(model.lstm.bias_ih_l0[16:32] == 2)
+    g = model.lstm.weight_hh_l0.detach().double()[:16]
+    assert torch.allclose(g @ g.t(), 4 * torch.eye(16, dtype=torch.float64), atol=1e-4)
+
+
+# ------------------------------------------------------------------ allocated == deferred
+
+
+_MODELS = {"dcgan": DCGen, "orthogonal_rnn": RNNNet, "gpt2": Tiny, "neox": Tiny, "fused_qkv": Tiny}
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEMES if n != "lsuv"])
+def test_allocated_and_deferred_give_the_same_values_for_a_seed(name):
+    cls = _MODELS.get(name, Net)
+    torch.manual_seed(123)
+    eager = cls()
+    apply_scheme(eager, name, seed=7)
+    deferred = fastinit.deferred_init(cls)
+    report = apply_scheme(deferred, name, seed=7)
+    assert report.deferred and all(p.is_meta for p in deferred.parameters())
+    fastinit.materialize(deferred, seed=99)  # the scheme's seed keys what the scheme wrote
+    for (n, a), (_, b) in zip(eager.named_parameters(), deferred.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_deferred_scheme_is_in_the_plan_and_fused_by_materialize():
+    model = fastinit.deferred_init(Tiny)
+    apply_scheme(model, "gpt2")
+    plan = fastinit.planned(model)
+    assert plan["h.0.c_proj.weight"].spec == Normal(0.0, 0.02 / math.sqrt(6))
+    rep = fastinit.materialize(model, seed=3)
+    assert rep.fused == len(list(model.parameters())) + len(list(model.buffers()))
+    again = fastinit.deferred_init(Tiny)
+    apply_scheme(again, "gpt2")
+    fastinit.materialize(again, seed=3)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_seed_makes_it_reproducible_and_none_follows_torch_manual_seed():
+    a, b = Net(), Net()
+    apply_scheme(a, "xavier_normal", seed=5)
+    apply_scheme(b, "xavier_normal", seed=5)
+    assert torch.equal(a.fc1.weight, b.fc1.weight)
+    torch.manual_seed(1)
+    apply_scheme(a, "xavier_normal")
+    torch.manual_seed(1)
+    apply_scheme(b, "xavier_normal")
+    assert torch.equal(a.fc1.weight, b.fc1.weight)
+    apply_scheme(b, "xavier_normal", seed=6)
+    assert not torch.equal(a.fc1.weight, b.fc1.weight)
+
+
+def test_allocated_model_is_one_fused_pass(monkeypatch):
+    from fastinit import engines
+
+    calls = []
+    real = engines.fill
+    monkeypatch.setattr(engines, "fill", lambda targets, **kw: (calls.append(len(targets)), real(targets, **kw))[1])
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)], nn.LayerNorm(16))
+    apply_scheme(model, "kaiming_normal", seed=0)
+    assert calls == [14]  # 6 weights, 6 biases, the norm's two: one engine call
+
+
+# ------------------------------------------------------------------ rules, errors
+
+
+def test_unmatched_parameters_are_named_and_nothing_changes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError) as e:
+        apply_scheme(model, "dcgan")
+    msg = str(e.value)
+    assert "2.weight" in msg and "2.bias" in msg and "0.weight" not in msg and "Linear" in msg
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="Mode fan_middle not supported"):
+        apply_scheme(model, "kaiming_normal", mode="fan_middle")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    apply_scheme(model, get_scheme("dcgan").then(Rule("keep")))  # a catch-all: now fine
+    assert torch.equal(before[2], model[2].weight)
+
+
+def test_custom_rules_globs_calls_and_keep():
+    model = Net()
+    keep = model.fc2.weight.detach().clone()
+    scheme = Scheme("mine", [
+        Rule("keep", name="fc2.weight"),
+        Rule(Call(fastinit.trunc_normal_, std=0.02, a=-0.04, b=0.04), module=nn.Linear, ndim=2),
+        Rule(0.5, name="bias"),
+        Rule(Normal(0.0, 0.1), module="*Norm*", name="weight"),
+        Rule(fastinit.schemes.VarianceScaling(1.0, "fan_in", "uniform"), ndim=">1"),
+        Rule(0.0),
+    ])
+    r = apply_scheme(model, scheme, seed=0)
+    assert torch.equal(model.fc2.weight, keep) and r["fc2.weight"][1] == "keep"
+    assert model.fc1.weight.abs().max() <= 0.04
+    assert torch.all(model.fc1.bias == 0.5) and torch.all(model.bn.bias == 0.5)
+    assert model.ln.weight.std() > 0.05
+    assert "trunc_normal_(std=0.02" in r["fc1.weight"][1]
+    with pytest.raises(ValueError, match="emb.weight: kaiming_normal_.*Mode nope not supported"):
+        apply_scheme(model, Scheme("bad", [Rule(Call(fastinit.kaiming_normal_, mode="nope"), ndim=2),
+                                           Rule(0.0)]))
+    with pytest.raises(TypeError, match="unknown option"):
+        apply_scheme(model, "gpt2", n_layers=3)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        apply_scheme(model, "xavier")
+    with pytest.raises(ValueError, match="ndim"):
+        Rule(0.0, ndim="~2")
+    with pytest.raises(TypeError):
+        Rule([1, 2])
+
+
+def test_report_names_the_rule_of_every_parameter():
+    model = Tiny(layers=2)
+    r = apply_scheme(model, "gpt2", seed=0)
+    assert len(r) == len(list(model.parameters()))
+    assert r["h.1.c_proj.weight"][0].startswith("residual")
+    text = str(r)
+    assert "h.1.c_proj.weight" in text and "scheme gpt2" in text
+
+
+# ------------------------------------------------------------------ LSUV
+
+
+def _layer_vars(model, x):
+    out = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.var().item()))
+             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_lsuv_reaches_unit_variance_on_an_mlp_and_a_cnn():
+    g = torch.Generator().manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    x = torch.rand(128, 20, generator=g) * 3
+    r = apply_scheme(mlp, "lsuv", example_input=x, seed=0)
+    v = _layer_vars(mlp, x)
+    assert len(v) == 3 and all(abs(s - 1) < 0.1 for s in v.values()), v
+    assert [row["layer"] for row in r.lsuv] == ["0", "2", "4"]
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+    xc = torch.randn(32, 3, 16, 16, generator=g) * 0.3
+    running = cnn[1].running_mean.clone()
+    apply_scheme(cnn, "lsuv", example_input=xc, tol=0.05, seed=0)
+    assert cnn.training  # its mode is restored
+    v = _layer_vars(cnn.eval(), xc)
+    assert len(v) == 3 and all(abs(s - 1) < 0.05 for s in v.values()), v
+    assert torch.equal(cnn[1].running_mean, running)  # nothing but the weights changed
+
+
+def test_lsuv_needs_an_example_batch_and_an_allocated_model():
+    with pytest.raises(ValueError, match="example"):
+        apply_scheme(nn.Linear(3, 3), "lsuv")
+    d = fastinit.deferred_init(nn.Linear, 3, 3)
+    with pytest.raises(ValueError, match="materialize it first"):
+        apply_scheme(d, "lsuv", example_input=torch.zeros(1, 3))
+    zero_in = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="variance"):
+        apply_scheme(zero_in, "lsuv", example_input=torch.zeros(4, 3))
+
+
+def test_norm_layers_that_are_not_torchs_keep_their_own_init():
+    class GemmaRMSNorm(nn.Module):  # scales by (1 + weight): its weight starts at zero
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(d))
+
+    class NormedLinear(nn.Linear):  # not a norm layer, whatever its name says
+        pass
+
+    model = nn.Sequential(NormedLinear(8, 8), GemmaRMSNorm(8), nn.LayerNorm(8))
+    with torch.no_grad():
+        model[2].weight.fill_(3.0)
+    r = apply_scheme(model, "xavier_uniform", seed=0)
+    assert torch.all(model[1].weight == 0) and r["1.weight"][1] == "keep"
+    assert torch.all(model[2].weight == 1)  # torch's LayerNorm: its gain is 1
+    assert r.plans["0.weight"].spec.b == pytest.approx(math.sqrt(6 / 16))
+    d = fastinit.deferred_init(lambda: nn.Sequential(NormedLinear(8, 8), GemmaRMSNorm(8)))
+    apply_scheme(d, "gpt2", n_layer=1)
+    fastinit.materialize(d, seed=0)
+    assert torch.all(d[1].weight == 0)
