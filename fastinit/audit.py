@@ -316,6 +316,9 @@ def _spec_matches(spec: InitSpec, c: _Cand) -> bool:
         return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-30)
     if c.kind == "uniform" and isinstance(spec, Uniform):
         return close(spec.a, c.a - c.b) and close(spec.b, c.a + c.b)
+    if c.kind == "normal" and isinstance(spec, TruncNormal) and spec.std > 0 \
+            and min(spec.mean - spec.a, spec.b - spec.mean) >= 6 * spec.std:  # trunc_normal_(std=.02): bounds ±100σ
+        return close(spec.mean, c.a) and close(spec.std, c.b)
     if c.kind == "normal" and isinstance(spec, Normal):
         return close(spec.mean, c.a) and close(spec.std, c.b)
     return False

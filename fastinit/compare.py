@@ -142,6 +142,17 @@ def check_schemes(names) -> str | None:
     if bad:
         return (f"unknown scheme(s) {', '.join(map(repr, bad))}; built-in schemes: {', '.join(BUILTIN)}; "
                 f"classic rows: {', '.join(map(repr, SCHEMES))}")
+    dims = (64, *HIDDEN, 10)
+    layers = []
+    for i in range(len(dims) - 1):
+        layers += [nn.Linear(dims[i], dims[i + 1], device="meta"), nn.ReLU()]
+    probe = nn.Sequential(*layers[:-1])  # make_mlp's layers, on the meta device
+    for n in names:
+        if n in BUILTIN:
+            try:
+                BUILTIN[n]().plan(probe)  # a scheme that has no rule for the MLP's layers fails now, not mid-run
+            except (ValueError, TypeError) as e:
+                return f"scheme {n!r} does not fit the MLP: {e}"
     return None
 
 

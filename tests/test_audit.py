@@ -143,3 +143,28 @@ def test_bad_input():
         fastinit.audit(torch.zeros(3))
     with pytest.raises(ValueError, match="band"):
         fastinit.audit(nn.Linear(2, 2), band=0.5)
+
+
+def test_deferred_uninitialized_tensor_is_flagged_before_allocation():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4, 4))
+            self.lin = nn.Linear(4, 4)
+            nn.init.orthogonal_(self.lin.weight)
+
+    a = fastinit.audit(fastinit.deferred_init(M))
+    assert [(f.where, f.kind) for f in a.flags] == [("w", "uninitialized")]
+    assert a.params[1].planned == "replay orthogonal_" and a.params[1].std is None
+
+
+def test_deferred_trunc_normal_with_wide_bounds_matches_the_normal():
+    def build():
+        m = nn.Linear(64, 64)
+        nn.init.trunc_normal_(m.weight, std=0.02)  # bounds ±2: ±100 std, as timm and others call it
+        nn.init.trunc_normal_(m.bias, std=0.02, a=-0.02, b=0.02)
+        return m
+
+    a = fastinit.audit(fastinit.deferred_init(build))
+    assert a.params[0].matches == ["N(0, 0.02) (GPT-2/BERT)"] and a.params[0].std == pytest.approx(0.02)
+    assert a.params[1].matches == [] and a.params[1].max == 0.02 and a.params[1].std < 0.02

@@ -103,6 +103,7 @@ def test_compare_orders_the_schemes_and_writes_a_png(tmp_path):
     (["compare", "--plot", "/nonexistent-folder/x.png"], "does not exist"),
     (["compare", "--json", "/nonexistent-folder/x.json"], "does not exist"),
     (["compare", "--scheme", "xavier_uniform,nope"], "unknown scheme"),
+    (["compare", "--scheme", "dcgan"], "has no rule for"),
     (["audit", "nope"], "neither a preset"),
     (["audit", "no_such_module_xyz:f"], "cannot import"),
     (["audit", "torch.nn:NoSuchLayer"], "has no attribute"),

@@ -136,8 +136,9 @@ def test_variance_scaling_schemes_give_the_formula_per_parameter(name, opts, gai
             assert got == spec, pname
         else:
             assert type(got) is type(spec), pname
-            for a, b in zip(vars(got).values(), vars(spec).values()):
-                assert a == pytest.approx(b, rel=1e-12, abs=0), pname
+            fields = ("a", "b") if isinstance(spec, Uniform) else ("mean", "std")
+            for f in fields:
+                assert getattr(got, f) == pytest.approx(getattr(spec, f), rel=1e-12, abs=0), pname
     _ks_pool(model, report.plans)
     assert torch.all(model.emb.weight[1] == 0)  # the padding row stays zero, as torch keeps it
 
@@ -489,3 +490,25 @@ def test_norm_layers_that_are_not_torchs_keep_their_own_init():
     apply_scheme(d, "gpt2", n_layer=1)
     fastinit.materialize(d, seed=0)
     assert torch.all(d[1].weight == 0)
+
+
+def test_transformers_neox_and_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoXConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=100, max_position_embeddings=32)
+    r = apply_scheme(transformers.GPTNeoXForCausalLM(cfg), "neox", seed=0)  # d and n_layer from the config
+    wang, small = Normal(0.0, 2 / 3 / math.sqrt(64)), Normal(0.0, math.sqrt(2 / (5 * 64)))
+    assert r.plans["gpt_neox.layers.2.attention.dense.weight"].spec == wang
+    assert r.plans["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"].spec == wang
+    assert r.plans["gpt_neox.layers.0.attention.query_key_value.weight"].spec == small
+    assert r.plans["lm_head.weight"].spec == small
+    lcfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    eager = transformers.LlamaForCausalLM(lcfg)
+    r = apply_scheme(eager, "kaiming_normal", seed=0)
+    assert r["model.norm.weight"][1] == "keep"  # LlamaRMSNorm is not torch's: its own ones stay
+    deferred = fastinit.deferred_init(transformers.LlamaForCausalLM, lcfg)
+    apply_scheme(deferred, "kaiming_normal", seed=0)
+    fastinit.materialize(deferred, seed=1)
+    for (n, a), (_, b) in zip(eager.named_parameters(), deferred.named_parameters()):
+        assert torch.equal(a, b), n
