@@ -328,6 +328,8 @@ def main(argv=None):
             label = "batch kernel (shortest kind)"
         else:
             label = r["variant"] or r["kernel"][4:].rsplit("_", 1)[0]
+            if label == "trunc_normal":  # its shortest path: a window inside about +-2.7 sigma
+                label = "trunc_normal (+-2 sigma)"
         pe, lim = r["per_element"], r["limits_Gelem_s"]
         allowed = ", ".join(str(lim.get(k, "-")) for k in ("issue", "alu", "fma", "xu"))
         if lim.get("fma heavy", 1e30) < lim.get("fma", 1e30):

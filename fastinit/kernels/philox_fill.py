@@ -330,7 +330,7 @@ def _fill_block(base, row_start, g_row, blk, cols, base_aligned, k0, k1, kind, p
 # device, the spec kind a compile-time constant (one branch compiled, so each
 # kind's instruction count stands alone: benchmarks/sass_count.py). Integer
 # arguments are typed and never specialized, so one compiled kernel per
-# (dtype, kind, 16-byte alignment of ``out``) serves every call.
+# (dtype, kind, 16-byte alignment of ``out``, one row or several) serves every call.
 @triton.jit(do_not_specialize=["aligned", "offset", "cols", "row_stride", "bpr", "k0", "k1"])
 def _fill_one_kernel(
     out,  # the tensor's data
