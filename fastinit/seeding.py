@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import torch
 
 MASK64 = (1 << 64) - 1
+_local = threading.local()
 
 
 def splitmix64(x: int) -> int:
@@ -34,7 +36,13 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     """
     g = torch.default_generator if generator is None else generator
     if g.device.type == "cpu":
-        w = torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64).tolist()
+        # The draws of torch.randint(0, 2**32, (2,)), into this thread's buffer
+        # (same values, no allocation: this is on the path of every drop-in call).
+        buf = getattr(_local, "buf", None)
+        if buf is None:
+            with torch.inference_mode(False):  # usable in and out of inference mode
+                buf = _local.buf = torch.empty(2, dtype=torch.int64, device="cpu")
+        w = buf.random_(0, 1 << 32, generator=g).tolist()
         return splitmix64((w[0] << 32) | w[1])
     offset = g.get_offset()
     g.set_offset(offset + 4)
