@@ -979,6 +979,9 @@ def orthogonal_rnn(gain: float = 1.0, forget_bias: float = 1.0, **options) -> Sc
     def hh(p):
         return Orthogonal(p.options["gain"], _gates)(p)
 
+    def hr(p):  # a projection (LSTM proj_size): one matrix, no gates
+        return Orthogonal(p.options["gain"], 1)(p)
+
     def ih(p):
         g = _gates(p)
         rows = p.shape[0] // g
@@ -993,7 +996,8 @@ def orthogonal_rnn(gain: float = 1.0, forget_bias: float = 1.0, **options) -> Sc
         return Blocks(0, [h, h, 2 * h], [Constant(0.0), Constant(float(p.options["forget_bias"])), Constant(0.0)])
 
     return Scheme("orthogonal_rnn", [
-        Rule(hh, module=rec, name=("weight_hh*", "weight_hr*"), label="recurrent orthogonal"),
+        Rule(hh, module=rec, name="weight_hh*", label="recurrent orthogonal (per gate)"),
+        Rule(hr, module=rec, name="weight_hr*", label="projection orthogonal"),
         Rule(ih, module=rec, name="weight_ih*", label="input xavier_uniform (per gate)"),
         Rule(bias_ih, module=rec, name="bias_ih*", label="bias_ih (LSTM forget gate = forget_bias)"),
         Rule(0.0, module=rec, label="recurrent bias 0"),

@@ -395,3 +395,179 @@ def test_lazy_modules_run_forward_inside_deferred_init_then_materialize():
     fastinit.materialize(m, seed=0)
     bound = 1 / 5 ** 0.5  # nn.Linear's reset_parameters: kaiming_uniform_(a=sqrt(5)) over fan_in 5
     assert 0 < m[0].weight.abs().max() <= bound and m[0].weight.std() > bound / 3
+
+
+# ------------------------------------------------------------------ found by trying it as a user
+
+
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.randn(4))
+
+
+def test_blocks_built_by_separate_deferred_init_calls_differ_inside_one_model():
+    model = nn.Sequential(*[fastinit.deferred_init(_Small) for _ in range(3)])
+    fastinit.materialize(model, seed=0)
+    assert not torch.equal(model[0].lin.weight, model[1].lin.weight)
+    assert not torch.equal(model[1].p, model[2].p)
+    alone = fastinit.deferred_init(_Small)  # a block materialized alone keeps its own names
+    fastinit.materialize(alone, seed=0)
+    again = fastinit.deferred_init(_Small)
+    fastinit.materialize(again, seed=0)
+    _assert_same(alone, again)
+
+
+class _Normalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 64))
+        with torch.no_grad():
+            self.w.div_(self.w.norm(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_cast_materialize_equals_building_then_casting(dtype):
+    cast = fastinit.deferred_init(_Normalized)
+    fastinit.materialize(cast, seed=0, dtype=dtype)
+    ref = fastinit.deferred_init(_Normalized)
+    fastinit.materialize(ref, seed=0)
+    assert torch.equal(cast.w, ref.w.to(dtype))
+    assert torch.allclose(ref.w.norm(dim=1), torch.ones(4), atol=1e-6)
+
+
+def test_batched_writes_are_seen_by_autograd_and_checked_like_eager_ones():
+    lin = nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    y = lin(x).sum()
+    with fastinit.batched():
+        fastinit.normal_(lin.weight)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        frozen = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        with fastinit.batched():
+            fastinit.normal_(frozen)
+    assert (frozen == 0).all()
+    a = torch.zeros(3)
+    with fastinit.batched():
+        with pytest.raises(RuntimeError, match="more than one element"):
+            fastinit.normal_(torch.zeros(1).expand(4))  # raised at the call, as eagerly
+        fastinit.ones_(a)
+    assert (a == 1).all()
+
+
+def test_torch_save_inside_batched_sees_the_queued_fills(tmp_path):
+    m = nn.Linear(4, 4)
+    with fastinit.batched():
+        fastinit.zeros_(m.weight)
+        torch.save(m.state_dict(), tmp_path / "m.pt")
+    assert (torch.load(tmp_path / "m.pt")["weight"] == 0).all()
+
+
+def _written(body):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4, 6))
+            body(self.w)
+    return M
+
+
+@pytest.mark.parametrize("name,body", [
+    ("assign all", lambda w: w.data.__setitem__(slice(None), 2.0)),
+    ("assign tensor", lambda w: w.data.__setitem__(Ellipsis, torch.arange(24.0).view(4, 6))),
+    ("transposed fill", lambda w: w.data.t().fill_(3.0)),
+    ("row by row", lambda w: [w.data.__setitem__(i, float(i)) for i in range(4)]),
+    ("two halves", lambda w: (nn.init.ones_(w.data[:2]), nn.init.zeros_(w.data[2:]))),
+])
+def test_tensors_written_whole_through_views_or_piece_by_piece_are_initialized(name, body):
+    cls = _written(body)
+    eager = cls()
+    d = fastinit.deferred_init(cls)
+    fastinit.materialize(d, seed=0)  # strict: no "only partly written"
+    assert torch.equal(d.w, eager.w), name
+
+
+def test_a_partly_written_tensor_is_still_named():
+    cls = _written(lambda w: nn.init.zeros_(w.data[:2]))
+    with pytest.raises(RuntimeError, match="w .*only partly written"):
+        fastinit.materialize(fastinit.deferred_init(cls), seed=0)
+
+
+def test_pegasus_sinusoidal_positions_built_in_halves_materialize_exactly():
+    cfg = transformers.PegasusConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0)
+    eager = transformers.PegasusModel(cfg)
+    d = fastinit.deferred_init(transformers.PegasusModel, cfg)
+    fastinit.materialize(d, seed=0)
+    e = dict(eager.named_parameters())
+    for n, p in d.named_parameters():
+        if "embed_positions" in n:
+            assert torch.allclose(p, e[n]), n
+
+
+def test_meta_built_nn_transformer_gets_its_own_xavier_reset():
+    with torch.device("meta"):
+        m = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32)
+    with pytest.warns(UserWarning):
+        fastinit.materialize(m, seed=0)
+    w = m.encoder.layers[0].linear1.weight  # xavier over (32, 16), not Linear's 1/sqrt(16)
+    bound = (6 / 48) ** 0.5
+    assert 0.9 * bound < w.abs().max() <= bound
+
+
+class _OwnGenerator(nn.Module):
+    """Model code that draws from its own generator: eager values whatever the seed."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(42)
+        self.register_buffer("proj", torch.randn(3, generator=g))
+        self.a = nn.Parameter(torch.empty(5))
+        nn.init.normal_(self.a, generator=g)
+        self.b = nn.Parameter(torch.empty(5))
+        fastinit.normal_(self.b, generator=g)
+        self.c = nn.Parameter(torch.empty(2, 3))
+        self.c.data.t().uniform_(generator=g)
+        self.d = nn.Parameter(torch.empty(6, 6))
+        nn.init.trunc_normal_(self.d, std=0.5, generator=g)
+        self.e = nn.Parameter(torch.empty(6, 6))
+        nn.init.orthogonal_(self.e, generator=g)
+        self.f = nn.Parameter(torch.empty(6, 6))
+        nn.init.kaiming_normal_(self.f, generator=g)
+        self.keyed = nn.Parameter(torch.empty(5))
+        nn.init.normal_(self.keyed)  # no generator: keyed by materialize's seed
+
+
+def test_explicit_generators_in_model_code_give_the_eager_values():
+    eager = _OwnGenerator()
+    seeds = []
+    for seed in (0, 1):
+        m = fastinit.deferred_init(_OwnGenerator)
+        fastinit.materialize(m, seed=seed)
+        for n in "proj a b c d e f".split():
+            assert torch.equal(getattr(m, n), getattr(eager, n)), n
+        seeds.append(m.keyed.detach().clone())
+    assert not torch.equal(seeds[0], seeds[1])
+
+
+class _Indexed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(5))
+        self.w.data.index_fill_(0, torch.tensor([1, 3]), 2.0)
+        self.v = nn.Parameter(torch.zeros(5))
+        self.v.data.index_add_(0, torch.tensor([0, 4]), torch.ones(2))
+        self.u = nn.Parameter(torch.zeros(5))
+        self.u.data.index_copy_(0, torch.tensor([2]), torch.full((1,), 7.0))
+
+
+def test_index_ops_with_cpu_indices_in_constructors_replay_exactly():
+    eager = _Indexed()
+    d = fastinit.deferred_init(_Indexed)
+    fastinit.materialize(d, seed=0)
+    _assert_same(d, eager)

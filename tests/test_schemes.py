@@ -306,6 +306,11 @@ def test_orthogonal_rnn_gates_and_forget_bias():
     assert model.lstm.weight_ih_l0.abs().max() < ih.b
     apply_scheme(model, "orthogonal_rnn", forget_bias=2.0, gain=2.0)
     assert torch.all(model.lstm.bias_ih_l0[16:32] == 2)
+    for proj in (8, 6):  # an LSTM projection is one matrix, not four gates
+        lstm = torch.nn.LSTM(8, 16, proj_size=proj)
+        apply_scheme(lstm, "orthogonal_rnn", seed=0)
+        q = lstm.weight_hr_l0.detach().double()
+        assert torch.allclose(q @ q.t(), torch.eye(proj, dtype=torch.float64), atol=1e-5)
     g = model.lstm.weight_hh_l0.detach().double()[:16]
     assert torch.allclose(g @ g.t(), 4 * torch.eye(16, dtype=torch.float64), atol=1e-4)
 

@@ -236,14 +236,21 @@ def default_init(module: torch.nn.Module, only: set[int] | None = None) -> None:
     """torch's default init of a model built on the meta device: each module's own
     reset hook, children before parents (as their constructors ran), for the
     modules holding tensors in ``only`` (ids; None: every meta tensor)."""
+    def ours(t):
+        return t is not None and t.is_meta and (only is None or id(t) in only)
+
     for m in _post_order(module):
-        own = itertools.chain(m._parameters.values(), m._buffers.values())
-        if not any(t is not None and t.is_meta and (only is None or id(t) in only) for t in own):
-            continue
         reset = getattr(m, "reset_parameters", None)
         if not callable(reset):
             reset = getattr(m, "_reset_parameters", None)
-        if callable(reset):
+        if not callable(reset):
+            continue
+        own = itertools.chain(m._parameters.values(), m._buffers.values())
+        # A module with tensors of its own resets them; one without (nn.Transformer,
+        # whose _reset_parameters re-initializes its layers) runs its hook after
+        # its children's, as its constructor did.
+        if any(ours(t) for t in own) or (not m._parameters and not m._buffers and any(
+                ours(t) for t in itertools.chain(m.parameters(), m.buffers()))):
             reset()
 
 
@@ -449,7 +456,7 @@ def materialize(
         resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
         plans = _plans(resolved)
         _check(plans, strict, dtype)
-        new_of, entries, counts = _compute(plans, device, dtype, seed, progress)
+        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _nested_roots(module))
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
         root = home.root() if home.root is not None else None
@@ -499,9 +506,38 @@ def _check(plans, strict: bool, dtype) -> None:
                 raise RuntimeError(f"fastinit.materialize: {names[0]}: {e}") from None
 
 
-def _compute(plans, device, dtype, seed, progress):
+def _nested_roots(module: torch.nn.Module) -> dict[int, str]:
+    """Models built by separate ``deferred_init`` calls and put together inside
+    ``module`` (``nn.Sequential(*[deferred_init(Block) for _ in range(n)])``):
+    ``id(recording) -> path of its root in module``, so their tensors are keyed by
+    their names in ``module`` (``0.lin.weight``, ``1.lin.weight``) and the blocks
+    differ, as eager blocks do, instead of all being keyed ``lin.weight``."""
+    out: dict[int, str] = {}
+    for path, mod in module.named_modules():
+        h = module_handle(mod)
+        if path and h is not None and h.name == "" and h.recording.root is not None \
+                and h.recording.root() is mod:
+            out.setdefault(id(h.recording), path)
+    return out
+
+
+def _cast_commutes(plan: Plan, recorded: torch.dtype, target: torch.dtype) -> bool:
+    """Whether filling straight into ``target`` gives what eager code gives: build
+    in ``recorded``, then cast once. Not when the engines draw the two dtypes from
+    different streams (float64 has its own; every other dtype rounds the float32
+    one), nor when an edit after the fill reads the values (``div_(norm)``), which
+    would then see values rounded twice. Such tensors are computed in the recorded
+    dtype, then cast."""
+    if recorded == target:
+        return True
+    if (recorded == torch.float64) != (target == torch.float64):
+        return False
+    return all(e.overwrites for e in plan.replay)
+
+
+def _compute(plans, device, dtype, seed, progress, prefixes=None):
     """Real values for every plan, in new tensors: ``(new_of, entries, counts)``."""
-    ev = Evaluator(device, seed)
+    ev = Evaluator(device, seed, prefixes=prefixes)
 
     def target_dtype(t):
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
@@ -527,7 +563,7 @@ def _compute(plans, device, dtype, seed, progress):
         reals[i] = real
         local = dist_mod.local_tensor(real)
         total += local.numel() * local.element_size()
-        if plan.spec is not None and _covers(plan, geom):
+        if plan.spec is not None and _covers(plan, geom) and _cast_commutes(plan, t.dtype, target_dtype(t)):
             fused_flags[i] = True
             targets.extend(dist_mod.targets_for(real, t, plan.spec, _plan_key(ev, rec, plan)))
     bases = {}

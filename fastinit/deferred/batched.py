@@ -25,6 +25,7 @@ import torch
 from .. import distributed as dist_mod
 from .. import engines
 from ..engines import Target
+from ..init import check_writable
 from ..seeding import draw_key, key_for_name
 from ..specs import Constant
 from . import intercept
@@ -33,6 +34,10 @@ from .record import Event, geometry, named_tensors, storage_key
 
 _RECORDABLE = frozenset({"fill_", "zero_", "mul_", "div_", "add_", "sub_", "clamp_", "clamp_min_",
                          "clamp_max_", "__setitem__"})
+
+
+# Queries that hand out a tensor's memory (not its metadata): what is queued runs first.
+_RAW_READS = frozenset({"untyped_storage", "_typed_storage", "storage", "data_ptr", "__reduce_ex__"})
 
 
 def _span(geom) -> tuple[int, int, bool]:
@@ -50,10 +55,6 @@ def _span(geom) -> tuple[int, int, bool]:
     return lo, hi + 1, n == hi + 1 - lo
 
 
-def _basic_index(idx) -> bool:
-    items = idx if isinstance(idx, tuple) else (idx,)
-    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool)
-               for i in items)
 
 
 class _Pending:
@@ -74,6 +75,7 @@ class Batch:
         self.seed = seed
         self.names = names or {}
         self._seq = 0
+        self._busy = False
 
     def _queue(self, t: torch.Tensor, sk: int | None = None) -> _Pending:
         sk = storage_key(t) if sk is None else sk
@@ -92,21 +94,31 @@ class Batch:
         """Queue a drop-in fill (its key drawn now, as the call one by one would)."""
         if tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):
             return False
-        named = self.seed is not None and storage_key(tensor) in self.names
-        key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
-        self._event(tensor, "fill", True, spec=spec, key=key)
+        check_writable(tensor)  # what torch checks while writing, now: a failing call queues nothing
+        self._busy = True  # (our own storage lookups are not reads of the memory)
+        try:
+            named = self.seed is not None and storage_key(tensor) in self.names
+            key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
+            self._event(tensor, "fill", True, spec=spec, key=key)
+        finally:
+            self._busy = False
+        _bump(tensor)
         return True
 
     def on_op(self, func, name, kind, target, args, kwargs):
         """``(handled, result)`` for a torch op while work is queued."""
         if kind == intercept._QUERY:
+            if name in _RAW_READS and not self._busy and args and isinstance(args[0], torch.Tensor) and not args[0].is_meta \
+                    and storage_key(args[0]) in self.pending:
+                self.flush()  # torch.save, bytes(t.untyped_storage()), a data_ptr for C code
             return False, None
         if target is not None and not target.is_meta and storage_key(target) in self.pending:
             if name in _RECORDABLE and self._record(func, name, target, args, kwargs):
+                _bump(target)
                 return True, (None if name == "__setitem__" else target)
             self.flush()
             return False, None
-        if kind == intercept._VIEW or (name == "__getitem__" and len(args) > 1 and _basic_index(args[1])):
+        if kind == intercept._VIEW or (name == "__getitem__" and len(args) > 1 and intercept.basic_index(args[1])):
             return False, None  # a view reads nothing
         for t in intercept.tensors_in(args, kwargs):
             if not t.is_meta and storage_key(t) in self.pending:
@@ -119,9 +131,10 @@ class Batch:
         rest = args[1:]
         if not intercept.only_scalars(rest, kwargs) or kwargs.get("out") is not None:
             return False
+        check_writable(t, overlap=name != "fill_" and name != "zero_")
         if name == "__setitem__":
             idx, value = rest if len(rest) == 2 else (None, None)
-            if not (_basic_index(idx) and intercept.is_number(value)):
+            if not (intercept.basic_index(idx) and intercept.is_number(value)):
                 return False
             view = t[idx]  # IndexError as eager code raises it
             if not view.numel():
@@ -193,6 +206,13 @@ class Batch:
         if e.key is not None:
             return e.key
         return key_for_name(self.seed, p.name + fill_tag(p.events, idx, whole))
+
+
+def _bump(t: torch.Tensor) -> None:
+    """The version bump the write makes when it is made eagerly: autograd sees a
+    queued write at once (``backward`` through the old values raises, as in torch)."""
+    if not t.is_inference():
+        torch.autograd.graph.increment_version(t)
 
 
 @contextlib.contextmanager

@@ -106,10 +106,12 @@ class Evaluator:
     keyed by ``seed``. ``deterministic``: values read while a model is built,
     which must not depend on random draws (there is no seed yet)."""
 
-    def __init__(self, device: torch.device, seed: int | None, *, deterministic: bool = False):
+    def __init__(self, device: torch.device, seed: int | None, *, deterministic: bool = False,
+                 prefixes: dict[int, str] | None = None):
         self.device = device
         self.seed = seed
         self.deterministic = deterministic
+        self.prefixes = prefixes or {}  # id(recording) -> path of its root in the model materialized
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self._temp: dict[int, dict[int, str]] = {}
 
@@ -126,7 +128,8 @@ class Evaluator:
             if tn is None:
                 tn = self._temp[id(rec)] = temp_names(rec)
             n = tn.get(r.sk, f"<unnamed {r.born}>")
-        return n
+        p = self.prefixes.get(id(rec))
+        return f"{p}.{n}" if p else n
 
     def key(self, rec: Recording, r: StorageRecord, tag: str) -> int:
         if self.deterministic:
@@ -151,7 +154,15 @@ class Evaluator:
         return self.storage_value(rec, r, seq).as_strided(t.shape, t.stride(), t.storage_offset())
 
     def resolve(self, obj, seq: int):
-        return tree_map(lambda x: self.value(x, seq) if isinstance(x, torch.Tensor) and x.is_meta else x, obj)
+        """``obj`` with meta tensors as their values before step ``seq``, and real
+        tensors recorded on the CPU (an index, data) moved to the device."""
+        def real(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if x.is_meta:
+                return self.value(x, seq)
+            return x.to(self.device) if x.device != self.device and x.dim() else x
+        return tree_map(real, obj)
 
     def storage_value(self, rec: Recording, r: StorageRecord, seq: int | None) -> torch.Tensor:
         """The flat value of storage ``r`` just before step ``seq`` (None: the end)."""

@@ -32,9 +32,9 @@ import torch
 # torch.nn.init functions that return early on meta tensors after reading
 # tensor.is_meta, and the arguments fastinit reads from their frames.
 _EARLY_RETURN_INITS = {
-    "_no_grad_trunc_normal_": ("trunc_normal_", ("tensor", "mean", "std", "a", "b")),
-    "orthogonal_": ("orthogonal_", ("tensor", "gain")),
-    "sparse_": ("sparse_", ("tensor", "sparsity", "std")),
+    "_no_grad_trunc_normal_": ("trunc_normal_", ("tensor", "mean", "std", "a", "b", "generator")),
+    "orthogonal_": ("orthogonal_", ("tensor", "gain", "generator")),
+    "sparse_": ("sparse_", ("tensor", "sparsity", "std", "generator")),
     "dirac_": ("dirac_", ("tensor", "groups")),
 }
 _codes: dict | None = None

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _sink
+from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
 from .record import Node, Recording, covers_storage, recording_of
@@ -84,7 +85,9 @@ NOT_VALUE_MUTATIONS = frozenset({
     "requires_grad_", "share_memory_", "t_", "transpose_", "squeeze_", "unsqueeze_", "as_strided_",
     "swapdims_", "swapaxes_", "resize_", "resize_as_", "rename_", "detach_", "set_", "retain_grad_",
 })
-OVERWRITING = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_"})
+# In-place ops whose result does not depend on the previous values.
+OVERWRITING = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_", "bernoulli_", "exponential_",
+                         "geometric_", "cauchy_", "log_normal_", "random_"})
 _AFFINE = {"mul_": 0, "div_": 1, "add_": 2, "sub_": 3}
 # Scalar in-place ops whose value checks (overflow, casts) meta kernels skip: run on
 # an empty CPU tensor of the dtype too, so recording raises what eager code raises.
@@ -119,6 +122,13 @@ def _kind(func) -> int:
         except TypeError:  # unhashable callables: classify every time
             pass
     return k
+
+
+def basic_index(idx) -> bool:
+    """An index made of ints, slices, ``None`` and ``...`` (a view, no copy)."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool)
+               for i in items)
 
 
 def is_number(x) -> bool:
@@ -168,6 +178,13 @@ _LEAVES = frozenset({int, float, bool, str, type(None), complex, torch.dtype, to
                      torch.memory_format, torch.layout, slice, type(Ellipsis)})
 
 
+def _as_meta(obj):
+    """``obj`` with its real tensors as meta tensors of the same geometry (not 0-dim
+    ones: torch treats those as scalars on any device)."""
+    return tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) and not x.is_meta and x.dim() else x,
+                    obj)
+
+
 def only_scalars(args, kwargs) -> bool:
     return not any(True for _ in tensors_in(args, kwargs))
 
@@ -195,9 +212,15 @@ class Recorder(TorchFunctionMode):
             kwargs = {}
         kind = _kind(func)
         if kind == _QUERY:
+            if self.batch is not None and self.batch.pending:  # (a raw read of memory runs the queue)
+                self.batch.on_op(func, getattr(func, "__name__", ""), kind, None, args, kwargs)
             if getattr(func, "__self__", None) is _IS_META and args and args[0].is_meta:
                 self._early_return_init(args[0], sys._getframe(1))
             return func(*args, **kwargs)
+        if isinstance(kwargs.get("generator"), torch.Generator):
+            drawn = self._drawn_now(func, kind, args, kwargs)
+            if drawn is not None:
+                return drawn
         if self.home is not None and "out" not in kwargs and (
                 kind == _FACTORY or (func is torch.normal and ("size" in kwargs or len(args) >= 3))):
             # (torch.normal(mean, std, size) is a factory; with tensor arguments it follows them)
@@ -230,6 +253,36 @@ class Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         self._note_created(func, args, kwargs, out)
         return out
+
+    def _drawn_now(self, func, kind, args, kwargs):
+        """A random op given its own ``generator=`` draws from it now, as eager code
+        does (its values are the generator's, not the seed's): a factory's result,
+        or an in-place draw into a recorded meta tensor, becomes recorded data.
+        None: not such an op."""
+        gen = kwargs["generator"]
+        if self.home is not None and kind == _FACTORY and "out" not in kwargs:
+            real = func(*args, **{**kwargs, "device": gen.device})
+            meta = torch.empty_like(real, device="meta")
+            self.home.record(meta)
+            self.home.add_event(meta, "op", overwrites=True, func=torch.Tensor.copy_,
+                                args=(meta.detach(), real.to("cpu")), label="copy_(drawn from its generator)")
+            return meta
+        t = args[0] if args else kwargs.get("tensor")  # (torch.nn.init's calls come as keywords)
+        name = getattr(func, "__name__", "")
+        if not isinstance(t, torch.Tensor) or not t.is_meta or not name.endswith("_") or name not in RANDOM_NAMES:
+            return None
+        rec = self.recording_for(t)
+        if rec is None:
+            return None
+        real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
+        if args:  # the eager draw, in the same element order
+            func(real, *args[1:], **kwargs)
+        else:
+            func(**{**kwargs, "tensor": real})
+        if t.numel():
+            rec.add_event(t, "op", overwrites=True, func=torch.Tensor.copy_, args=(t.detach(), real.to("cpu")),
+                          label=f"{name}(drawn from its generator)")
+        return t
 
     def _note_created(self, func, args, kwargs, out) -> None:
         """Record the new meta storages ``out`` holds, created by this call."""
@@ -273,6 +326,9 @@ class Recorder(TorchFunctionMode):
             return rest[i] if len(rest) > i else kwargs.get(key, default)
 
         floating = t.dtype.is_floating_point
+        if name == "__setitem__" and len(rest) == 2 and basic_index(rest[0]) \
+                and (is_number(rest[1]) or isinstance(rest[1], torch.Tensor)):
+            return self._record_assign(rec, func, t, args)
         if name in ("uniform_", "normal_") and floating and only_scalars(rest, kwargs):
             # On meta tensors torch runs these through its Python references (about a
             # millisecond a call); the same checks, with the errors eager code raises,
@@ -288,7 +344,10 @@ class Recorder(TorchFunctionMode):
                 if t.numel():
                     rec.add_event(t, "fill", overwrites=True, spec=spec)
                 return t
-        out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
+        if any(not x.is_meta for x in tensors_in(rest, kwargs)):  # a CPU index, a CPU source
+            out = func(*args[:1], *_as_meta(rest), **_as_meta(kwargs))  # (meta kernels want one device)
+        else:
+            out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
         if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
             func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)  # values: overflow, casts
         if t.numel() == 0:
@@ -309,6 +368,24 @@ class Recorder(TorchFunctionMode):
                           kwargs=snapshot(kwargs), label=name)
         return out
 
+    def _record_assign(self, rec: Recording, func, t, args):
+        """``t[idx] = value`` with a basic index: an overwrite of the view ``t[idx]``
+        (so ``w.data[:] = 2.0``, or rows written one by one, initialize ``w``)."""
+        out = func(*args)  # meta: shapes and indices checked as eager code would
+        idx, value = args[1], args[2]
+        view = t[idx]
+        if is_number(value):
+            torch.empty(0, dtype=t.dtype).fill_(value)  # values: overflow, casts
+        if not view.numel():
+            return out
+        if is_number(value) and t.dtype.is_floating_point:
+            rec.add_event(view, "fill", overwrites=True, spec=Constant(float(value)))
+        else:  # (copy_ broadcasts as assignment does)
+            fill = torch.Tensor.fill_ if is_number(value) else torch.Tensor.copy_
+            rec.add_event(view, "op", overwrites=True, func=fill, args=(view.detach(), snapshot(value)),
+                          kwargs={}, label="__setitem__")
+        return out
+
     def _early_return_init(self, t: torch.Tensor, frame) -> None:
         """``trunc_normal_``/``orthogonal_``/``sparse_``/``dirac_`` of torch.nn.init
         read ``t.is_meta`` (in ``frame``) and return: record the call they would have made."""
@@ -317,6 +394,15 @@ class Recorder(TorchFunctionMode):
             return
         name, a, frame = hit
         from .. import init as dropin
+        gen = a.get("generator")
+        if isinstance(gen, torch.Generator):  # its own generator: drawn now, as eagerly
+            real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
+            getattr(torch.nn.init, name)(**{**a, "tensor": real})
+            if t.numel():
+                self.recording_for(t).add_event(t, "op", overwrites=True, func=torch.Tensor.copy_,
+                                                args=(t.detach(), real.to("cpu")),
+                                                label=f"{name}(drawn from its generator)")
+            return
         if name == "trunc_normal_":
             # Eager code warns and raises (std == 0) as torch would: same checks here.
             spec = dropin.trunc_normal_spec(a["mean"], a["std"], a["a"], a["b"], zero_std_is_error=True,
@@ -324,7 +410,7 @@ class Recorder(TorchFunctionMode):
             if t.numel():
                 self.recording_for(t).add_event(t, "fill", overwrites=True, spec=spec)
         elif t.numel():
-            extra = {k: v for k, v in a.items() if k != "tensor"}
+            extra = {k: v for k, v in a.items() if k not in ("tensor", "generator")}
             self.recording_for(t).add_event(t, "op", overwrites=True, func=getattr(dropin, name),
                                             args=(t.detach(), *extra.values()), kwargs={}, label=name)
 
@@ -356,7 +442,10 @@ class RecordingSink:
             if rec is None:
                 return False
             if tensor.numel():
-                rec.add_event(tensor, "fill", overwrites=True, spec=spec)
+                # An explicit generator keys the fill as the same call made eagerly
+                # (drawn now); otherwise materialize's (seed, name) does.
+                key = draw_key(generator) if generator is not None and spec.random else None
+                rec.add_event(tensor, "fill", overwrites=True, spec=spec, key=key)
             return True
         batch = self.recorder.batch
         return batch is not None and batch.fill(tensor, spec, generator)

@@ -28,7 +28,7 @@ import torch
 
 from ..specs import Constant, InitSpec, Normal, Uniform
 from .intercept import SHAPE_ONLY, UNINITIALIZED, tensors_in
-from .record import Event, Node, StorageRecord
+from .record import Event, Node, StorageRecord, storage_numel
 
 
 def _whole(e: Event) -> bool:
@@ -166,6 +166,25 @@ def plan_tensor(name: str, aliases: list[str], r: StorageRecord, find) -> Plan:
     return Plan(name, aliases, r, st, tag, why_uninitialized=uninitialized(r, None, find))
 
 
+_PIECEWISE_LIMIT = 1 << 26  # elements: the coverage mask below stays under 64 MiB
+
+
+def _overwritten_piecewise(r: StorageRecord, events: list[Event]) -> bool:
+    """Whether overwrites of parts of the storage, together, write every element
+    before anything reads one they did not write."""
+    n = storage_numel(r.tensor)
+    if n > _PIECEWISE_LIMIT:
+        return False
+    written = torch.zeros(n, dtype=torch.bool)
+    for e in events:
+        view = written.as_strided(*e.geom)
+        if e.overwrites:
+            view.fill_(True)
+        elif not bool(view.all()):
+            return False  # reads memory nothing wrote
+    return bool(written.all())
+
+
 def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None) -> str | None:
     """Why storage ``r``'s value just before step ``seq`` (None: at the end) holds
     uninitialized memory, or None. ``find(tensor)`` gives the record of another
@@ -178,6 +197,8 @@ def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None) -> str | 
     memo[mk] = None  # cycles cannot happen (records only point back in time); be safe
     st = start_of(events, r.node, r.tensor.dtype.is_floating_point)
     why = None
+    if st.kind == "none" and events and _overwritten_piecewise(r, events):
+        st = Start("pieces", rest=list(events))  # rows one by one, two halves, unbind + normal_
     if st.kind == "none":
         if r.node is None:
             why = "never initialized"

@@ -48,7 +48,18 @@ def geometry(t: torch.Tensor) -> tuple:
 
 
 def covers_storage(t: torch.Tensor) -> bool:
-    return t.storage_offset() == 0 and t.is_contiguous() and t.numel() == storage_numel(t)
+    """Whether ``t`` views every element of its storage exactly once (contiguous,
+    or a permutation of dimensions of a contiguous tensor: ``w.t()``)."""
+    if t.storage_offset() != 0 or t.numel() != storage_numel(t):
+        return False
+    if t.is_contiguous():
+        return True
+    expect = 1
+    for st, sz in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if st != expect:
+            return False
+        expect *= sz
+    return True
 
 
 @dataclass(eq=False)
