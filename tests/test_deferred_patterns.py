@@ -8,6 +8,7 @@ LSTM forget-gate slices, Swin's relative-position index, FSDP's param_init_fn).
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 
@@ -571,3 +572,24 @@ def test_index_ops_with_cpu_indices_in_constructors_replay_exactly():
     d = fastinit.deferred_init(_Indexed)
     fastinit.materialize(d, seed=0)
     _assert_same(d, eager)
+
+
+class _Buffered(_Small):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("b", torch.arange(3.0))
+
+
+def test_a_deep_copy_of_a_deferred_block_materializes_to_its_originals_values():
+    b = fastinit.deferred_init(_Buffered)
+    seq = nn.Sequential(b, copy.deepcopy(b))
+    fastinit.materialize(seq, seed=0)
+    for x, y in zip(seq[0].state_dict().values(), seq[1].state_dict().values()):
+        assert torch.equal(x, y)  # as an eager deep copy: equal values ...
+    assert seq[0].lin.weight.data_ptr() != seq[1].lin.weight.data_ptr()  # ... in memory of its own
+    alone = fastinit.deferred_init(_Buffered)
+    twin = copy.deepcopy(alone)
+    fastinit.materialize(twin, seed=0)
+    assert alone.lin.weight.is_meta
+    fastinit.materialize(alone, seed=0)
+    _assert_same(alone, twin)

@@ -192,6 +192,31 @@ def _objects(module: torch.nn.Module, where: str | None = None):
     return list(objs.values())
 
 
+def _copy_of(h: Handle, t: torch.Tensor):
+    """A deep copy of a deferred tensor (``copy.deepcopy(block)``) has a new storage
+    and its original's handle: it materializes to its original's value, as an eager
+    copy holds its original's values (in its own memory)."""
+    rec = h.recording
+    sk = rec.by_name.get(h.name)
+    r = rec.storages.get(sk) if sk is not None else None
+    geom = rec.geoms.get(h.name)
+    if r is None or geom is None or tuple(t.shape) != geom[0] or t.dtype != r.tensor.dtype:
+        return None
+    return rec, r, h.name, geom
+
+
+def _is_copy(owner: torch.nn.Module, mh: Handle) -> bool:
+    """Whether ``owner`` is a deep copy of the module its handle names (``copy.deepcopy``
+    shares handles: the copy is not the module found at that name in the recorded model)."""
+    root = mh.recording.root() if mh.recording.root is not None else None
+    if root is None:
+        return False
+    try:
+        return root.get_submodule(mh.name) is not owner
+    except AttributeError:
+        return False
+
+
 def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
     """``(recording, storage record, fully-qualified name, geometry)`` of deferred
     tensor ``t`` (named ``name`` in ``module``), or None for a tensor nothing records."""
@@ -200,6 +225,9 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
         r = h.recording.storages.get(storage_key(t))
         if r is not None:
             return h.recording, r, h.name, geometry(t)
+        copied = _copy_of(h, t)
+        if copied is not None:
+            return copied
     prefix, _, leaf = name.rpartition(".")
     try:
         owner = module.get_submodule(prefix) if prefix else module
@@ -216,6 +244,9 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
                 (dist_mod.is_dtensor(t) and tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype)
                 or storage_key(dist_mod.local_tensor(t)) == sk):
             return rec, r, fqn, geom
+        if r is not None and geom is not None and not dist_mod.is_dtensor(t) and _is_copy(owner, mh) \
+                and tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype:
+            return rec, r, fqn, geom  # a deep copy of a deferred module: its original's values
     if not dist_mod.is_dtensor(t):
         found = recording_of(t)
         if found is not None:
@@ -547,7 +578,7 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
     by_storage: dict[int, list[int]] = {}
     for i, (t, _, _, plan, _) in enumerate(plans):
         if not dist_mod.is_dtensor(t):
-            by_storage.setdefault(id(plan.record), []).append(i)
+            by_storage.setdefault((id(plan.record), storage_key(t)), []).append(i)  # (copies: their own)
     shared = {k: ix for k, ix in by_storage.items()
               if len(ix) > 1 and len({plans[i][0].dtype for i in ix}) == 1}
     in_shared = {i for ix in shared.values() for i in ix}
