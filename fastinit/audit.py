@@ -498,6 +498,11 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                 pa.matches = [c.label for c in sorted(ok, key=lambda c: abs(st["std"] / c.std - 1))]
                 if p.ndim >= 2 and _orthogonal_gain(p) is not None:
                     pa.matches.insert(0, f"orthogonal (gain {_orthogonal_gain(p):.3g})")
+            if p.ndim >= 2 and p.tensor.numel() >= 16 and not st["constant"] and st["std"] and st.get("mean") is not None \
+                    and math.isfinite(st["std"]) and abs(st["mean"]) > st["std"]:
+                own.append(("offset", f"mean {st['mean']:.3g} exceeds the std {st['std']:.3g}: a weight matrix "
+                                      "drawn around a nonzero centre (U(0, 1), say) adds one shared direction "
+                                      "to every unit's input, so units start nearly alike"))
             if p.ndim >= 2 and p.tensor.numel() and not st["nonfinite"] and _same_units(p):
                 what = f"constant matrix (all {st['min']:g})" if st["constant"] else "identical output units"
                 own.append(("symmetry", f"{what}: every output unit gets the same gradient, so they never differ"))

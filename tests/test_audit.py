@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import fastinit
 from fastinit import Rule, Scheme, apply_scheme
+from fastinit.schemes import Call
 
 
 def mlp(depth, width, act, d_in=64, d_out=10):
@@ -52,6 +53,14 @@ def test_zeros_init_mlp_is_flagged_for_symmetry():
     with torch.no_grad():
         model[0].weight.copy_(torch.arange(64.0).expand(32, 64))
     assert "0.weight" in {f.where for f in fastinit.audit(model).flagged("symmetry")}
+
+
+def test_weights_drawn_around_a_nonzero_centre_are_flagged():
+    model = mlp(3, 32, nn.ReLU)
+    apply_scheme(model, Scheme("u01", [Rule(Call(fastinit.uniform_), ndim=2), Rule(0.0)]))  # the classic U(0, 1) row
+    assert {f.where for f in fastinit.audit(model).flagged("offset")} == {"0.weight", "2.weight", "4.weight", "6.weight"}
+    apply_scheme(model, "kaiming_uniform")
+    assert not fastinit.audit(model).flagged("offset")
 
 
 def test_nan_and_uninitialized_memory_are_flagged():
