@@ -168,7 +168,7 @@ def run(args) -> int:
     results = []
     print(f"MLP 64-{'-'.join(map(str, HIDDEN))}-10 on sklearn digits "
           f"({len(data[0][0])} train / {len(data[1][0])} validation), Adam lr 1e-3, batch 32, float64, "
-          f"{args.epochs} epochs, seed {args.seed}")
+          f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}, seed {args.seed}")
     print("| scheme | val accuracy | val loss | last-epoch train loss |\n|---|---:|---:|---:|")
     for scheme in names:
         r = train(scheme, data, args.epochs, args.seed)

@@ -42,6 +42,27 @@ class LlamaBlock(nn.Module):
         self.down_proj = nn.Linear(ffn, d, bias=False)
         self.input_norm = RMSNorm(d)
         self.post_norm = RMSNorm(d)
+        self.heads, self.kv_heads = heads, kv_heads
+
+    def forward(self, x, cos, sin):
+        b, n, _ = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(b, n, self.heads, -1).transpose(1, 2)
+        k = self.k_proj(h).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        v = self.v_proj(h).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, n, -1))
+        h = self.post_norm(x)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _rotate(x, cos, sin):
+    """Rotary position embedding (the half-split form of Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Llama(nn.Module):
@@ -69,6 +90,20 @@ class Llama(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
+    def forward(self, tokens):
+        """Logits for ``tokens`` (integer ids, ``(batch, length)``; float input, as
+        ``--input-shape`` makes, is taken modulo the vocabulary)."""
+        if tokens.is_floating_point():
+            tokens = (tokens.abs() * 1000).long() % self.embed_tokens.num_embeddings
+        x = self.embed_tokens(tokens)
+        pos = torch.arange(tokens.shape[1], device=x.device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
     def expected_std(self, name: str) -> float | None:
         return self.std if name.endswith("proj.weight") or "embed" in name else None
 
@@ -82,6 +117,15 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d)
         self.c_fc = nn.Linear(d, 4 * d)
         self.mlp_proj = nn.Linear(4 * d, d)
+        self.heads = max(1, d // 64)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp_proj(nn.functional.gelu(self.c_fc(self.ln_2(x))))
 
 
 class GPT2(nn.Module):
@@ -110,6 +154,16 @@ class GPT2(nn.Module):
         for block in self.h:
             for proj in (block.attn_proj, block.mlp_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=self.std / math.sqrt(2 * self.n_layer))
+
+    def forward(self, tokens):
+        """Logits for ``tokens`` (ids; float input is taken modulo the vocabulary)."""
+        if tokens.is_floating_point():
+            tokens = (tokens.abs() * 1000).long() % self.wte.num_embeddings
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.wte(tokens) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
 
     def expected_std(self, name: str) -> float | None:
         if name.endswith(("attn_proj.weight", "mlp_proj.weight")):
@@ -148,6 +202,9 @@ class ConvNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
 
     def expected_std(self, name: str) -> float | None:
         mod = self.get_submodule(name.rsplit(".", 1)[0])

@@ -206,3 +206,11 @@ def test_audit_a_deferred_preset_allocates_nothing(capsys):
     assert main(["audit", "llama-tiny", "--deferred", "--expect", "gpt2"]) == 0
     out = capsys.readouterr().out
     assert "plan of a deferred model" in out and "layers.0.q_proj.weight" in out
+
+
+def test_audit_of_presets_with_an_input_runs_their_forward(tmp_path):
+    js = tmp_path / "a.json"
+    assert main(["audit", "llama-tiny", "--input-shape", "2,16", "--json", str(js)]) == 0
+    layers = json.loads(js.read_text())["layers"]
+    assert len(layers) > 10 and all(x["act_std"] > 0 for x in layers)
+    assert main(["audit", "llama-tiny", "--scheme", "lsuv", "--input-shape", "2,16"]) == 0

@@ -66,9 +66,11 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"deferred_init: {getattr(fn, '__name__', fn)!r} returned {type(module).__name__}, "
                         "not an nn.Module")
-    _reject_lazy(module, "fastinit.deferred_init")
-    _convert_real_tensors(module, rec)
-    attach(module, rec)
+    with _gc_paused():
+        mods = list(module.named_modules(remove_duplicate=False))  # one walk for the three passes
+        _reject_lazy(module, "fastinit.deferred_init", mods)
+        _convert_real_tensors(mods, rec)
+        attach(module, rec, mods)
     return module
 
 
@@ -86,9 +88,11 @@ def _gc_paused():
             gc.enable()
 
 
-def _reject_lazy(module: torch.nn.Module, where: str) -> None:
-    """Lazy modules (``nn.LazyLinear``...) have no shapes until their first forward."""
-    if not any(isinstance(m, _LazyModuleMixin) for m in module.modules()):
+def _reject_lazy(module: torch.nn.Module, where: str, mods=None) -> None:
+    """Lazy modules (``nn.LazyLinear``...) have no shapes until their first forward.
+    ``mods``: ``module.named_modules(remove_duplicate=False)``, if already listed."""
+    if not any(isinstance(m, _LazyModuleMixin) for m in (module.modules() if mods is None else
+                                                          (m for _, m in mods))):
         return  # (one cheap walk: only lazy modules hold uninitialized parameters)
     lazy = [n for n, t in named_tensors(module) if t is not None and torch.nn.parameter.is_lazy(t)]
     if lazy:
@@ -103,10 +107,10 @@ def _lazy_error(lazy: list[str], where: str):
         )
 
 
-def _convert_real_tensors(module: torch.nn.Module, rec: Recording) -> None:
+def _convert_real_tensors(mods, rec: Recording) -> None:
     """Small real tensors a constructor made from data (``torch.tensor(...)``) become
-    meta tensors whose recorded value is that data."""
-    for mod in module.modules():
+    meta tensors whose recorded value is that data. ``mods``: ``(name, module)`` pairs."""
+    for _, mod in mods:
         for store in (mod._parameters, mod._buffers):
             for name, t in list(store.items()):
                 if t is None or t.is_meta:

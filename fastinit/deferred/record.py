@@ -230,18 +230,25 @@ def named_tensors(module: torch.nn.Module):
     yield from module.named_buffers(remove_duplicate=False)
 
 
-def attach(root: torch.nn.Module, rec: Recording) -> list:
+def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     """Name ``rec``'s storages after ``root``'s parameters and buffers and hang a
     handle on each module and each meta tensor. Returns what :func:`detach_handles`
-    needs to undo it."""
+    needs to undo it. ``mods``: ``root.named_modules(remove_duplicate=False)``, if
+    already listed."""
     rec.root = weakref.ref(root)
     added = []
-    for prefix, mod in root.named_modules(remove_duplicate=False):
+    mods = list(root.named_modules(remove_duplicate=False)) if mods is None else mods
+    params, buffers = [], []  # in named_parameters() then named_buffers() order: first names win
+    for prefix, mod in mods:
         if HANDLE_ATTR not in mod.__dict__:
             object.__setattr__(mod, HANDLE_ATTR, Handle(rec, prefix))
             added.append(mod)
-    for name, t in named_tensors(root):
-        if t is None or not t.is_meta:
+        for store, out in ((mod._parameters, params), (mod._buffers, buffers)):
+            for k, t in store.items():
+                if t is not None:
+                    out.append((f"{prefix}.{k}" if prefix else k, t))
+    for name, t in itertools.chain(params, buffers):
+        if not t.is_meta:
             continue
         r = rec.record(t)
         rec.names.setdefault(r.sk, name)
