@@ -30,6 +30,7 @@ import functools
 import hashlib
 import itertools
 import math
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -484,7 +485,13 @@ def _chunks_of(t) -> range:
     return range(glo // CHUNK, (ghi + CHUNK - 1) // CHUNK)
 
 
-def _get_pool() -> ThreadPoolExecutor:
+def _submit(fn, copies: int) -> list:
+    """Run ``fn`` on ``copies`` pool threads (the pool sized for ``torch.get_num_threads()``).
+
+    Submitted under the lock, so a pool replaced because another thread changed
+    the thread count is never handed new work (a replaced pool still runs what it
+    was given, then its threads exit).
+    """
     global _pool, _pool_size
     n = max(1, torch.get_num_threads() - 1)  # the calling thread works too
     with _pool_lock:
@@ -493,7 +500,18 @@ def _get_pool() -> ThreadPoolExecutor:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="fastinit-cpu")
             _pool_size = n
-    return _pool
+        return [_pool.submit(fn) for _ in range(copies)]
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: the pool's threads (and a lock
+    another thread may have held) did not survive. Start afresh."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def fill(targets, progress=None) -> None:
@@ -536,7 +554,7 @@ def fill(targets, progress=None) -> None:
             if progress is not None:
                 progress(_chunk_bytes(t, c))
 
-    futures = [_get_pool().submit(run) for _ in range(nthreads - 1)]
+    futures = _submit(run, nthreads - 1)
     run()
     for f in futures:
         f.result()
