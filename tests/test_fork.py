@@ -6,6 +6,7 @@ of stalling the suite.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -95,10 +96,16 @@ THREADS = textwrap.dedent(
 
 def _run(code: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung children too
+        proc.communicate()
+        raise AssertionError("timed out: a fill hung") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.strip().endswith("ok")
 
 
 def test_forked_children_fill_at_once_with_the_parents_values():
