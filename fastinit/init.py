@@ -149,7 +149,7 @@ def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
     if is_dtensor(tensor):
         fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
     else:
-        engines.fill([engines.Target(tensor, spec, draw_key(generator) if spec.random else 0)])
+        engines.fill_one(tensor, spec, draw_key(generator) if spec.random else 0)
     _bump_version(tensor, before)
     return tensor
 

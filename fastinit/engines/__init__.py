@@ -129,6 +129,20 @@ def engine_for(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
+def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
+    """``fill([Target(tensor, spec, key)])``, without the batch machinery for the
+    common drop-in call: a contiguous CPU tensor of one chunk on the cpu engine."""
+    if tensor.device.type == "cpu" and tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous() \
+            and engine_for(tensor.device) == "cpu":
+        cpu = _MODULES.get("cpu") or _engine_module("cpu")
+        n = tensor.numel()
+        if n <= cpu.CHUNK:
+            if n:
+                cpu.fill_single_chunk(tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform else spec, key)
+            return
+    fill([Target(tensor, spec, key)])
+
+
 def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
     """Fill every target, grouped by engine: one batch per engine (and per dtype inside it).
 
