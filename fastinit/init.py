@@ -262,11 +262,12 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         # torch's sampler: the window's mass p picks normal_ (then bounds cast to the
         # dtype) or uniform_(a, b); the op it would run checks the arguments.
         p = _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
-        stand_in = _stand_in(tensor.dtype, "cpu")
         if p > 0.3:
-            with torch._C.DisableTorchFunction():
-                stand_in.new_tensor(a, device="cpu").item()
-                stand_in.new_tensor(b, device="cpu").item()
+            if not tensor.dtype.is_floating_point:  # torch casts the bounds to the dtype (float: no error)
+                stand_in = _stand_in(tensor.dtype, "cpu")
+                with torch._C.DisableTorchFunction():
+                    stand_in.new_tensor(a, device="cpu").item()
+                    stand_in.new_tensor(b, device="cpu").item()
             check_like_torch(tensor, "normal_", mean, std, generator=generator, recording=recording)
         else:
             check_like_torch(tensor, "uniform_", a, b, generator=generator, recording=recording)

@@ -459,7 +459,8 @@ def _fill_chunk(t, chunk: int) -> None:
 def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
     """Fill a contiguous float CPU tensor of at most :data:`CHUNK` elements (chunk 0
     of its key: the values :func:`fill` gives it), on the calling thread."""
-    dst = _numpy_view(tensor.detach().view(-1))
+    t = tensor.detach()
+    dst = (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()).reshape(-1)
     if dst.dtype == np.float32 or dst.dtype == np.float64:
         generate_chunk(spec, key, 0, dst)
         return
