@@ -133,6 +133,9 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     check_like_torch(tensor, op, *op_args, generator=generator, recording=sink is not None)
     if sink is None and tensor.is_meta:
         return tensor  # torch's meta kernels check no more than that
+    if sink is None and not _is_engine_dtype(tensor.dtype):  # complex: torch's own, spec unused
+        check_writable(tensor)
+        return torch_fallback()
     return _fill_now(tensor, make_spec(), generator, sink, torch_fallback)
 
 
