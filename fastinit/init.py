@@ -97,8 +97,8 @@ def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
     """torch's checks of an in-place write that its kernels make while writing."""
     if tensor.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(_INFERENCE_MSG)
-    if not overlap or tensor.numel() == 0:
-        return
+    if not overlap or tensor.numel() == 0 or tensor.is_contiguous():
+        return  # (a contiguous tensor has no stride-0 dimension of size > 1)
     for size, stride in zip(tensor.shape, tensor.stride()):
         if stride == 0 and size > 1:
             raise RuntimeError(_OVERLAP_MSG)
