@@ -3,6 +3,7 @@
     python -m benchmarks.init_speed            # 64M elements, the README table
     python -m benchmarks.init_speed --numel 16777216 --repeat 7 --json out.json
     python -m benchmarks.init_speed --only f32 --repeat 11
+    python -m benchmarks.init_speed --only apply --repeat 21   # model.apply(init_weights) rows
 
 Each case times torch and fastinit on the same tensor in ``--repeat`` rounds;
 a round runs torch twice and then fastinit twice and times only the second call
@@ -11,6 +12,14 @@ hit both) and neither pays for the switch (a VM parks an idle core, and the firs
 multithreaded call after a single-threaded one wakes it; compare with --interleave). It prints the medians and the ratio
 torch / fastinit (> 1: fastinit is faster). ``--interleave`` times every call,
 alternating the libraries call by call.
+
+The ``apply`` rows time ``model.apply(init_weights)`` on whole models, with the
+same ``init_weights`` written against ``torch.nn.init`` and against fastinit: a
+40-conv CNN with BatchNorm (162 tensors, 1.4M parameters: kaiming_normal_
+fan_out on the convs, ones_/zeros_ on BatchNorm and biases, xavier_uniform_ on
+the head) and BERT-base (199 tensors, 110M parameters: normal_(0, .02) on Linear
+and Embedding weights, zeros_ on biases, ones_/zeros_ on LayerNorm). Their
+speedup is torch's time over fastinit's, like the other rows'.
 """
 
 from __future__ import annotations
@@ -31,11 +40,98 @@ CASES = [
     ("uniform_ f32", torch.float32, "uniform_", (-0.1, 0.1)),
     ("xavier_normal_ f32", torch.float32, "xavier_normal_", ()),
     ("trunc_normal_ f32", torch.float32, "trunc_normal_", (0.0, 0.02, -0.04, 0.04)),
+    ("trunc_normal_ std=.02 a=-2 b=2 f32", torch.float32, "trunc_normal_", (0.0, 0.02)),
     ("kaiming_uniform_ bf16", torch.bfloat16, "kaiming_uniform_", ()),
     ("normal_ bf16", torch.bfloat16, "normal_", (0.0, 0.02)),
     ("uniform_ bf16", torch.bfloat16, "uniform_", (-0.1, 0.1)),
     ("trunc_normal_ bf16", torch.bfloat16, "trunc_normal_", (0.0, 0.02, -0.04, 0.04)),
+    ("trunc_normal_ std=.02 a=-2 b=2 bf16", torch.bfloat16, "trunc_normal_", (0.0, 0.02)),
 ]
+
+
+# ------------------------------------------------------------ model.apply(init_weights)
+
+
+def cnn(depth: int = 40, width: int = 64, classes: int = 10) -> torch.nn.Module:
+    """``depth`` 3x3 convs (with bias) each followed by BatchNorm, then a linear head:
+    40 convs of 64 channels are 162 tensors, 1.4M parameters."""
+    layers, cin = [], 3
+    for _ in range(depth):
+        layers += [torch.nn.Conv2d(cin, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU()]
+        cin = width
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, classes)]
+    return torch.nn.Sequential(*layers)
+
+
+def cnn_init(lib):
+    def init_weights(m):
+        if isinstance(m, torch.nn.Conv2d):
+            lib.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            lib.zeros_(m.bias)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            lib.ones_(m.weight)
+            lib.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Linear):
+            lib.xavier_uniform_(m.weight)
+            lib.zeros_(m.bias)
+    return init_weights
+
+
+class _BertLayer(torch.nn.Module):
+    def __init__(self, d: int, ff: int):
+        super().__init__()
+        self.query, self.key, self.value, self.out = (torch.nn.Linear(d, d) for _ in range(4))
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.up, self.down = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+
+def bert_base(vocab: int = 30522, d: int = 768, ff: int = 3072, layers: int = 12) -> torch.nn.Module:
+    """BERT-base's tensors in plain torch (transformers' BertModel has the same 199)."""
+    m = torch.nn.Module()
+    m.word, m.position, m.token_type = (torch.nn.Embedding(n, d) for n in (vocab, 512, 2))
+    m.ln = torch.nn.LayerNorm(d)
+    m.layers = torch.nn.ModuleList(_BertLayer(d, ff) for _ in range(layers))
+    m.pooler = torch.nn.Linear(d, d)
+    return m
+
+
+def bert_init(lib):
+    def init_weights(m):
+        if isinstance(m, torch.nn.Linear):
+            lib.normal_(m.weight, 0.0, 0.02)
+            lib.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Embedding):
+            lib.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, torch.nn.LayerNorm):
+            lib.ones_(m.weight)
+            lib.zeros_(m.bias)
+    return init_weights
+
+
+# (name, model constructor, init_weights(lib))
+APPLY_CASES = [
+    ("apply: CNN 40 conv+BN (162 tensors)", cnn, cnn_init),
+    ("apply: BERT-base (199 tensors)", bert_base, bert_init),
+]
+
+
+def measure_apply(case, repeat: int, device="cpu") -> dict:
+    name, make, init = case
+    device = torch.device(device)
+    model = make().to(device)
+    n = sum(p.numel() for p in model.parameters())
+    ours = lambda: model.apply(init(fastinit))  # noqa: E731
+    theirs = lambda: model.apply(init(torch.nn.init))  # noqa: E731
+    tf, tt = [], []
+    for _ in range(repeat):
+        for fn, times in ((theirs, tt), (ours, tf)):
+            fn()
+            times.append(time_call(fn, device))
+    mt, mf = statistics.median(tt), statistics.median(tf)
+    return {
+        "case": name, "numel": n, "tensors": len(list(model.parameters())), "torch_s": mt, "fastinit_s": mf,
+        "torch_Melem_s": n / mt / 1e6, "fastinit_Melem_s": n / mf / 1e6, "speedup": mt / mf,
+    }
 
 
 def shape_for(numel: int) -> tuple[int, int]:
@@ -97,6 +193,11 @@ def main(argv=None):
     rows = []
     for case in [c for c in CASES if args.only in c[0]]:
         r = measure(case, args.numel, args.repeat, args.device, args.interleave)
+        rows.append(r)
+        print(f"| {r['case']} | {r['torch_Melem_s']:.0f} | {r['fastinit_Melem_s']:.0f} | {r['speedup']:.2f}x |",
+              flush=True)
+    for case in [c for c in APPLY_CASES if args.only in c[0]]:
+        r = measure_apply(case, args.repeat, args.device)
         rows.append(r)
         print(f"| {r['case']} | {r['torch_Melem_s']:.0f} | {r['fastinit_Melem_s']:.0f} | {r['speedup']:.2f}x |",
               flush=True)

@@ -97,8 +97,8 @@ def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
     """torch's checks of an in-place write that its kernels make while writing."""
     if tensor.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(_INFERENCE_MSG)
-    if not overlap or tensor.numel() == 0:
-        return
+    if not overlap or tensor.numel() == 0 or tensor.is_contiguous():
+        return  # (a contiguous tensor has no stride-0 dimension of size > 1)
     for size, stride in zip(tensor.shape, tensor.stride()):
         if stride == 0 and size > 1:
             raise RuntimeError(_OVERLAP_MSG)
@@ -133,6 +133,9 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     check_like_torch(tensor, op, *op_args, generator=generator, recording=sink is not None)
     if sink is None and tensor.is_meta:
         return tensor  # torch's meta kernels check no more than that
+    if sink is None and not _is_engine_dtype(tensor.dtype):  # complex: torch's own, spec unused
+        check_writable(tensor)
+        return torch_fallback()
     return _fill_now(tensor, make_spec(), generator, sink, torch_fallback)
 
 
@@ -149,7 +152,7 @@ def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
     if is_dtensor(tensor):
         fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
     else:
-        engines.fill([engines.Target(tensor, spec, draw_key(generator) if spec.random else 0)])
+        engines.fill_one(tensor, spec, draw_key(generator) if spec.random else 0)
     _bump_version(tensor, before)
     return tensor
 
@@ -262,11 +265,12 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         # torch's sampler: the window's mass p picks normal_ (then bounds cast to the
         # dtype) or uniform_(a, b); the op it would run checks the arguments.
         p = _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
-        stand_in = _stand_in(tensor.dtype, "cpu")
         if p > 0.3:
-            with torch._C.DisableTorchFunction():
-                stand_in.new_tensor(a, device="cpu").item()
-                stand_in.new_tensor(b, device="cpu").item()
+            if not tensor.dtype.is_floating_point:  # torch casts the bounds to the dtype (float: no error)
+                stand_in = _stand_in(tensor.dtype, "cpu")
+                with torch._C.DisableTorchFunction():
+                    stand_in.new_tensor(a, device="cpu").item()
+                    stand_in.new_tensor(b, device="cpu").item()
             check_like_torch(tensor, "normal_", mean, std, generator=generator, recording=recording)
         else:
             check_like_torch(tensor, "uniform_", a, b, generator=generator, recording=recording)

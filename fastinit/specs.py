@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -147,8 +147,7 @@ class Uniform(InitSpec):
 
     def for_dtype(self, dtype: torch.dtype) -> "Uniform":
         """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it."""
-        top = uniform_top(float(self.a), float(self.b), dtype)
-        return self if self.top == top else replace(self, top=top)
+        return _uniform_for_dtype(float(self.a), float(self.b), dtype)
 
     def kernel_params(self):
         hi = self.top
@@ -162,6 +161,11 @@ class Uniform(InitSpec):
 
     def shifted(self, c):
         return Uniform(self.a + c, self.b + c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _uniform_for_dtype(a: float, b: float, dtype: torch.dtype) -> Uniform:
+    return Uniform(a, b, uniform_top(a, b, dtype))
 
 
 @dataclass(frozen=True)

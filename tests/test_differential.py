@@ -202,7 +202,7 @@ def calls(draw):
     return name, shape, dtype, layout, args, kwargs
 
 
-@settings(max_examples=700, derandomize=True, deadline=None, database=None,
+@settings(max_examples=1000, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(calls())
 def test_drop_in_calls_behave_like_torch(call):

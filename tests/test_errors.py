@@ -179,6 +179,7 @@ def test_calls_torch_accepts_are_accepted():
     assert w.abs().max() <= 0.5
     g = _t(6, 2, 3, 3)
     t = _t(6, 2, 3, 3)
+    fastinit.uniform_(torch.empty(0, dtype=torch.complex64), 3.0, 1e-30)  # torch checks no bounds there
     torch.nn.init.dirac_(g, -1)  # torch: zeroes the tensor and sets nothing
     fastinit.dirac_(t, -1)
     assert torch.equal(t, g)

@@ -121,12 +121,39 @@ def use_engine(name: str):
         _override.reset(token)
 
 
+def _env_engine() -> str | None:
+    """``$FASTINIT_ENGINE``, read live (CPython's environ mapping directly: a missing
+    key through ``os.environ.get`` costs an exception per call)."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if data is None or encode is None:
+        return os.environ.get("FASTINIT_ENGINE")
+    raw = data.get(_ENV_KEY if _ENV_KEY is not None else encode("FASTINIT_ENGINE"))
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
+_ENV_KEY = os.environ.encodekey("FASTINIT_ENGINE") if hasattr(os.environ, "encodekey") else None
+
+
 def engine_for(device: torch.device) -> str:
     """The engine that fills tensors on ``device`` right now."""
-    name = _override.get() or os.environ.get("FASTINIT_ENGINE") or None
+    name = _override.get() or _env_engine() or None
     if name:
         return name
     return "triton" if device.type == "cuda" else "cpu"
+
+
+def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
+    """``fill([Target(tensor, spec, key)])``, without the batch machinery for the
+    common drop-in call: a contiguous CPU tensor of one chunk on the cpu engine."""
+    if tensor.device.type == "cpu" and tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous() \
+            and engine_for(tensor.device) == "cpu":
+        cpu = _MODULES.get("cpu") or _engine_module("cpu")
+        n = tensor.numel()
+        if n <= cpu.CHUNK:
+            if n:
+                cpu.fill_single_chunk(tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform else spec, key)
+            return
+    fill([Target(tensor, spec, key)])
 
 
 def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import itertools
 import math
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,11 @@ from ..seeding import MASK64
 from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
 
 CHUNK = 1 << 18
-GRAIN = 32768  # ATen's GRAIN_SIZE: torch elementwise ops up to this size stay single-threaded
+# Elements per torch call made from the engine's threads: torch 2.13 runs erfinv_
+# on its OpenMP team above 2048 elements, and a team started from a worker thread
+# costs milliseconds on a busy machine (measured: 6-9 ms for 2560-32768 elements
+# on 2 loaded cores, 4 us for 2048).
+GRAIN = 2048
 _MT_N = 624
 _F32_TINY = np.finfo(np.float32).tiny
 # Below this t = 2p the float32 v = t - 1 has too little resolution for erfinv;
@@ -451,6 +456,20 @@ def _fill_chunk(t, chunk: int) -> None:
     _scatter(lay, dst, v, chunk_lo, chunk_lo + n)
 
 
+def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
+    """Fill a contiguous float CPU tensor of at most :data:`CHUNK` elements (chunk 0
+    of its key: the values :func:`fill` gives it), on the calling thread."""
+    t = tensor.detach()
+    dst = (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()).reshape(-1)
+    if dst.dtype == np.float32 or dst.dtype == np.float64:
+        generate_chunk(spec, key, 0, dst)
+        return
+    st = _thread_state()
+    f = st.buffer(np.float32, dst.size)
+    generate_chunk(spec, key, 0, f)
+    _round_into(st, f, dst)
+
+
 def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
     """Copy the layout's elements among global [lo, hi) (held by ``v``) into ``flat``."""
     if lay.rows == 1:
@@ -493,7 +512,13 @@ def _chunks_of(t) -> range:
     return range(glo // CHUNK, (ghi + CHUNK - 1) // CHUNK)
 
 
-def _get_pool() -> ThreadPoolExecutor:
+def _submit(fn, copies: int) -> list:
+    """Run ``fn`` on ``copies`` pool threads (the pool sized for ``torch.get_num_threads()``).
+
+    Submitted under the lock, so a pool replaced because another thread changed
+    the thread count is never handed new work (a replaced pool still runs what it
+    was given, then its threads exit).
+    """
     global _pool, _pool_size
     n = max(1, torch.get_num_threads() - 1)  # the calling thread works too
     with _pool_lock:
@@ -502,7 +527,18 @@ def _get_pool() -> ThreadPoolExecutor:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="fastinit-cpu")
             _pool_size = n
-    return _pool
+        return [_pool.submit(fn) for _ in range(copies)]
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: the pool's threads (and a lock
+    another thread may have held) did not survive. Start afresh."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def fill(targets, progress=None) -> None:
@@ -556,7 +592,7 @@ def fill(targets, progress=None) -> None:
             if progress is not None:
                 progress(_chunk_bytes(t, c))
 
-    futures = [_get_pool().submit(run) for _ in range(nthreads - 1)]
+    futures = _submit(run, nthreads - 1)
     run()
     for f in futures:
         f.result()
