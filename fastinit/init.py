@@ -22,7 +22,6 @@ from .fans import (
     calculate_fan_in_and_fan_out,
     calculate_gain,
     scaled_std,
-    variance_scaling,
 )
 from .seeding import draw_key, splitmix64
 from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
@@ -113,11 +112,6 @@ def _bump_version(tensor: torch.Tensor, before) -> None:
 
 def _version(tensor: torch.Tensor):
     return None if tensor.is_inference() else tensor._version
-
-
-def _kernel_name(spec: InitSpec, tensor: torch.Tensor) -> str:
-    dev = "cpu" if tensor.device.type == "cpu" else tensor.device.type
-    return "check_uniform_bounds" if isinstance(spec, Uniform) else f"normal_kernel_{dev}"
 
 
 def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_spec,
@@ -592,7 +586,7 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
     return tensor
 
 
-# ------------------------------------------------- private helpers third-party code calls
+# ------------------------------------------------ private functions third-party code calls
 #
 # torch.nn.init's private names that libraries reach for through the module
 # (timm's ``init._calculate_fan_in_and_fan_out``, ...): same signatures and behaviour.

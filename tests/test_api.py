@@ -231,7 +231,7 @@ def test_inference_tensors_are_refused_outside_inference_mode_and_filled_inside(
     assert not (t == 7).all()
 
 
-def test_private_helpers_exist_with_torchs_behaviour():
+def test_private_functions_exist_with_torchs_behaviour():
     import torch.nn.init as tinit
 
     for name in ("_calculate_fan_in_and_fan_out", "_calculate_correct_fan", "_no_grad_uniform_",
