@@ -92,6 +92,14 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
         _check_random_dtype(tensor, f"normal_kernel_{device.type}")
 
 
+def _dense_only(tensor: torch.Tensor, name: str) -> None:
+    """Sparse and other non-strided tensors: torch's first op in ``name`` raises
+    NotImplementedError; so does this, before anything is written."""
+    if tensor.layout != torch.strided:
+        raise NotImplementedError(f"{name}: tensors of layout {tensor.layout} are not supported "
+                                  "(torch.nn.init raises the same for them)")
+
+
 def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
     """torch's checks of an in-place write that its kernels make while writing."""
     if tensor.is_inference() and not torch.is_inference_mode_enabled():
@@ -123,6 +131,9 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     the call to the active recorder. ``torch_fallback()`` runs instead for
     dtypes the engines do not hold (complex). Nothing is written when it raises.
     """
+    if tensor.layout != torch.strided:  # sparse, quantized...: torch's own op, its errors
+        with torch.no_grad():
+            return getattr(tensor, op)(*op_args, generator=generator)
     sink = _sink.for_tensor(tensor)
     check_like_torch(tensor, op, *op_args, generator=generator, recording=sink is not None)
     if sink is None and tensor.is_meta:
@@ -249,6 +260,7 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         >>> w = torch.empty(3, 5)
         >>> fastinit.trunc_normal_(w)
     """
+    _dense_only(tensor, "trunc_normal_")
     sink = _sink.for_tensor(tensor)
     if tensor.is_meta and sink is None:
         return tensor  # torch returns at once: no checks, no warning
@@ -336,6 +348,9 @@ def zeros_(tensor):
         >>> w = torch.empty(3, 5)
         >>> fastinit.zeros_(w)
     """
+    if tensor.layout != torch.strided:  # torch's zero_ works on sparse tensors, fill_ does not
+        with torch.no_grad():
+            return tensor.zero_()
     return _constant_fill(tensor, 0.0)
 
 
@@ -518,6 +533,8 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.orthogonal_(w)
     """
+    if tensor.dim() >= 2:  # (fewer dims: torch's ValueError first, below)
+        _dense_only(tensor, "orthogonal_")
     if tensor.ndimension() < 2:
         raise ValueError("Only tensors with 2 or more dimensions are supported")
     if _replay_or_none(tensor, orthogonal_, (gain,), {"generator": generator}):
@@ -560,6 +577,8 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.sparse_(w, sparsity=0.1)
     """
+    if tensor.dim() == 2:  # (other dims: torch's ValueError first, below)
+        _dense_only(tensor, "sparse_")
     if tensor.ndimension() != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
     if _replay_or_none(tensor, sparse_, (sparsity, std), {"generator": generator}):

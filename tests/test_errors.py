@@ -183,3 +183,26 @@ def test_calls_torch_accepts_are_accepted():
     torch.nn.init.dirac_(g, -1)  # torch: zeroes the tensor and sets nothing
     fastinit.dirac_(t, -1)
     assert torch.equal(t, g)
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 4), (2, 2, 2)])
+def test_sparse_tensors_get_what_torch_gives_them(shape):
+    import torch.nn.init as tinit
+
+    def sparse():
+        idx = torch.zeros(len(shape), 1, dtype=torch.int64)
+        return torch.sparse_coo_tensor(idx, torch.ones(1), shape)
+
+    calls = [("uniform_", ()), ("normal_", ()), ("trunc_normal_", ()), ("xavier_uniform_", ()),
+             ("kaiming_normal_", ()), ("zeros_", ()), ("ones_", ()), ("constant_", (2.0,)), ("eye_", ()),
+             ("dirac_", ()), ("orthogonal_", ()), ("sparse_", (0.5,))]
+    for name, args in calls:
+        outcome = []
+        for mod in (tinit, fastinit):
+            t = sparse()
+            try:
+                getattr(mod, name)(t, *args)
+                outcome.append(("ok", t.to_dense().tolist()))
+            except Exception as e:  # noqa: BLE001 - the type is what is compared
+                outcome.append((type(e).__name__, None))
+        assert outcome[0] == outcome[1], (name, outcome)
