@@ -17,11 +17,14 @@ import contextvars
 
 current: contextvars.ContextVar = contextvars.ContextVar("fastinit_sink", default=None)
 
+# ``meta_sink(tensor)``: the sink of a meta tensor outside any block (None: none),
+# set by the recorder's module when it is imported (so this one imports nothing).
+meta_sink = None
+
 
 def for_tensor(tensor):
     """The sink a drop-in call on ``tensor`` goes to (None: fill it now)."""
     sink = current.get()
-    if sink is None and tensor.is_meta:
-        from .deferred.intercept import outside_sink_for
-        return outside_sink_for(tensor)
+    if sink is None and tensor.is_meta and meta_sink is not None:
+        return meta_sink(tensor)
     return sink

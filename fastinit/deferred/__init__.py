@@ -11,13 +11,12 @@
   by ``(seed, fully-qualified name)``, replays after it, then the real tensors
   are swapped in, all or nothing.
 
-:func:`batched` (:mod:`.batched`) is the same recorder and planner on tensors
+:func:`batched` (its queue in :mod:`.batched`) is the same recorder and planner on tensors
 that are already real; :func:`materialize`'s ``init_fn`` and
 :func:`fastinit.apply_scheme`-style code record through it too.
 """
 
-from .api import deferred_init, is_deferred, materialize, planned
-from .batched import batched
+from .api import batched, deferred_init, is_deferred, materialize, planned
 from .report import MaterializeReport, Planned
 
 __all__ = ["deferred_init", "materialize", "batched", "planned", "is_deferred", "MaterializeReport", "Planned"]

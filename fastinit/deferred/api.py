@@ -666,3 +666,53 @@ def _event_key(ev: Evaluator, rec: Recording, plan: Plan, e, idx: int) -> int:
 
 
 _ = (ReplayError, covers_storage)
+
+
+# ------------------------------------------------------------------ batched()
+
+
+@contextlib.contextmanager
+def batched(seed: int | None = None, module: torch.nn.Module | None = None):
+    """Queue the drop-in calls made inside the block and run them as one fused pass at exit.
+
+    ::
+
+        with fastinit.batched():
+            model.apply(init_weights)   # fastinit.normal_/zeros_/... inside
+
+    Values equal those of the same code run without ``batched()`` with the same
+    seed state (keys are drawn at call time; plain torch edits of queued tensors,
+    such as ``w.data[padding_idx].zero_()``, keep their order after the fused
+    fill, and any read of a queued tensor runs the queue first). A tensor's last
+    whole fill wins and earlier ones never run. The whole model then costs one
+    launch per dtype on GPU and one parallel pass on CPU. A call that raises
+    queues nothing; what was queued before it still runs.
+
+    Args:
+        seed: with ``module``, fills of ``module``'s tensors are keyed by
+            ``(seed, fully-qualified name)`` exactly as ``materialize(seed=...)``
+            keys them (instead of drawing keys from torch's generator), so the
+            same init code gives the same values on an allocated and on a
+            deferred model.
+        module: a model whose tensors the block initializes. If it is deferred
+            (meta tensors), the calls are recorded into its records, for
+            ``materialize`` to fuse; a model built on the meta device without
+            ``deferred_init`` first records its default init (every module's
+            reset hook), as ``materialize`` would.
+    """
+    home = None
+    names = None
+    if module is not None:
+        if any(t.is_meta for _, t in named_tensors(module) if t is not None):
+            home = adopt(module)
+        if seed is not None:
+            names = {}
+            for name, t in named_tensors(module):
+                if t is not None and not t.is_meta:
+                    names.setdefault(storage_key(t), name)
+    batch = Batch(seed, names)
+    try:
+        with intercept.recording(home, batch):
+            yield
+    finally:
+        batch.flush()

@@ -32,6 +32,7 @@ from .. import engines
 from ..engines import Target
 from ..seeding import key_for_name
 from ..specs import Constant
+from . import intercept
 from .intercept import FACTORIES, RANDOM_NAMES, SHAPE_ONLY, tensors_in
 from .plan import Plan, events_before, fill_tag, start_of
 from .record import Recording, StorageRecord, recording_of, storage_numel
@@ -292,6 +293,14 @@ class Evaluator:
                 return
             value = self.storage_value(rec, r, None)
             out.copy_(value.as_strided(*geom))
+
+
+def _read_while_recording(rec: Recording, t: torch.Tensor) -> torch.Tensor:
+    """What the recorder hands code that reads a value while a model is built."""
+    return Evaluator.deterministic(rec).value(t, rec.next_seq())
+
+
+intercept._reader = _read_while_recording
 
 
 def _fill(view: torch.Tensor, spec, key: int) -> None:

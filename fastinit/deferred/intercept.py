@@ -423,8 +423,16 @@ class Recorder(TorchFunctionMode):
         found = recording_of(t)
         if found is None:
             return None
-        from .execute import Evaluator
-        return Evaluator.deterministic(found[0]).value(t, found[0].next_seq())
+        return _reader(found[0], t)
+
+
+def _unset_reader(rec: Recording, t: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("fastinit: the deferred-init evaluator is not loaded")
+
+
+# ``_reader(recording, t)``: the value of ``t`` as recorded so far; set by
+# :mod:`.execute`, the stage that computes values (recording only asks for them).
+_reader = _unset_reader
 
 
 _IS_META = torch.Tensor.is_meta
@@ -471,6 +479,9 @@ _OUTSIDE = RecordingSink(Recorder())
 def outside_sink_for(t: torch.Tensor):
     """Outside any block: the sink of deferred meta tensor ``t`` (None for other tensors)."""
     return _OUTSIDE if recording_of(t) is not None else None
+
+
+_sink.meta_sink = outside_sink_for
 
 
 @contextlib.contextmanager
