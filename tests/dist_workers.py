@@ -1,5 +1,7 @@
 """Worker bodies for the multi-process tests (importable by spawned processes)."""
 
+import gc
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -35,17 +37,21 @@ class TinyLM(nn.Module):
         self.q_twice = nn.Parameter(self.blocks[0].q.weight.detach() * 2)
 
 
-def _setup(rank, world, rendezvous):
-    # A file rendezvous: no TCP store hosted by rank 0 (which, exiting first, could
-    # abort a rank still tearing down) and no port picked free then taken by another.
+def run(rank, world, rendezvous, name):
+    """Spawned entry point: join the group, run worker ``name``, leave cleanly.
+
+    The worker's models and meshes (which hold the process group) are gone,
+    collected, before the group is destroyed: a process group whose last
+    reference dies only at interpreter exit is torn down with its native threads
+    still running, and the process aborts ("terminate called without an active
+    exception", SIGABRT) about once in 15 runs. A file rendezvous: no TCP store
+    hosted by rank 0, no port picked free and then taken by another process.
+    """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-
-
-def _teardown():
-    # Leave together: rank 0 hosts the store, and a rank still tearing down its
-    # process group when rank 0 exits can abort.
-    dist.barrier()
+    globals()[name](rank, world)
+    gc.collect()
+    dist.barrier()  # leave together
     dist.destroy_process_group()
 
 
@@ -72,13 +78,12 @@ def _compare(model, ref, perturb=False):
     return n_dt
 
 
-def _check_sharded_deferred(rank, world, rendezvous, make_mesh, shard_block):
+def _check_sharded_deferred(rank, world, make_mesh, shard_block):
     """deferred_init -> shard every block (and FSDP the root) -> materialize -> compare."""
     from torch.distributed.fsdp import fully_shard
 
     import fastinit.distributed as dm
 
-    _setup(rank, world, rendezvous)
     full_replay = dm.replay_into
 
     def no_full_embedding(real, compute, spec=None, key=0, name=""):
@@ -94,24 +99,22 @@ def _check_sharded_deferred(rank, world, rendezvous, make_mesh, shard_block):
     fully_shard(model, mesh=mesh["dp"] if mesh.mesh_dim_names else mesh)
     fastinit.materialize(model, device="cpu", seed=SEED)
     assert _compare(model, _reference()) > 0
-    _teardown()
 
 
-def fsdp_deferred(rank, world, rendezvous):
+def fsdp_deferred(rank, world):
     """deferred_init -> fully_shard per layer -> materialize."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _check_sharded_deferred(rank, world, rendezvous, lambda: init_device_mesh("cpu", (world,)),
+    _check_sharded_deferred(rank, world, lambda: init_device_mesh("cpu", (world,)),
                             lambda block, mesh: fully_shard(block, mesh=mesh))
 
 
-def fsdp_block_by_block(rank, world, rendezvous):
+def fsdp_block_by_block(rank, world):
     """deferred_init -> fully_shard per block -> materialize block by block, then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _setup(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (world,))
     model = fastinit.deferred_init(TinyLM)
     for b in model.blocks:
@@ -123,10 +126,9 @@ def fsdp_block_by_block(rank, world, rendezvous):
     assert any(t.is_meta for t in model.parameters())  # the rest is still deferred
     fastinit.materialize(model, device="cpu", seed=SEED)
     assert _compare(model, _reference()) > 0
-    _teardown()
 
 
-def tp_2d(rank, world, rendezvous):
+def tp_2d(rank, world):
     """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -138,16 +140,15 @@ def tp_2d(rank, world, rendezvous):
         fully_shard(block, mesh=mesh["dp"])
 
     _check_sharded_deferred(
-        rank, world, rendezvous,
+        rank, world,
         lambda: init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp")), shard)
 
 
-def fsdp_meta_init_fn(rank, world, rendezvous):
+def fsdp_meta_init_fn(rank, world):
     """A plain meta model sharded first, materialized with init_fn."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _setup(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (world,))
 
     def build():
@@ -168,15 +169,13 @@ def fsdp_meta_init_fn(rank, world, rendezvous):
     fastinit.materialize(ref, seed=SEED, init_fn=init_fn, device="cpu")
     for (n, t), r in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(t.full_tensor(), r), n
-    _teardown()
 
 
-def dropin_dtensor(rank, world, rendezvous):
+def dropin_dtensor(rank, world):
     """fastinit.normal_ on a DTensor equals the same call on a plain tensor."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    _setup(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (world,))
     for placement in (Shard(0), Shard(1), Replicate()):
         for fn, args in ((fastinit.normal_, (0.0, 2.0)), (fastinit.trunc_normal_, ()),
@@ -185,14 +184,12 @@ def dropin_dtensor(rank, world, rendezvous):
             fn(dt, *args, generator=torch.Generator().manual_seed(5))
             plain = fn(torch.zeros(13, 7), *args, generator=torch.Generator().manual_seed(5))
             assert torch.equal(dt.full_tensor(), plain), (placement, fn.__name__)
-    _teardown()
 
 
-def negative_control(rank, world, rendezvous):
+def negative_control(rank, world):
     """The comparison catches a shard filled one element off."""
     from fastinit.engines import Layout, Target, fill
 
-    _setup(rank, world, rendezvous)
     model = fastinit.deferred_init(TinyLM)
     fastinit.materialize(model, device="cpu", seed=SEED)
     ref = _reference()
@@ -207,4 +204,3 @@ def negative_control(rank, world, rendezvous):
     fill([Target(right, fastinit.Normal(), 9, Layout(100, 1, 50, 50, 1000))])
     fill([Target(wrong, fastinit.Normal(), 9, Layout(101, 1, 50, 50, 1000))])
     assert not torch.equal(right, wrong) and torch.equal(right[1:], wrong[:-1])
-    _teardown()

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def _spawn(fn, world):
     with tempfile.TemporaryDirectory() as d:  # a fresh rendezvous file per run
-        torch.multiprocessing.spawn(fn, args=(world, os.path.join(d, "rendezvous")), nprocs=world, join=True)
+        torch.multiprocessing.spawn(dist_workers.run, args=(world, os.path.join(d, "rendezvous"), fn.__name__),
+                                    nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
