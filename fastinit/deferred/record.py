@@ -62,7 +62,7 @@ def covers_storage(t: torch.Tensor) -> bool:
     return True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """A recorded op that created tensors (a factory, or a pure op of other tensors)."""
 
@@ -76,7 +76,7 @@ class Node:
         return getattr(self.func, "__name__", str(self.func))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Event:
     """A recorded write into a storage, through a view of it (``geom``).
 
