@@ -64,7 +64,6 @@ def _check_random_dtype(tensor: torch.Tensor, kernel: str) -> None:
 # tensors) is checked here first.
 
 _STAND_INS: dict = {}
-_PASSED: set = set()  # checks of check_like_torch that passed
 
 
 def _stand_in(dtype: torch.dtype, device) -> torch.Tensor:
@@ -85,21 +84,9 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
     on the CPU, so it is checked as that one would be).
     """
     device = torch.device("cpu") if recording and tensor.is_meta else tensor.device
-    # A check that passed passes again for the same op, dtype, device and plain
-    # arguments (a model makes the same call hundreds of times): remembered.
-    key = None
-    if kwargs.get("generator") is None and all(type(a) is float or type(a) is int for a in args):
-        key = (op, tensor.dtype, device, *args, *map(type, args), *kwargs.items())
-        if key in _PASSED:
-            key = False
-    if key is not False:
-        stand_in = _stand_in(tensor.dtype, device)
-        with torch._C.DisableTorchFunction():
-            getattr(stand_in, op)(*args, **kwargs)
-        if key is not None:
-            if len(_PASSED) > 4096:
-                _PASSED.clear()
-            _PASSED.add(key)
+    stand_in = _stand_in(tensor.dtype, device)
+    with torch._C.DisableTorchFunction():
+        getattr(stand_in, op)(*args, **kwargs)
     if op == "normal_" and tensor.numel() and (recording or not tensor.is_meta):
         # torch's normal_ looks at the dtype only when there are elements to write
         _check_random_dtype(tensor, f"normal_kernel_{device.type}")
@@ -122,6 +109,13 @@ def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
     for size, stride in zip(tensor.shape, tensor.stride()):
         if stride == 0 and size > 1:
             raise RuntimeError(_OVERLAP_MSG)
+
+
+def bump_version(tensor: torch.Tensor) -> None:
+    """The one version-counter bump of an eager in-place write (inference tensors
+    have no counter): autograd then sees the write."""
+    if not tensor.is_inference():
+        torch.autograd.graph.increment_version(tensor)
 
 
 def _bump_version(tensor: torch.Tensor, before) -> None:
@@ -649,7 +643,7 @@ def _no_grad_fill_(tensor, val):
 
 
 def _no_grad_zero_(tensor):
-    return _constant_fill(tensor, 0.0)
+    return zeros_(tensor)
 
 
 # ------------------------------------------------------------ deprecated aliases

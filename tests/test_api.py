@@ -37,24 +37,26 @@ def test_deprecated_aliases_warn_and_work(name):
     assert out is t
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda t: fastinit.uniform_(t, -1, 1),
-        lambda t: fastinit.normal_(t),
-        lambda t: fastinit.trunc_normal_(t),
-        lambda t: fastinit.constant_(t, 3.0),
-        lambda t: fastinit.ones_(t),
-        lambda t: fastinit.zeros_(t),
-        lambda t: fastinit.eye_(t),
-        lambda t: fastinit.xavier_uniform_(t),
-        lambda t: fastinit.xavier_normal_(t),
-        lambda t: fastinit.kaiming_uniform_(t),
-        lambda t: fastinit.kaiming_normal_(t),
-        lambda t: fastinit.orthogonal_(t),
-        lambda t: fastinit.sparse_(t, 0.5),
-    ],
-)
+# Every public drop-in, as a call on one tensor.
+ALL_CALLS = [
+    lambda t: fastinit.uniform_(t, -1, 1),
+    lambda t: fastinit.normal_(t),
+    lambda t: fastinit.trunc_normal_(t, std=0.02),
+    lambda t: fastinit.trunc_normal_(t),
+    lambda t: fastinit.xavier_uniform_(t),
+    lambda t: fastinit.xavier_normal_(t),
+    lambda t: fastinit.kaiming_uniform_(t),
+    lambda t: fastinit.kaiming_normal_(t),
+    lambda t: fastinit.orthogonal_(t),
+    lambda t: fastinit.sparse_(t, 0.5),
+    lambda t: fastinit.constant_(t, 0.5),
+    lambda t: fastinit.ones_(t),
+    lambda t: fastinit.zeros_(t),
+    lambda t: fastinit.eye_(t),
+]
+
+
+@pytest.mark.parametrize("call", ALL_CALLS)
 def test_returns_the_same_parameter_in_place(call):
     p = torch.nn.Parameter(torch.full((8, 6), float("nan")))
     out = call(p)
@@ -186,25 +188,7 @@ def test_import_works_without_triton():
 
 # ------------------------------------------------------------ autograd and inference mode
 
-RANDOM_CALLS = [
-    lambda t: fastinit.uniform_(t, -1, 1),
-    lambda t: fastinit.normal_(t),
-    lambda t: fastinit.trunc_normal_(t, std=0.02),
-    lambda t: fastinit.trunc_normal_(t),
-    lambda t: fastinit.xavier_uniform_(t),
-    lambda t: fastinit.xavier_normal_(t),
-    lambda t: fastinit.kaiming_uniform_(t),
-    lambda t: fastinit.kaiming_normal_(t),
-    lambda t: fastinit.orthogonal_(t),
-    lambda t: fastinit.sparse_(t, 0.5),
-    lambda t: fastinit.constant_(t, 0.5),
-    lambda t: fastinit.ones_(t),
-    lambda t: fastinit.zeros_(t),
-    lambda t: fastinit.eye_(t),
-]
-
-
-@pytest.mark.parametrize("call", RANDOM_CALLS)
+@pytest.mark.parametrize("call", ALL_CALLS)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_a_fill_after_use_makes_backward_raise_as_in_torch(call, layout):
     x = torch.randn(8, 6, requires_grad=True)
@@ -219,7 +203,7 @@ def test_a_fill_after_use_makes_backward_raise_as_in_torch(call, layout):
         y.backward()
 
 
-@pytest.mark.parametrize("call", RANDOM_CALLS)
+@pytest.mark.parametrize("call", ALL_CALLS)
 def test_inference_tensors_are_refused_outside_inference_mode_and_filled_inside(call):
     with torch.inference_mode():
         t = torch.full((8, 6), 7.0)

@@ -119,9 +119,7 @@ def _convert_real_tensors(mods, rec: Recording) -> None:
                 meta = torch.empty_like(t, device="meta")
                 if isinstance(t, torch.nn.Parameter):
                     meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
-                rec.record(meta)
-                rec.add_event(meta, "op", overwrites=True, func=torch.Tensor.copy_, args=(meta.detach(), value),
-                              label="copy_(data)")
+                rec.add_value(meta, value, "copy_(data)")
                 store[name] = meta
 
 
@@ -196,17 +194,16 @@ def _objects(module: torch.nn.Module, where: str | None = None):
     return list(objs.values())
 
 
-def _copy_of(h: Handle, t: torch.Tensor):
-    """A deep copy of a deferred tensor (``copy.deepcopy(block)``) has a new storage
-    and its original's handle: it materializes to its original's value, as an eager
-    copy holds its original's values (in its own memory)."""
-    rec = h.recording
-    sk = rec.by_name.get(h.name)
+def _recorded(rec: Recording, fqn: str):
+    """``(storage record, geometry)`` of the tensor named ``fqn`` in ``rec``'s model, or None."""
+    sk = rec.by_name.get(fqn)
     r = rec.storages.get(sk) if sk is not None else None
-    geom = rec.geoms.get(h.name)
-    if r is None or geom is None or tuple(t.shape) != geom[0] or t.dtype != r.tensor.dtype:
-        return None
-    return rec, r, h.name, geom
+    geom = rec.geoms.get(fqn)
+    return (r, geom) if r is not None and geom is not None else None
+
+
+def _fits(t: torch.Tensor, r, geom: tuple) -> bool:
+    return tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype
 
 
 def _is_copy(owner: torch.nn.Module, mh: Handle) -> bool:
@@ -229,9 +226,11 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
         r = h.recording.storages.get(storage_key(t))
         if r is not None:
             return h.recording, r, h.name, geometry(t)
-        copied = _copy_of(h, t)
-        if copied is not None:
-            return copied
+        named = _recorded(h.recording, h.name)
+        if named is not None and _fits(t, *named):
+            # A deep copy (``copy.deepcopy(block)``): a new storage with its original's
+            # handle materializes to its original's value, in memory of its own.
+            return h.recording, named[0], h.name, named[1]
     prefix, _, leaf = name.rpartition(".")
     try:
         owner = module.get_submodule(prefix) if prefix else module
@@ -241,16 +240,13 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
     if mh is not None:
         rec = mh.recording
         fqn = _join(mh.name, leaf)
-        sk = rec.by_name.get(fqn)
-        r = rec.storages.get(sk) if sk is not None else None
-        geom = rec.geoms.get(fqn)
-        if r is not None and geom is not None and (
-                (dist_mod.is_dtensor(t) and tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype)
-                or storage_key(dist_mod.local_tensor(t)) == sk):
-            return rec, r, fqn, geom
-        if r is not None and geom is not None and not dist_mod.is_dtensor(t) and _is_copy(owner, mh) \
-                and tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype:
-            return rec, r, fqn, geom  # a deep copy of a deferred module: its original's values
+        named = _recorded(rec, fqn)
+        if named is not None:
+            r, geom = named
+            dt = dist_mod.is_dtensor(t)
+            if (dt and _fits(t, r, geom)) or storage_key(dist_mod.local_tensor(t)) == r.sk \
+                    or (not dt and _is_copy(owner, mh) and _fits(t, r, geom)):  # (a deep copy's parameter)
+                return rec, r, fqn, geom
     if not dist_mod.is_dtensor(t):
         found = recording_of(t)
         if found is not None:

@@ -24,7 +24,7 @@ import torch
 from .. import distributed as dist_mod
 from .. import engines
 from ..engines import Target
-from ..init import check_writable
+from ..init import bump_version, check_writable
 from ..seeding import draw_key, key_for_name
 from ..specs import Constant
 from . import intercept
@@ -101,7 +101,7 @@ class Batch:
             self._event(tensor, "fill", True, spec=spec, key=key)
         finally:
             self._busy = False
-        _bump(tensor)
+        bump_version(tensor)  # at the call, as eagerly: backward through old values raises
         return True
 
     def on_op(self, func, name, kind, target, args, kwargs):
@@ -113,7 +113,7 @@ class Batch:
             return False, None
         if target is not None and not target.is_meta and storage_key(target) in self.pending:
             if name in _RECORDABLE and self._record(func, name, target, args, kwargs):
-                _bump(target)
+                bump_version(target)
                 return True, (None if name == "__setitem__" else target)
             self.flush()
             return False, None
@@ -205,10 +205,3 @@ class Batch:
         if e.key is not None:
             return e.key
         return key_for_name(self.seed, p.name + fill_tag(p.events, idx, whole))
-
-
-def _bump(t: torch.Tensor) -> None:
-    """The version bump the write makes when it is made eagerly: autograd sees a
-    queued write at once (``backward`` through the old values raises, as in torch)."""
-    if not t.is_inference():
-        torch.autograd.graph.increment_version(t)

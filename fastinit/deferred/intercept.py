@@ -178,6 +178,16 @@ _LEAVES = frozenset({int, float, bool, str, type(None), complex, torch.dtype, to
                      torch.memory_format, torch.layout, slice, type(Ellipsis)})
 
 
+def _record_eager_draw(rec: Recording, t: torch.Tensor, gen: torch.Generator, run, name: str) -> None:
+    """Model code drawing from its own generator into meta tensor ``t``: the draw
+    runs now (``run(real)`` on a real tensor with ``t``'s geometry, so in the same
+    element order), and ``t`` is recorded to hold its values."""
+    real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
+    run(real)
+    if t.numel():
+        rec.add_value(t, real.to("cpu"), f"{name}(drawn from its generator)")
+
+
 def _as_meta(obj):
     """``obj`` with its real tensors as meta tensors of the same geometry (not 0-dim
     ones: torch treats those as scalars on any device)."""
@@ -263,9 +273,7 @@ class Recorder(TorchFunctionMode):
         if self.home is not None and kind == _FACTORY and "out" not in kwargs:
             real = func(*args, **{**kwargs, "device": gen.device})
             meta = torch.empty_like(real, device="meta")
-            self.home.record(meta)
-            self.home.add_event(meta, "op", overwrites=True, func=torch.Tensor.copy_,
-                                args=(meta.detach(), real.to("cpu")), label="copy_(drawn from its generator)")
+            self.home.add_value(meta, real.to("cpu"), "copy_(drawn from its generator)")
             return meta
         t = args[0] if args else kwargs.get("tensor")  # (torch.nn.init's calls come as keywords)
         name = getattr(func, "__name__", "")
@@ -274,14 +282,10 @@ class Recorder(TorchFunctionMode):
         rec = self.recording_for(t)
         if rec is None:
             return None
-        real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
-        if args:  # the eager draw, in the same element order
-            func(real, *args[1:], **kwargs)
+        if args:
+            _record_eager_draw(rec, t, gen, lambda real: func(real, *args[1:], **kwargs), name)
         else:
-            func(**{**kwargs, "tensor": real})
-        if t.numel():
-            rec.add_event(t, "op", overwrites=True, func=torch.Tensor.copy_, args=(t.detach(), real.to("cpu")),
-                          label=f"{name}(drawn from its generator)")
+            _record_eager_draw(rec, t, gen, lambda real: func(**{**kwargs, "tensor": real}), name)
         return t
 
     def _note_created(self, func, args, kwargs, out) -> None:
@@ -396,12 +400,8 @@ class Recorder(TorchFunctionMode):
         from .. import init as dropin
         gen = a.get("generator")
         if isinstance(gen, torch.Generator):  # its own generator: drawn now, as eagerly
-            real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
-            getattr(torch.nn.init, name)(**{**a, "tensor": real})
-            if t.numel():
-                self.recording_for(t).add_event(t, "op", overwrites=True, func=torch.Tensor.copy_,
-                                                args=(t.detach(), real.to("cpu")),
-                                                label=f"{name}(drawn from its generator)")
+            _record_eager_draw(self.recording_for(t), t, gen,
+                               lambda real: getattr(torch.nn.init, name)(**{**a, "tensor": real}), name)
             return
         if name == "trunc_normal_":
             # Eager code warns and raises (std == 0) as torch would: same checks here.

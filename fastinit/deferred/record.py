@@ -165,6 +165,12 @@ class Recording:
         self.keep.append(t)
         return ev
 
+    def add_value(self, t: torch.Tensor, value: torch.Tensor, label: str) -> Event:
+        """``t`` now holds ``value``, computed eagerly (a constructor's data, a draw
+        from the code's own generator): an overwrite that replays as ``copy_``."""
+        return self.add_event(t, "op", overwrites=True, func=torch.Tensor.copy_, args=(t.detach(), value),
+                              label=label)
+
     # ------------------------------------------------------------ transactions
 
     def checkpoint(self) -> int:

@@ -424,9 +424,7 @@ def _round_into(st: _ThreadState, v: np.ndarray, out: np.ndarray) -> None:
 
 
 def _chunk_bytes(t, chunk: int) -> int:
-    lo, hi = chunk * CHUNK, (chunk + 1) * CHUNK
-    glo, ghi = t.layout.global_range()
-    return max(0, min(hi, ghi) - max(lo, glo)) * t.tensor.element_size()
+    return _chunk_elements(t, chunk) * t.tensor.element_size()
 
 
 def _fill_chunk(t, chunk: int) -> None:
@@ -555,22 +553,21 @@ def fill(targets, progress=None) -> None:
         work.extend((t, c) for c in _chunks_of(t))
     if not work:
         return
-    if len(work) > 1:
-        # Small chunks (small tensors) cost more in Python than in elements: on the
-        # pool, threads would only contend for the GIL. They run here, in order.
-        small = [w for w in work if _chunk_elements(*w) < _POOL_MIN]
-        if small:
-            work = [w for w in work if _chunk_elements(*w) >= _POOL_MIN]
-            for t, c in small:
-                _fill_chunk(t, c)
-                if progress is not None:
-                    progress(_chunk_bytes(t, c))
-    if len(work) <= 1:  # one chunk: no pool, no scheduling
-        for t, c in work:
-            _fill_chunk(t, c)
-            if progress is not None:
-                progress(_chunk_bytes(t, c))
+    # Small chunks (small tensors) cost more in Python than in elements: on the pool,
+    # threads would only contend for the GIL. They run here, in order, as does a
+    # lone big one (no scheduling for one unit of work).
+    here, pooled = [], []
+    for w in work:
+        (here if _chunk_elements(*w) < _POOL_MIN else pooled).append(w)
+    if len(pooled) == 1:
+        here.append(pooled.pop())
+    for t, c in here:
+        _fill_chunk(t, c)
+        if progress is not None:
+            progress(_chunk_bytes(t, c))
+    if not pooled:
         return
+    work = pooled
     nthreads = min(len(work), max(1, torch.get_num_threads()))
     # Dynamic scheduling: every thread (the caller's included) takes the next
     # chunk until none is left, so uneven chunks and uneven cores balance out to
