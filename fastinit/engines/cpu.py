@@ -31,7 +31,6 @@ import hashlib
 import itertools
 import math
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,6 +46,9 @@ CHUNK = 1 << 18
 # costs milliseconds on a busy machine (measured: 6-9 ms for 2560-32768 elements
 # on 2 loaded cores, 4 us for 2048).
 GRAIN = 2048
+# Elements per torch copy made from the engine's threads: ATen parallelizes a copy
+# of 32768 elements or more (its grain); below that it runs on the calling thread.
+COPY_GRAIN = 32767
 _MT_N = 624
 _F32_TINY = np.finfo(np.float32).tiny
 # Below this t = 2p the float32 v = t - 1 has too little resolution for erfinv;
@@ -401,26 +403,20 @@ def _numpy_view(flat: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # index of a uint32's upper uint16
-
-
-def _round_into(st: _ThreadState, v: np.ndarray, out: np.ndarray) -> None:
+def _round_into(v: np.ndarray, out: np.ndarray) -> None:
     """``out`` (uint16 bfloat16 patterns or float16) <- float32 ``v`` rounded to nearest even.
 
-    bfloat16: the upper half of ``bits + 0x7FFF + (bit 16 of bits)`` (no NaN is
-    ever generated), what torch's float32 -> bfloat16 conversion does.
+    torch's own float32 -> bfloat16/float16 conversion (``copy_``, vectorized:
+    about 3x numpy's bit arithmetic for bfloat16 and 8x numpy's float16 cast, with
+    the same values: beyond 65504 a float16 is inf, as in torch), in pieces below
+    ATen's parallel grain so that no OpenMP team starts inside a worker thread.
     """
-    if out.dtype == np.float16:
-        with np.errstate(over="ignore"):  # beyond 65504 becomes inf, as in torch
-            np.copyto(out, v, casting="same_kind")
-        return
-    bits = v.view(np.uint32)
-    tmp = st.buffer(np.uint32, v.size)
-    np.right_shift(bits, 16, out=tmp)
-    np.bitwise_and(tmp, 1, out=tmp)
-    np.add(tmp, bits, out=tmp)
-    np.add(tmp, 0x7FFF, out=tmp)
-    np.copyto(out, tmp.view(np.uint16)[_HIGH_HALF::2])
+    src = torch.from_numpy(v)
+    dst = torch.from_numpy(out)
+    if out.dtype == np.uint16:
+        dst = dst.view(torch.bfloat16)
+    for s in range(0, v.size, COPY_GRAIN):
+        dst[s : s + COPY_GRAIN].copy_(src[s : s + COPY_GRAIN])
 
 
 def _chunk_bytes(t, chunk: int) -> int:
@@ -447,10 +443,10 @@ def _fill_chunk(t, chunk: int) -> None:
         f = st.buffer(np.float32, n)
         generate_chunk(t.spec, t.key, chunk, f)
         if whole:
-            _round_into(st, f, dst[s0 : s0 + n])
+            _round_into(f, dst[s0 : s0 + n])
             return
         v = st.buffer(dst.dtype, n)
-        _round_into(st, f, v)
+        _round_into(f, v)
     _scatter(lay, dst, v, chunk_lo, chunk_lo + n)
 
 
@@ -465,7 +461,7 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
     st = _thread_state()
     f = st.buffer(np.float32, dst.size)
     generate_chunk(spec, key, 0, f)
-    _round_into(st, f, dst)
+    _round_into(f, dst)
 
 
 def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
