@@ -2,6 +2,7 @@
 
     python -m benchmarks.deferred_host            # the README table
     python -m benchmarks.deferred_host --repeat 9 --json out.json
+    python -m benchmarks.deferred_host --only record --repeat 21
 
 On a GPU an 8B model's fills take milliseconds, so what decides the wall time is
 what the host does around them: recording a model's construction and planning
@@ -55,7 +56,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def rows(repeat: int) -> list[dict]:
+def rows(repeat: int, only: str = "") -> list[dict]:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -102,6 +103,8 @@ def rows(repeat: int) -> list[dict]:
          lambda: (lambda m=fastinit.deferred_init(LlamaForCausalLM, tiny): ours_host_only(m))),
     ]
     for key, what, base, make_torch, make_ours in cases:
+        if only and key != only:
+            continue
         make_torch()()  # warm both paths (imports, caches) before the clock
         make_ours()()
         t_torch, t_ours = [], []
@@ -120,12 +123,13 @@ def rows(repeat: int) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=7, help="interleaved runs per side (median; default 7)")
+    ap.add_argument("--only", choices=sorted(GOALS), help="run this row only")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     warnings.filterwarnings("ignore")
-    res = rows(args.repeat)
+    res = rows(args.repeat, args.only or "")
     print(f"{'row':<58} {'torch':>24} {'ms':>8} {'fastinit ms':>12} {'ratio':>7} {'goal':>6}")
     for r in res:
         print(f"{r['what']:<58} {r['torch']:>24} {r['torch_ms']:8.1f} {r['fastinit_ms']:12.1f} "

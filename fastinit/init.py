@@ -64,9 +64,10 @@ def _check_random_dtype(tensor: torch.Tensor, kernel: str) -> None:
 # tensors) is checked here first.
 
 _STAND_INS: dict = {}
+_CPU = torch.device("cpu")
 
 
-def _stand_in(dtype: torch.dtype, device) -> torch.Tensor:
+def stand_in(dtype: torch.dtype, device) -> torch.Tensor:
     """A 0-element tensor of ``dtype`` on ``device`` (not an inference tensor)."""
     key = (dtype, device)
     s = _STAND_INS.get(key)
@@ -83,10 +84,10 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
     recorded (``recording``: it stands for the real tensor eager code would make
     on the CPU, so it is checked as that one would be).
     """
-    device = torch.device("cpu") if recording and tensor.is_meta else tensor.device
-    stand_in = _stand_in(tensor.dtype, device)
+    device = _CPU if recording and tensor.is_meta else tensor.device
+    s = stand_in(tensor.dtype, device)
     with torch._C.DisableTorchFunction():
-        getattr(stand_in, op)(*args, **kwargs)
+        getattr(s, op)(*args, **kwargs)
     if op == "normal_" and tensor.numel() and (recording or not tensor.is_meta):
         # torch's normal_ looks at the dtype only when there are elements to write
         _check_random_dtype(tensor, f"normal_kernel_{device.type}")
@@ -280,16 +281,16 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         p = _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
         if p > 0.3:
             if not tensor.dtype.is_floating_point:  # torch casts the bounds to the dtype (float: no error)
-                stand_in = _stand_in(tensor.dtype, "cpu")
+                s = stand_in(tensor.dtype, "cpu")
                 with torch._C.DisableTorchFunction():
-                    stand_in.new_tensor(a, device="cpu").item()
-                    stand_in.new_tensor(b, device="cpu").item()
+                    s.new_tensor(a, device="cpu").item()
+                    s.new_tensor(b, device="cpu").item()
             check_like_torch(tensor, "normal_", mean, std, generator=generator, recording=recording)
         else:
             check_like_torch(tensor, "uniform_", a, b, generator=generator, recording=recording)
     def torch_fallback():  # complex: torch's rejection compares values, which have no order
         with torch._C.DisableTorchFunction():
-            (torch.lt if std != 0 and p > 0.3 else torch.gt)(_stand_in(tensor.dtype, "cpu"), 0)
+            (torch.lt if std != 0 and p > 0.3 else torch.gt)(stand_in(tensor.dtype, "cpu"), 0)
         return torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator)
 
     return _fill_now(tensor, _trunc_normal_spec(mean, std, a, b), generator, sink, torch_fallback)
@@ -558,7 +559,7 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
     check_writable(tensor)
     target = tensor.view(rows, cols)
     with torch.no_grad(), torch._C.DisableTorchFunction():
-        _stand_in(tensor.dtype, tensor.device).mul_(gain)
+        stand_in(tensor.dtype, tensor.device).mul_(gain)
     flattened = _filled((rows, cols), Normal(0.0, 1.0), _subkey(generator, 0x0), tensor)
     if rows < cols:
         flattened.t_()

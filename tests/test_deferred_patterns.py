@@ -165,6 +165,40 @@ def test_batched_raises_what_eager_code_raises_and_keeps_what_ran_before():
     assert (a == 1).all()  # as one by one: the call before the failing one ran
 
 
+@pytest.mark.parametrize("edit", [
+    lambda w: w.normal_(0.0, 0.02), lambda w: w.uniform_(-1.0, 1.0), lambda w: w.fill_(2.0), lambda w: w.zero_(),
+], ids=["normal_", "uniform_", "fill_", "zero_"])
+def test_scalar_fills_in_constructors_raise_and_record_as_eager_code(edit):
+    """``param.normal_()`` outside no_grad is autograd's leaf error eagerly: the same
+    under deferred_init; under no_grad, or through ``.data``, the recorded fill wins."""
+
+    def build(grad: bool):
+        m = nn.Linear(8, 8)
+        with torch.set_grad_enabled(grad):
+            edit(m.weight if grad else m.weight.data)
+            edit(m.bias)
+        return m
+
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad") as eager:
+        build(True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad") as deferred:
+        fastinit.deferred_init(build, True)
+    assert type(eager.value) is type(deferred.value)
+    m = fastinit.deferred_init(build, False)
+    fastinit.materialize(m, seed=0)
+    torch.manual_seed(0)
+    ref = build(False)
+    law = torch.empty(100_000)
+    edit(law)  # (fixed seed below: the law's std, for the random edits)
+    for name in ("weight", "bias"):
+        got, want = getattr(m, name).detach(), getattr(ref, name).detach()
+        if want.unique().numel() == 1:  # a constant: exact
+            assert torch.equal(got, want), name
+        else:  # a random fill: the edit's law (seed 0 fixed: no flake), not the default init's
+            assert got.unique().numel() == got.numel(), name
+            assert 0.5 * law.std() < got.std() < 1.5 * law.std(), name
+
+
 # ------------------------------------------------------------------ replay
 
 

@@ -24,7 +24,7 @@ import torch
 from .. import distributed as dist_mod
 from .. import engines
 from ..engines import Target
-from ..init import bump_version, check_writable
+from ..init import bump_version, check_writable, stand_in
 from ..seeding import draw_key, key_for_name
 from ..specs import Constant
 from . import intercept
@@ -138,7 +138,7 @@ class Batch:
             view = t[idx]  # IndexError as eager code raises it
             if not view.numel():
                 return True
-            torch.empty(0, dtype=t.dtype).fill_(value)  # value checks: overflow
+            stand_in(t.dtype, "cpu").fill_(value)  # value checks: overflow
             if t.dtype.is_floating_point:
                 self._event(view, "fill", True, spec=Constant(float(value)), key=0)
             else:
@@ -146,7 +146,7 @@ class Batch:
             return True
         meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
         func(meta, *rest, **kwargs)  # shapes and types
-        func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)  # values: overflow, casts
+        func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values: overflow, casts
         if not t.numel():
             return True
         arg0 = rest[0] if rest else kwargs.get("value", kwargs.get("other"))

@@ -33,6 +33,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _sink
+from .. import init as dropin
+from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
@@ -132,7 +134,29 @@ def basic_index(idx) -> bool:
 
 
 def is_number(x) -> bool:
-    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+    t = type(x)
+    return t is float or t is int or (t is not bool and isinstance(x, numbers.Number))
+
+
+_SCALAR_FILLS = frozenset({"uniform_", "normal_", "fill_", "zero_"})
+
+
+def _scalar_fill_spec(name: str, rest: tuple, kwargs: dict):
+    """The spec of ``t.uniform_(a, b)``, ``t.normal_(mean, std)``, ``t.fill_(v)`` or
+    ``t.zero_()`` called with numbers (``rest``: the arguments after ``t``); None otherwise."""
+    def arg(i, key, default):
+        return rest[i] if len(rest) > i else kwargs.get(key, default)
+
+    if name == "zero_":
+        return Constant(0.0)
+    if name == "fill_":
+        v = arg(0, "value", None)
+        return Constant(float(v)) if is_number(v) else None
+    if name == "uniform_":
+        a, b = arg(0, "from", 0.0), arg(1, "to", 1.0)
+        return Uniform(float(a), float(b)) if is_number(a) and is_number(b) else None
+    mean, std = arg(0, "mean", 0.0), arg(1, "std", 1.0)
+    return Normal(float(mean), float(std)) if is_number(mean) and is_number(std) else None
 
 
 def write_target(name: str, args, kwargs):
@@ -242,7 +266,6 @@ class Recorder(TorchFunctionMode):
         if kind == _NN_INIT:
             t = args[0] if args else kwargs.get("tensor")  # handle_torch_function passes keywords
             if isinstance(t, torch.Tensor) and t.is_meta and self.recording_for(t) is not None:
-                from .. import init as dropin
                 return getattr(dropin, name)(*args, **kwargs)  # validates as torch does; the sink records
         if kind == _READ and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             value = self._read_value(args[0])
@@ -333,17 +356,14 @@ class Recorder(TorchFunctionMode):
         if name == "__setitem__" and len(rest) == 2 and basic_index(rest[0]) \
                 and (is_number(rest[1]) or isinstance(rest[1], torch.Tensor)):
             return self._record_assign(rec, func, t, args)
-        if name in ("uniform_", "normal_") and floating and only_scalars(rest, kwargs):
-            # On meta tensors torch runs these through its Python references (about a
-            # millisecond a call); the same checks, with the errors eager code raises,
-            # run on an empty CPU tensor of the dtype in microseconds.
-            func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)
-            if name == "uniform_" and is_number(arg(0, "from", 0.0)) and is_number(arg(1, "to", 1.0)):
-                spec = Uniform(float(arg(0, "from", 0.0)), float(arg(1, "to", 1.0)))
-            elif name == "normal_" and is_number(arg(0, "mean", 0.0)) and is_number(arg(1, "std", 1.0)):
-                spec = Normal(float(arg(0, "mean", 0.0)), float(arg(1, "std", 1.0)))
-            else:
-                spec = None
+        if name in _SCALAR_FILLS and floating and only_scalars(rest, kwargs) \
+                and not (t.requires_grad and torch.is_grad_enabled()):  # (else the op raises: a leaf)
+            # On meta tensors torch runs uniform_/normal_ through its Python references
+            # (about a millisecond a call) and fill_ skips the value checks; the checks
+            # eager code makes, with its errors, run on an empty CPU tensor of the dtype
+            # in microseconds, and the meta op itself (which would only return ``t``) not at all.
+            func(stand_in(t.dtype, "cpu"), *rest, **kwargs)
+            spec = _scalar_fill_spec(name, rest, kwargs)
             if spec is not None:
                 if t.numel():
                     rec.add_event(t, "fill", overwrites=True, spec=spec)
@@ -353,7 +373,7 @@ class Recorder(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
         if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
-            func(torch.empty(0, dtype=t.dtype), *rest, **kwargs)  # values: overflow, casts
+            func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values: overflow, casts
         if t.numel() == 0:
             return out
         if name == "fill_" and is_number(arg(0, "value", None)) and floating:
@@ -379,7 +399,7 @@ class Recorder(TorchFunctionMode):
         idx, value = args[1], args[2]
         view = t[idx]
         if is_number(value):
-            torch.empty(0, dtype=t.dtype).fill_(value)  # values: overflow, casts
+            stand_in(t.dtype, "cpu").fill_(value)  # values: overflow, casts
         if not view.numel():
             return out
         if is_number(value) and t.dtype.is_floating_point:
@@ -397,7 +417,6 @@ class Recorder(TorchFunctionMode):
         if hit is None or self.recording_for(t) is None:
             return
         name, a, frame = hit
-        from .. import init as dropin
         gen = a.get("generator")
         if isinstance(gen, torch.Generator):  # its own generator: drawn now, as eagerly
             _record_eager_draw(self.recording_for(t), t, gen,
