@@ -46,11 +46,13 @@ def _is_engine_dtype(dtype: torch.dtype) -> bool:
     return dtype in engines.FLOAT_DTYPES
 
 
-def _check_random_dtype(tensor: torch.Tensor, kernel: str) -> None:
-    """Integer and bool tensors cannot hold random floats: torch raises NotImplementedError."""
+def _check_random_dtype(tensor: torch.Tensor, kernel: str, device=None) -> None:
+    """Integer and bool tensors cannot hold random floats: torch raises NotImplementedError
+    (naming ``kernel``, followed by ``_<device type>`` if ``device`` is given)."""
     if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
         name = _TORCH_TYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
-        raise NotImplementedError(f'"{kernel}" not implemented for \'{name}\'')
+        where = kernel if device is None else f"{kernel}_{device.type}"
+        raise NotImplementedError(f'"{where}" not implemented for \'{name}\'')
 
 
 # ------------------------------------------------------------ checks, before any write
@@ -90,7 +92,7 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
         getattr(s, op)(*args, **kwargs)
     if op == "normal_" and tensor.numel() and (recording or not tensor.is_meta):
         # torch's normal_ looks at the dtype only when there are elements to write
-        _check_random_dtype(tensor, f"normal_kernel_{device.type}")
+        _check_random_dtype(tensor, "normal_kernel", device)
 
 
 def _dense_only(tensor: torch.Tensor, name: str) -> None:

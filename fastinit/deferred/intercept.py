@@ -187,8 +187,13 @@ def snapshot(obj):
     storage and geometry, which ``param.data = other`` cannot repoint later), real
     tensors as copies of their current values."""
     t = type(obj)
-    if t is tuple or t is list:  # the common cases without pytree's per-leaf cost
-        return t(snapshot(x) for x in obj)
+    if t is tuple:  # the common cases without pytree's per-leaf cost
+        for x in obj:
+            if type(x) is not int:
+                return tuple(snapshot(x) for x in obj)
+        return obj  # a shape: nothing to copy
+    if t is list:
+        return [snapshot(x) for x in obj]
     if t is dict:
         return {k: snapshot(v) for k, v in obj.items()}
     if isinstance(obj, torch.Tensor):

@@ -50,7 +50,7 @@ def geometry(t: torch.Tensor) -> tuple:
 def covers_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` views every element of its storage exactly once (contiguous,
     or a permutation of dimensions of a contiguous tensor: ``w.t()``)."""
-    if t.storage_offset() != 0 or t.numel() != storage_numel(t):
+    if t.storage_offset() != 0 or t.numel() * t.element_size() != t.untyped_storage().nbytes():
         return False
     if t.is_contiguous():
         return True
@@ -159,8 +159,8 @@ class Recording:
         return r
 
     def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, **kw) -> Event:
-        r = self.record(t)
-        ev = Event(self.next_seq(), geometry(t), kind, covers_storage(t), overwrites, **kw)
+        r = self.storages.get(storage_key(t)) or self.record(t)
+        ev = Event(next(self._seq), geometry(t), kind, covers_storage(t), overwrites, **kw)
         r.events.append(ev)
         self.keep.append(t)
         return ev
