@@ -189,6 +189,17 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
 def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
     """``tensor.fill_(value)`` under no_grad, as torch.nn.init does (or recorded)."""
     sink = _sink.for_tensor(tensor)
+    if sink is None and not tensor.is_meta and not is_dtensor(tensor):
+        # torch.nn.init.constant_'s own op: its checks and errors (value overflow)
+        # come before it writes, except the inference-tensor one (torch writes, then
+        # raises): that one first.
+        check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return tensor.fill_(value)
+        finally:
+            torch._C._set_grad_enabled(grad)
     check_like_torch(tensor, "fill_", value, recording=sink is not None)
     if sink is not None and sink.fill(tensor, Constant(value), None):
         return tensor

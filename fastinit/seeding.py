@@ -35,7 +35,7 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     and an offset) are read and advanced on the host, with no device sync.
     """
     g = torch.default_generator if generator is None else generator
-    if g.device.type == "cpu":
+    if generator is None or g.device.type == "cpu":
         # The draws of torch.randint(0, 2**32, (2,)), into this thread's buffer
         # (same values, no allocation: this is on the path of every drop-in call).
         buf = getattr(_local, "buf", None)
