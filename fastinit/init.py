@@ -46,13 +46,11 @@ def _is_engine_dtype(dtype: torch.dtype) -> bool:
     return dtype in engines.FLOAT_DTYPES
 
 
-def _check_random_dtype(tensor: torch.Tensor, kernel: str, device=None) -> None:
-    """Integer and bool tensors cannot hold random floats: torch raises NotImplementedError
-    (naming ``kernel``, followed by ``_<device type>`` if ``device`` is given)."""
+def _check_normal_dtype(tensor: torch.Tensor, device: torch.device) -> None:
+    """Integer and bool tensors cannot hold normal draws: torch raises NotImplementedError."""
     if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
         name = _TORCH_TYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
-        where = kernel if device is None else f"{kernel}_{device.type}"
-        raise NotImplementedError(f'"{where}" not implemented for \'{name}\'')
+        raise NotImplementedError(f'"normal_kernel_{device.type}" not implemented for \'{name}\'')
 
 
 # ------------------------------------------------------------ checks, before any write
@@ -92,7 +90,7 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
         getattr(s, op)(*args, **kwargs)
     if op == "normal_" and tensor.numel() and (recording or not tensor.is_meta):
         # torch's normal_ looks at the dtype only when there are elements to write
-        _check_random_dtype(tensor, "normal_kernel", device)
+        _check_normal_dtype(tensor, device)
 
 
 def _dense_only(tensor: torch.Tensor, name: str) -> None:
