@@ -83,14 +83,6 @@ class InitSpec:
     def check_dtype(self, dtype) -> None:
         """Raise torch's error if this spec cannot fill a tensor of ``dtype``."""
 
-    def scaled(self, k: float) -> "InitSpec":
-        """The spec of ``k * X`` for ``X`` drawn from this spec (used to fold ``mul_``)."""
-        raise NotImplementedError(type(self).__name__)
-
-    def shifted(self, c: float) -> "InitSpec":
-        """The spec of ``X + c`` (used to fold ``add_``)."""
-        raise NotImplementedError(type(self).__name__)
-
 
 @dataclass(frozen=True)
 class Constant(InitSpec):
@@ -107,12 +99,6 @@ class Constant(InitSpec):
 
     def kernel_params(self):
         return KIND_CONSTANT, (float(self.value), 0.0, 0.0, 0.0, 0.0, 0.0)
-
-    def scaled(self, k):
-        return Constant(self.value * k)
-
-    def shifted(self, c):
-        return Constant(self.value + c)
 
 
 @dataclass(frozen=True)
@@ -155,13 +141,6 @@ class Uniform(InitSpec):
             hi = max(float(float_below(self.b)), float(np.float32(self.a))) if self.b > self.a else self.a
         return KIND_UNIFORM, (float(self.a), float(self.b - self.a), hi, 0.0, 0.0, 0.0)
 
-    def scaled(self, k):
-        lo, hi = sorted((self.a * k, self.b * k))
-        return Uniform(lo, hi)
-
-    def shifted(self, c):
-        return Uniform(self.a + c, self.b + c)
-
 
 @functools.lru_cache(maxsize=4096)
 def _uniform_for_dtype(a: float, b: float, dtype: torch.dtype) -> Uniform:
@@ -181,12 +160,6 @@ class Normal(InitSpec):
 
     def kernel_params(self):
         return KIND_NORMAL, (float(self.mean), float(self.std), 0.0, 0.0, 0.0, 0.0)
-
-    def scaled(self, k):
-        return Normal(self.mean * k, self.std * abs(k))
-
-    def shifted(self, c):
-        return Normal(self.mean + c, self.std)
 
 
 @dataclass(frozen=True)
@@ -255,14 +228,6 @@ class TruncNormal(InitSpec):
         scale = sign * self.std * math.sqrt(2.0)
         # Clamp bounds past the mean when std == 0 so the result is the mean, clipped.
         return KIND_TRUNC_NORMAL, (lo, span, scale, float(self.mean), float(self.a), float(self.b))
-
-    def scaled(self, k):
-        if k >= 0:
-            return TruncNormal(self.mean * k, self.std * k, self.a * k, self.b * k)
-        return TruncNormal(self.mean * k, -self.std * k, self.b * k, self.a * k)
-
-    def shifted(self, c):
-        return TruncNormal(self.mean + c, self.std, self.a + c, self.b + c)
 
 
 def zeros() -> Constant:

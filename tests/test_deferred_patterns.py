@@ -199,6 +199,50 @@ def test_scalar_fills_in_constructors_raise_and_record_as_eager_code(edit):
             assert 0.5 * law.std() < got.std() < 1.5 * law.std(), name
 
 
+_SCALAR_EDITS = {  # a fill, then whole-tensor scalar edits (each one rounds in the dtype)
+    "ones_then_add_bf16": (torch.bfloat16, lambda w: (fastinit.ones_(w), w.add_(1 / 256), w.add_(1 / 256))),
+    "constant_then_mul_f16": (torch.float16, lambda w: (fastinit.constant_(w, 0.1), w.mul_(3))),
+    "constant_then_mul_f32": (torch.float32, lambda w: (fastinit.constant_(w, 0.3), w.mul_(3))),
+    "constant_overflows_f16": (torch.float16, lambda w: (fastinit.constant_(w, 60000.0), w.mul_(2))),
+    "uniform_then_mul": (torch.float32, lambda w: (fastinit.uniform_(w, -1, 1), w.mul_(0.1))),
+    "normal_then_mul_add_bf16": (torch.bfloat16, lambda w: (fastinit.normal_(w), w.mul_(0.02).add_(1.0))),
+    "trunc_normal_then_div": (torch.float32, lambda w: (fastinit.trunc_normal_(w), w.div_(3))),
+    "kaiming_then_mul_f16": (torch.float16, lambda w: (fastinit.kaiming_uniform_(w, a=5 ** 0.5), w.mul_(1 / 3))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SCALAR_EDITS))
+def test_scalar_edits_after_a_fill_give_the_eager_values_bit_for_bit(case):
+    """No edit is folded into a random fill (``k * x`` rounds otherwise than a draw of
+    the scaled law), and a constant's edits are computed in its dtype, as eager code
+    does: batched() equals the same calls unbatched, deferred_init equals eager torch."""
+    dtype, body = _SCALAR_EDITS[case]
+    outs = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        w = torch.zeros(16, 16, dtype=dtype)
+        with torch.no_grad():
+            if batched:
+                with fastinit.batched():
+                    body(w)
+            else:
+                body(w)
+        outs.append(w)
+    assert torch.equal(outs[0], outs[1])
+    if case.startswith(("ones", "constant")):  # deterministic: deferred == eager torch, exactly
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = nn.Parameter(torch.empty(16, 16, dtype=dtype))
+                with torch.no_grad():
+                    body(self.w)
+
+        m = fastinit.deferred_init(M)
+        fastinit.materialize(m, seed=0)
+        assert torch.equal(m.w.detach(), outs[0]), (m.w.flatten()[0].item(), outs[0].flatten()[0].item())
+
+
 # ------------------------------------------------------------------ replay
 
 

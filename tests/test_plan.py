@@ -22,7 +22,10 @@ def _fill(seq, spec, geom=WHOLE):
 
 
 def _affine(seq, mul=1.0, add=0.0, geom=WHOLE):
-    return Event(seq, geom, "affine", geom is WHOLE, False, mul=mul, add=add, label="mul_")
+    """``x.mul_(mul)`` (or ``x.add_(add)`` when ``add`` is given), as the recorder logs it."""
+    func, arg = (torch.Tensor.add_, add) if add else (torch.Tensor.mul_, mul)
+    return Event(seq, geom, "affine", geom is WHOLE, False, mul=mul, add=add, func=func, args=(None, arg),
+                 label=func.__name__)
 
 
 def _op(seq, label="copy_", overwrites=False, geom=WHOLE, args=(), func=torch.Tensor.copy_):
@@ -41,37 +44,50 @@ def _empty_node():
 
 def test_the_last_whole_overwrite_wins_and_earlier_fills_never_run():
     events = [_fill(1, Uniform(-1, 1)), _fill(2, Normal(0, 0.02)), _fill(3, Constant(0.5), ROW)]
-    st = start_of(events, _empty_node(), True)
+    st = start_of(events, _empty_node(), torch.float32)
     assert st.kind == "fill" and st.index == 1 and st.spec == Normal(0, 0.02)
     assert st.rest == [events[2]]  # the row edit replays after the fused fill
     assert fill_tag(events, st.index) == ""  # the final fill: keyed by the name alone
     assert fill_tag(events, 0) == "#0" and fill_tag(events, None) == "#create"
 
 
-def test_whole_scalar_edits_fold_into_the_fill_and_partial_ones_replay():
-    events = [_fill(1, Normal(0, 1)), _affine(2, mul=0.5), _affine(3, add=1.0), _affine(4, mul=2.0, geom=ROW)]
-    st = start_of(events, None, True)
-    assert st.spec == Normal(1.0, 0.5)
-    assert st.rest == [events[3]]
+def test_whole_scalar_edits_fold_into_a_constant_as_eager_code_computes_them():
+    events = [_fill(1, Constant(1.0)), _affine(2, add=1 / 256), _affine(3, add=1 / 256), _affine(4, mul=2.0, geom=ROW)]
+    eager = torch.ones((), dtype=torch.bfloat16).add_(1 / 256).add_(1 / 256)
+    st = start_of(events, None, torch.bfloat16)
+    assert st.spec == Constant(eager.item()) == Constant(1.0)  # (1 + 2/256 would be 1.0078125)
+    assert st.rest == [events[3]]  # a partial edit replays
+    st = start_of([_fill(1, Constant(0.3)), _affine(2, mul=3.0)], None, torch.float32)
+    assert st.spec == Constant(torch.full((), 0.3).mul_(3.0).item()) != Constant(0.3 * 3.0)
+    st = start_of([_fill(1, Constant(60000.0)), _affine(2, mul=2.0)], None, torch.float16)
+    assert st.spec == Constant(float("inf"))  # eager overflows to inf, without an error
+
+
+def test_scalar_edits_after_a_random_fill_replay_after_it():
+    """``k * x`` rounds differently from a draw of the scaled law: nothing folds."""
+    events = [_fill(1, Normal(0, 1)), _affine(2, mul=0.5), _affine(3, add=1.0)]
+    st = start_of(events, None, torch.float32)
+    assert st.spec == Normal(0, 1)
+    assert st.rest == events[1:]
 
 
 def test_a_factory_spec_starts_the_value_when_nothing_overwrites_it():
     ones = Node(0, torch.ones, ((4, 4),), {})
-    st = start_of([_affine(1, mul=3.0)], ones, True)
+    st = start_of([_affine(1, mul=3.0)], ones, torch.float32)
     assert st.kind == "fill" and st.index is None and st.spec == Constant(3.0)
     ints = Node(0, torch.ones, ((4, 4),), {"dtype": torch.int64})
-    assert start_of([], ints, False).kind == "creation"  # integer values replay exactly
+    assert start_of([], ints, torch.int64).kind == "creation"  # integer values replay exactly
 
 
 def test_an_overwriting_op_starts_the_value_and_what_follows_replays():
     events = [_fill(1, Normal()), _op(2, overwrites=True), _affine(3, mul=2.0)]
-    st = start_of(events, None, True)
+    st = start_of(events, None, torch.float32)
     assert st.kind == "event" and st.index == 1 and st.rest == [events[2]]
 
 
 def test_real_tensors_start_from_their_memory_in_batched():
     events = [_affine(1, mul=2.0)]
-    st = start_of(events, None, True, existing=True)
+    st = start_of(events, None, torch.float32, existing=True)
     assert st.kind == "existing" and st.rest == events
 
 

@@ -8,8 +8,9 @@ tensor with queued work that take only scalars (``w.data.mul_(0.5)``,
 after it, in order; any other op that touches such a tensor (a read, a copy
 from another tensor, a random torch op) first runs everything queued. At the
 end (or at such a read) each storage is planned as materialize plans it: its
-last overwrite of everything written wins, scalar edits right after a fill fold
-into it, every fill left goes to the engine in one batch, and the rest replays
+last overwrite of everything written wins, scalar edits right after a constant
+fold into it (computed as eager code computes them), every fill left goes to
+the engine in one batch, and the rest replays
 in recorded order. So the values always equal the same code run without
 ``batched()``; only when work runs differs.
 
@@ -183,7 +184,7 @@ class Batch:
             def whole(e, covering=covering):
                 return id(e) in covering
 
-            st = start_of(p.events, None, True, existing=True, whole=whole)
+            st = start_of(p.events, None, p.alias.dtype, existing=True, whole=whole)
             if st.kind == "fill":
                 ev = p.events[st.index]
                 fused.append(Target(p.alias.as_strided(*ev.geom), st.spec, self._key(p, ev, st.index, whole)))

@@ -173,7 +173,7 @@ class Evaluator:
         if hit is not None:
             return hit
         dtype = r.tensor.dtype
-        st = start_of(events, r.node, dtype.is_floating_point)
+        st = start_of(events, r.node, dtype)
         if st.kind == "creation":
             base = self._creation_value(rec, r)
         else:

@@ -6,8 +6,8 @@ Pure functions of records (no tensor is allocated or computed here), shared by
 * :func:`start_of` — where a storage's value starts: the last overwrite of the
   whole storage wins and everything before it is dead (never runs); a fill (or
   a factory whose value is a spec: ``zeros``, ``randn``...) becomes one fused
-  fill, with the whole-tensor scalar edits right after it folded into its spec;
-  what follows replays in recorded order.
+  fill (a constant with the whole-tensor scalar edits right after it folded in,
+  computed as eager code computes them); what follows replays in recorded order.
 * :func:`fill_tag` — which name keys a fill: a storage's final fill is keyed by
   its name alone, earlier fills (read by other tensors before being overwritten)
   by ``name#index``, factories by ``name#create``; so the same init code keys a
@@ -78,20 +78,35 @@ def last_overwrite(events: list[Event], whole: Callable[[Event], bool] = _whole)
     return None
 
 
-def fold(spec: InitSpec, events: list[Event], whole: Callable[[Event], bool] = _whole):
-    """Fold the leading whole-tensor scalar affine edits into ``spec`` (exact in
-    distribution); returns ``(spec, the events left)``."""
+def fold(spec: InitSpec, events: list[Event], dtype: torch.dtype, whole: Callable[[Event], bool] = _whole):
+    """Fold the leading whole-tensor scalar edits (``mul_``, ``div_``, ``add_``,
+    ``sub_``) of a constant into it; returns ``(spec, the events left)``.
+
+    Exact: the edits run, as recorded, on one element of ``dtype`` (``ones_(w)``
+    then ``w.add_(1/256)`` twice in bfloat16 stays 1.0, as in eager code, where
+    ``1 + 2/256`` would not), so the fill writes the very value eager code ends
+    with. Random fills fold nothing: ``k * x`` rounds differently from a draw of
+    the scaled law, so their edits replay after the fill, as in eager code.
+    """
+    if not isinstance(spec, Constant):
+        return spec, events
     i = 0
+    value = None
     while i < len(events) and events[i].kind == "affine" and whole(events[i]):
-        spec = spec.scaled(events[i].mul).shifted(events[i].add)
+        e = events[i]
+        with torch._C.DisableTorchFunction():
+            if value is None:
+                value = torch.full((), spec.value, dtype=dtype)
+            e.func(value, *e.args[1:], **e.kwargs)
         i += 1
-    return spec, events[i:]
+    return (spec if value is None else Constant(value.item())), events[i:]
 
 
-def start_of(events: list[Event], node: Node | None, floating: bool, *, existing: bool = False,
+def start_of(events: list[Event], node: Node | None, dtype: torch.dtype, *, existing: bool = False,
              whole: Callable[[Event], bool] = _whole) -> Start:
-    """Where a storage's value starts, given its events (see the module docstring).
+    """Where a storage of ``dtype`` starts, given its events (see the module docstring).
     ``existing``: the storage is real and holds values already (``batched()``)."""
+    floating = dtype.is_floating_point
     w = last_overwrite(events, whole)
     if w is None:
         if existing:
@@ -100,11 +115,11 @@ def start_of(events: list[Event], node: Node | None, floating: bool, *, existing
         if cs == "empty":
             return Start("none", rest=list(events))
         if cs is not None and floating:
-            spec, rest = fold(cs, events, whole)
+            spec, rest = fold(cs, events, dtype, whole)
             return Start("fill", spec, None, rest)
         return Start("creation", rest=list(events))
     if events[w].kind == "fill" and floating:
-        spec, rest = fold(events[w].spec, events[w + 1:], whole)
+        spec, rest = fold(events[w].spec, events[w + 1:], dtype, whole)
         return Start("fill", spec, w, rest)
     return Start("event", index=w, rest=list(events[w + 1:]))
 
@@ -160,8 +175,7 @@ class Plan:
 
 def plan_tensor(name: str, aliases: list[str], r: StorageRecord, find) -> Plan:
     """The plan of the tensor named ``name`` whose storage's record is ``r``."""
-    floating = r.tensor.dtype.is_floating_point
-    st = start_of(r.events, r.node, floating)
+    st = start_of(r.events, r.node, r.tensor.dtype)
     tag = fill_tag(r.events, st.index) if st.kind == "fill" else ""
     return Plan(name, aliases, r, st, tag, why_uninitialized=uninitialized(r, None, find))
 
@@ -195,7 +209,7 @@ def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None) -> str | 
     if mk in memo:
         return memo[mk]
     memo[mk] = None  # cycles cannot happen (records only point back in time); be safe
-    st = start_of(events, r.node, r.tensor.dtype.is_floating_point)
+    st = start_of(events, r.node, r.tensor.dtype)
     why = None
     if st.kind == "none" and events and _overwritten_piecewise(r, events):
         st = Start("pieces", rest=list(events))  # rows one by one, two halves, unbind + normal_

@@ -82,7 +82,7 @@ class Event:
 
     ``kind`` is ``"fill"`` (``spec``: a fusable fill), ``"affine"`` (a scalar
     ``mul_``/``div_``/``add_``/``sub_`` of a floating tensor: ``x * mul + add``,
-    which can fold into a fill's spec; replayed as the recorded op) or ``"op"``
+    which folds into a constant fill's value; replayed as the recorded op) or ``"op"``
     (any other op, replayed as recorded: ``func(view, *args[1:], **kwargs)``).
     ``key`` is set when the fill's key was drawn at call time (``batched()``);
     otherwise materialization keys it by ``(seed, name)``.
