@@ -243,6 +243,78 @@ def test_scalar_edits_after_a_fill_give_the_eager_values_bit_for_bit(case):
         assert torch.equal(m.w.detach(), outs[0]), (m.w.flatten()[0].item(), outs[0].flatten()[0].item())
 
 
+def test_a_deep_copy_inside_batched_sees_the_queued_fills():
+    """Saving the initial weights (``copy.deepcopy(model.state_dict())``) inside the block."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with fastinit.batched():
+        fastinit.normal_(model[0].weight, std=0.02)
+        fastinit.zeros_(model[0].bias)
+        fastinit.constant_(model[1].running_var, 2.0)
+        saved = copy.deepcopy(model.state_dict())
+        twin = copy.deepcopy(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved[k], v), k
+    _assert_same(twin, model)
+
+
+class _Moco(nn.Module):
+    """A key encoder deep-copied from the query encoder in the constructor (MoCo, BYOL, EMA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.q.register_buffer("center", torch.rand(4))
+        self.k = copy.deepcopy(self.q)
+
+
+def test_a_module_deep_copied_in_a_constructor_materializes_as_its_source():
+    m = fastinit.deferred_init(_Moco)
+    fastinit.materialize(m, seed=0)  # strict: every buffer of the copy is initialized
+    _assert_same(m.q, m.k)
+    eager = _Moco()
+    assert torch.equal(m.k[1].running_var, eager.k[1].running_var)  # ones, as eagerly
+
+
+def test_python_types_as_dtypes_and_setitem_overflow_in_constructors():
+    """``dtype=bool`` (GPT-Neo's causal mask) and ``w[:] = 1e6`` in float16 (inf, as eagerly)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(4, 4, dtype=bool).tril())
+            self.register_buffer("f", torch.full((3,), 2, dtype=float))
+            self.register_buffer("i", torch.arange(3, dtype=int))
+            self.h = nn.Parameter(torch.empty(3, dtype=torch.float16))
+            with torch.no_grad():
+                self.h[:] = 1e6
+
+    m = fastinit.deferred_init(M)
+    fastinit.materialize(m, seed=0)
+    _assert_same(m, M())
+
+
+@pytest.mark.parametrize("edit", [lambda w: w.clamp_(), lambda w: w.div_(2, rounding_mode="bad"),
+                                  lambda w: w.__setitem__(0, "x")], ids=["clamp_", "div_", "setitem"])
+def test_scalar_edits_raise_eagers_exception_type_when_recorded_or_queued(edit):
+    with pytest.raises(Exception) as eager:
+        edit(torch.zeros(3))
+    with pytest.raises(type(eager.value)):
+        with fastinit.batched():
+            w = torch.zeros(3)
+            fastinit.normal_(w)
+            edit(w)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+            with torch.no_grad():
+                edit(self.w)
+
+    with pytest.raises(type(eager.value)):
+        fastinit.deferred_init(M)
+
+
 # ------------------------------------------------------------------ replay
 
 

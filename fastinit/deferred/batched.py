@@ -36,8 +36,9 @@ _RECORDABLE = frozenset({"fill_", "zero_", "mul_", "div_", "add_", "sub_", "clam
                          "clamp_max_", "__setitem__"})
 
 
-# Queries that hand out a tensor's memory (not its metadata): what is queued runs first.
-_RAW_READS = frozenset({"untyped_storage", "_typed_storage", "storage", "data_ptr", "__reduce_ex__"})
+# Queries that hand out a tensor's memory (not its metadata), and deep copies of it
+# (copy.deepcopy(model.state_dict())): what is queued runs first.
+_RAW_READS = frozenset({"untyped_storage", "_typed_storage", "storage", "data_ptr", "__reduce_ex__", "__deepcopy__"})
 
 
 def _span(geom) -> tuple[int, int, bool]:
@@ -137,17 +138,17 @@ class Batch:
             if not (intercept.basic_index(idx) and intercept.is_number(value)):
                 return False
             view = t[idx]  # IndexError as eager code raises it
+            value = intercept.stored_as(value, t.dtype)
             if not view.numel():
                 return True
-            stand_in(t.dtype, "cpu").fill_(value)  # value checks: overflow
             if t.dtype.is_floating_point:
                 self._event(view, "fill", True, spec=Constant(float(value)), key=0)
             else:
                 self._event(view, "op", True, func=torch.Tensor.fill_, args=(view, value), label="__setitem__")
             return True
+        func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values (overflow, casts), with the CPU's errors
         meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
         func(meta, *rest, **kwargs)  # shapes and types
-        func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values: overflow, casts
         if not t.numel():
             return True
         arg0 = rest[0] if rest else kwargs.get("value", kwargs.get("other"))

@@ -159,6 +159,14 @@ def _scalar_fill_spec(name: str, rest: tuple, kwargs: dict):
     return Normal(float(mean), float(std)) if is_number(mean) and is_number(std) else None
 
 
+def stored_as(value, dtype: torch.dtype):
+    """What ``t[i] = value`` stores in a ``dtype`` tensor, with eager's checks (a
+    string raises) and rounding (1e6 into float16 is inf, without an error)."""
+    probe = torch.empty(1, dtype=dtype)
+    probe[0] = value
+    return probe.item()
+
+
 def write_target(name: str, args, kwargs):
     """The tensor an op writes into: ``out=``, or the first argument of an
     in-place method (``x.mul_(2)``, ``x[i] = v``); None for ops that do not write."""
@@ -255,6 +263,8 @@ class Recorder(TorchFunctionMode):
                 self.batch.on_op(func, getattr(func, "__name__", ""), kind, None, args, kwargs)
             if getattr(func, "__self__", None) is _IS_META and args and args[0].is_meta:
                 self._early_return_init(args[0], sys._getframe(1))
+            if func is _DEEPCOPY and self.home is not None and args and args[0].is_meta:
+                return self._record_deepcopy(func, args, kwargs)
             return func(*args, **kwargs)
         if isinstance(kwargs.get("generator"), torch.Generator):
             drawn = self._drawn_now(func, kind, args, kwargs)
@@ -290,6 +300,17 @@ class Recorder(TorchFunctionMode):
             kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
         out = func(*args, **kwargs)
         self._note_created(func, args, kwargs, out)
+        return out
+
+    def _record_deepcopy(self, func, args, kwargs):
+        """``copy.deepcopy`` of a meta tensor while a model is built (an EMA or MoCo key
+        encoder copied in a constructor): torch clones it where no mode sees the
+        clone, so the copy is recorded here as a clone of its source, made now."""
+        src = args[0]
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.is_meta and recording_of(out) is None \
+                and recording_of(src) is not None:
+            self.home.record(out, Node(self.home.next_seq(), torch.Tensor.clone, (src.detach(),), {}))
         return out
 
     def _drawn_now(self, func, kind, args, kwargs):
@@ -373,12 +394,12 @@ class Recorder(TorchFunctionMode):
                 if t.numel():
                     rec.add_event(t, "fill", overwrites=True, spec=spec)
                 return t
+        if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
+            func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values (overflow, casts), with the CPU's errors
         if any(not x.is_meta for x in tensors_in(rest, kwargs)):  # a CPU index, a CPU source
             out = func(*args[:1], *_as_meta(rest), **_as_meta(kwargs))  # (meta kernels want one device)
         else:
             out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
-        if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
-            func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values: overflow, casts
         if t.numel() == 0:
             return out
         if name == "fill_" and is_number(arg(0, "value", None)) and floating:
@@ -404,7 +425,7 @@ class Recorder(TorchFunctionMode):
         idx, value = args[1], args[2]
         view = t[idx]
         if is_number(value):
-            stand_in(t.dtype, "cpu").fill_(value)  # values: overflow, casts
+            value = stored_as(value, t.dtype)
         if not view.numel():
             return out
         if is_number(value) and t.dtype.is_floating_point:
@@ -460,6 +481,7 @@ _reader = _unset_reader
 
 
 _IS_META = torch.Tensor.is_meta
+_DEEPCOPY = torch.Tensor.__deepcopy__
 
 
 class RecordingSink:

@@ -50,13 +50,10 @@ class Start:
 
 
 def creation_spec(node: Node | None) -> InitSpec | None | str:
-    """The spec of a tensor a factory made, ``"empty"`` for uninitialized memory,
-    None when the creating op must be replayed."""
+    """The spec of a floating tensor a factory made, ``"empty"`` for uninitialized
+    memory, None when the creating op must be replayed."""
     if node is None or node.func in UNINITIALIZED:
         return "empty"
-    dtype = node.kwargs.get("dtype")
-    if dtype is not None and not dtype.is_floating_point:
-        return None
     if node.func is torch.zeros:
         return Constant(0.0)
     if node.func is torch.ones:
