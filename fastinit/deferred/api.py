@@ -17,6 +17,7 @@ from torch.nn.modules.lazy import LazyModuleMixin as _LazyModuleMixin
 from .. import distributed as dist_mod
 from .. import engines
 from ..seeding import draw_seed
+from ..specs import Uniform
 from . import intercept
 from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
@@ -596,7 +597,12 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
         total += local.numel() * local.element_size()
         if plan.spec is not None and _covers(plan, geom) and _cast_commutes(plan, t.dtype, target_dtype(t)):
             fused_flags[i] = True
-            targets.extend(dist_mod.targets_for(real, t, plan.spec, _plan_key(ev, rec, plan)))
+            spec = plan.spec
+            if type(spec) is Uniform and t.dtype != target_dtype(t):
+                # [a, b) as the recorded dtype holds it, then rounded once to the target, as
+                # building then casting does (a float32 just below b may round up to b)
+                spec = spec.for_dtype(t.dtype)
+            targets.extend(dist_mod.targets_for(real, t, spec, _plan_key(ev, rec, plan)))
     bases = {}
     for k, ix in shared.items():
         t0, _, rec0, plan0, _ = plans[ix[0]]

@@ -166,8 +166,8 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
     for t in targets:
         if t.tensor.numel() == 0:
             continue
-        if type(t.spec) is Uniform and t.tensor.dtype in FLOAT_DTYPES:
-            t.spec = t.spec.for_dtype(t.tensor.dtype)  # [a, b) once rounded to the dtype
+        if type(t.spec) is Uniform and t.spec.top is None and t.tensor.dtype in FLOAT_DTYPES:
+            t.spec = t.spec.for_dtype(t.tensor.dtype)  # [a, b) once rounded to the dtype (unless set)
         groups.setdefault(engine_for(t.tensor.device), []).append(t)
     for name, batch in groups.items():
         mod = _engine_module(name)
