@@ -315,6 +315,61 @@ def test_scalar_edits_raise_eagers_exception_type_when_recorded_or_queued(edit):
         fastinit.deferred_init(M)
 
 
+_REINTERPRETING_EDITS = {
+    "int32_fill": lambda w: w.view(torch.int32).fill_(1),
+    "bf16_slice_fill": lambda w: w.view(torch.bfloat16)[2:4].fill_(1.0),
+    "uint8_setitem": lambda w: w.view(torch.uint8).__setitem__(4, 255),
+    "int32_mul": lambda w: w.view(torch.int32)[1].mul_(2),
+    "bf16_uniform": lambda w: fastinit.uniform_(w.view(torch.bfloat16)[2:4]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REINTERPRETING_EDITS))
+def test_writes_through_views_of_another_dtype(case):
+    """``w.view(torch.int32)`` addresses other elements and bits: batched() runs such a
+    write after what it queued (the values of the same code unbatched); deferred init,
+    which cannot replay it exactly, says so instead of writing the wrong elements."""
+    edit = _REINTERPRETING_EDITS[case]
+    outs = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        w = torch.zeros(4)
+        with torch.no_grad():
+            if batched:
+                with fastinit.batched():
+                    fastinit.constant_(w, 0.5)
+                    edit(w)
+            else:
+                fastinit.constant_(w, 0.5)
+                edit(w)
+        outs.append(w)
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4))
+            with torch.no_grad():
+                nn.init.constant_(self.w, 0.5)
+                edit(self.w)
+
+    with pytest.raises(NotImplementedError, match="view that reinterprets its bytes"):
+        fastinit.deferred_init(M)
+
+
+def test_a_buffer_read_through_a_view_of_another_dtype_replays_exactly():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4))
+            nn.init.constant_(self.w, 0.5)
+            self.register_buffer("bits", self.w.detach().view(torch.int32).clone())
+
+    m = fastinit.deferred_init(M)
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m.bits, M().bits) and m.bits[0].item() == 0x3F000000
+
+
 # ------------------------------------------------------------------ replay
 
 

@@ -85,6 +85,13 @@ class Batch:
             p = self.pending[sk] = _Pending(t.detach(), self.names.get(sk) if self.seed is not None else None)
         return p
 
+    def _other_dtype(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` views queued memory as another dtype (``w.view(torch.int32)``):
+        queued events address elements of the first dtype seen, so such a write runs
+        now, after the queue."""
+        p = self.pending.get(storage_key(t))
+        return p is not None and p.alias.dtype != t.dtype
+
     def _event(self, t: torch.Tensor, kind: str, overwrites: bool, **kw) -> None:
         self._seq += 1
         self._queue(t).events.append(Event(self._seq, geometry(t), kind, False, overwrites, **kw))
@@ -98,6 +105,9 @@ class Batch:
         check_writable(tensor)  # what torch checks while writing, now: a failing call queues nothing
         self._busy = True  # (our own storage lookups are not reads of the memory)
         try:
+            if self._other_dtype(tensor):
+                self.flush()  # a view that reinterprets queued memory: what is queued first, this call now
+                return False
             named = self.seed is not None and storage_key(tensor) in self.names
             key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
             self._event(tensor, "fill", True, spec=spec, key=key)
@@ -114,7 +124,7 @@ class Batch:
                 self.flush()  # torch.save, bytes(t.untyped_storage()), a data_ptr for C code
             return False, None
         if target is not None and not target.is_meta and storage_key(target) in self.pending:
-            if name in _RECORDABLE and self._record(func, name, target, args, kwargs):
+            if name in _RECORDABLE and not self._other_dtype(target) and self._record(func, name, target, args, kwargs):
                 bump_version(target)
                 return True, (None if name == "__setitem__" else target)
             self.flush()

@@ -152,7 +152,10 @@ class Evaluator:
         if found is None:
             raise ReplayError(f"a meta tensor of shape {tuple(t.shape)} that no recording holds")
         rec, r = found
-        return self.storage_value(rec, r, seq).as_strided(t.shape, t.stride(), t.storage_offset())
+        flat = self.storage_value(rec, r, seq)
+        if t.dtype != flat.dtype:  # a view that reinterprets the bytes (w.view(torch.int32))
+            flat = flat.view(t.dtype)
+        return flat.as_strided(t.shape, t.stride(), t.storage_offset())
 
     def resolve(self, obj, seq: int):
         """``obj`` with meta tensors as their values before step ``seq``, and real

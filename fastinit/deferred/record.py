@@ -160,6 +160,12 @@ class Recording:
 
     def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, **kw) -> Event:
         r = self.storages.get(storage_key(t)) or self.record(t)
+        if t.dtype != r.tensor.dtype:
+            raise NotImplementedError(
+                f"fastinit: {kw.get('label') or kind} writes into a {t.dtype} view of a {r.tensor.dtype} "
+                f"tensor of shape {tuple(r.tensor.shape)} (a view that reinterprets its bytes, such as "
+                "w.view(torch.int32)), which deferred init cannot replay exactly; make this edit after "
+                "materialize()")
         ev = Event(next(self._seq), geometry(t), kind, covers_storage(t), overwrites, **kw)
         r.events.append(ev)
         self.keep.append(t)
