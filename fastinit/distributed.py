@@ -99,9 +99,12 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def allocate_like(meta: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized real tensor shaped like ``meta``: for a DTensor, only this rank's shard."""
+    """An uninitialized real tensor shaped like ``meta`` (and laid out like it where it
+    is dense: channels_last, transposed): for a DTensor, only this rank's shard."""
     if not is_dtensor(meta):
-        return torch.empty(meta.shape, dtype=dtype, device=device)
+        if meta.is_contiguous():
+            return torch.empty(meta.shape, dtype=dtype, device=device)
+        return torch.empty_like(meta, dtype=dtype, device=device)  # (strides kept when dense)
     local_shape, _ = shard_box(meta)
     local = torch.empty(local_shape, dtype=dtype, device=device)
     return _dt_cls().from_local(local, meta.device_mesh, meta.placements, run_check=False,

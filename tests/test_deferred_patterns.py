@@ -370,6 +370,32 @@ def test_a_buffer_read_through_a_view_of_another_dtype_replays_exactly():
     assert torch.equal(m.bits, M().bits) and m.bits[0].item() == 0x3F000000
 
 
+def test_materialized_tensors_keep_the_layout_the_constructor_gave_them():
+    """channels_last (``self.to(memory_format=...)`` in a constructor) and transposed
+    parameters come out laid out as eagerly, with the values of the contiguous layout."""
+
+    class C(nn.Module):
+        def __init__(self, channels_last: bool):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.t = nn.Parameter(torch.empty(8, 4).t())
+            nn.init.normal_(self.t)
+            if channels_last:
+                self.to(memory_format=torch.channels_last)
+
+    m, flat = fastinit.deferred_init(C, True), fastinit.deferred_init(C, False)
+    fastinit.materialize(m, seed=0)
+    fastinit.materialize(flat, seed=0)
+    eager = C(True)
+    for name, p in m.named_parameters():
+        assert p.stride() == eager.get_parameter(name).stride(), name
+    assert m.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(m.t, flat.t)  # the same values, whatever the layout
+    bound = 1 / 27 ** 0.5  # the conv's own kaiming_uniform_(a=sqrt 5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    w = m.conv.weight
+    assert w.abs().max() <= bound and w.unique().numel() == w.numel()
+
+
 # ------------------------------------------------------------------ replay
 
 
