@@ -198,8 +198,9 @@ def apply_to_shard(real, edits, rec_dtype: torch.dtype) -> None:
                 buf = torch.empty(e.geom[0], dtype=rec_dtype, device=flat.device)
                 engines.fill([Target(buf, e.spec, key)])
                 vals = buf.reshape(-1)[inside]
-            else:
-                vals = flat[pos].to(rec_dtype) * e.mul + e.add
+            else:  # the recorded scalar op itself, on the values in the recorded dtype (exact)
+                vals = flat[pos].to(rec_dtype)
+                e.func(vals, *e.args[1:], **e.kwargs)
             flat[pos] = vals.to(flat.dtype)
 
 

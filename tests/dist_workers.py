@@ -21,6 +21,10 @@ class Block(nn.Module):
         self.down = nn.Linear(ffn, d)
         nn.init.trunc_normal_(self.q.weight, std=0.02, a=-0.04, b=0.04)
         nn.init.orthogonal_(self.o.weight)  # replayed, not fused
+        nn.init.normal_(self.up.weight, std=0.02)
+        with torch.no_grad():  # scalar edits after a random fill: replayed on each shard, exactly
+            self.up.weight.div_(6 ** 0.5)  # (GPT-2's residual scaling)
+            self.down.weight.add_(0.1, alpha=0.3)
 
 
 class TinyLM(nn.Module):

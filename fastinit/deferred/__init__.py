@@ -5,8 +5,8 @@
   puts every new tensor on the meta device and logs, per storage, what creates
   and writes it; the records travel with the model's tensors and modules.
 * **Plan** (:mod:`.plan`): per tensor, the last whole overwrite wins and
-  earlier ones never run; scalar edits after a fill fold into its spec; what is
-  left replays in recorded order.
+  earlier ones never run; a constant absorbs the scalar edits after it (computed
+  as eager code computes them); what is left replays in recorded order.
 * **Execute** (:mod:`.execute`): every fusable fill in one engine batch, keyed
   by ``(seed, fully-qualified name)``, replays after it, then the real tensors
   are swapped in, all or nothing.

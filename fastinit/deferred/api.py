@@ -21,7 +21,7 @@ from ..specs import Uniform
 from . import intercept
 from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
-from .plan import Plan, fill_tag, plan_tensor
+from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, attach, covers_storage, detach_handles, geometry,
                      module_handle, named_tensors, recording_of, storage_key, storage_numel, tensor_handle)
 from .report import MaterializeReport, Planned
@@ -555,16 +555,27 @@ def _nested_roots(module: torch.nn.Module) -> dict[int, str]:
 
 def _cast_commutes(plan: Plan, recorded: torch.dtype, target: torch.dtype) -> bool:
     """Whether filling straight into ``target`` gives what eager code gives: build
-    in ``recorded``, then cast once. Not when the engines draw the two dtypes from
-    different streams (float64 has its own; every other dtype rounds the float32
-    one), nor when an edit after the fill reads the values (``div_(norm)``), which
-    would then see values rounded twice. Such tensors are computed in the recorded
-    dtype, then cast."""
+    in ``recorded``, then cast once. Only from float32 to bfloat16/float16 (the
+    engines round the float32 values once; float64 has a stream of its own, a
+    bfloat16 build cast up keeps bfloat16's rounding, float16 to bfloat16 rounds
+    twice), and not when an edit after the fill reads the values (``div_(norm)``),
+    which would then see values rounded twice. Other tensors are computed in the
+    recorded dtype, then cast."""
     if recorded == target:
         return True
-    if (recorded == torch.float64) != (target == torch.float64):
+    if recorded != torch.float32 or target not in (torch.bfloat16, torch.float16):
         return False
     return all(e.overwrites for e in plan.replay)
+
+
+def _fill_spec(plan: Plan, recorded: torch.dtype, target: torch.dtype):
+    """The spec that fills a ``target`` tensor as building in ``recorded`` then casting
+    does: a uniform keeps [a, b) as the recorded dtype holds it, then is rounded once
+    (a float32 just below b may round up to b)."""
+    spec = plan.spec
+    if type(spec) is Uniform and recorded != target:
+        spec = spec.for_dtype(recorded)
+    return spec
 
 
 def _compute(plans, device, dtype, seed, progress, prefixes=None):
@@ -586,6 +597,7 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
 
     reals: list[torch.Tensor | None] = [None] * len(plans)
     fused_flags = [False] * len(plans)
+    specs: list = [None] * len(plans)  # the fused fills' specs, for the target dtype
     total = 0
     targets = []
     for i, (t, names, rec, plan, geom) in enumerate(plans):
@@ -597,12 +609,8 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
         total += local.numel() * local.element_size()
         if plan.spec is not None and _covers(plan, geom) and _cast_commutes(plan, t.dtype, target_dtype(t)):
             fused_flags[i] = True
-            spec = plan.spec
-            if type(spec) is Uniform and t.dtype != target_dtype(t):
-                # [a, b) as the recorded dtype holds it, then rounded once to the target, as
-                # building then casting does (a float32 just below b may round up to b)
-                spec = spec.for_dtype(t.dtype)
-            targets.extend(dist_mod.targets_for(real, t, spec, _plan_key(ev, rec, plan)))
+            specs[i] = _fill_spec(plan, t.dtype, target_dtype(t))
+            targets.extend(dist_mod.targets_for(real, t, specs[i], _plan_key(ev, rec, plan)))
     bases = {}
     for k, ix in shared.items():
         t0, _, rec0, plan0, _ = plans[ix[0]]
@@ -627,7 +635,7 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
                 continue
             replayed += 1
             if fused_flags[i] and dist_mod.is_dtensor(real) and plan.record.tensor.dtype in engines.FLOAT_DTYPES \
-                    and all(e.kind in ("fill", "affine") for e in plan.replay):
+                    and all(e.kind == "fill" or e.kind == "affine" and position_independent(e) for e in plan.replay):
                 offset = len(plan.record.events) - len(plan.replay)
                 edits = [(e, _event_key(ev, rec, plan, e, idx) if e.kind == "fill" else 0)
                          for idx, e in enumerate(plan.replay, offset)]
@@ -637,7 +645,7 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
                 dist_mod.replay_into(
                     real, lambda full, rec=rec, plan=plan, geom=geom, fused=fused:
                     ev.plan_value(rec, plan, full, geom, fused),
-                    plan.spec if fused else None, _plan_key(ev, rec, plan) if fused else 0, name=plan.name)
+                    specs[i] if fused else None, _plan_key(ev, rec, plan) if fused else 0, name=plan.name)
             if not fused_flags[i]:
                 local = dist_mod.local_tensor(real)
                 report_bytes(local.numel() * local.element_size())

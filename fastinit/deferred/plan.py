@@ -76,8 +76,8 @@ def last_overwrite(events: list[Event], whole: Callable[[Event], bool] = _whole)
 
 
 def fold(spec: InitSpec, events: list[Event], dtype: torch.dtype, whole: Callable[[Event], bool] = _whole):
-    """Fold the leading whole-tensor scalar edits (``mul_``, ``div_``, ``add_``,
-    ``sub_``) of a constant into it; returns ``(spec, the events left)``.
+    """Fold the leading whole-tensor scalar edits (``mul_``, and ``add_``/``sub_``
+    without ``alpha``) of a constant into it; returns ``(spec, the events left)``.
 
     Exact: the edits run, as recorded, on one element of ``dtype`` (``ones_(w)``
     then ``w.add_(1/256)`` twice in bfloat16 stays 1.0, as in eager code, where
@@ -89,7 +89,7 @@ def fold(spec: InitSpec, events: list[Event], dtype: torch.dtype, whole: Callabl
         return spec, events
     i = 0
     value = None
-    while i < len(events) and events[i].kind == "affine" and whole(events[i]):
+    while i < len(events) and events[i].kind == "affine" and whole(events[i]) and _same_on_every_device(events[i]):
         e = events[i]
         with torch._C.DisableTorchFunction():
             if value is None:
@@ -97,6 +97,22 @@ def fold(spec: InitSpec, events: list[Event], dtype: torch.dtype, whole: Callabl
             e.func(value, *e.args[1:], **e.kwargs)
         i += 1
     return (spec if value is None else Constant(value.item())), events[i:]
+
+
+def position_independent(e: Event) -> bool:
+    """A scalar edit that rounds each element once, the same wherever the element
+    lies: ``mul_``, ``div_``, and ``add_``/``sub_`` without ``alpha`` (torch fuses
+    ``x + alpha * other`` in its vectorized loop but not in the loop's tail, so
+    there an element's result depends on its position in the tensor)."""
+    name = getattr(e.func, "__name__", "")
+    return name in ("mul_", "div_") or (name in ("add_", "sub_") and "alpha" not in e.kwargs and len(e.args) == 2)
+
+
+def _same_on_every_device(e: Event) -> bool:
+    """A position-independent edit that CUDA computes as the CPU does (CUDA divides
+    by a scalar as a multiplication by its reciprocal): folding it on the CPU gives
+    what the target device would."""
+    return position_independent(e) and getattr(e.func, "__name__", "") != "div_"
 
 
 def start_of(events: list[Event], node: Node | None, dtype: torch.dtype, *, existing: bool = False,

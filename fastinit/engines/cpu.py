@@ -411,12 +411,13 @@ def _round_into(v: np.ndarray, out: np.ndarray) -> None:
     the same values: beyond 65504 a float16 is inf, as in torch), in pieces below
     ATen's parallel grain so that no OpenMP team starts inside a worker thread.
     """
-    src = torch.from_numpy(v)
-    dst = torch.from_numpy(out)
-    if out.dtype == np.uint16:
-        dst = dst.view(torch.bfloat16)
-    for s in range(0, v.size, COPY_GRAIN):
-        dst[s : s + COPY_GRAIN].copy_(src[s : s + COPY_GRAIN])
+    with torch._C.DisableTorchFunction():  # (the engine's own calls: no user's mode sees them)
+        src = torch.from_numpy(v)
+        dst = torch.from_numpy(out)
+        if out.dtype == np.uint16:
+            dst = dst.view(torch.bfloat16)
+        for s in range(0, v.size, COPY_GRAIN):
+            dst[s : s + COPY_GRAIN].copy_(src[s : s + COPY_GRAIN])
 
 
 def _chunk_bytes(t, chunk: int) -> int:
