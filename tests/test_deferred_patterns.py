@@ -359,6 +359,24 @@ def test_writes_through_views_of_another_dtype(case):
         fastinit.deferred_init(M)
 
 
+def test_parameters_that_view_complex_storage_as_real_materialize():
+    """S4D's ``nn.Parameter(torch.view_as_real(torch.randn(h, n, dtype=torch.cfloat)))``:
+    a float32 parameter over complex64 memory."""
+
+    class S4D(nn.Module):
+        def __init__(self, h=64, n=128):
+            super().__init__()
+            self.C = nn.Parameter(torch.view_as_real(torch.randn(h, n, dtype=torch.cfloat)))
+            self.Z = nn.Parameter(torch.view_as_real(torch.full((h, n), 1 + 2j)))
+
+    m = fastinit.deferred_init(S4D)
+    fastinit.materialize(m, seed=0)
+    eager = S4D()
+    assert m.C.shape == eager.C.shape and m.C.dtype == torch.float32
+    assert torch.equal(m.Z, eager.Z)
+    assert abs(m.C.std().item() - 0.5 ** 0.5) < 0.02  # each part of a standard complex normal
+
+
 def test_a_buffer_read_through_a_view_of_another_dtype_replays_exactly():
     class M(nn.Module):
         def __init__(self):

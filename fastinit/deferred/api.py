@@ -643,8 +643,8 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
             else:
                 fused = fused_flags[i]
                 dist_mod.replay_into(
-                    real, lambda full, rec=rec, plan=plan, geom=geom, fused=fused:
-                    ev.plan_value(rec, plan, full, geom, fused),
+                    real, lambda full, rec=rec, plan=plan, geom=geom, fused=fused, dt=t.dtype:
+                    ev.plan_value(rec, plan, full, geom, fused, dt),
                     specs[i] if fused else None, _plan_key(ev, rec, plan) if fused else 0, name=plan.name)
             if not fused_flags[i]:
                 local = dist_mod.local_tensor(real)

@@ -275,9 +275,12 @@ class Evaluator:
 
     # ------------------------------------------------------------ plans
 
-    def plan_value(self, rec: Recording, plan: Plan, out: torch.Tensor, geom: tuple, fused: bool) -> None:
+    def plan_value(self, rec: Recording, plan: Plan, out: torch.Tensor, geom: tuple, fused: bool,
+                   view_dtype: torch.dtype | None = None) -> None:
         """Compute ``plan``'s value into ``out``: a real tensor shaped as the plan's
-        tensor, which views its storage with ``geom``. ``fused``: the plan's spec was
+        tensor, which views its storage with ``geom`` (in elements of ``view_dtype``,
+        the tensor's own dtype, when it reinterprets the storage's bytes:
+        ``nn.Parameter(torch.view_as_real(c))``). ``fused``: the plan's spec was
         already filled into ``out`` (which then covers the storage): only the
         events after it are left."""
         r = plan.record
@@ -295,6 +298,8 @@ class Evaluator:
                     out.copy_(tmp.view(out.shape))
                 return
             value = self.storage_value(rec, r, None)
+            if view_dtype is not None and view_dtype != value.dtype:
+                value = value.view(view_dtype)
             out.copy_(value.as_strided(*geom))
 
 

@@ -60,7 +60,7 @@ def creation_spec(node: Node | None) -> InitSpec | None | str:
         return Constant(1.0)
     if node.func is torch.full:
         v = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
-        return Constant(float(v)) if isinstance(v, numbers.Number) and not isinstance(v, bool) else None
+        return Constant(float(v)) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
     if node.func is torch.rand:
         return Uniform(0.0, 1.0)
     if node.func is torch.randn:
