@@ -39,10 +39,12 @@ def draw_key(generator: torch.Generator | None = None) -> int:
         # The draws of torch.randint(0, 2**32, (2,)), into this thread's buffer
         # (same values, no allocation: this is on the path of every drop-in call).
         buf = getattr(_local, "buf", None)
-        if buf is None:
-            with torch.inference_mode(False):  # usable in and out of inference mode
-                buf = _local.buf = torch.empty(2, dtype=torch.int64, device="cpu")
-        w = buf.random_(0, 1 << 32, generator=g).tolist()
+        # (no torch function mode sees these: a recorder would make the buffer a meta tensor)
+        with torch._C.DisableTorchFunction():
+            if buf is None:
+                with torch.inference_mode(False):  # usable in and out of inference mode
+                    buf = _local.buf = torch.empty(2, dtype=torch.int64, device="cpu")
+            w = buf.random_(0, 1 << 32, generator=g).tolist()
         return splitmix64((w[0] << 32) | w[1])
     offset = g.get_offset()
     g.set_offset(offset + 4)

@@ -416,6 +416,34 @@ def test_materialized_tensors_keep_the_layout_the_constructor_gave_them():
     assert w.abs().max() <= bound and w.unique().numel() == w.numel()
 
 
+def test_a_thread_whose_first_random_call_is_recorded_keeps_filling_eagerly():
+    """The per-thread buffer keys are drawn into is made while recording, if the
+    thread's first call is recorded: it must still be a CPU tensor after."""
+    out = {}
+
+    class C(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 8)
+            fastinit.normal_(self.l.weight, generator=torch.Generator().manual_seed(5))
+
+    def body():
+        try:
+            m = fastinit.deferred_init(C)  # this thread's first random drop-in call
+            fastinit.materialize(m, seed=0)
+            w = torch.empty(3, 3)
+            fastinit.normal_(w)
+            out["w"] = w
+        except BaseException as e:  # (surfaced below)
+            out["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert "error" not in out, out.get("error")
+    assert out["w"].unique().numel() == 9
+
+
 # ------------------------------------------------------------------ replay
 
 
