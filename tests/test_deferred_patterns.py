@@ -845,6 +845,10 @@ class _OwnGenerator(nn.Module):
         nn.init.orthogonal_(self.e, generator=g)
         self.f = nn.Parameter(torch.empty(6, 6))
         nn.init.kaiming_normal_(self.f, generator=g)
+        self.h = nn.Parameter(torch.empty(6, 4))
+        fastinit.orthogonal_(self.h, generator=g)
+        self.i = nn.Parameter(torch.empty(6, 4))
+        fastinit.sparse_(self.i, 0.5, generator=g)
         self.keyed = nn.Parameter(torch.empty(5))
         nn.init.normal_(self.keyed)  # no generator: keyed by materialize's seed
 
@@ -855,7 +859,7 @@ def test_explicit_generators_in_model_code_give_the_eager_values():
     for seed in (0, 1):
         m = fastinit.deferred_init(_OwnGenerator)
         fastinit.materialize(m, seed=seed)
-        for n in "proj a b c d e f".split():
+        for n in "proj a b c d e f h i".split():
             assert torch.equal(getattr(m, n), getattr(eager, n)), n
         seeds.append(m.keyed.detach().clone())
     assert not torch.equal(seeds[0], seeds[1])

@@ -509,6 +509,16 @@ class RecordingSink:
             rec = self.recorder.recording_for(tensor)
             if rec is None:
                 return False
+            gen = kwargs.get("generator")
+            if isinstance(gen, torch.Generator) and tensor.numel():
+                # Its own generator (orthogonal_, sparse_): drawn now, as eagerly, whatever the seed.
+                token = _sink.current.set(None)
+                try:
+                    with torch._C.DisableTorchFunction():
+                        _record_eager_draw(rec, tensor, gen, lambda real: fn(real, *args, **kwargs), fn.__name__)
+                finally:
+                    _sink.current.reset(token)
+                return True
             if tensor.numel():
                 rec.add_event(tensor, "op", overwrites=True, func=fn, args=(tensor.detach(), *args),
                               kwargs=dict(kwargs), label=fn.__name__)
