@@ -211,8 +211,20 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
 
 
 def _replay_or_none(tensor, fn, args, kwargs):
+    """Hand a structured init to the active recorder; True if it was done (recorded,
+    or, for a real tensor inside a recording, run now where the recorder does not
+    see its own allocations, which it would otherwise make meta tensors)."""
     sink = _sink.for_tensor(tensor)
-    return sink is not None and sink.replay(tensor, fn, args, kwargs)
+    if sink is None:
+        return False
+    if not sink.replay(tensor, fn, args, kwargs):
+        token = _sink.current.set(None)
+        try:
+            with torch._C.DisableTorchFunction():
+                fn(tensor, *args, **kwargs)
+        finally:
+            _sink.current.reset(token)
+    return True
 
 
 # --------------------------------------------------------------------------- fills

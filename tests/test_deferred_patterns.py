@@ -444,6 +444,38 @@ def test_a_thread_whose_first_random_call_is_recorded_keeps_filling_eagerly():
     assert out["w"].unique().numel() == 9
 
 
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.register_buffer("never", torch.empty(3))  # (strict mode: an error)
+
+
+@pytest.mark.parametrize("failure", ["init_fn raises", "strict"])
+def test_a_failed_materialize_leaves_loaded_tensors_as_they_were(failure):
+    """init_fn's writes into tensors already loaded (a checkpoint's) are undone when
+    materialize fails, plain edits and drop-in fills alike."""
+    d = fastinit.deferred_init(_TwoLayers)
+    d.a.load_state_dict(nn.Linear(4, 4).state_dict(), assign=True)
+    w0, b0 = d.a.weight.detach().clone(), d.a.bias.detach().clone()
+
+    def init_fn(m):
+        with torch.no_grad():
+            m.a.weight.mul_(2)
+        fastinit.zeros_(m.a.bias)
+        print(m.a.bias.sum().item())  # a read: the queued fill runs now, inside init_fn
+        fastinit.orthogonal_(m.a.weight)  # a structured init, written at once
+        if failure == "init_fn raises":
+            nn.init.ones_(m.b.never)
+            raise ValueError("bug in init_fn")
+        # (strict: b.never is left uninitialized, which materialize reports)
+
+    with pytest.raises(ValueError if failure == "init_fn raises" else RuntimeError):
+        fastinit.materialize(d, seed=0, init_fn=init_fn)
+    assert torch.equal(d.a.weight, w0) and torch.equal(d.a.bias, b0)
+    assert d.b.weight.is_meta
+
+
 # ------------------------------------------------------------------ replay
 
 

@@ -156,6 +156,8 @@ class _Transaction:
             self.names.append((rec, None, sk))
 
     def rollback(self) -> None:
+        if self.batch is not None:
+            self.batch.restore()
         self.batch = None
         detach_handles(self.handles)
         for rec, name, sk in reversed(self.names):
@@ -330,7 +332,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         only = {id(t) for t, _, _ in orphans}
         run = lambda m: default_init(m, only)  # noqa: E731
     if run is not None:
-        txn.batch = Batch()
+        txn.batch = Batch(undoable=True)  # its writes to real tensors are undone if materialize fails
         with intercept.recording(home, txn.batch):
             run(module)
     out = [(t, names, *res) for t, names, res in resolved]

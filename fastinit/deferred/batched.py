@@ -71,12 +71,32 @@ class Batch:
     """Work queued on real tensors, per storage. ``names`` (storage key -> name)
     and ``seed`` key fills of those tensors as ``materialize(seed)`` would."""
 
-    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None):
+    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None, undoable: bool = False):
         self.pending: dict[int, _Pending] = {}
         self.seed = seed
         self.names = names or {}
         self._seq = 0
         self._busy = False
+        # undoable (materialize's init_fn): the bytes of every real storage as they were
+        # before the block first wrote into it, so that a failure can put them back
+        self.undo: dict[int, tuple] | None = {} if undoable else None
+
+    def before_write(self, t: torch.Tensor) -> None:
+        """``t``'s memory is about to be written (an undoable block keeps it first)."""
+        if self.undo is None or t.is_meta:
+            return
+        with torch._C.DisableTorchFunction():
+            st = t.untyped_storage()
+            if st._cdata not in self.undo:
+                self.undo[st._cdata] = (st, st.clone())
+
+    def restore(self) -> None:
+        """Put back every storage an undoable block wrote into."""
+        if self.undo:
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                for st, saved in self.undo.values():
+                    st.copy_(saved)
+            self.undo.clear()
 
     def _queue(self, t: torch.Tensor, sk: int | None = None) -> _Pending:
         sk = storage_key(t) if sk is None else sk
@@ -185,6 +205,8 @@ class Batch:
         if not self.pending:
             return
         pending, self.pending = self.pending, {}
+        for p in pending.values():
+            self.before_write(p.alias)
         fused, later = [], []
         for p in pending.values():
             spans = [_span(e.geom) for e in p.events]

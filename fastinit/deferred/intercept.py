@@ -298,6 +298,8 @@ class Recorder(TorchFunctionMode):
         if self.home is not None and "device" in kwargs and kwargs["device"] is not None \
                 and any(True for t in tensors_in(args, kwargs) if t.is_meta):
             kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
+        if target is not None and self.batch is not None:
+            self.batch.before_write(target)  # (init_fn's writes into real tensors are undone on failure)
         out = func(*args, **kwargs)
         self._note_created(func, args, kwargs, out)
         return out
@@ -502,7 +504,12 @@ class RecordingSink:
                 rec.add_event(tensor, "fill", overwrites=True, spec=spec, key=key)
             return True
         batch = self.recorder.batch
-        return batch is not None and batch.fill(tensor, spec, generator)
+        if batch is None:
+            return False
+        if batch.fill(tensor, spec, generator):
+            return True
+        batch.before_write(tensor)  # (filled now)
+        return False
 
     def replay(self, tensor, fn, args, kwargs) -> bool:
         if tensor.is_meta:
@@ -526,6 +533,7 @@ class RecordingSink:
         batch = self.recorder.batch
         if batch is not None:
             batch.flush()  # a structured init reads its key now: everything queued first
+            batch.before_write(tensor)  # (written now, by the engines)
         return False
 
 
