@@ -596,8 +596,17 @@ def _blocks(t: torch.Tensor, dim: int, sizes):
         start += s
 
 
+def _drop_events_after(t: torch.Tensor, n: int) -> None:
+    """Forget what was recorded for meta tensor ``t`` after its first ``n`` events."""
+    from .deferred.record import recording_of
+
+    found = recording_of(t)
+    if found is not None:
+        del found[1].events[n:]
+
+
 def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, done_resets: set,
-                  keys: dict) -> None:
+                  keys: dict, reset_owned: dict) -> None:
     a = plan.action
     t = p.detach()
     if _is_keep(a):
@@ -619,12 +628,21 @@ def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, d
             return
         done_resets.add(id(a.module))
         reset = getattr(a.module, "reset_parameters", None) or getattr(a.module, "_reset_parameters")
+        # The reset re-initializes every parameter of the module: those other rules
+        # claimed (a bias set to 0, one kept) get back what they held before it.
+        others = [q for q in a.module.parameters() if id(q) not in reset_owned.get(id(a.module), ())]
+        held = [(q, _n_events(q) if q.is_meta else q.detach().clone()) for q in others]
         if seed is None or t.is_meta:
             reset()
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_key63(seed, f"{name}#reset"))
                 reset()
+        for q, before in held:
+            if q.is_meta:
+                _drop_events_after(q, before)
+            else:
+                q.detach().copy_(before)
     elif isinstance(a, Call):
         kwargs = dict(a.kwargs)
         meta = t.is_meta
@@ -704,9 +722,13 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     order = sorted(plans.values(), key=lambda pl: not isinstance(pl.action, (InitSpec, Blocks)))  # fills first
     done: set = set()
     keys = _keys(seed, order)
+    reset_owned: dict[int, set] = {}  # module -> its parameters that a Reset rule claims
+    for pl in plans.values():
+        if isinstance(pl.action, _ResetAction):
+            reset_owned.setdefault(id(pl.action.module), set()).add(id(params[pl.name]))
     with torch.no_grad(), batched(module=model if deferred else None):
         for pl in order:
-            _apply_action(params[pl.name], pl.name, pl, seed, done, keys)
+            _apply_action(params[pl.name], pl.name, pl, seed, done, keys, reset_owned)
     report = SchemeReport(scheme.name, seed, deferred, {n: (pl.rule, pl.describe()) for n, pl in plans.items()},
                           plans)
     if scheme.after is not None:

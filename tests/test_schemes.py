@@ -517,3 +517,29 @@ def test_transformers_neox_and_llama():
     fastinit.materialize(deferred, seed=1)
     for (n, a), (_, b) in zip(eager.named_parameters(), deferred.named_parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["allocated", "deferred"])
+def test_a_reset_rule_leaves_the_parameters_other_rules_claimed(deferred):
+    """``Rule(Reset())`` re-runs the module's reset_parameters, which re-draws every
+    parameter of the module: those an earlier rule set (or kept) stay as that rule says."""
+    from fastinit.schemes import Reset
+
+    def build(first):
+        torch.manual_seed(0)
+        m = fastinit.deferred_init(nn.Linear, 8, 8) if deferred else nn.Linear(8, 8)
+        b0 = None if deferred else m.bias.detach().clone()
+        rep = apply_scheme(m, Scheme("s", [first, Rule(Reset())]), seed=0)
+        if deferred:
+            fastinit.materialize(m, seed=1)
+        assert m.weight.abs().max() <= 1 / 8 ** 0.5 and m.weight.unique().numel() == 64  # the reset's law
+        return m, b0, rep
+
+    m, _, rep = build(Rule(0.0, name="bias"))
+    assert (m.bias == 0).all(), rep["bias"]
+    m, b0, rep = build(Rule("keep", name="bias"))
+    if deferred:  # kept: what the model's own init records, keyed by the seed
+        b0 = fastinit.deferred_init(nn.Linear, 8, 8)
+        fastinit.materialize(b0, seed=1)
+        b0 = b0.bias.detach()
+    assert torch.equal(m.bias.detach(), b0), rep["bias"]
