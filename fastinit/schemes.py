@@ -149,6 +149,13 @@ class VarianceScaling:
     distribution: str
     label: str = ""
 
+    def __post_init__(self):
+        if self.mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise ValueError(f"VarianceScaling: mode must be 'fan_in', 'fan_out' or 'fan_avg', not {self.mode!r}")
+        if self.distribution not in ("uniform", "normal"):
+            raise ValueError(f"VarianceScaling: distribution must be 'uniform' or 'normal', not "
+                             f"{self.distribution!r} (a truncated normal is a Call of trunc_normal_)")
+
     def __call__(self, p: Param):
         if p.ndim < 2:
             raise ValueError(f"{p.name}: {self.label or 'variance scaling'} needs a tensor with at least 2 "

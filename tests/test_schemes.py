@@ -543,3 +543,11 @@ def test_a_reset_rule_leaves_the_parameters_other_rules_claimed(deferred):
         fastinit.materialize(b0, seed=1)
         b0 = b0.bias.detach()
     assert torch.equal(m.bias.detach(), b0), rep["bias"]
+
+
+def test_variance_scaling_names_a_bad_mode_or_distribution():
+    from fastinit.schemes import VarianceScaling
+
+    for mode, dist in (("fanin", "normal"), ("fan_in", "truncated_normal"), ("fan_in", "gaussian")):
+        with pytest.raises(ValueError, match="VarianceScaling: "):
+            VarianceScaling(1.0, mode, dist)
