@@ -352,6 +352,21 @@ def _matches(st: dict, c: _Cand, n: int, dtype) -> bool:
 # ------------------------------------------------------------------ audit
 
 
+def _too_many_subnormals(st: dict, dtype: torch.dtype) -> bool:
+    """More subnormal values than a drawn init could make: a law of std s has density
+    at most 0.4/s near 0 (the normal's; a uniform's is 0.29/s), so about
+    ``0.8 n tiny / s`` of ``n`` values fall below the dtype's smallest normal ``tiny``.
+    In float16 (tiny 6.1e-5) that is a few per thousand at s = 0.02; in float32 and
+    bfloat16 (tiny 1.2e-38) none."""
+    sub = st["subnormal"]
+    if not sub:
+        return False
+    std = st["std"]
+    if not std or not math.isfinite(std):
+        return True
+    return sub > 10 * 0.8 * st["n"] * torch.finfo(dtype).tiny / std  # (ten times that: no sampling flake)
+
+
 def _stats(t: torch.Tensor) -> dict:
     """Moments (of a strided sample of at most :data:`SAMPLE` elements), extremes and
     counts of NaN/inf, subnormal and huge values (of every element)."""
@@ -487,7 +502,7 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
             pa.mean, pa.std, pa.min, pa.max = st["mean"], st["std"], st["min"], st["max"]
             if st["nonfinite"]:
                 own.append(("nonfinite", f"{st['nonfinite']} NaN/inf value(s)"))
-            if st["subnormal"] or st["huge"]:
+            if _too_many_subnormals(st, p.tensor.dtype) or st["huge"]:
                 own.append(("uninitialized", f"looks like uninitialized memory: {st['subnormal']} subnormal and "
                                              f"{st['huge']} huge (>1e8) value(s)"))
             if st["constant"] and p.tensor.numel():

@@ -177,3 +177,14 @@ def test_deferred_trunc_normal_with_wide_bounds_matches_the_normal():
     a = fastinit.audit(fastinit.deferred_init(build))
     assert a.params[0].matches == ["N(0, 0.02) (GPT-2/BERT)"] and a.params[0].std == pytest.approx(0.02)
     assert a.params[1].matches == [] and a.params[1].max == 0.02 and a.params[1].std < 0.02
+
+
+def test_a_correctly_initialized_float16_model_is_not_flagged_uninitialized():
+    """float16's subnormals start at 6.1e-5: a drawn init of std .02 puts a few per
+    thousand values there, which is no sign of uninitialized memory; random bits are."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(768, 768).half()
+    assert "uninitialized" not in [f.kind for f in fastinit.audit(m).flags]
+    with torch.no_grad():
+        m.weight.copy_(torch.randint(-32768, 32767, (768, 768), dtype=torch.int16).view(torch.float16))
+    assert "uninitialized" in [f.kind for f in fastinit.audit(m).flags]
