@@ -10,6 +10,7 @@ it), and filled by the engine of the tensor's device.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import warnings
 
@@ -65,6 +66,9 @@ def _check_normal_dtype(tensor: torch.Tensor, device: torch.device) -> None:
 
 _STAND_INS: dict = {}
 _CPU = torch.device("cpu")
+# Set while a call on a meta tensor stands for the same call on a CPU tensor (a
+# scheme's dry run): its values are checked as the CPU's kernels check them.
+meta_checked_as_cpu: contextvars.ContextVar = contextvars.ContextVar("fastinit_meta_checked_as_cpu", default=False)
 
 
 def stand_in(dtype: torch.dtype, device) -> torch.Tensor:
@@ -84,11 +88,12 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
     recorded (``recording``: it stands for the real tensor eager code would make
     on the CPU, so it is checked as that one would be).
     """
-    device = _CPU if recording and tensor.is_meta else tensor.device
+    as_cpu = tensor.is_meta and (recording or meta_checked_as_cpu.get())
+    device = _CPU if as_cpu else tensor.device
     s = stand_in(tensor.dtype, device)
     with torch._C.DisableTorchFunction():
         getattr(s, op)(*args, **kwargs)
-    if op == "normal_" and tensor.numel() and (recording or not tensor.is_meta):
+    if op == "normal_" and tensor.numel() and (as_cpu or not tensor.is_meta):
         # torch's normal_ looks at the dtype only when there are elements to write
         _check_normal_dtype(tensor, device)
 

@@ -485,6 +485,7 @@ def _dry_run(call: Call, p: Param) -> None:
     from . import _sink
 
     token = _sink.current.set(None)
+    as_cpu = dropin.meta_checked_as_cpu.set(True)  # (bounds and values: torch's meta kernels skip them)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -492,6 +493,7 @@ def _dry_run(call: Call, p: Param) -> None:
     except Exception as e:
         raise type(e)(f"{p.name}: {call!r}: {e}") if type(e) in (ValueError, TypeError, RuntimeError) else e
     finally:
+        dropin.meta_checked_as_cpu.reset(as_cpu)
         _sink.current.reset(token)
 
 

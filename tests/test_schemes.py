@@ -551,3 +551,12 @@ def test_variance_scaling_names_a_bad_mode_or_distribution():
     for mode, dist in (("fanin", "normal"), ("fan_in", "truncated_normal"), ("fan_in", "gaussian")):
         with pytest.raises(ValueError, match="VarianceScaling: "):
             VarianceScaling(1.0, mode, dist)
+
+
+def test_a_call_with_bad_arguments_raises_before_any_rule_writes():
+    m = nn.Linear(8, 16)
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match="from=1 > to=0"):
+        apply_scheme(m, Scheme("x", [Rule(1.0, ndim=1), Rule(Call(fastinit.uniform_, a=1, b=0))]))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
