@@ -188,3 +188,22 @@ def test_a_correctly_initialized_float16_model_is_not_flagged_uninitialized():
     with torch.no_grad():
         m.weight.copy_(torch.randint(-32768, 32767, (768, 768), dtype=torch.int16).view(torch.float16))
     assert "uninitialized" in [f.kind for f in fastinit.audit(m).flags]
+
+
+def test_a_deferred_tensor_edited_after_its_fill_has_no_predicted_law():
+    """``w.mul_(100)`` after the fill: the fill's law is not the value's, so neither
+    ``planned`` nor the audit claims it (a padding row filled after it keeps the law)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            with torch.no_grad():
+                self.a.weight.mul_(100.0)
+            self.e = nn.Embedding(10, 4, padding_idx=0)
+
+    d = fastinit.deferred_init(Net)
+    plan = fastinit.planned(d)
+    assert plan["a.weight"].spec is None and "affine" in plan["a.weight"].description
+    assert plan["e.weight"].spec is not None
+    assert [p.std for p in fastinit.audit(d).params if p.name == "a.weight"] == [None]

@@ -403,8 +403,11 @@ def planned(module: torch.nn.Module) -> dict[str, Planned]:
         resolved, _ = _prepare(module, _objects(module), None, txn, where="fastinit.planned", persist=False)
         out = {}
         for t, names, rec, plan, geom in _plans(resolved):
-            fused = plan.spec is not None and _covers(plan, geom)
-            item = Planned(plan.spec if fused else None, plan.describe(), plan.why_uninitialized)
+            # the law of the value: the fill's, unless something but a fill of a part (an
+            # Embedding's padding row) edits it after the fill
+            lawful = plan.spec is not None and _covers(plan, geom) and all(
+                e.kind == "fill" and not e.whole for e in plan.replay)
+            item = Planned(plan.spec if lawful else None, plan.describe(), plan.why_uninitialized)
             for n in names:
                 out[n] = item
         return out

@@ -33,8 +33,10 @@ class MaterializeReport:
 @dataclass(frozen=True)
 class Planned:
     """What a deferred tensor will get when it is materialized: ``spec``, the
-    :class:`~fastinit.specs.InitSpec` of its fused fill (None when its value is
-    replayed, e.g. an ``orthogonal_`` or a computed buffer), ``description``
+    :class:`~fastinit.specs.InitSpec` of its fused fill, which is its value's law
+    (None when its value is replayed, e.g. an ``orthogonal_`` or a computed buffer,
+    or edited after the fill other than by filling a part, as an Embedding's padding
+    row: ``w.mul_(100)``), ``description``
     (the line ``materialize``'s report will show) and ``uninitialized`` (why
     strict mode would reject it, or None)."""
 
