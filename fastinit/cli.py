@@ -251,8 +251,11 @@ def compare(args) -> int:
     _at_least(args.epochs, 1, "--epochs")
     _out_path(args.plot, "--plot")
     _out_path(args.json, "--json")
-    if args.scheme:
-        bad = check_schemes([n.strip() for a in args.scheme for n in a.split(",") if n.strip()])
+    if args.scheme is not None:
+        names = [n.strip() for a in args.scheme for n in a.split(",") if n.strip()]
+        if not names:
+            raise UsageError("--scheme: no scheme named (give names separated by commas)")
+        bad = check_schemes(names)
         if bad:
             raise UsageError(bad)
     return run(args)

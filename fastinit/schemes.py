@@ -313,8 +313,7 @@ class Rule:
     def __init__(self, spec, *, module=None, name=None, ndim=None, where: Callable[[Param], bool] | None = None,
                  label: str | None = None):
         _check_spec(spec)
-        if ndim is not None:
-            _ndim_ok(1, ndim)  # a bad ndim string is an error now
+        _check_conditions(module, name, ndim, where)
         self.spec, self.module, self.name, self.ndim, self.where = spec, module, name, ndim, where
         self.label = label or self._describe()
 
@@ -352,6 +351,31 @@ def _spec_label(spec) -> str:
             and hasattr(spec, "__name__"):
         return spec.__name__
     return repr(spec)
+
+
+def _check_conditions(module, name, ndim, where) -> None:
+    """A rule's conditions, checked when it is made (not when it first meets a parameter)."""
+    for m in (() if module is None else module if isinstance(module, (tuple, list)) else (module,)):
+        if not (isinstance(m, str) or isinstance(m, type) and issubclass(m, nn.Module)):
+            raise TypeError(f"Rule: module= takes module classes or class-name globs (or a tuple of them), "
+                            f"not {m!r}")
+    for n in (() if name is None else name if isinstance(name, (tuple, list)) else (name,)):
+        if not isinstance(n, str):
+            raise TypeError(f"Rule: name= takes name globs (or a tuple of them), not {n!r}")
+    if ndim is not None:
+        ok = (isinstance(ndim, int) and not isinstance(ndim, bool)) or isinstance(ndim, str) or callable(ndim) or (
+            isinstance(ndim, (tuple, list, set, frozenset, range))
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in ndim))
+        if not ok:
+            raise TypeError(f"Rule: ndim= takes an int, a container of ints, '>1'-style or a predicate, not {ndim!r}")
+        if isinstance(ndim, str):
+            try:
+                _ndim_ok(1, ndim)
+            except ValueError:
+                raise ValueError(f"ndim={ndim!r}: use an int, a container of ints, or '>1', '>=2', '<2', "
+                                 "'==1'") from None
+    if where is not None and not callable(where):
+        raise TypeError(f"Rule: where= takes a predicate of a Param, not {where!r}")
 
 
 def _check_spec(spec) -> None:
@@ -413,6 +437,17 @@ class Scheme:
         if unknown:
             raise TypeError(f"scheme {self.name!r} got unknown option(s) {', '.join(unknown)}; it takes "
                             f"{', '.join(sorted(self.options)) or 'none'}")
+        for k in ("n_layer", "d_model"):
+            v = options.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"scheme {self.name!r}: {k} must be a positive int (or None: inferred), not {v!r}")
+        q = options.get("qkv")
+        if q is not None:
+            parts = [q] if isinstance(q, int) and not isinstance(q, bool) else q
+            if isinstance(q, bool) or not isinstance(parts, (list, tuple)) or not parts or any(
+                    isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in parts):
+                raise ValueError(f"scheme {self.name!r}: qkv must be a positive int (the number of equal blocks) "
+                                 f"or a list of positive block sizes, not {q!r}")
         return {**self.options, **options}
 
 

@@ -104,6 +104,8 @@ def test_compare_orders_the_schemes_and_writes_a_png(tmp_path):
     (["compare", "--json", "/nonexistent-folder/x.json"], "does not exist"),
     (["compare", "--scheme", "xavier_uniform,nope"], "unknown scheme"),
     (["compare", "--scheme", "dcgan"], "has no rule for"),
+    (["compare", "--scheme", ""], "no scheme named"),
+    (["compare", "--scheme", " , "], "no scheme named"),
     (["audit", "nope"], "neither a preset"),
     (["audit", "no_such_module_xyz:f"], "cannot import"),
     (["audit", "torch.nn:NoSuchLayer"], "has no attribute"),

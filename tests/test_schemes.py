@@ -560,3 +560,21 @@ def test_a_call_with_bad_arguments_raises_before_any_rule_writes():
         apply_scheme(m, Scheme("x", [Rule(1.0, ndim=1), Rule(Call(fastinit.uniform_, a=1, b=0))]))
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kwargs", [dict(module=3), dict(module=nn.Linear(2, 2)), dict(name=3), dict(ndim=2.0),
+                                    dict(ndim=True), dict(ndim=">=x"), dict(where=5)], ids=str)
+def test_a_rule_with_a_bad_condition_is_an_error_when_made(kwargs):
+    with pytest.raises((TypeError, ValueError), match="Rule: |ndim="):
+        Rule(0.0, **kwargs)
+
+
+@pytest.mark.parametrize("scheme,opts", [("gpt2", dict(n_layer=0)), ("gpt2", dict(n_layer=-1)),
+                                         ("gpt2", dict(n_layer=2.5)), ("neox", dict(d_model=0)),
+                                         ("xavier_uniform", dict(qkv=0))], ids=str)
+def test_bad_scheme_options_are_named_before_anything_is_written(scheme, opts):
+    m = nn.Sequential(nn.Linear(4, 12))
+    w0 = m[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=f"scheme '{scheme}': "):
+        apply_scheme(m, scheme, **opts)
+    assert torch.equal(m[0].weight, w0)
