@@ -476,6 +476,24 @@ def test_a_failed_materialize_leaves_loaded_tensors_as_they_were(failure):
     assert d.b.weight.is_meta
 
 
+def test_init_fn_combines_loaded_and_deferred_tensors_out_of_place():
+    """``m.b.bias.copy_(torch.ones(4) + m.a.bias)`` with ``a`` loaded and ``b`` deferred:
+    a factory inside init_fn is recorded (meta), the loaded tensor's values with it."""
+    d = fastinit.deferred_init(_TwoLayers)
+    src = nn.Linear(4, 4)
+    d.a.load_state_dict(src.state_dict(), assign=True)
+
+    def init_fn(m):
+        with torch.no_grad():
+            m.b.bias.copy_(torch.ones(4) + m.a.bias)
+            m.b.weight.copy_(torch.where(m.a.weight > 0, m.a.weight, 0.0) * 2)
+            nn.init.zeros_(m.b.never)
+
+    fastinit.materialize(d, seed=0, init_fn=init_fn)
+    assert torch.equal(d.b.bias, torch.ones(4) + src.bias)
+    assert torch.equal(d.b.weight, torch.where(src.weight > 0, src.weight, 0.0) * 2)
+
+
 # ------------------------------------------------------------------ replay
 
 

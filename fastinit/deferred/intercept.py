@@ -232,6 +232,18 @@ def _as_meta(obj):
                     obj)
 
 
+def _mixes_meta_and_real(args, kwargs) -> bool:
+    """Whether an op's tensor arguments mix meta tensors with real ones (not 0-dim:
+    torch treats those as scalars on any device)."""
+    meta = real = False
+    for t in tensors_in(args, kwargs):
+        if t.is_meta:
+            meta = True
+        elif t.dim():
+            real = True
+    return meta and real
+
+
 def only_scalars(args, kwargs) -> bool:
     return not any(True for _ in tensors_in(args, kwargs))
 
@@ -300,7 +312,12 @@ class Recorder(TorchFunctionMode):
             kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
         if target is not None and self.batch is not None:
             self.batch.before_write(target)  # (init_fn's writes into real tensors are undone on failure)
-        out = func(*args, **kwargs)
+        if target is None and _mixes_meta_and_real(args, kwargs):
+            # torch.ones(4) + loaded.bias inside init_fn, with ones made meta: computed on meta
+            # here; the recorded op keeps the real tensors' values, for materialize
+            out = func(*_as_meta(args), **_as_meta(kwargs))
+        else:
+            out = func(*args, **kwargs)
         self._note_created(func, args, kwargs, out)
         return out
 
