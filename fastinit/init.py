@@ -208,7 +208,7 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
         return tensor
     if not tensor.is_meta:
         check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
-    if is_dtensor(tensor) and _is_engine_dtype(tensor.dtype):
+    if is_dtensor(tensor) and not tensor.is_meta and _is_engine_dtype(tensor.dtype):
         fill_dtensor(tensor, Constant(float(value)), 0)
         return tensor
     with torch.no_grad():  # a memset: torch's own fill_ is the floor, and its checks are torch's

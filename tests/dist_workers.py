@@ -132,6 +132,26 @@ def fsdp_block_by_block(rank, world):
     assert _compare(model, _reference()) > 0
 
 
+def fsdp_init_after_sharding_is_refused(rank, world):
+    """Init added after fully_shard to a deferred model cannot reach its records: an
+    error naming the way around it (it was silently dropped), and nothing changes."""
+    import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fastinit.deferred_init(TinyLM)
+    fully_shard(model, mesh=mesh)
+    with pytest.raises(NotImplementedError, match="sharded after deferred_init"):
+        fastinit.materialize(model, device="cpu", seed=SEED, init_fn=lambda m: fastinit.zeros_(m.norm.weight))
+    assert all(t.is_meta for t in model.parameters())
+    with pytest.raises(NotImplementedError, match="sharded after deferred_init"):
+        with fastinit.batched(module=model):
+            fastinit.normal_(model.emb.weight)
+    fastinit.materialize(model, device="cpu", seed=SEED)  # the model's own init, as recorded
+    assert _compare(model, _reference()) > 0
+
+
 def tp_2d(rank, world):
     """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -37,6 +37,10 @@ def test_fsdp2_meta_model_with_init_fn_matches_unsharded(world):
     _spawn(dist_workers.fsdp_meta_init_fn, world)
 
 
+def test_init_after_sharding_a_deferred_model_is_refused():
+    _spawn(dist_workers.fsdp_init_after_sharding_is_refused, 2)
+
+
 def test_2d_mesh_tensor_parallel_plus_fsdp_matches_unsharded():
     _spawn(dist_workers.tp_2d, 4)
 

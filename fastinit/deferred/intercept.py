@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _sink
+from ..distributed import is_dtensor
 from .. import init as dropin
 from ..init import stand_in
 from ..seeding import draw_key
@@ -262,6 +263,13 @@ class Recorder(TorchFunctionMode):
         found = recording_of(t)
         if found is not None:
             return found[0]
+        if self.home is not None and is_dtensor(t):
+            raise NotImplementedError(
+                "fastinit: a write into a parameter sharded after deferred_init (fully_shard, "
+                "distribute_tensor) cannot be recorded: its record is the unsharded tensor's. Initialize "
+                "before sharding (in the constructor, or batched(module=model) / init calls before "
+                "fully_shard), or build the model under torch.device('meta'), shard it, then "
+                "materialize(model, init_fn=...)")
         return self.home
 
     # ------------------------------------------------------------ dispatch
