@@ -494,6 +494,22 @@ def test_init_fn_combines_loaded_and_deferred_tensors_out_of_place():
     assert torch.equal(d.b.weight, torch.where(src.weight > 0, src.weight, 0.0) * 2)
 
 
+def test_batched_fills_with_the_engine_in_force_at_each_call():
+    """``use_engine`` inside the block (or around a call, then a read after it)."""
+    torch.manual_seed(0)
+    ref, cpu = torch.empty(64), torch.empty(64)
+    with fastinit.use_engine("reference"):
+        fastinit.normal_(ref)
+    fastinit.normal_(cpu)
+    torch.manual_seed(0)
+    a, b = torch.empty(64), torch.empty(64)
+    with fastinit.batched():
+        with fastinit.use_engine("reference"):
+            fastinit.normal_(a)
+        fastinit.normal_(b)
+    assert torch.equal(a, ref) and torch.equal(b, cpu)
+
+
 # ------------------------------------------------------------------ replay
 
 

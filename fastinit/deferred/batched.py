@@ -130,7 +130,8 @@ class Batch:
                 return False
             named = self.seed is not None and storage_key(tensor) in self.names
             key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
-            self._event(tensor, "fill", True, spec=spec, key=key)
+            # the engine in force now, as the call one by one would use (use_engine inside the block)
+            self._event(tensor, "fill", True, spec=spec, key=key, engine=engines.engine_for(tensor.device))
         finally:
             self._busy = False
         bump_version(tensor)  # at the call, as eagerly: backward through old values raises
@@ -220,7 +221,8 @@ class Batch:
             st = start_of(p.events, None, p.alias.dtype, existing=True, whole=whole)
             if st.kind == "fill":
                 ev = p.events[st.index]
-                fused.append(Target(p.alias.as_strided(*ev.geom), st.spec, self._key(p, ev, st.index, whole)))
+                fused.append(Target(p.alias.as_strided(*ev.geom), st.spec, self._key(p, ev, st.index, whole),
+                                    engine=ev.engine))
                 later.append((p, st.rest, len(p.events) - len(st.rest), whole))
             else:
                 todo = [p.events[st.index], *st.rest] if st.kind == "event" else st.rest
@@ -231,7 +233,7 @@ class Batch:
                 for idx, e in enumerate(events, offset):
                     view = p.alias.as_strided(*e.geom)
                     if e.kind == "fill":
-                        engines.fill([Target(view, e.spec, self._key(p, e, idx, whole))])
+                        engines.fill([Target(view, e.spec, self._key(p, e, idx, whole), engine=e.engine)])
                     else:
                         e.func(view, *e.args[1:], **e.kwargs)
 

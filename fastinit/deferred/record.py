@@ -101,6 +101,7 @@ class Event:
     kwargs: dict = field(default_factory=dict)
     label: str = ""
     key: int | None = None
+    engine: str | None = None  # (batched(): the engine in force at the call)
 
     def describe(self) -> str:
         where = "" if self.whole else "[view]"

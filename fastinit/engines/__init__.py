@@ -70,6 +70,7 @@ class Target:
     key: int
     layout: Layout | None = None
     name: str = field(default="")
+    engine: str | None = None  # the engine that fills it (None: the one in force for its device)
 
     def __post_init__(self):
         if self.layout is None:
@@ -168,7 +169,7 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
             continue
         if type(t.spec) is Uniform and t.spec.top is None and t.tensor.dtype in FLOAT_DTYPES:
             t.spec = t.spec.for_dtype(t.tensor.dtype)  # [a, b) once rounded to the dtype (unless set)
-        groups.setdefault(engine_for(t.tensor.device), []).append(t)
+        groups.setdefault(t.engine or engine_for(t.tensor.device), []).append(t)
     for name, batch in groups.items():
         mod = _engine_module(name)
         mod.check_available()
