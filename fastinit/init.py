@@ -98,6 +98,16 @@ def check_like_torch(tensor: torch.Tensor, op: str, *args, recording: bool = Fal
         _check_normal_dtype(tensor, device)
 
 
+def _whole_tensor_only(tensor: torch.Tensor, name: str, error=NotImplementedError) -> None:
+    """Structured inits see the whole tensor: on a DTensor they would compute on each
+    shard as if it were the whole (torch's own eye_/dirac_ then write wrong values
+    without an error): an error, before anything is written."""
+    if is_dtensor(tensor):
+        raise error(f"fastinit.{name}: DTensors are not supported (each shard would be initialized as if it "
+                    "were the whole tensor); initialize the full tensor, then distribute it, or materialize a "
+                    "deferred model (its replays are computed whole)")
+
+
 def _dense_only(tensor: torch.Tensor, name: str) -> None:
     """Sparse and other non-strided tensors: torch's first op in ``name`` raises
     NotImplementedError; so does this, before anything is written."""
@@ -517,6 +527,7 @@ def eye_(tensor):
         raise ValueError("Only tensors with 2 dimensions are supported")
     if _replay_or_none(tensor, eye_, (), {}) or tensor.is_meta:
         return tensor
+    _whole_tensor_only(tensor, "eye_")
     check_writable(tensor, overlap=False)
     with torch.no_grad():
         torch.eye(*tensor.shape, out=tensor, requires_grad=tensor.requires_grad)
@@ -542,6 +553,7 @@ def dirac_(tensor, groups: int = 1):
         raise ValueError("dim 0 must be divisible by groups")
     if _replay_or_none(tensor, dirac_, (groups,), {}) or tensor.is_meta:
         return tensor
+    _whole_tensor_only(tensor, "dirac_")
     out_per_group = sizes[0] // groups
     min_dim = min(out_per_group, sizes[1])
     range(groups), range(min_dim)  # torch's loops raise TypeError for non-integers: before any write
@@ -577,6 +589,7 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         return tensor
     if tensor.numel() == 0 or tensor.is_meta:
         return tensor
+    _whole_tensor_only(tensor, "orthogonal_")
     if not _is_engine_dtype(tensor.dtype):  # complex and integer tensors: torch's own errors
         return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
     rows = tensor.size(0)
@@ -621,6 +634,7 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
         return tensor
     if tensor.is_meta:
         return tensor
+    _whole_tensor_only(tensor, "sparse_", RuntimeError)  # (torch's type here)
     rows, cols = tensor.shape
     num_zeros = math.ceil(sparsity * rows)
     check_like_torch(tensor, "normal_", 0, std, generator=generator)

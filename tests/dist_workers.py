@@ -208,6 +208,18 @@ def dropin_dtensor(rank, world):
             fn(dt, *args, generator=torch.Generator().manual_seed(5))
             plain = fn(torch.zeros(13, 7), *args, generator=torch.Generator().manual_seed(5))
             assert torch.equal(dt.full_tensor(), plain), (placement, fn.__name__)
+    # Structured inits would treat each shard as the whole tensor (torch's own eye_ and
+    # dirac_ then write wrong values without an error): an error, nothing written.
+    import pytest
+
+    for fn, shape, error in ((fastinit.eye_, (6, 8), NotImplementedError),
+                             (fastinit.dirac_, (4, 4, 3), NotImplementedError),
+                             (fastinit.orthogonal_, (6, 8), NotImplementedError),
+                             (lambda t: fastinit.sparse_(t, 0.5), (6, 8), RuntimeError)):
+        dt = distribute_tensor(torch.full(shape, -7.0), mesh, [Shard(0)])
+        with pytest.raises(error, match="DTensors are not supported"):
+            fn(dt)
+        assert (dt.full_tensor() == -7).all()
 
 
 def negative_control(rank, world):
