@@ -968,3 +968,13 @@ def test_a_deep_copy_of_a_deferred_block_materializes_to_its_originals_values():
     assert alone.lin.weight.is_meta
     fastinit.materialize(alone, seed=0)
     _assert_same(alone, twin)
+
+
+def test_materialize_names_a_meta_device_or_a_non_float_dtype_before_any_work():
+    m = fastinit.deferred_init(nn.Linear, 4, 4)
+    with pytest.raises(ValueError, match="device='meta'"):
+        fastinit.materialize(m, seed=0, device="meta")
+    for dtype in (torch.int32, torch.bool):
+        with pytest.raises(TypeError, match="floating point or complex"):
+            fastinit.materialize(m, seed=0, dtype=dtype)
+    assert fastinit.is_deferred(m) and m.weight.is_meta

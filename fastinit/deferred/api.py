@@ -481,6 +481,12 @@ def materialize(
     """
     t0 = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "meta":
+        raise ValueError("fastinit.materialize: device='meta' is where a deferred model already is; name the "
+                         "device to allocate on ('cpu', 'cuda', ...)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
+        raise TypeError(f"fastinit.materialize only casts to floating point or complex dtypes (as nn.Module.to), "
+                        f"but got dtype={dtype}")
     objs = _objects(module, "fastinit.materialize")
     if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
         warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
