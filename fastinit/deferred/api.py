@@ -465,8 +465,8 @@ def materialize(
             from those), naming every such tensor.
         progress: show bytes done on stderr (default: on a terminal, for big models).
         init_fn: initialization to record and apply, after what is recorded. Its
-            writes to tensors that are already real are applied too, only if
-            materialize succeeds.
+            writes to tensors that are already real are applied too, and undone
+            if materialize fails (a copy of each such tensor is kept meanwhile).
 
     Returns:
         A :class:`MaterializeReport`: per tensor, what it received.
