@@ -263,7 +263,7 @@ class Recorder(TorchFunctionMode):
         found = recording_of(t)
         if found is not None:
             return found[0]
-        if self.home is not None and is_dtensor(t):
+        if self.home is not None and self.home.root is not None and is_dtensor(t):  # (a built model's)
             raise NotImplementedError(
                 "fastinit: a write into a parameter sharded after deferred_init (fully_shard, "
                 "distribute_tensor) cannot be recorded: its record is the unsharded tensor's. Initialize "
