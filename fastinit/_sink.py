@@ -13,7 +13,10 @@ instead of doing nothing as torch's calls on meta tensors do.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+
+import torch
 
 current: contextvars.ContextVar = contextvars.ContextVar("fastinit_sink", default=None)
 
@@ -28,3 +31,16 @@ def for_tensor(tensor):
     if sink is None and tensor.is_meta and meta_sink is not None:
         return meta_sink(tensor)
     return sink
+
+
+@contextlib.contextmanager
+def unseen():
+    """Run a block that no sink takes calls from and no torch function mode sees: a
+    call fastinit itself makes eagerly while a recorder runs (which would otherwise
+    take its calls, and make its allocations meta tensors)."""
+    token = current.set(None)
+    try:
+        with torch._C.DisableTorchFunction():
+            yield
+    finally:
+        current.reset(token)

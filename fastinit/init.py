@@ -233,12 +233,8 @@ def _replay_or_none(tensor, fn, args, kwargs):
     if sink is None:
         return False
     if not sink.replay(tensor, fn, args, kwargs):
-        token = _sink.current.set(None)
-        try:
-            with torch._C.DisableTorchFunction():
-                fn(tensor, *args, **kwargs)
-        finally:
-            _sink.current.reset(token)
+        with _sink.unseen():
+            fn(tensor, *args, **kwargs)
     return True
 
 

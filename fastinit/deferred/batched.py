@@ -184,8 +184,10 @@ class Batch:
             return True
         arg0 = rest[0] if rest else kwargs.get("value", kwargs.get("other"))
         alpha = kwargs.get("alpha", rest[1] if len(rest) > 1 else 1)
-        if name in ("fill_", "zero_") and t.dtype.is_floating_point:
-            self._event(t, "fill", True, spec=Constant(0.0 if name == "zero_" else float(arg0)), key=0)
+        constant = intercept.scalar_fill_spec(name, rest, kwargs) \
+            if name in ("fill_", "zero_") and t.dtype.is_floating_point else None
+        if constant is not None:
+            self._event(t, "fill", True, spec=constant, key=0)
         elif name in ("mul_", "div_", "add_", "sub_") and t.dtype.is_floating_point and intercept.is_number(arg0) \
                 and not kwargs.get("rounding_mode") and intercept.is_number(alpha):
             k, alpha = float(arg0), float(alpha)

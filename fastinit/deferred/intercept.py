@@ -142,7 +142,7 @@ def is_number(x) -> bool:
 _SCALAR_FILLS = frozenset({"uniform_", "normal_", "fill_", "zero_"})
 
 
-def _scalar_fill_spec(name: str, rest: tuple, kwargs: dict):
+def scalar_fill_spec(name: str, rest: tuple, kwargs: dict):
     """The spec of ``t.uniform_(a, b)``, ``t.normal_(mean, std)``, ``t.fill_(v)`` or
     ``t.zero_()`` called with numbers (``rest``: the arguments after ``t``); None otherwise."""
     def arg(i, key, default):
@@ -416,7 +416,7 @@ class Recorder(TorchFunctionMode):
             # eager code makes, with its errors, run on an empty CPU tensor of the dtype
             # in microseconds, and the meta op itself (which would only return ``t``) not at all.
             func(stand_in(t.dtype, "cpu"), *rest, **kwargs)
-            spec = _scalar_fill_spec(name, rest, kwargs)
+            spec = scalar_fill_spec(name, rest, kwargs)
             if spec is not None:
                 if t.numel():
                     rec.add_event(t, "fill", overwrites=True, spec=spec)
@@ -429,10 +429,9 @@ class Recorder(TorchFunctionMode):
             out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
         if t.numel() == 0:
             return out
-        if name == "fill_" and is_number(arg(0, "value", None)) and floating:
-            rec.add_event(t, "fill", overwrites=True, spec=Constant(float(arg(0, "value", None))))
-        elif name == "zero_" and floating:
-            rec.add_event(t, "fill", overwrites=True, spec=Constant(0.0))
+        constant = scalar_fill_spec(name, rest, kwargs) if name in ("fill_", "zero_") and floating else None
+        if constant is not None:
+            rec.add_event(t, "fill", overwrites=True, spec=constant)
         elif name in _AFFINE and floating and is_number(arg(0, "other", None)) \
                 and not kwargs.get("rounding_mode") and is_number(arg(1, "alpha", 1)):
             k = float(arg(0, "other", None))
@@ -544,12 +543,8 @@ class RecordingSink:
             gen = kwargs.get("generator")
             if isinstance(gen, torch.Generator) and tensor.numel():
                 # Its own generator (orthogonal_, sparse_): drawn now, as eagerly, whatever the seed.
-                token = _sink.current.set(None)
-                try:
-                    with torch._C.DisableTorchFunction():
-                        _record_eager_draw(rec, tensor, gen, lambda real: fn(real, *args, **kwargs), fn.__name__)
-                finally:
-                    _sink.current.reset(token)
+                with _sink.unseen():
+                    _record_eager_draw(rec, tensor, gen, lambda real: fn(real, *args, **kwargs), fn.__name__)
                 return True
             if tensor.numel():
                 rec.add_event(tensor, "op", overwrites=True, func=fn, args=(tensor.detach(), *args),
