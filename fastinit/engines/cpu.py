@@ -162,58 +162,85 @@ def chunk_numpy_generator(key: int, chunk: int) -> _ThreadState:
 
 @functools.lru_cache(maxsize=1024)
 def _uniform_map(lo: float, hi: float, ftype, top: float | None = None) -> tuple:
-    """``(span, lo, clamp)`` in ``ftype`` for ``x = lo + span * u``, ``u`` in [0, 1).
+    """``(scale, lo, centred, clamp)`` in ``ftype``: how :func:`_np_uniform` maps its
+    random integers to ``[lo, hi)``.
 
-    ``clamp`` is ``top`` (default: the largest ``ftype`` value below ``hi``, or
-    ``lo`` rounded when nothing of ``ftype`` lies in [lo, hi)), or None when even
-    the largest ``u`` numpy draws maps below it (the map is monotonic, so no
-    clamp pass is needed then, which is the common case).
+    float32 (``scale = 2^-24 (hi - lo)``, the grid of torch's float32 ``uniform_``):
+    ``centred`` (``lo == -hi``, as in ``kaiming_uniform_`` and ``uniform_(-b, b)``):
+    ``x = j scale`` with ``j`` in ``[-2^23, 2^23)``, one multiply; otherwise
+    ``x = lo + j scale`` with ``j`` in ``[0, 2^24)``. float64: ``x = lo + (hi - lo) u``
+    (``scale`` is then ``hi - lo``). ``clamp`` is ``top`` (default: the largest
+    ``ftype`` value below ``hi``, or ``lo`` rounded when nothing of ``ftype`` lies in
+    [lo, hi)), or None when even the largest draw maps below it (the map is
+    monotonic, so no clamp pass is needed then, which is the common case).
     """
     span_f, lo_f = ftype(hi - lo), ftype(lo)
     if top is None:
         top = max(float(float_below(hi, ftype)), float(lo_f))
-    umax = ftype(1.0) - ftype(2.0 ** (-24 if ftype == np.float32 else -53))
-    if float(ftype(umax * span_f) + lo_f) <= top:
-        return span_f, lo_f, None
-    return span_f, lo_f, ftype(top)
+    if ftype == np.float32:
+        scale = span_f * np.float32(2.0**-24)
+        centred = bool(lo_f == -ftype(hi)) and scale >= _F32_TINY
+        if centred:  # -2^23 scale is lo exactly (a power of two times span / 2)
+            xmax = float(np.float32(2.0**23 - 1) * scale)
+        elif scale >= _F32_TINY:
+            xmax = float(np.float32(2.0**24 - 1) * scale + lo_f)
+        else:  # a subnormal scale would lose bits: u = j 2^-24 first, then the span
+            xmax = float(np.float32(1.0 - 2.0**-24) * span_f + lo_f)
+    else:
+        scale, centred = span_f, False
+        xmax = float(ftype(1.0 - 2.0**-53) * span_f + lo_f)
+    return scale, lo_f, centred, (None if xmax <= top else ftype(top))
 
 
-def _draw_j24(st: _ThreadState, n: int) -> np.ndarray:
-    """``n`` integers uniform in [0, 2^24) (int32, this thread's buffer) from ``st``'s
-    SFC64 stream: the top 24 bits of each half of ``ceil(n / 2)`` raw 64-bit words."""
+def _draw_j24(st: _ThreadState, n: int, signed: bool = False) -> np.ndarray:
+    """``n`` integers uniform in [0, 2^24) (``signed``: in [-2^23, 2^23)) (int32, this
+    thread's buffer) from ``st``'s SFC64 stream: the top 24 bits of each half of
+    ``ceil(n / 2)`` raw 64-bit words (an arithmetic shift for ``signed``)."""
     j = st.buffer(np.int32, n)
-    np.right_shift(st.sfc.random_raw((n + 1) // 2).view(np.uint32)[:n], 8, out=j.view(np.uint32))
+    raw = st.sfc.random_raw((n + 1) // 2)
+    if signed:
+        np.right_shift(raw.view(np.int32)[:n], 8, out=j)
+    else:
+        np.right_shift(raw.view(np.uint32)[:n], 8, out=j.view(np.uint32))
     return j
 
 
-def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float, top: float | None = None) -> None:
+def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float, top: float | None = None,
+                clamp_later: bool = False):
     """``o`` (float32/64 numpy array) <- U[lo, hi) from ``st``'s SFC64 stream.
 
-    float32: each raw 64-bit word gives two ``j = w >> 8`` (24 random bits, the
-    resolution of torch's float32 ``uniform_``), ``x = lo + j * (2^-24 (hi - lo))``
-    (the same value as ``lo + (hi - lo) u`` with ``u = j 2^-24``, since scaling
-    by 2^-24 is exact): about 1.7x the speed of numpy's own ``random(float32)``
-    per core. float64: numpy's ``random`` (53 bits). Values are kept below ``hi``
-    (at most ``top``: see :func:`_uniform_map`).
+    float32: each raw 64-bit word gives two 24-bit integers ``j`` (the resolution of
+    torch's float32 ``uniform_``), ``x = j (2^-24 (hi - lo))`` for a centred range
+    (``j`` in ``[-2^23, 2^23)``), ``x = lo + j (2^-24 (hi - lo))`` otherwise (``j``
+    in ``[0, 2^24)``): ``j`` converts exactly, then one multiply (and one add; the
+    former ``lo + j scale`` for every range cost an add more, and numpy's
+    int-to-float multiply is twice a conversion plus a float multiply). float64:
+    numpy's ``random`` (53 bits). Values are kept below ``hi`` (at most ``top``: see
+    :func:`_uniform_map`); with ``clamp_later`` that bound, if one is needed, is
+    returned instead of applied (the caller clamps while it rounds to a half dtype).
     """
     if not hi > lo:
         o.fill(lo)
-        return
-    span, lo_f, clamp = _uniform_map(lo, hi, o.dtype.type, top)
+        return None
+    scale, lo_f, centred, clamp = _uniform_map(lo, hi, o.dtype.type, top)
     if o.dtype == np.float32:
-        j = _draw_j24(st, o.size)
-        scale = span * np.float32(2.0**-24)
+        j = _draw_j24(st, o.size, signed=centred)
+        np.copyto(o, j, casting="unsafe")  # |j| < 2^24: exact
         if scale >= _F32_TINY:
-            np.multiply(j, scale, out=o, dtype=np.float32)  # j < 2^24: exact as float32
-        else:  # a subnormal scale would lose bits: u = j 2^-24 first, then the span
-            np.multiply(j, np.float32(2.0**-24), out=o, dtype=np.float32)
-            np.multiply(o, span, out=o)
+            np.multiply(o, scale, out=o)
+        else:
+            np.multiply(o, np.float32(2.0**-24), out=o)
+            np.multiply(o, np.float32(hi - lo), out=o)
+        if not centred:
+            np.add(o, lo_f, out=o)
     else:
         st.numpy_gen.random(dtype=o.dtype, out=o)
-        np.multiply(o, span, out=o)
-    np.add(o, lo_f, out=o)
-    if clamp is not None:
-        np.minimum(o, clamp, out=o)
+        np.multiply(o, scale, out=o)
+        np.add(o, lo_f, out=o)
+    if clamp is None or clamp_later:
+        return clamp
+    np.minimum(o, clamp, out=o)
+    return None
 
 
 # Truncated normal: which sampler (all exact; see _np_trunc_normal).
@@ -373,17 +400,19 @@ def _np_box_muller(st: _ThreadState, o: np.ndarray, mean: float, std: float) -> 
         np.add(o, mean, out=o)
 
 
-def generate_chunk(spec, key: int, chunk: int, o: np.ndarray) -> None:
+def generate_chunk(spec, key: int, chunk: int, o: np.ndarray, clamp_later: bool = False):
     """``o`` (float32 or float64, the chunk's length) <- chunk ``chunk`` of the
     tensor keyed ``key`` filled with ``spec``, generated in place.
 
     Uniform and truncated normal draw from numpy's SFC64 (raw words), normal from
     torch's Mersenne Twister (its vectorized Box–Muller is the fastest CPU normal
     here; :func:`_np_box_muller` where torch's state layout is unknown), all with
-    their state taken from SHAKE128 of ``(key, chunk)``.
+    their state taken from SHAKE128 of ``(key, chunk)``. Returns None, or with
+    ``clamp_later`` the upper bound a uniform's values still need (see
+    :func:`_np_uniform`).
     """
     if isinstance(spec, Uniform):
-        _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b, spec.top)
+        return _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b, spec.top, clamp_later)
     elif isinstance(spec, TruncNormal):
         _np_trunc_normal(o, spec, key, chunk)
     elif isinstance(spec, Normal):
@@ -403,13 +432,16 @@ def _numpy_view(flat: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-def _round_into(v: np.ndarray, out: np.ndarray) -> None:
-    """``out`` (uint16 bfloat16 patterns or float16) <- float32 ``v`` rounded to nearest even.
+def _round_into(v: np.ndarray, out: np.ndarray, clamp=None) -> None:
+    """``out`` (uint16 bfloat16 patterns or float16) <- float32 ``v`` (at most ``clamp``,
+    if given) rounded to nearest even.
 
     torch's own float32 -> bfloat16/float16 conversion (``copy_``, vectorized:
     about 3x numpy's bit arithmetic for bfloat16 and 8x numpy's float16 cast, with
     the same values: beyond 65504 a float16 is inf, as in torch), in pieces below
-    ATen's parallel grain so that no OpenMP team starts inside a worker thread.
+    ATen's parallel grain so that no OpenMP team starts inside a worker thread; the
+    clamp runs on each piece while it is in cache (torch's ``clamp_max_``, a third
+    of the cost of numpy's NaN-aware ``minimum``).
     """
     with torch._C.DisableTorchFunction():  # (the engine's own calls: no user's mode sees them)
         src = torch.from_numpy(v)
@@ -417,7 +449,10 @@ def _round_into(v: np.ndarray, out: np.ndarray) -> None:
         if out.dtype == np.uint16:
             dst = dst.view(torch.bfloat16)
         for s in range(0, v.size, COPY_GRAIN):
-            dst[s : s + COPY_GRAIN].copy_(src[s : s + COPY_GRAIN])
+            piece = src[s : s + COPY_GRAIN]
+            if clamp is not None:
+                piece.clamp_max_(float(clamp))
+            dst[s : s + COPY_GRAIN].copy_(piece)
 
 
 def _chunk_bytes(t, chunk: int) -> int:
@@ -442,12 +477,12 @@ def _fill_chunk(t, chunk: int) -> None:
         generate_chunk(t.spec, t.key, chunk, v)
     else:
         f = st.buffer(np.float32, n)
-        generate_chunk(t.spec, t.key, chunk, f)
+        clamp = generate_chunk(t.spec, t.key, chunk, f, clamp_later=True)
         if whole:
-            _round_into(f, dst[s0 : s0 + n])
+            _round_into(f, dst[s0 : s0 + n], clamp)
             return
         v = st.buffer(dst.dtype, n)
-        _round_into(f, v)
+        _round_into(f, v, clamp)
     _scatter(lay, dst, v, chunk_lo, chunk_lo + n)
 
 
@@ -461,8 +496,7 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
         return
     st = _thread_state()
     f = st.buffer(np.float32, dst.size)
-    generate_chunk(spec, key, 0, f)
-    _round_into(f, dst)
+    _round_into(f, dst, generate_chunk(spec, key, 0, f, clamp_later=True))
 
 
 def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
