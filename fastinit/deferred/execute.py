@@ -35,7 +35,7 @@ from ..specs import Constant
 from . import intercept
 from .intercept import FACTORIES, RANDOM_NAMES, SHAPE_ONLY, tensors_in
 from .plan import Plan, events_before, fill_tag, start_of
-from .record import Recording, StorageRecord, recording_of, storage_numel
+from .record import Recording, StorageRecord, recording_of, storage_key, storage_numel
 
 
 class ReplayError(RuntimeError):
@@ -69,7 +69,7 @@ def temp_names(rec: Recording) -> dict[int, str]:
         for seq, args, kwargs in reads:
             for t in tensors_in(args, kwargs):
                 if t.is_meta:
-                    tsk = t.untyped_storage()._cdata
+                    tsk = storage_key(t)
                     if tsk != sk and tsk in rec.storages and tsk not in names and tsk not in claims:
                         claims[tsk] = (seq, name)
                         mine.append(tsk)
