@@ -978,3 +978,125 @@ def test_materialize_names_a_meta_device_or_a_non_float_dtype_before_any_work():
         with pytest.raises(TypeError, match="floating point or complex"):
             fastinit.materialize(m, seed=0, dtype=dtype)
     assert fastinit.is_deferred(m) and m.weight.is_meta
+
+
+# ------------------------------------------------------------------ writes no name announces
+
+
+def _eager_and_deferred(cls, seed=0):
+    torch.manual_seed(0)
+    eager = cls()
+    d = fastinit.deferred_init(cls)
+    fastinit.materialize(d, device="cpu", seed=seed)
+    return eager, d
+
+
+class _ForwardInConstructor(nn.Module):
+    """A dry-run forward in a constructor (to size a head, or give lazy modules their
+    shapes) updates BatchNorm/InstanceNorm running statistics and renormalizes an
+    Embedding with max_norm: writes no in-place name announces."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.bn_cum = nn.BatchNorm1d(4, momentum=None)
+        self.inorm = nn.InstanceNorm1d(4, track_running_stats=True)
+        self.emb = nn.Embedding(5, 4, max_norm=0.5)
+        nn.init.constant_(self.emb.weight, 1.0)
+        with torch.no_grad():
+            self.emb.weight[2].mul_(0.1)  # a row already inside max_norm stays
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        x = torch.arange(8.0).reshape(2, 4)
+        self.bn(x)
+        self.bn_cum(x * 2)
+        self.inorm(torch.arange(24.0).reshape(2, 4, 3))
+        self.emb(torch.tensor([0, 2, 4]))
+        nn.functional.batch_norm(x, self.rm, self.rv, training=True, momentum=0.5)
+
+
+def test_a_forward_pass_in_a_constructor_updates_state_as_eagerly():
+    eager, d = _eager_and_deferred(_ForwardInConstructor)
+    _assert_same(eager, d)
+    assert d.bn.running_mean.abs().sum() > 0 and d.emb.weight[1].norm() == 1.0 * 2  # (row 1 untouched)
+
+
+class _ListAndTupleWrites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(3))
+        self.b = nn.Parameter(torch.ones(2))
+        self.c = nn.Parameter(torch.full((2,), 2.0))
+        with torch.no_grad():
+            torch._foreach_mul_([self.a, self.b], 3.0)
+            torch._foreach_add_([self.b, self.c], [self.c, self.b])  # each reads the other's old value
+        v = torch.zeros(3)
+        torch.sort(torch.tensor([3.0, 1.0, 2.0]), out=(v, torch.empty(3, dtype=torch.long)))
+        self.register_buffer("v", v)
+        w = torch.empty(3)  # written whole by out=: initialized
+        idx = torch.empty(3, dtype=torch.long)
+        torch.sort(torch.tensor([6.0, 4.0, 5.0]), descending=True, out=(w, idx))
+        self.register_buffer("w", w)
+        self.register_buffer("idx", idx)
+
+
+def test_foreach_lists_and_out_tuples_in_constructors_are_recorded():
+    eager, d = _eager_and_deferred(_ListAndTupleWrites)
+    _assert_same(eager, d)
+    assert d.b.tolist() == [5.0, 5.0] and d.c.tolist() == [7.0, 7.0]  # c += the new b, as eagerly
+
+
+class _ValueSized(nn.Module):
+    """Architecture computed with torch ops whose result's size depends on the values
+    (timm's RegNet: ``torch.unique`` of rounded widths)."""
+
+    def __init__(self):
+        super().__init__()
+        widths = torch.arange(6, dtype=torch.float32) * 0.6 + 8
+        n = len(torch.unique(widths.round()))
+        self.lin = nn.Linear(n, 2)
+        m = torch.arange(6.0)
+        self.register_buffer("sel", m[m > 2])
+        self.register_buffer("nz", torch.nonzero(torch.arange(6) % 2))
+        self.register_buffer("cnt", torch.bincount(torch.tensor([0, 1, 1, 3])))
+        self.register_buffer("uc", torch.unique_consecutive(torch.tensor([1, 1, 2, 2, 3, 1])))
+
+
+def test_ops_sized_by_values_run_on_constructor_computed_tensors():
+    eager, d = _eager_and_deferred(_ValueSized)
+    assert d.lin.weight.shape == eager.lin.weight.shape == (2, 4)
+    for n in ("sel", "nz", "cnt", "uc"):
+        assert torch.equal(getattr(d, n), getattr(eager, n)), n
+
+
+def test_ops_sized_by_random_values_are_a_clear_error():
+    class Random(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            torch.unique(self.lin.weight > 0)
+
+    with pytest.raises(RuntimeError, match="depends on random draws"):
+        fastinit.deferred_init(Random)
+
+
+@pytest.mark.parametrize("cast,dtype", [("half", None), ("bfloat16", None), ("double", None),
+                                        ("half", torch.bfloat16)])
+def test_a_deferred_model_cast_before_materialize_equals_building_then_casting(cast, dtype):
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    a = fastinit.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    getattr(a, cast)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (not taken for a model built without deferred_init)
+        fastinit.materialize(a.transformer.h[0], device="cpu", seed=3, dtype=dtype)
+        fastinit.materialize(a, device="cpu", seed=3, dtype=dtype)
+    b = fastinit.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    fastinit.materialize(b, device="cpu", seed=3)
+    getattr(b, cast)()
+    if dtype is not None:
+        b.to(dtype)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sb:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert a.lm_head.weight is a.transformer.wte.weight

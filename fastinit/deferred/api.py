@@ -209,6 +209,24 @@ def _fits(t: torch.Tensor, r, geom: tuple) -> bool:
     return tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype
 
 
+def _cast_of(t: torch.Tensor, r, geom: tuple) -> bool:
+    """Whether meta tensor ``t`` is the recorded tensor cast to another floating dtype
+    after ``deferred_init`` (``model.half()``, ``model.to(torch.bfloat16)``: new storages,
+    which nothing recorded): it then materializes to the recorded value, cast."""
+    rd = r.tensor.dtype
+    return tuple(t.shape) == geom[0] and t.dtype != rd and t.is_meta and (
+        (t.dtype.is_floating_point and rd.is_floating_point) or (t.dtype.is_complex and rd.is_complex))
+
+
+def _recorded_dtype(t: torch.Tensor, plan: Plan) -> torch.dtype:
+    """The dtype ``t``'s value is computed in: its record's, if ``t`` is a cast of it
+    made after recording (its own storage, another dtype); else ``t``'s own."""
+    r = plan.record
+    if t.dtype != r.tensor.dtype and not dist_mod.is_dtensor(t) and storage_key(t) != r.sk:
+        return r.tensor.dtype
+    return t.dtype
+
+
 def _is_copy(owner: torch.nn.Module, mh: Handle) -> bool:
     """Whether ``owner`` is a deep copy of the module its handle names (``copy.deepcopy``
     shares handles: the copy is not the module found at that name in the recorded model)."""
@@ -230,9 +248,10 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
         if r is not None:
             return h.recording, r, h.name, geometry(t)
         named = _recorded(h.recording, h.name)
-        if named is not None and _fits(t, *named):
+        if named is not None and (_fits(t, *named) or _cast_of(t, *named)):
             # A deep copy (``copy.deepcopy(block)``): a new storage with its original's
-            # handle materializes to its original's value, in memory of its own.
+            # handle materializes to its original's value, in memory of its own; so
+            # does a parameter cast after recording (``model.half()`` keeps the object).
             return h.recording, named[0], h.name, named[1]
     prefix, _, leaf = name.rpartition(".")
     try:
@@ -248,7 +267,8 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
             r, geom = named
             dt = dist_mod.is_dtensor(t)
             if (dt and _fits(t, r, geom)) or storage_key(dist_mod.local_tensor(t)) == r.sk \
-                    or (not dt and _is_copy(owner, mh) and _fits(t, r, geom)):  # (a deep copy's parameter)
+                    or (not dt and _is_copy(owner, mh) and _fits(t, r, geom)) \
+                    or (not dt and _cast_of(t, r, geom)):  # (a deep copy's parameter; a buffer cast)
                 return rec, r, fqn, geom
     if not dist_mod.is_dtensor(t):
         found = recording_of(t)
@@ -618,9 +638,12 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
         reals[i] = real
         local = dist_mod.local_tensor(real)
         total += local.numel() * local.element_size()
-        if plan.spec is not None and _covers(plan, geom) and _cast_commutes(plan, t.dtype, target_dtype(t)):
+        rd = _recorded_dtype(t, plan)
+        # (a cast after recording, then another dtype here: rounded twice, as eagerly, below)
+        if plan.spec is not None and _covers(plan, geom) and _cast_commutes(plan, rd, target_dtype(t)) \
+                and (rd == t.dtype or target_dtype(t) == t.dtype):
             fused_flags[i] = True
-            specs[i] = _fill_spec(plan, t.dtype, target_dtype(t))
+            specs[i] = _fill_spec(plan, rd, target_dtype(t))
             targets.extend(dist_mod.targets_for(real, t, specs[i], _plan_key(ev, rec, plan)))
     bases = {}
     for k, ix in shared.items():
@@ -653,9 +676,11 @@ def _compute(plans, device, dtype, seed, progress, prefixes=None):
                 dist_mod.apply_to_shard(real, edits, plan.record.tensor.dtype)
             else:
                 fused = fused_flags[i]
+                rd = _recorded_dtype(t, plan)
+                via = t.dtype if rd != t.dtype != target_dtype(t) else None
                 dist_mod.replay_into(
-                    real, lambda full, rec=rec, plan=plan, geom=geom, fused=fused, dt=t.dtype:
-                    ev.plan_value(rec, plan, full, geom, fused, dt),
+                    real, lambda full, rec=rec, plan=plan, geom=geom, fused=fused, dt=rd, via=via:
+                    ev.plan_value(rec, plan, full, geom, fused, dt, via),
                     specs[i] if fused else None, _plan_key(ev, rec, plan) if fused else 0, name=plan.name)
             if not fused_flags[i]:
                 local = dist_mod.local_tensor(real)

@@ -25,7 +25,7 @@ import threading
 import time
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .. import distributed as dist_mod
 from .. import engines
@@ -255,6 +255,8 @@ class Evaluator:
                         key = ev.key if ev.key is not None else (
                             self.key(rec, r, fill_tag(r.events, idx)) if ev.spec.random else 0)
                         _fill(view, ev.spec, key)
+                    elif ev.kind == "side":  # it writes here among others (batch_norm's running stats)
+                        self._replay_side(rec, r, ev, view, idx)
                     elif "out" in ev.kwargs:  # torch.eye(n, m, out=w)
                         args = self.resolve(ev.args, ev.seq)
                         kwargs = {**self.resolve(ev.kwargs, ev.seq), "out": view}
@@ -273,16 +275,38 @@ class Evaluator:
                     raise ReplayError(f"{self.name(rec, r)}: cannot replay {ev.describe()} "
                                       f"({type(e).__name__}: {e})") from e
 
+    def _replay_side(self, rec: Recording, r: StorageRecord, ev, view: torch.Tensor, idx: int) -> None:
+        """Replay an op that wrote into ``r``'s storage (``view``: all of it) and maybe
+        others: on private copies of every storage it writes, its inputs as they were
+        before it, aliases kept (``_foreach_add_([b, c], [c, b])`` adds the new ``b``
+        to ``c``, as eagerly); then ``r``'s copy is the value."""
+        args, kwargs = self.resolve((ev.args, ev.kwargs), ev.reads_at)
+        leaves, spec = tree_flatten((args, kwargs))
+        written = {storage_key(leaves[j]) for j in ev.mutated}
+        copies: dict[int, torch.UntypedStorage] = {}
+        for j, x in enumerate(leaves):
+            if isinstance(x, torch.Tensor) and storage_key(x) in written:
+                st = copies.get(storage_key(x))
+                if st is None:
+                    st = copies[storage_key(x)] = x.untyped_storage().clone()
+                leaves[j] = torch.empty(0, dtype=x.dtype, device=x.device).set_(
+                    st, x.storage_offset(), x.size(), x.stride())
+        target = copies[storage_key(tree_flatten((args, kwargs))[0][ev.leaf])]
+        args, kwargs = tree_unflatten(leaves, spec)
+        self._call(ev.func, args, kwargs, lambda: self.key(rec, r, f"#{idx}"))
+        view.copy_(torch.empty(0, dtype=view.dtype, device=view.device).set_(target, 0, view.shape, (1,)))
+
     # ------------------------------------------------------------ plans
 
     def plan_value(self, rec: Recording, plan: Plan, out: torch.Tensor, geom: tuple, fused: bool,
-                   view_dtype: torch.dtype | None = None) -> None:
+                   view_dtype: torch.dtype | None = None, via: torch.dtype | None = None) -> None:
         """Compute ``plan``'s value into ``out``: a real tensor shaped as the plan's
         tensor, which views its storage with ``geom`` (in elements of ``view_dtype``,
         the tensor's own dtype, when it reinterprets the storage's bytes:
         ``nn.Parameter(torch.view_as_real(c))``). ``fused``: the plan's spec was
         already filled into ``out`` (which then covers the storage): only the
-        events after it are left."""
+        events after it are left. ``via``: a dtype the value is rounded to on its way
+        to ``out``'s (a model cast after recording, materialized in a third dtype)."""
         r = plan.record
         with torch.no_grad():
             if fused:
@@ -300,7 +324,8 @@ class Evaluator:
             value = self.storage_value(rec, r, None)
             if view_dtype is not None and view_dtype != value.dtype:
                 value = value.view(view_dtype)
-            out.copy_(value.as_strided(*geom))
+            value = value.as_strided(*geom)
+            out.copy_(value if via is None else value.to(via))
 
 
 def _read_while_recording(rec: Recording, t: torch.Tensor) -> torch.Tensor:

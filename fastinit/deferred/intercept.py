@@ -39,7 +39,7 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, covers_storage, recording_of
+from .record import Node, Recording, covers_storage, recording_of, storage_key, storage_numel
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -245,6 +245,46 @@ def _mixes_meta_and_real(args, kwargs) -> bool:
     return meta and real
 
 
+def _no_meta_kernel(e: BaseException) -> bool:
+    """Whether an op failed on meta tensors for want of a meta kernel (ops whose
+    result's size depends on the values), not because of its arguments."""
+    msg = str(e)
+    if isinstance(e, NotImplementedError):
+        return "meta" in msg.lower()
+    return "Meta" in msg and ("kernel" in msg or "backend" in msg or "fake impl" in msg)
+
+
+# Ops that write into some arguments without an in-place name or a version-counter
+# bump (their schemas do not mark the write): (parameter names, the flag that turns
+# the write on and its default, the parameters written).
+_BN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+_HIDDEN = {
+    torch.nn.functional.batch_norm: (("input", "running_mean", "running_var", "weight", "bias", "training",
+                                      "momentum", "eps"), ("training", False), ("running_mean", "running_var")),
+    torch.batch_norm: (_BN, ("training", False), ("running_mean", "running_var")),
+    torch.native_batch_norm: (_BN[:-1], ("training", False), ("running_mean", "running_var")),
+    torch.nn.functional.instance_norm: (("input", "running_mean", "running_var", "weight", "bias",
+                                         "use_input_stats", "momentum", "eps"), ("use_input_stats", True),
+                                        ("running_mean", "running_var")),
+    torch.instance_norm: (("input", "weight", "bias", "running_mean", "running_var", "use_input_stats",
+                           "momentum", "eps", "cudnn_enabled"), ("use_input_stats", True),
+                          ("running_mean", "running_var")),
+}
+
+
+def _hidden_writes(func, args, kwargs) -> tuple:
+    """The tensors ``func(*args, **kwargs)`` writes into without saying so (see ``_HIDDEN``)."""
+    spec = _HIDDEN.get(func)
+    if spec is None:
+        return ()
+    params, (flag, default), written = spec
+    bound = dict(zip(params, args))
+    bound.update(kwargs)
+    if not bound.get(flag, default):
+        return ()
+    return tuple(bound[n] for n in written if isinstance(bound.get(n), torch.Tensor))
+
+
 def only_scalars(args, kwargs) -> bool:
     return not any(True for _ in tensors_in(args, kwargs))
 
@@ -320,14 +360,100 @@ class Recorder(TorchFunctionMode):
             kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
         if target is not None and self.batch is not None:
             self.batch.before_write(target)  # (init_fn's writes into real tensors are undone on failure)
-        if target is None and _mixes_meta_and_real(args, kwargs):
-            # torch.ones(4) + loaded.bias inside init_fn, with ones made meta: computed on meta
-            # here; the recorded op keeps the real tensors' values, for materialize
-            out = func(*_as_meta(args), **_as_meta(kwargs))
-        else:
-            out = func(*args, **kwargs)
+        watched = self._watch(func, args, kwargs) if target is None else None
+        try:
+            if target is None and _mixes_meta_and_real(args, kwargs):
+                # torch.ones(4) + loaded.bias inside init_fn, with ones made meta: computed on meta
+                # here; the recorded op keeps the real tensors' values, for materialize
+                out = func(*_as_meta(args), **_as_meta(kwargs))
+            else:
+                out = func(*args, **kwargs)
+        except (NotImplementedError, RuntimeError) as e:
+            if target is not None or not _no_meta_kernel(e):
+                raise
+            return self._computed_now(func, name, args, kwargs, e)
+        if watched:
+            self._record_side_writes(func, name, watched)
         self._note_created(func, args, kwargs, out)
         return out
+
+    # ------------------------------------------------------------ writes no name announces
+
+    def _watch(self, func, args, kwargs):
+        """Before an op that is no recognized write: its recorded meta tensors and their
+        version counters (an in-place write bumps them, wherever the tensor sits in the
+        arguments), and the snapshot the op would be replayed from. None if it has none."""
+        if not any(t.is_meta for t in tensors_in(args, kwargs)):
+            return None
+        leaves, _ = tree_flatten((args, kwargs))
+        seen = [(i, t, t._version) for i, t in enumerate(leaves)
+                if isinstance(t, torch.Tensor) and t.is_meta and recording_of(t) is not None]
+        if not seen:
+            return None
+        return seen, _hidden_writes(func, args, kwargs), args, kwargs, snapshot((args, kwargs))
+
+    def _record_side_writes(self, func, name, watched) -> None:
+        """Record the writes an op made into recorded meta tensors that its name did not
+        announce (see :class:`~.record.Event`, kind ``"side"``)."""
+        seen, hidden, args, kwargs, (snap_args, snap_kwargs) = watched
+        mutated = [(i, t) for i, t, v in seen if t._version != v or any(t is h for h in hidden)]
+        if not mutated:
+            return
+        outs = kwargs.get("out")
+        outs = tree_flatten(outs)[0] if outs is not None else []
+        where = tuple(i for i, _ in mutated)
+        ats: dict[int, int] = {}
+        done = set()
+        for i, t in mutated:
+            rec = self.recording_for(t)
+            sk = storage_key(t)
+            if rec is None or sk in done:
+                continue
+            done.add(sk)
+            n = storage_numel(t)
+            if not n:
+                continue
+            # One event per storage, over all of it: the op's result for the storage
+            # (written through one view or several: _foreach_mul_([w[0], w[1]], 2))
+            whole = t.as_strided((n,), (1,), 0)
+            at = ats.setdefault(id(rec), rec.next_seq())  # the op reads its inputs as they were before it
+            rec.add_event(whole, "side", overwrites=any(t is o for o in outs) and covers_storage(t), func=func,
+                          args=snap_args, kwargs=snap_kwargs, label=name, leaf=i, mutated=where, at=at)
+
+    def _computed_now(self, func, name, args, kwargs, error):
+        """An op meta tensors cannot run (its result's size depends on the values:
+        ``torch.unique``, ``nonzero``, boolean masks) on tensors a constructor computed:
+        run on their values, now, on the CPU (values that depend on random draws are an
+        error: there is no seed yet). Its tensor results are meta tensors that hold
+        those values; anything else (a count) is returned as is."""
+        if self.home is None and not any(recording_of(t) is not None for t in tensors_in(args, kwargs)
+                                         if t.is_meta):
+            raise error
+        def value(x):
+            if isinstance(x, torch.Tensor) and x.is_meta:
+                v = self._read_value(x)
+                if v is None:  # a meta tensor nothing records: no value to compute from
+                    raise error
+                return v
+            return x
+
+        real = tree_map(value, (args, kwargs))
+        with torch._C.DisableTorchFunction():
+            out = func(*real[0], **real[1])
+        rec = self.home
+        if rec is None:
+            rec = next(recording_of(t)[0] for t in tensors_in(args, kwargs) if t.is_meta and recording_of(t))
+
+        def as_meta(x):
+            if not isinstance(x, torch.Tensor) or x.is_meta:
+                return x
+            meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+            rec.record(meta)
+            if x.numel():
+                rec.add_value(meta, x.detach().to("cpu").clone(), f"{name}(computed while built)")
+            return meta
+
+        return tree_map(as_meta, out)
 
     def _record_deepcopy(self, func, args, kwargs):
         """``copy.deepcopy`` of a meta tensor while a model is built (an EMA or MoCo key

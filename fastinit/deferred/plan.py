@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from ..specs import Constant, InitSpec, Normal, Uniform
 from .intercept import SHAPE_ONLY, UNINITIALIZED, tensors_in
@@ -236,14 +237,19 @@ def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None) -> str | 
     else:
         reads = []
         if st.kind == "creation" and r.node.func not in SHAPE_ONLY:
-            reads.append((r.node.seq, r.node.args, r.node.kwargs))
+            reads.append((r.node.seq, tensors_in(r.node.args, r.node.kwargs)))
         replayed = ([events[st.index]] if st.kind == "event" else []) + st.rest
         for e in replayed:
             if e.kind == "op":
                 args = e.args if "out" in e.kwargs else e.args[1:]
-                reads.append((e.seq, args, {k: v for k, v in e.kwargs.items() if k != "out"}))
-        for at, args, kwargs in reads:
-            for t in tensors_in(args, kwargs):
+                reads.append((e.seq, tensors_in(args, {k: v for k, v in e.kwargs.items() if k != "out"})))
+            elif e.kind == "side":  # its inputs: neither what it writes nor its out=
+                outs = {id(x) for x in tree_flatten(e.kwargs.get("out"))[0]}
+                leaves = tree_flatten((e.args, e.kwargs))[0]
+                reads.append((e.reads_at, [x for j, x in enumerate(leaves) if j not in e.mutated
+                                           and isinstance(x, torch.Tensor) and id(x) not in outs]))
+        for at, tensors in reads:
+            for t in tensors:
                 if t.is_meta:
                     src = find(t)
                     if src is not None and src is not r:

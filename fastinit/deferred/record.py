@@ -88,8 +88,13 @@ class Event:
 
     ``kind`` is ``"fill"`` (``spec``: a fusable fill), ``"affine"`` (a scalar
     ``mul_``/``div_``/``add_``/``sub_`` of a floating tensor: ``x * mul + add``,
-    which folds into a constant fill's value; replayed as the recorded op) or ``"op"``
-    (any other op, replayed as recorded: ``func(view, *args[1:], **kwargs)``).
+    which folds into a constant fill's value; replayed as the recorded op), ``"op"``
+    (any other op, replayed as recorded: ``func(view, *args[1:], **kwargs)``) or
+    ``"side"`` (an op that writes into this tensor among others, wherever it sits in
+    its arguments: ``batch_norm``'s running statistics, ``_foreach_mul_``'s list,
+    ``out=(values, indices)``, ``embedding``'s ``max_norm``; replayed as recorded with
+    leaf ``leaf`` of the flattened ``(args, kwargs)`` as the view, the other
+    ``mutated`` leaves as copies, every input as it was at step ``at``).
     ``key`` is set when the fill's key was drawn at call time (``batched()``);
     otherwise materialization keys it by ``(seed, name)``.
     """
@@ -108,6 +113,14 @@ class Event:
     label: str = ""
     key: int | None = None
     engine: str | None = None  # (batched(): the engine in force at the call)
+    leaf: int = -1  # ("side")
+    mutated: tuple = ()
+    at: int | None = None
+
+    @property
+    def reads_at(self) -> int:
+        """The step before which this event's inputs are read."""
+        return self.seq if self.at is None else self.at
 
     def describe(self) -> str:
         where = "" if self.whole else "[view]"
