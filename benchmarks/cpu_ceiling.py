@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -144,7 +145,9 @@ def memory(threads: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)  # no options: --help, and a clear error for anything else
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, numpy {np.__version__}")

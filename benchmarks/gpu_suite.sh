@@ -3,6 +3,9 @@
 #
 #     bash benchmarks/gpu_suite.sh [LOGDIR]     # default: $OUT/gpu-logs if $OUT is set, else out/gpu-logs
 #
+# The Python that runs every step is $PYTHON if set, else the project's
+# .venv/bin/python (the README's set-up) when it exists, else python3.
+#
 # 1. benchmarks/sass_count.py: the sm_90 instruction counts and the predicted
 #    bound of every fill (docs/gpu-bound.md), logged next to what is measured;
 # 2. benchmarks/host_path.py --device cuda: host cost of a drop-in call with the
@@ -27,9 +30,13 @@ set -u
 out=${1:-${OUT:-out}/gpu-logs}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
+    py=.venv/bin/python
+else
+    py=${PYTHON:-python3}
+fi
 
 failed=0
 step() {  # step NAME SECONDS CMD...   (output in $out/NAME.log, a summary in $out/summary.txt)

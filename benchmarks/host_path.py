@@ -135,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7, help="timed rounds (the median is shown)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.exit(2, f"{ap.prog}: error: --device cuda: no CUDA device is available (use --device cpu)\n")
     if args.device == "cpu":
         os.environ.pop("TRITON_INTERPRET", None)  # the compiled path, not the interpreter
     import fastinit

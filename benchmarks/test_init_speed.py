@@ -28,3 +28,14 @@ def test_init_speed(benchmark, case, lib):
     benchmark.pedantic(fn, args=(t, *args), rounds=1 if benchmark.disabled else 5, warmup_rounds=1)
     assert torch.isfinite(t).all()
     assert t.float().std() > 0
+
+
+def test_unavailable_device_is_a_one_line_error(capsys):
+    from benchmarks.init_speed import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cuda"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no CUDA device" in err, err

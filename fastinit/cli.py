@@ -39,6 +39,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message.splitlines()[0] if message else message}\n")
 
 
+SEED_LIMIT = 1 << 64  # torch.manual_seed takes seeds below 2**64 (and wraps negative ones onto them)
+MAX_INPUT_ELEMENTS = 1 << 31  # an example batch, not a dataset
+
+
+def _seed(text: str) -> int:
+    """The argparse type of every ``--seed``: an integer torch.manual_seed takes, 0 <= seed < 2**64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer from 0 to 2**64 - 1") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: give an integer from 0 to 2**64 - 1")
+    return value
+
+
 def _device(arg):
     """The torch device ``--device`` names (default: CUDA if available, else CPU)."""
     import torch
@@ -246,13 +261,13 @@ def bench(args) -> int:
 
 
 def compare(args) -> int:
-    from .compare import check_schemes, run
+    from .compare import check_schemes, run, split_schemes
 
     _at_least(args.epochs, 1, "--epochs")
     _out_path(args.plot, "--plot")
     _out_path(args.json, "--json")
     if args.scheme is not None:
-        names = [n.strip() for a in args.scheme for n in a.split(",") if n.strip()]
+        names = split_schemes(args.scheme)
         if not names:
             raise UsageError("--scheme: no scheme named (give names separated by commas)")
         bad = check_schemes(names)
@@ -297,6 +312,9 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         raise UsageError(f"--input-shape {text!r}: give sizes separated by commas, e.g. 8,3,32,32") from None
     if not shape or any(s <= 0 for s in shape):
         raise UsageError(f"--input-shape {text!r}: every size must be a positive integer")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"--input-shape {text!r}: {math.prod(shape):.3g} elements is too large for an example "
+                         f"batch (at most 2**31)")
     return shape
 
 
@@ -348,7 +366,12 @@ def audit_cmd(args) -> int:
         raise UsageError(f"building {label} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{label} returned {type(model).__name__}, not an nn.Module")
-    x = _example_input(model, shape, args.input_dtype, device, args.seed) if shape is not None else None
+    try:
+        x = _example_input(model, shape, args.input_dtype, device, args.seed) if shape is not None else None
+    except (RuntimeError, MemoryError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"--input-shape {args.input_shape}: cannot build the example input: "
+                         f"{type(e).__name__}: {first}") from None
     if args.scheme:
         opts = {"example_input": x} if args.scheme == "lsuv" else {}
         try:
@@ -381,7 +404,7 @@ def main(argv=None) -> int:
         help="time model initialization: torch eager, torch meta path, fastinit, memset floor",
         description="Initialize a model preset three ways in one run (torch's eager constructor, torch's "
                     "meta -> to_empty -> init_weights path, fastinit's deferred_init -> materialize) plus a "
-                    "memset of the same bytes, and print seconds, M params/s, GB/s, %% of memset and "
+                    "memset of the same bytes, and print seconds, M params/s, GB/s, % of memset and "
                     "fastinit's speedup, then check each weight's std against what the model's init implies.",
         epilog="Presets: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
     )
@@ -390,7 +413,7 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default float32)")
-    b.add_argument("--seed", type=int, default=0, help="materialization seed (default 0)")
+    b.add_argument("--seed", type=_seed, default=0, help="materialization seed, 0 to 2**64 - 1 (default 0)")
     b.add_argument("--repeat", type=int, default=1,
                    help="runs per method, at least 1; the median is reported (default 1)")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's setting)")
@@ -406,7 +429,8 @@ def main(argv=None) -> int:
     )
     c.add_argument("--epochs", type=int, default=2,
                    help="training epochs, at least 1 (default 2, as the classic table)")
-    c.add_argument("--seed", type=int, default=0, help="seed for data split and init (default 0)")
+    c.add_argument("--seed", type=_seed, default=0,
+                   help="seed for data split and init, 0 to 2**64 - 1 (default 0)")
     c.add_argument("--plot", default="fastinit-compare.png", help="PNG path for the loss curves ('' to skip)")
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     c.add_argument("--scheme", action="append", metavar="NAME[,NAME]",
@@ -441,7 +465,8 @@ def main(argv=None) -> int:
     a.add_argument("--deferred", action="store_true", help="build with deferred_init and audit the plan "
                                                            "(nothing allocated)")
     a.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    a.add_argument("--seed", type=int, default=0, help="seed for the model, the scheme and the batch (default 0)")
+    a.add_argument("--seed", type=_seed, default=0, help="seed for the model, the scheme and the batch, "
+                                                       "0 to 2**64 - 1 (default 0)")
     a.add_argument("--json", metavar="PATH", help="also write the audit as JSON")
     a.add_argument("--plot", metavar="PATH", help="also write a PNG: weight std against the expectation, "
                                                   "activation/gradient std by depth")

@@ -89,7 +89,7 @@ def train(scheme: str, data, epochs: int, seed: int, lr: float = 1e-3, batch: in
     model = make_mlp(scheme, seed, example_input=xt[:256].float()).double()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed((seed + 1) % (1 << 64))  # seeds go up to 2**64 - 1
     curve = []
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
@@ -134,6 +134,26 @@ def plot(results, path: str) -> bool:
     return True
 
 
+def split_schemes(values) -> list[str]:
+    """The scheme names in ``--scheme`` values, separated by commas; a name that itself
+    contains commas (the classic row ``"uniform [0, 1)"``) is matched whole first."""
+    from .schemes import SCHEMES as BUILTIN
+
+    known = set(SCHEMES) | set(BUILTIN)
+    names = []
+    for value in values:
+        parts = value.split(",")
+        i = 0
+        while i < len(parts):
+            # the longest run of comma-separated pieces that is a known name, else one piece
+            j = next((j for j in range(len(parts), i, -1) if ",".join(parts[i:j]).strip() in known), i + 1)
+            name = ",".join(parts[i:j]).strip()
+            if name:
+                names.append(name)
+            i = j
+    return names
+
+
 def check_schemes(names) -> str | None:
     """An error line for names that are neither a classic row nor a built-in scheme."""
     from .schemes import SCHEMES as BUILTIN
@@ -159,7 +179,7 @@ def check_schemes(names) -> str | None:
 def run(args) -> int:
     names = list(SCHEMES)
     if getattr(args, "scheme", None):
-        names = [n.strip() for arg in args.scheme for n in arg.split(",") if n.strip()]
+        names = split_schemes(args.scheme)
     try:
         data = load_digits(args.seed)
     except ImportError:

@@ -115,6 +115,14 @@ def test_compare_orders_the_schemes_and_writes_a_png(tmp_path):
     (["audit", "llama-tiny", "--json", "/nonexistent-folder/a.json"], "does not exist"),
     (["audit", "llama-tiny", "--plot", "/nonexistent-folder/a.png"], "does not exist"),
     (["audit", "llama-tiny", "--device", "banana"], "not a device"),
+    (["bench", "--seed", str(2**64)], "out of range"),
+    (["bench", "--seed", "-1"], "out of range"),
+    (["bench", "--seed", "abc"], "invalid seed"),
+    (["compare", "--epochs", "1", "--plot", "", "--seed", "99999999999999999999999"], "out of range"),
+    (["audit", "llama-tiny", "--seed", "99999999999999999999999"], "out of range"),
+    (["audit", "llama-tiny", "--input-shape", "100000,100000"], "too large"),
+    (["audit", "llama-tiny", "--input-shape", "1,99999999999999999999"], "too large"),
+    (["compare", "--scheme", "uniform [0, 1),nope"], "unknown scheme(s) 'nope';"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
     try:
@@ -127,8 +135,59 @@ def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
     assert "Traceback" not in err
 
 
+def test_seed_range_is_torchs():
+    import torch
+
+    from fastinit.cli import _seed
+
+    assert _seed(str(2**64 - 1)) == 2**64 - 1 and _seed("0") == 0
+    torch.Generator().manual_seed(2**64 - 1)  # the largest seed torch takes ...
+    with pytest.raises((ValueError, RuntimeError, OverflowError)):
+        torch.Generator().manual_seed(2**64)  # ... and the first it refuses
+
+
+def test_bench_help_has_no_doubled_percent():
+    out = _run("bench", "--help")
+    assert "% of memset" in out.stdout and "%%" not in out.stdout
+
+
+def test_example_input_allocation_failure_is_a_usage_error(monkeypatch, capsys):
+    import fastinit.cli as cli
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory\nException raised from alloc_cpu")
+
+    monkeypatch.setattr(cli, "_example_input", fail)
+    assert main(["audit", "llama-tiny", "--input-shape", "2,16"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "can't allocate memory" in err and "--input-shape" in err, err
+
+
+def test_compare_scheme_names_with_commas():
+    from fastinit.compare import SCHEMES, split_schemes
+    from fastinit.schemes import SCHEMES as BUILTIN
+
+    every = list(SCHEMES) + list(BUILTIN)  # every name the error message lists
+    assert split_schemes([",".join(every)]) == every
+    assert split_schemes(every) == every
+    assert split_schemes(["xavier_uniform, uniform [0, 1) ,lsuv", " , "]) == ["xavier_uniform", "uniform [0, 1)",
+                                                                              "lsuv"]
+
+
+def test_compare_runs_classic_rows_whose_names_have_commas(tmp_path):
+    pytest.importorskip("sklearn")
+    js = tmp_path / "a.json"
+    argv = ["compare", "--epochs", "1", "--plot", "", "--seed", str(2**64 - 1), "--json", str(js),
+            "--scheme", "uniform [0, 1),general_rule", "--scheme", "normal(0, 1/√n)"]
+    assert main(argv) == 0
+    assert [r["scheme"] for r in json.loads(js.read_text())] == ["uniform [0, 1)", "general_rule",
+                                                                  "normal(0, 1/√n)"]
+
+
 def test_usage_errors_in_a_fresh_process_are_one_line():
-    for argv in (["bench", "--device", "banana"], ["compare", "--epochs", "0"], ["bench", "--threads", "-1"]):
+    for argv in (["bench", "--device", "banana"], ["compare", "--epochs", "0"], ["bench", "--threads", "-1"],
+                 ["audit", "llama-tiny", "--input-shape", "100000,100000"],
+                 ["compare", "--epochs", "1", "--plot", "", "--seed", "99999999999999999999999"]):
         out = _run(*argv)
         assert out.returncode == EXIT_USAGE and out.stderr.count("\n") == 1, out.stderr
 
