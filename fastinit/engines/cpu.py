@@ -527,8 +527,10 @@ def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
             flat[r * lay.cols + a - g0 : r * lay.cols + b - g0] = v[a - lo : b - lo]
 
 
-# Chunks of fewer elements run on the calling thread, not on the pool.
+# Chunks of fewer elements go to the pool in bundles of at least BUNDLE_MIN elements.
 _POOL_MIN = 1 << 16
+BUNDLE_MIN = 1 << 16
+_TINY = 1 << 14  # chunks of fewer elements run on the calling thread
 
 
 def _chunk_elements(t, chunk: int) -> int:
@@ -571,7 +573,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def fill(targets, progress=None) -> None:
-    """Fill CPU targets: every (target, chunk) pair is one unit of work on the pool."""
+    """Fill CPU targets: every (target, chunk) pair is one piece of work, run on the pool
+    alone (big chunks) or bundled (small ones), or here (tiny ones)."""
     work = []
     for t in targets:
         if t.tensor.device.type != "cpu":
@@ -584,21 +587,39 @@ def fill(targets, progress=None) -> None:
         work.extend((t, c) for c in _chunks_of(t))
     if not work:
         return
-    # Small chunks (small tensors) cost more in Python than in elements: on the pool,
-    # threads would only contend for the GIL. They run here, in order, as does a
-    # lone big one (no scheduling for one unit of work).
-    here, pooled = [], []
+    # A unit of work for the pool is one chunk of at least _POOL_MIN elements, or a
+    # bundle of consecutive smaller chunks adding up to BUNDLE_MIN: threads taking
+    # small chunks one by one would mostly contend for the GIL. Chunks under _TINY
+    # elements cost more in Python than in elements and run here, in order, as does
+    # a lone unit. Measured on 2 cores, 40 conv weights of 37K elements (a CNN in
+    # batched()): 4.35 ms one by one, 2.47 ms bundled (torch's normal_ loop 3.75 ms);
+    # 226 tensors of 2-16K elements: 6.4 ms here, 9.4 ms bundled, 6.5 ms with _TINY.
+    units, bundle, size, here = [], [], 0, []
     for w in work:
-        (here if _chunk_elements(*w) < _POOL_MIN else pooled).append(w)
-    if len(pooled) == 1:
-        here.append(pooled.pop())
+        n = _chunk_elements(*w)
+        if n >= _POOL_MIN:
+            units.append((w,))
+            continue
+        if n < _TINY:
+            here.append(w)
+            continue
+        bundle.append(w)
+        size += n
+        if size >= BUNDLE_MIN:
+            units.append(bundle)
+            bundle, size = [], 0
+    if bundle:
+        units.append(bundle)
+    if len(units) == 1 or torch.get_num_threads() == 1:
+        here.extend(w for unit in units for w in unit)
+        units = []
     for t, c in here:
         _fill_chunk(t, c)
         if progress is not None:
             progress(_chunk_bytes(t, c))
-    if not pooled:
+    if not units:
         return
-    work = pooled
+    work = units
     nthreads = min(len(work), max(1, torch.get_num_threads()))
     # Dynamic scheduling: every thread (the caller's included) takes the next
     # chunk until none is left, so uneven chunks and uneven cores balance out to
@@ -611,14 +632,14 @@ def fill(targets, progress=None) -> None:
             i = next_item()
             if i >= len(work):
                 return
-            t, c = work[i]
-            try:
-                _fill_chunk(t, c)
-            except BaseException as e:  # surfaced in the caller below
-                errors.append(e)
-                return
-            if progress is not None:
-                progress(_chunk_bytes(t, c))
+            for t, c in work[i]:
+                try:
+                    _fill_chunk(t, c)
+                except BaseException as e:  # surfaced in the caller below
+                    errors.append(e)
+                    return
+                if progress is not None:
+                    progress(_chunk_bytes(t, c))
 
     futures = _submit(run, nthreads - 1)
     run()
