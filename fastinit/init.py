@@ -158,19 +158,28 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
     sink = _sink.for_tensor(tensor)
-    check_like_torch(tensor, op, *op_args, generator=generator, recording=sink is not None)
-    if sink is None and tensor.is_meta:
+    if sink is not None:
+        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
+            check_like_torch(tensor, op, *op_args, generator=generator, recording=True)
+            spec = make_spec()
+            if sink.fill(tensor, spec, generator):
+                return tensor
+        return _fill_now(tensor, spec, generator, None, torch_fallback)
+    check_like_torch(tensor, op, *op_args, generator=generator)
+    if tensor.is_meta:
         return tensor  # torch's meta kernels check no more than that
-    if sink is None and not _is_engine_dtype(tensor.dtype):  # complex: torch's own, spec unused
+    if not _is_engine_dtype(tensor.dtype):  # complex: torch's own, spec unused
         check_writable(tensor)
         return torch_fallback()
-    return _fill_now(tensor, make_spec(), generator, sink, torch_fallback)
+    return _fill_now(tensor, make_spec(), generator, None, torch_fallback)
 
 
 def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
     """The checked spec's fill: recorded, a no-op on meta, or written now (one version bump)."""
-    if sink is not None and sink.fill(tensor, spec, generator):
-        return tensor
+    if sink is not None:
+        with torch._C.DisableTorchFunction():
+            if sink.fill(tensor, spec, generator):
+                return tensor
     if tensor.is_meta:
         return tensor
     check_writable(tensor)
@@ -213,9 +222,13 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
             return tensor.fill_(value)
         finally:
             torch._C._set_grad_enabled(grad)
-    check_like_torch(tensor, "fill_", value, recording=sink is not None)
-    if sink is not None and sink.fill(tensor, Constant(value), None):
-        return tensor
+    if sink is not None:
+        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
+            check_like_torch(tensor, "fill_", value, recording=True)
+            if sink.fill(tensor, Constant(value), None):
+                return tensor
+    else:
+        check_like_torch(tensor, "fill_", value)
     if not tensor.is_meta:
         check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
     if is_dtensor(tensor) and not tensor.is_meta and _is_engine_dtype(tensor.dtype):

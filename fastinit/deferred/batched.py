@@ -212,6 +212,11 @@ class Batch:
             self.before_write(p.alias)
         fused, later = [], []
         for p in pending.values():
+            if len(p.events) == 1 and p.events[0].kind == "fill" and _span(p.events[0].geom)[2]:
+                ev = p.events[0]  # the common case: one fill of a whole tensor, nothing after it
+                key = ev.key if ev.key is not None else key_for_name(self.seed, p.name)
+                fused.append(Target(p.alias.as_strided(*ev.geom), ev.spec, key, engine=ev.engine))
+                continue
             spans = [_span(e.geom) for e in p.events]
             lo = min(s[0] for s in spans)
             hi = max(s[1] for s in spans)
