@@ -160,8 +160,13 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     sink = _sink.for_tensor(tensor)
     if sink is not None:
         with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
-            check_like_torch(tensor, op, *op_args, generator=generator, recording=True)
-            spec = make_spec()
+            memo = _checked_key(op, op_args, tensor) if generator is None and tensor.is_meta else None
+            spec = _CHECKED.get(memo) if memo is not None else None
+            if spec is None:
+                check_like_torch(tensor, op, *op_args, generator=generator, recording=True)
+                spec = make_spec()
+                if memo is not None:
+                    _remember(_CHECKED, memo, spec)
             if sink.fill(tensor, spec, generator):
                 return tensor
         return _fill_now(tensor, spec, generator, None, torch_fallback)
@@ -172,6 +177,29 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         check_writable(tensor)
         return torch_fallback()
     return _fill_now(tensor, make_spec(), generator, None, torch_fallback)
+
+
+# Recorded calls (a model built under deferred_init makes hundreds, mostly alike:
+# nn.Linear's kaiming_uniform_, then the model's normal_): what the checks and the spec
+# of a call on a meta tensor gave, by everything they depend on (the op, its numbers
+# and their types, the dtype, whether there are elements; checks on a CPU stand-in
+# look at nothing else), and what Kaiming's fan and gain gave, by shape and arguments.
+_CHECKED: dict = {}
+_FANS: dict = {}
+_NUMBER_TYPES = (int, float)
+
+
+def _checked_key(op: str, op_args: tuple, tensor: torch.Tensor):
+    for x in op_args:
+        if type(x) not in _NUMBER_TYPES:
+            return None
+    return op, op_args, tuple(map(type, op_args)), tensor.dtype, tensor.numel() > 0
+
+
+def _remember(memo: dict, key, value) -> None:
+    if len(memo) > 4096:
+        memo.clear()
+    memo[key] = value
 
 
 def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
@@ -452,8 +480,14 @@ def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
     if 0 in tensor.shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
-    fan = calculate_correct_fan(tensor, mode)  # validates dims and mode before the gain, as torch does
-    std = calculate_gain(nonlinearity, a) / math.sqrt(fan)
+    memo = (tensor.shape, mode, nonlinearity, a, type(a)) \
+        if type(mode) is str and type(nonlinearity) is str and type(a) in _NUMBER_TYPES else None
+    std = _FANS.get(memo) if memo is not None else None
+    if std is None:
+        fan = calculate_correct_fan(tensor, mode)  # validates dims and mode before the gain, as torch does
+        std = calculate_gain(nonlinearity, a) / math.sqrt(fan)
+        if memo is not None:
+            _remember(_FANS, memo, std)
     if distribution == "uniform":
         bound = math.sqrt(3.0) * std
         return random_fill(tensor, "uniform_", (-bound, bound), generator,

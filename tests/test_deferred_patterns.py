@@ -1100,3 +1100,27 @@ def test_a_deferred_model_cast_before_materialize_equals_building_then_casting(c
     for k in sb:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
     assert a.lm_head.weight is a.transformer.wte.weight
+
+
+def test_recorded_calls_alike_but_for_what_their_checks_read_still_raise_as_eagerly():
+    """Recorded calls reuse the checks of a call made before with the same numbers and
+    dtype: a call that differs in anything those checks read (elements or none, the
+    mode, the argument types) is checked again, and raises what eager code raises."""
+    def build(second):
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 4)
+                nn.init.normal_(torch.empty(0, dtype=torch.long))  # no elements: torch checks nothing
+                nn.init.kaiming_uniform_(self.lin.weight, a=1.0)
+                second(self)
+        return M
+
+    cases = [lambda m: nn.init.normal_(torch.empty(3, dtype=torch.long)),
+             lambda m: nn.init.kaiming_uniform_(m.lin.weight, a=1.0, mode="fan_sideways"),
+             lambda m: nn.init.kaiming_uniform_(m.lin.weight, a=True)]
+    for second in cases:
+        with pytest.raises(Exception) as eager:
+            build(second)()
+        with pytest.raises(type(eager.value)):
+            fastinit.deferred_init(build(second))

@@ -204,7 +204,10 @@ def snapshot(obj):
     if t is list:
         return [snapshot(x) for x in obj]
     if t is dict:
-        return {k: snapshot(v) for k, v in obj.items()}
+        for v in obj.values():
+            if type(v) not in _LEAVES:
+                return {k: snapshot(v) for k, v in obj.items()}
+        return dict(obj)  # (a factory's dtype=, device=: nothing to copy)
     if isinstance(obj, torch.Tensor):
         return obj.detach() if obj.is_meta else obj.detach().clone()
     if t in _LEAVES:
@@ -644,14 +647,15 @@ class RecordingSink:
 
     def fill(self, tensor, spec, generator) -> bool:
         if tensor.is_meta:
-            rec = self.recorder.recording_for(tensor)
+            found = recording_of(tensor)
+            rec, r = found if found is not None else (self.recorder.recording_for(tensor), None)
             if rec is None:
                 return False
             if tensor.numel():
                 # An explicit generator keys the fill as the same call made eagerly
                 # (drawn now); otherwise materialize's (seed, name) does.
                 key = draw_key(generator) if generator is not None and spec.random else None
-                rec.add_event(tensor, "fill", overwrites=True, spec=spec, key=key)
+                rec.add_event(tensor, "fill", overwrites=True, spec=spec, key=key, r=r)
             return True
         batch = self.recorder.batch
         if batch is None:

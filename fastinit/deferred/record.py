@@ -50,13 +50,16 @@ def storage_numel(t: torch.Tensor) -> int:
 
 def geometry(t: torch.Tensor) -> tuple:
     """``(size, stride, storage_offset)``: which elements of its storage ``t`` views."""
-    return tuple(t.shape), tuple(t.stride()), t.storage_offset()
+    return tuple(t.shape), t.stride(), t.storage_offset()  # (stride() is a tuple already)
 
 
-def covers_storage(t: torch.Tensor) -> bool:
-    """Whether ``t`` views every element of its storage exactly once (contiguous,
-    or a permutation of dimensions of a contiguous tensor: ``w.t()``)."""
-    if t.storage_offset() != 0 or t.numel() * t.element_size() != t.untyped_storage().nbytes():
+def covers_storage(t: torch.Tensor, nbytes: int | None = None) -> bool:
+    """Whether ``t`` views every element of its storage (of ``nbytes`` bytes, if
+    known) exactly once (contiguous, or a permutation of dimensions of a contiguous
+    tensor: ``w.t()``)."""
+    if nbytes is None:
+        nbytes = t.untyped_storage().nbytes()
+    if t.storage_offset() != 0 or t.numel() * t.element_size() != nbytes:
         return False
     if t.is_contiguous():
         return True
@@ -135,11 +138,12 @@ class StorageRecord:
     """One storage's history: how it was created (``node``, None if made outside
     the recording) and every write into it, in recorded order."""
 
-    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "__weakref__")
+    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "nbytes", "__weakref__")
 
     def __init__(self, sk: int, tensor: torch.Tensor, node: Node | None, born: int, out_index: int = 0):
         self.sk = sk
         self.tensor = tensor  # the tensor the storage was first seen as (geometry, dtype)
+        self.nbytes = tensor.untyped_storage().nbytes()  # (meta storages never resize while recorded)
         self.node = node
         self.out_index = out_index  # which of the node's (flattened) outputs it is
         self.events: list[Event] = []
@@ -178,15 +182,18 @@ class Recording:
             _REGISTRY[sk] = self._self_ref
         return r
 
-    def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, **kw) -> Event:
-        r = self.storages.get(storage_key(t)) or self.record(t)
+    def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, r: StorageRecord | None = None,
+                  **kw) -> Event:
+        """Record a write into ``t`` (``r``: its storage's record, if known)."""
+        if r is None:
+            r = self.storages.get(storage_key(t)) or self.record(t)
         if t.dtype != r.tensor.dtype:
             raise NotImplementedError(
                 f"fastinit: {kw.get('label') or kind} writes into a {t.dtype} view of a {r.tensor.dtype} "
                 f"tensor of shape {tuple(r.tensor.shape)} (a view that reinterprets its bytes, such as "
                 "w.view(torch.int32)), which deferred init cannot replay exactly; make this edit after "
                 "materialize()")
-        ev = Event(next(self._seq), geometry(t), kind, covers_storage(t), overwrites, **kw)
+        ev = Event(next(self._seq), geometry(t), kind, covers_storage(t, r.nbytes), overwrites, **kw)
         r.events.append(ev)
         self.keep.append(t)
         return ev
