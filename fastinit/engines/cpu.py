@@ -481,6 +481,11 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
     """Fill a contiguous float CPU tensor of at most :data:`CHUNK` elements (chunk 0
     of its key: the values :func:`fill` gives it), on the calling thread."""
     t = tensor.detach()
+    if type(spec) is Normal and (t.dtype == torch.float32 or t.dtype == torch.float64) \
+            and _use_torch_normal():  # (the common small call: no numpy view on the way)
+        with torch._C.DisableTorchFunction():
+            t.normal_(spec.mean, spec.std, generator=chunk_generator(key, 0))
+        return
     dst = (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()).reshape(-1)
     if dst.dtype == np.float32 or dst.dtype == np.float64:
         generate_chunk(spec, key, 0, dst)
@@ -567,7 +572,7 @@ if hasattr(os, "register_at_fork"):
 def fill(targets, progress=None) -> None:
     """Fill CPU targets: every (target, chunk) pair is one piece of work, run on the pool
     alone (big chunks) or bundled (small ones), or here (tiny ones)."""
-    work = []
+    work, plain = [], []
     for t in targets:
         if t.tensor.device.type != "cpu":
             raise RuntimeError(
@@ -576,7 +581,16 @@ def fill(targets, progress=None) -> None:
             )
         if t.tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"the cpu engine cannot fill dtype {t.tensor.dtype}")
-        work.extend((t, c) for c in _chunks_of(t))
+        lay = t.layout
+        if lay.offset == 0 and lay.rows == 1 and lay.cols == lay.global_numel < _TINY:
+            plain.append(t)  # a whole small tensor: chunk 0 of its key, no layout to follow
+        else:
+            work.extend((t, c) for c in _chunks_of(t))
+    for t in plain:
+        if t.layout.cols:
+            fill_single_chunk(t.tensor, t.spec, t.key)
+        if progress is not None:
+            progress(t.tensor.numel() * t.tensor.element_size())
     if not work:
         return
     # A unit of work for the pool is one chunk of at least _POOL_MIN elements, or a
