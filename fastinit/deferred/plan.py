@@ -20,6 +20,7 @@ Pure functions of records (no tensor is allocated or computed here), shared by
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable
@@ -176,6 +177,8 @@ class Plan:
         if self.why_uninitialized is not None and self.start.kind != "fill":
             return "uninitialized"
         st = self.start
+        if st.kind == "fill" and not st.rest:
+            return _spec_repr(st.spec)  # (the common case: one line per spec, made once)
         parts = []
         if st.kind == "fill":
             parts.append(repr(st.spec))
@@ -187,11 +190,16 @@ class Plan:
         return "; ".join(parts) or "uninitialized"
 
 
+@functools.lru_cache(maxsize=4096)
+def _spec_repr(spec: InitSpec) -> str:
+    return repr(spec)
+
+
 def plan_tensor(name: str, aliases: list[str], r: StorageRecord, find) -> Plan:
     """The plan of the tensor named ``name`` whose storage's record is ``r``."""
     st = start_of(r.events, r.node, r.tensor.dtype)
     tag = fill_tag(r.events, st.index) if st.kind == "fill" else ""
-    return Plan(name, aliases, r, st, tag, why_uninitialized=uninitialized(r, None, find))
+    return Plan(name, aliases, r, st, tag, why_uninitialized=uninitialized(r, None, find, start=st))
 
 
 _PIECEWISE_LIMIT = 1 << 26  # elements: the coverage mask below stays under 64 MiB
@@ -213,17 +221,17 @@ def _overwritten_piecewise(r: StorageRecord, events: list[Event]) -> bool:
     return bool(written.all())
 
 
-def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None) -> str | None:
+def uninitialized(r: StorageRecord, seq: int | None, find, _memo=None, start: Start | None = None) -> str | None:
     """Why storage ``r``'s value just before step ``seq`` (None: at the end) holds
     uninitialized memory, or None. ``find(tensor)`` gives the record of another
-    meta tensor's storage (or None)."""
+    meta tensor's storage (or None); ``start``: ``start_of`` those events, if known."""
     memo = {} if _memo is None else _memo
     events = events_before(r, seq)
     mk = (r.sk, len(events))
     if mk in memo:
         return memo[mk]
     memo[mk] = None  # cycles cannot happen (records only point back in time); be safe
-    st = start_of(events, r.node, r.tensor.dtype)
+    st = start if start is not None else start_of(events, r.node, r.tensor.dtype)
     why = None
     if st.kind == "none" and events and _overwritten_piecewise(r, events):
         st = Start("pieces", rest=list(events))  # rows one by one, two halves, unbind + normal_

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -47,8 +48,9 @@ class Layout:
     global_numel: int
 
     @staticmethod
+    @functools.lru_cache(maxsize=4096)
     def dense(numel: int) -> "Layout":
-        return Layout(0, 1, numel, numel, numel)
+        return Layout(0, 1, numel, numel, numel)  # (frozen: one object per size serves every tensor)
 
     @property
     def numel(self) -> int:
