@@ -19,7 +19,9 @@ same ``init_weights`` written against ``torch.nn.init`` and against fastinit: a
 fan_out on the convs, ones_/zeros_ on BatchNorm and biases, xavier_uniform_ on
 the head) and BERT-base (199 tensors, 110M parameters: normal_(0, .02) on Linear
 and Embedding weights, zeros_ on biases, ones_/zeros_ on LayerNorm). Their
-speedup is torch's time over fastinit's, like the other rows'.
+speedup is torch's time over fastinit's, like the other rows'. The ``batched``
+rows run fastinit's ``apply`` inside ``with fastinit.batched():`` (the same values,
+one fused pass at the block's exit) against the same torch ``apply``.
 """
 
 from __future__ import annotations
@@ -108,19 +110,30 @@ def bert_init(lib):
     return init_weights
 
 
-# (name, model constructor, init_weights(lib))
+# (name, model constructor, init_weights(lib), inside fastinit.batched())
 APPLY_CASES = [
-    ("apply: CNN 40 conv+BN (162 tensors)", cnn, cnn_init),
-    ("apply: BERT-base (199 tensors)", bert_base, bert_init),
+    ("apply: CNN 40 conv+BN (162 tensors)", cnn, cnn_init, False),
+    ("apply: BERT-base (199 tensors)", bert_base, bert_init, False),
+    ("apply in batched(): CNN 40 conv+BN", cnn, cnn_init, True),
+    ("apply in batched(): BERT-base", bert_base, bert_init, True),
 ]
 
 
+def _in_batched(fn):
+    def run():
+        with fastinit.batched():
+            fn()
+    return run
+
+
 def measure_apply(case, repeat: int, device="cpu") -> dict:
-    name, make, init = case
+    name, make, init, batched = case
     device = torch.device(device)
     model = make().to(device)
     n = sum(p.numel() for p in model.parameters())
     ours = lambda: model.apply(init(fastinit))  # noqa: E731
+    if batched:
+        ours = _in_batched(ours)
     theirs = lambda: model.apply(init(torch.nn.init))  # noqa: E731
     tf, tt = [], []
     for _ in range(repeat):
