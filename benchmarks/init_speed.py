@@ -35,6 +35,8 @@ import torch
 
 import fastinit
 
+from ._args import check_device
+
 # (name, dtype, function name, positional args)
 CASES = [
     ("kaiming_uniform_ f32", torch.float32, "kaiming_uniform_", ()),
@@ -199,12 +201,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    try:
-        device_type = torch.device(args.device).type
-    except (RuntimeError, ValueError):
-        ap.exit(2, f"{ap.prog}: error: --device {args.device!r} is not a device (use cpu or cuda)\n")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        ap.exit(2, f"{ap.prog}: error: --device {args.device}: no CUDA device is available (use --device cpu)\n")
+    check_device(ap, args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.numel / 2**20:.0f}M elements, median of {args.repeat}"
           + (", interleaved" if args.interleave else ", paired rounds"))

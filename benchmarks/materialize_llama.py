@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from ._args import check_device
+
 METHODS = ("eager", "meta", "fastinit")
 
 
@@ -97,14 +99,7 @@ def main(argv=None):
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not args.child:  # the device is checked before the children start
-        import torch
-
-        try:
-            device_type = torch.device(args.device).type
-        except (RuntimeError, ValueError):
-            ap.exit(2, f"{ap.prog}: error: --device {args.device!r} is not a device (use cpu or cuda)\n")
-        if device_type == "cuda" and not torch.cuda.is_available():
-            ap.exit(2, f"{ap.prog}: error: --device {args.device}: no CUDA device is available (use --device cpu)\n")
+        check_device(ap, args.device)
     if args.child:
         print(json.dumps(child(args.child, args.layers, args.dtype, args.device)))
         return
