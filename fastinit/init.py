@@ -193,7 +193,9 @@ def _checked_key(op: str, op_args: tuple, tensor: torch.Tensor):
     for x in op_args:
         if type(x) not in _NUMBER_TYPES:
             return None
-    return op, op_args, tuple(map(type, op_args)), tensor.dtype, tensor.numel() > 0
+    # floats by their bits (0.0 and -0.0 are equal keys otherwise, and give other values)
+    return (op, tuple(x.hex() if type(x) is float else x for x in op_args), tuple(map(type, op_args)),
+            tensor.dtype, tensor.numel() > 0)
 
 
 def _remember(memo: dict, key, value) -> None:
@@ -480,7 +482,7 @@ def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
     if 0 in tensor.shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
-    memo = (tensor.shape, mode, nonlinearity, a, type(a)) \
+    memo = (tensor.shape, mode, nonlinearity, a.hex() if type(a) is float else a, type(a)) \
         if type(mode) is str and type(nonlinearity) is str and type(a) in _NUMBER_TYPES else None
     std = _FANS.get(memo) if memo is not None else None
     if std is None:

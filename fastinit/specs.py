@@ -133,7 +133,7 @@ class Uniform(InitSpec):
 
     def for_dtype(self, dtype: torch.dtype) -> "Uniform":
         """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it."""
-        return _uniform_for_dtype(float(self.a), float(self.b), dtype)
+        return _uniform_for_dtype(float(self.a).hex(), float(self.b).hex(), dtype)  # (by bits: -0.0 is not 0.0)
 
     def kernel_params(self):
         hi = self.top
@@ -143,7 +143,8 @@ class Uniform(InitSpec):
 
 
 @functools.lru_cache(maxsize=4096)
-def _uniform_for_dtype(a: float, b: float, dtype: torch.dtype) -> Uniform:
+def _uniform_for_dtype(a_hex: str, b_hex: str, dtype: torch.dtype) -> Uniform:
+    a, b = float.fromhex(a_hex), float.fromhex(b_hex)
     return Uniform(a, b, uniform_top(a, b, dtype))
 
 

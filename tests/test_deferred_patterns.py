@@ -9,6 +9,7 @@ LSTM forget-gate slices, Swin's relative-position index, FSDP's param_init_fn).
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import warnings
 
@@ -694,14 +695,17 @@ def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
     fns = {n: getattr(init, n) for n in dir(init) if callable(getattr(init, n)) and not n.startswith("__")}
     codes = {n: getattr(f, "__code__", None) for n, f in fns.items()}
     new = torch.Tensor.__new__
+    typed = {n: getattr(torch, n) for n in ("FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor")}
     seen = {}
 
     def other_thread():
         x = torch.empty(1000)
         torch.nn.init.normal_(x)
         y = torch.Tensor(3, 2)
+        z = torch.FloatTensor(3, 2)
         seen["x"] = (x.is_meta, x.std().item())
         seen["y"] = y.device.type
+        seen["z"] = (z.device.type, isinstance(z, torch.FloatTensor))
 
     def build():
         th = threading.Thread(target=other_thread)
@@ -711,7 +715,8 @@ def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
 
     fastinit.deferred_init(build)
     assert seen["x"][0] is False and 0.9 < seen["x"][1] < 1.1  # torch's own, on real memory
-    assert seen["y"] == "cpu"
+    assert seen["y"] == "cpu" and seen["z"] == ("cpu", True)
+    assert all(getattr(torch, n) is c for n, c in typed.items())
     assert all(getattr(init, n) is f for n, f in fns.items())
     assert all(getattr(getattr(init, n), "__code__", None) is c for n, c in codes.items())
     assert torch.Tensor.__new__ is new and "__new__" not in torch.Tensor.__dict__
@@ -1124,3 +1129,99 @@ def test_recorded_calls_alike_but_for_what_their_checks_read_still_raise_as_eage
             build(second)()
         with pytest.raises(type(eager.value)):
             fastinit.deferred_init(build(second))
+
+
+class _LegacyTyped(nn.Module):
+    """transformers' XLNet: ``nn.Parameter(torch.FloatTensor(d, h, k))``, then normal_."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Parameter(torch.FloatTensor(8, 2, 4))
+        self.h = nn.Parameter(torch.HalfTensor(3, 5))
+        nn.init.normal_(self.q, std=0.02)
+        nn.init.zeros_(self.h)
+        assert isinstance(self.q, torch.FloatTensor) is False  # (a meta tensor while recorded)
+
+
+def test_legacy_typed_constructors_are_recorded_and_keyed_by_the_seed():
+    torch.manual_seed(1)
+    a = fastinit.deferred_init(_LegacyTyped)
+    torch.manual_seed(2)
+    b = fastinit.deferred_init(_LegacyTyped)
+    ra = fastinit.materialize(a, seed=0)
+    fastinit.materialize(b, seed=0)
+    assert ra.entries["q"].startswith("Normal") and a.h.dtype == torch.float16
+    _assert_same(a, b)
+    assert isinstance(torch.zeros(2), torch.FloatTensor)
+
+
+class _Draws(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(16, 16))
+        with torch.no_grad():  # a distribution's sample: torch.normal of real tensors
+            self.p.copy_(torch.distributions.Normal(torch.zeros(16, 16), torch.ones(16, 16)).sample())
+        self.register_buffer("d", nn.functional.dropout2d(torch.ones(4, 3, 2, 2), training=True))
+        self.register_buffer("r", nn.functional.rrelu(-torch.ones(64), training=True))
+
+
+def test_random_ops_in_constructors_are_keyed_by_the_seed_and_leave_torch_s_generator():
+    models = []
+    for g in (1, 2):
+        torch.manual_seed(g)
+        m = fastinit.deferred_init(_Draws)
+        state = torch.random.get_rng_state()
+        fastinit.materialize(m, seed=0)
+        assert torch.equal(state, torch.random.get_rng_state())
+        models.append(m)
+    _assert_same(*models)
+    assert models[0].p.std() > 0.5 and set(models[0].d.unique().tolist()) <= {0.0, 2.0}
+
+    class Binomial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("b", torch.binomial(torch.full((4,), 10.0), torch.full((4,), 0.5)))
+
+    with pytest.raises(NotImplementedError, match="draws random numbers"):
+        fastinit.deferred_init(Binomial)
+
+
+def test_writes_after_a_cast_of_a_deferred_model_are_recorded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            nn.init.constant_(self.lin.bias, 0.3)
+
+    m = fastinit.deferred_init(M).half()
+    fastinit.zeros_(m.lin.bias)  # outside any block: recorded, after the cast
+    fastinit.materialize(m, seed=0)
+    assert m.lin.bias.dtype == torch.float16 and m.lin.bias.tolist() == [0.0] * 4
+    m = fastinit.deferred_init(M).half()
+    fastinit.materialize(m, seed=0, init_fn=lambda mm: nn.init.constant_(mm.lin.bias, 0.5))
+    assert m.lin.bias.tolist() == [0.5] * 4
+
+
+def test_real_tensors_written_from_meta_ones_in_constructors_get_eager_values():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.full((3,), 0.5))
+            v = torch.tensor([1.0, 2.0, 3.0])
+            v.mul_(self.scale)
+            self.register_buffer("v", v)
+
+    eager, d = _eager_and_deferred(M)
+    _assert_same(eager, d)
+
+
+def test_signed_zero_bounds_and_one_version_bump_inside_batched():
+    w = torch.empty(3)
+    fastinit.uniform_(torch.empty(2), 0.0, 0.0)
+    fastinit.uniform_(w, -0.0, 0.0)
+    assert all(math.copysign(1.0, x) < 0 for x in w.tolist())  # -0.0, as torch gives
+    x = torch.empty(100)
+    v = x._version
+    with fastinit.batched():
+        fastinit.normal_(x)
+    assert x._version == v + 1

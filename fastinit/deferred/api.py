@@ -268,7 +268,8 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
             dt = dist_mod.is_dtensor(t)
             if (dt and _fits(t, r, geom)) or storage_key(dist_mod.local_tensor(t)) == r.sk \
                     or (not dt and _is_copy(owner, mh) and _fits(t, r, geom)) \
-                    or (not dt and _cast_of(t, r, geom)):  # (a deep copy's parameter; a buffer cast)
+                    or (not dt and leaf in owner._buffers and _cast_of(t, r, geom)):  # (a buffer cast:
+                # model.half() makes new buffer tensors; a new parameter object is a replacement, not a cast)
                 return rec, r, fqn, geom
     if not dist_mod.is_dtensor(t):
         found = recording_of(t)
@@ -355,7 +356,13 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         txn.batch = Batch(undoable=True)  # its writes to real tensors are undone if materialize fails
         with intercept.recording(home, txn.batch):
             run(module)
-    out = [(t, names, *res) for t, names, res in resolved]
+    out = []
+    for t, names, res in resolved:
+        if res[1].sk != storage_key(t) and not dist_mod.is_dtensor(t):
+            found = recording_of(t)  # a copy or cast that init_fn wrote into: its own record now
+            if found is not None:
+                res = (found[0], found[1], res[2], geometry(t))
+        out.append((t, names, *res))
     for t, names, _ in orphans:
         r = home.storages[storage_key(t)]
         out.append((t, names, home, r, _join(prefix, names[0]), geometry(t)))

@@ -79,7 +79,9 @@ def temp_names(rec: Recording) -> dict[int, str]:
     return out
 
 
-_NO_GENERATOR = frozenset({"dropout", "dropout_", "feature_dropout", "alpha_dropout"})
+_NO_GENERATOR = frozenset({"dropout", "dropout_", "feature_dropout", "alpha_dropout", "rrelu", "rrelu_",
+                           "gumbel_softmax", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout",
+                           "alpha_dropout_", "feature_alpha_dropout_", "feature_dropout_"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,7 +226,14 @@ class Evaluator:
         name = getattr(func, "__name__", "")
         takes = _takes_generator(func)
         if name not in RANDOM_NAMES and not takes:
-            return func(*args, **kwargs)
+            g = _default_generator(self.device)
+            state = g.get_state()
+            out = func(*args, **kwargs)
+            if not torch.equal(state, g.get_state()):  # it drew: from the global generator, unkeyed
+                g.set_state(state)
+                raise ReplayError(f"{name or func} draws random numbers from torch's global generator, which "
+                                  "materialize does not key by the seed; make this tensor after materialize()")
+            return out
         k = key() & ((1 << 63) - 1)
         if takes:
             # torch's builtins want a generator on the tensors' device; fastinit's

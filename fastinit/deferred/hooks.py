@@ -11,7 +11,10 @@ recording:
   not dispatch to modes. While any thread records, ``torch.Tensor.__new__`` is
   replaced by :func:`_legacy_tensor_new`, which makes a meta ``torch.empty`` in
   a recording thread and calls torch's own constructor everywhere else; it is
-  removed when the last recording ends, also on error.
+  removed when the last recording ends, also on error. The typed classes
+  (``torch.FloatTensor(d, h, k)``, as transformers' XLNet makes its parameters)
+  are immutable types: their names in ``torch`` are replaced meanwhile by
+  :class:`_LegacyTypedMeta` stand-ins, likewise.
 * **Init functions that return early on meta tensors** (``trunc_normal_``,
   ``orthogonal_``, ``sparse_``, ``dirac_`` in ``torch.nn.init``) never reach a
   mode with their arguments, but each reads ``tensor.is_meta`` first, and a mode
@@ -116,6 +119,58 @@ def _legacy_tensor_new(*args, **kwargs):
     return torch._C.TensorBase.__new__(cls, *args, **kwargs)
 
 
+class _LegacyTypedMeta(type):
+    """The metaclass of the stand-ins for ``torch.FloatTensor`` and its kin while a
+    recording runs: in a recording thread ``torch.FloatTensor(d, h, k)``
+    (uninitialized memory, as transformers' XLNet makes its parameters) becomes
+    ``torch.empty`` on meta, like ``torch.Tensor(d, h, k)``; any other call is the
+    class's own. These classes are immutable types, so their names in ``torch`` are
+    what is replaced (code that imported a class itself keeps torch's). A stand-in
+    is a type (``torch.FloatTensor | None`` in an annotation still works) whose
+    ``isinstance``, ``issubclass`` and attributes are the class's."""
+
+    def __call__(cls, *args, **kwargs):
+        if not kwargs and args and _recording_here():
+            sizes = args[0] if len(args) == 1 and isinstance(args[0], torch.Size) else args
+            if all(isinstance(a, int) and not isinstance(a, bool) for a in sizes):
+                return torch.empty(*sizes, dtype=cls._dtype, device="meta")
+        return cls._cls(*args, **kwargs)
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, cls._cls)
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return issubclass(sub, cls._cls)
+
+    def __getattr__(cls, name):
+        return getattr(cls._cls, name)
+
+    def __repr__(cls) -> str:
+        return repr(cls._cls)
+
+
+_LEGACY_TYPED = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64, "HalfTensor": torch.float16,
+                 "BFloat16Tensor": torch.bfloat16}
+_saved_typed: dict = {}
+
+
+def _install_typed() -> None:
+    for name, dtype in _LEGACY_TYPED.items():
+        cls = getattr(torch, name, None)
+        if cls is None:
+            continue
+        if not isinstance(cls, type) or type(cls).__name__ != "tensortype":
+            raise _torch_changed(f"torch.{name} is not torch's legacy tensor type (something replaced it)")
+        _saved_typed[name] = cls
+        setattr(torch, name, _LegacyTypedMeta(name, (), {"_cls": cls, "_dtype": dtype}))
+
+
+def _remove_typed() -> None:
+    for name, cls in _saved_typed.items():
+        setattr(torch, name, cls)
+    _saved_typed.clear()
+
+
 @contextlib.contextmanager
 def recording_thread():
     """Mark this thread as recording and keep the hooks installed meanwhile
@@ -127,6 +182,7 @@ def recording_thread():
             if "__new__" in torch.Tensor.__dict__:
                 raise _torch_changed("defines torch.Tensor.__new__ (or something else replaced it)")
             torch.Tensor.__new__ = staticmethod(_legacy_tensor_new)
+            _install_typed()
         _installed += 1
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
@@ -137,3 +193,4 @@ def recording_thread():
             _installed -= 1
             if _installed == 0:
                 del torch.Tensor.__new__  # back to torch._C.TensorBase's
+                _remove_typed()

@@ -39,7 +39,7 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, covers_storage, recording_of, storage_key, storage_numel
+from .record import Node, Recording, adopt_derived, covers_storage, recording_of, storage_key, storage_numel
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -62,7 +62,9 @@ RANDOM_NAMES = frozenset({
     "bernoulli", "poisson", "multinomial", "uniform_", "normal_", "random_", "exponential_",
     "geometric_", "log_normal_", "cauchy_", "bernoulli_", "dropout", "dropout_", "feature_dropout",
     "alpha_dropout", "orthogonal_", "sparse_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
-    "kaiming_uniform_", "kaiming_normal_",
+    "kaiming_uniform_", "kaiming_normal_", "binomial", "_standard_gamma", "_sample_dirichlet", "rrelu",
+    "rrelu_", "rrelu_with_noise", "gumbel_softmax", "dropout1d", "dropout2d", "dropout3d",
+    "feature_alpha_dropout", "alpha_dropout_", "feature_alpha_dropout_", "feature_dropout_",
 })
 
 # Calls that read no values and write none: metadata, flags, grad mode.
@@ -266,6 +268,11 @@ _HIDDEN = {
                                       "momentum", "eps"), ("training", False), ("running_mean", "running_var")),
     torch.batch_norm: (_BN, ("training", False), ("running_mean", "running_var")),
     torch.native_batch_norm: (_BN[:-1], ("training", False), ("running_mean", "running_var")),
+    torch.ops.aten.native_batch_norm: (_BN[:-1], ("training", False), ("running_mean", "running_var")),
+    torch.ops.aten.native_batch_norm.default: (_BN[:-1], ("training", False), ("running_mean", "running_var")),
+    torch.ops.aten._native_batch_norm_legit: (_BN[:-1], ("training", False), ("running_mean", "running_var")),
+    torch.ops.aten._native_batch_norm_legit.default: (_BN[:-1], ("training", False),
+                                                      ("running_mean", "running_var")),
     torch.nn.functional.instance_norm: (("input", "running_mean", "running_var", "weight", "bias",
                                          "use_input_stats", "momentum", "eps"), ("use_input_stats", True),
                                         ("running_mean", "running_var")),
@@ -303,7 +310,7 @@ class Recorder(TorchFunctionMode):
 
     def recording_for(self, t: torch.Tensor) -> Recording | None:
         """Where a write into meta tensor ``t`` is recorded."""
-        found = recording_of(t)
+        found = recording_of(t) or adopt_derived(t)
         if found is not None:
             return found[0]
         if self.home is not None and self.home.root is not None and is_dtensor(t):  # (a built model's)
@@ -363,9 +370,18 @@ class Recorder(TorchFunctionMode):
             kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
         if target is not None and self.batch is not None:
             self.batch.before_write(target)  # (init_fn's writes into real tensors are undone on failure)
+        if target is not None and not target.is_meta and any(t.is_meta for t in tensors_in(args, kwargs)):
+            # real.mul_(meta) (torch would do nothing): the meta operands stand for values
+            # the code computed, which eager code would have used here
+            args, kwargs = self._with_values(args, kwargs)
         watched = self._watch(func, args, kwargs) if target is None else None
+        # a random op on real tensors only (torch.normal(mean, std) of a distribution's sample):
+        # on meta, recorded, so that materialize keys it by the seed as it keys factories
+        draw_later = self.home is not None and target is None and name in RANDOM_NAMES and "out" not in kwargs \
+            and kwargs.get("generator") is None and any(True for _ in tensors_in(args, kwargs)) \
+            and not any(t.is_meta for t in tensors_in(args, kwargs))
         try:
-            if target is None and _mixes_meta_and_real(args, kwargs):
+            if draw_later or target is None and _mixes_meta_and_real(args, kwargs):
                 # torch.ones(4) + loaded.bias inside init_fn, with ones made meta: computed on meta
                 # here; the recorded op keeps the real tensors' values, for materialize
                 out = func(*_as_meta(args), **_as_meta(kwargs))
@@ -423,26 +439,42 @@ class Recorder(TorchFunctionMode):
             rec.add_event(whole, "side", overwrites=any(t is o for o in outs) and covers_storage(t), func=func,
                           args=snap_args, kwargs=snap_kwargs, label=name, leaf=i, mutated=where, at=at)
 
-    def _computed_now(self, func, name, args, kwargs, error):
-        """An op meta tensors cannot run (its result's size depends on the values:
-        ``torch.unique``, ``nonzero``, boolean masks) on tensors a constructor computed:
-        run on their values, now, on the CPU (values that depend on random draws are an
-        error: there is no seed yet). Its tensor results are meta tensors that hold
-        those values; anything else (a count) is returned as is."""
-        if self.home is None and not any(recording_of(t) is not None for t in tensors_in(args, kwargs)
-                                         if t.is_meta):
-            raise error
+    def _with_values(self, args, kwargs):
+        """``(args, kwargs)`` with recorded meta tensors replaced by their values (which
+        must not depend on random draws)."""
         def value(x):
             if isinstance(x, torch.Tensor) and x.is_meta:
                 v = self._read_value(x)
-                if v is None:  # a meta tensor nothing records: no value to compute from
-                    raise error
+                if v is None:
+                    raise NotImplementedError(
+                        f"fastinit: an op writes into a real tensor from a meta tensor of shape "
+                        f"{tuple(x.shape)} that nothing records, whose values are unknown")
                 return v
             return x
 
-        real = tree_map(value, (args, kwargs))
+        return tree_map(value, (args, kwargs))
+
+    def _computed_now(self, func, name, args, kwargs, error):
+        """An op meta tensors cannot run (its result's size depends on the values:
+        ``torch.unique``, ``nonzero``, boolean masks) on tensors a constructor computed:
+        run on their values, now, on the CPU (values that depend on random draws, and
+        ops that draw, are an error: there is no seed yet). Its tensor results are meta
+        tensors that hold those values; anything else (a count) is returned as is."""
+        if self.home is None and not any(recording_of(t) is not None for t in tensors_in(args, kwargs)
+                                         if t.is_meta):
+            raise error
+        if any(recording_of(t) is None for t in tensors_in(args, kwargs) if t.is_meta):
+            raise error  # a meta tensor nothing records: no value to compute from
+        real = self._with_values(args, kwargs)
+        state = torch.random.get_rng_state()
         with torch._C.DisableTorchFunction():
             out = func(*real[0], **real[1])
+        if not torch.equal(state, torch.random.get_rng_state()):  # torch.binomial, Dirichlet's sample
+            torch.random.set_rng_state(state)
+            raise NotImplementedError(
+                f"fastinit.deferred_init: {name} draws random numbers and has no meta kernel, so it cannot be "
+                "recorded to draw at materialize (keyed by the seed); make this tensor after materialize(), "
+                "or with a generator of its own (generator=g)")
         rec = self.home
         if rec is None:
             rec = next(recording_of(t)[0] for t in tensors_in(args, kwargs) if t.is_meta and recording_of(t))
@@ -647,7 +679,7 @@ class RecordingSink:
 
     def fill(self, tensor, spec, generator) -> bool:
         if tensor.is_meta:
-            found = recording_of(tensor)
+            found = recording_of(tensor) or adopt_derived(tensor)
             rec, r = found if found is not None else (self.recorder.recording_for(tensor), None)
             if rec is None:
                 return False
@@ -692,7 +724,7 @@ _OUTSIDE = RecordingSink(Recorder())
 
 def outside_sink_for(t: torch.Tensor):
     """Outside any block: the sink of deferred meta tensor ``t`` (None for other tensors)."""
-    return _OUTSIDE if recording_of(t) is not None else None
+    return _OUTSIDE if recording_of(t) is not None or adopt_derived(t) is not None else None
 
 
 _sink.meta_sink = outside_sink_for

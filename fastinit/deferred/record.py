@@ -53,13 +53,11 @@ def geometry(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.storage_offset()  # (stride() is a tuple already)
 
 
-def covers_storage(t: torch.Tensor, nbytes: int | None = None) -> bool:
-    """Whether ``t`` views every element of its storage (of ``nbytes`` bytes, if
-    known) exactly once (contiguous, or a permutation of dimensions of a contiguous
-    tensor: ``w.t()``)."""
-    if nbytes is None:
-        nbytes = t.untyped_storage().nbytes()
-    if t.storage_offset() != 0 or t.numel() * t.element_size() != nbytes:
+def covers_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` views every element of its storage exactly once (contiguous,
+    or a permutation of dimensions of a contiguous tensor: ``w.t()``). (The size is
+    read each time: ``resize_`` and ``out=`` grow meta storages too.)"""
+    if t.storage_offset() != 0 or t.numel() * t.element_size() != t.untyped_storage().nbytes():
         return False
     if t.is_contiguous():
         return True
@@ -138,12 +136,11 @@ class StorageRecord:
     """One storage's history: how it was created (``node``, None if made outside
     the recording) and every write into it, in recorded order."""
 
-    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "nbytes", "__weakref__")
+    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "__weakref__")
 
     def __init__(self, sk: int, tensor: torch.Tensor, node: Node | None, born: int, out_index: int = 0):
         self.sk = sk
         self.tensor = tensor  # the tensor the storage was first seen as (geometry, dtype)
-        self.nbytes = tensor.untyped_storage().nbytes()  # (meta storages never resize while recorded)
         self.node = node
         self.out_index = out_index  # which of the node's (flattened) outputs it is
         self.events: list[Event] = []
@@ -193,7 +190,7 @@ class Recording:
                 f"tensor of shape {tuple(r.tensor.shape)} (a view that reinterprets its bytes, such as "
                 "w.view(torch.int32)), which deferred init cannot replay exactly; make this edit after "
                 "materialize()")
-        ev = Event(next(self._seq), geometry(t), kind, covers_storage(t, r.nbytes), overwrites, **kw)
+        ev = Event(next(self._seq), geometry(t), kind, covers_storage(t), overwrites, **kw)
         r.events.append(ev)
         self.keep.append(t)
         return ev
@@ -222,6 +219,31 @@ class Recording:
 
     def name_of(self, sk: int) -> str | None:
         return self.names.get(sk)
+
+
+def adopt_derived(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
+    """A deferred tensor that now lives in a storage nothing recorded: a copy of the
+    tensor its handle names (``copy.deepcopy(block)``) or a cast of it made after
+    recording (``model.half()`` keeps the parameter, with new data). Its storage is
+    recorded as made by that copy or cast (``to(dtype, copy=True)`` of the named
+    tensor as it is now), so writes into it record after it and it materializes as
+    eager code computes it. None for any other tensor."""
+    h = tensor_handle(t)
+    if h is None or not t.is_meta or recording_of(t) is not None:
+        return None
+    rec = h.recording
+    sk = rec.by_name.get(h.name)
+    r = rec.storages.get(sk) if sk is not None else None
+    geom = rec.geoms.get(h.name)
+    if r is None or geom is None or tuple(t.shape) != geom[0]:
+        return None
+    rd = r.tensor.dtype
+    if not (t.dtype == rd or (t.dtype.is_floating_point and rd.is_floating_point)
+            or (t.dtype.is_complex and rd.is_complex)):
+        return None
+    src = r.tensor.as_strided(*geom).detach()
+    node = Node(rec.next_seq(), torch.Tensor.to, (src, t.dtype), {"copy": True})
+    return rec, rec.record(t, node)
 
 
 def recording_of(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:

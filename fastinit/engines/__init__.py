@@ -166,8 +166,8 @@ def _constants_now(batch: list[Target], progress) -> list[Target]:
     keeps it); returns the rest."""
     rest = []
     with torch._C.DisableTorchFunction(), torch.no_grad():
-        for t in batch:
-            if type(t.spec) is Constant:
+        for t in batch:  # (other dtypes and devices go on, to the engine's own checks)
+            if type(t.spec) is Constant and t.tensor.device.type == "cpu" and t.tensor.dtype in FLOAT_DTYPES:
                 t.tensor.detach().fill_(t.spec.value)
                 if progress is not None:
                     progress(t.tensor.numel() * t.tensor.element_size())

@@ -484,7 +484,10 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
     if type(spec) is Normal and (t.dtype == torch.float32 or t.dtype == torch.float64) \
             and _use_torch_normal():  # (the common small call: no numpy view on the way)
         with torch._C.DisableTorchFunction():
-            t.normal_(spec.mean, spec.std, generator=chunk_generator(key, 0))
+            # an alias with a version counter of its own: engines write without bumping
+            # the tensor's (the caller bumps it once, as the call made eagerly would)
+            alias = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+            alias.normal_(spec.mean, spec.std, generator=chunk_generator(key, 0))
         return
     dst = (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()).reshape(-1)
     if dst.dtype == np.float32 or dst.dtype == np.float64:
@@ -524,9 +527,8 @@ def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
             flat[r * lay.cols + a - g0 : r * lay.cols + b - g0] = v[a - lo : b - lo]
 
 
-# Chunks of fewer elements go to the pool in bundles of at least BUNDLE_MIN elements.
-_POOL_MIN = 1 << 16
-BUNDLE_MIN = 1 << 16
+_POOL_MIN = 1 << 16  # a chunk of this many elements or more is a unit of pool work alone
+BUNDLE_MIN = 1 << 16  # smaller chunks go to the pool in bundles of at least this many
 _TINY = 1 << 14  # chunks of fewer elements run on the calling thread
 
 
