@@ -1065,12 +1065,15 @@ class _ValueSized(nn.Module):
         self.register_buffer("nz", torch.nonzero(torch.arange(6) % 2))
         self.register_buffer("cnt", torch.bincount(torch.tensor([0, 1, 1, 3])))
         self.register_buffer("uc", torch.unique_consecutive(torch.tensor([1, 1, 2, 2, 3, 1])))
+        self.register_buffer("ri", torch.repeat_interleave(m, torch.arange(6) % 3))
+        self.register_buffer("ts", torch.tensor_split(m, torch.tensor([1, 2]) * 2)[1])
+        self.register_buffer("close", torch.tensor(torch.allclose(m, m + 1e-9)))
 
 
 def test_ops_sized_by_values_run_on_constructor_computed_tensors():
     eager, d = _eager_and_deferred(_ValueSized)
     assert d.lin.weight.shape == eager.lin.weight.shape == (2, 4)
-    for n in ("sel", "nz", "cnt", "uc"):
+    for n in ("sel", "nz", "cnt", "uc", "ri", "ts", "close"):
         assert torch.equal(getattr(d, n), getattr(eager, n)), n
 
 
