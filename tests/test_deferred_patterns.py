@@ -1144,6 +1144,7 @@ class _LegacyTyped(nn.Module):
         nn.init.normal_(self.q, std=0.02)
         nn.init.zeros_(self.h)
         assert isinstance(self.q, torch.FloatTensor) is False  # (a meta tensor while recorded)
+        self.register_buffer("t", torch.arange(3).type(torch.DoubleTensor))  # the classes still name types
 
 
 def test_legacy_typed_constructors_are_recorded_and_keyed_by_the_seed():
@@ -1154,6 +1155,7 @@ def test_legacy_typed_constructors_are_recorded_and_keyed_by_the_seed():
     ra = fastinit.materialize(a, seed=0)
     fastinit.materialize(b, seed=0)
     assert ra.entries["q"].startswith("Normal") and a.h.dtype == torch.float16
+    assert a.t.dtype == torch.float64 and a.t.tolist() == [0.0, 1.0, 2.0]
     _assert_same(a, b)
     assert isinstance(torch.zeros(2), torch.FloatTensor)
 

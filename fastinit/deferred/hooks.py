@@ -162,7 +162,9 @@ def _install_typed() -> None:
         if not isinstance(cls, type) or type(cls).__name__ != "tensortype":
             raise _torch_changed(f"torch.{name} is not torch's legacy tensor type (something replaced it)")
         _saved_typed[name] = cls
-        setattr(torch, name, _LegacyTypedMeta(name, (), {"_cls": cls, "_dtype": dtype}))
+        # (its C name is torch's, "torch.FloatTensor": x.type(torch.FloatTensor) reads it)
+        setattr(torch, name, _LegacyTypedMeta(f"{cls.__module__}.{name}", (),
+                                              {"_cls": cls, "_dtype": dtype, "__module__": cls.__module__}))
 
 
 def _remove_typed() -> None:
