@@ -1230,3 +1230,44 @@ def test_signed_zero_bounds_and_one_version_bump_inside_batched():
     with fastinit.batched():
         fastinit.normal_(x)
     assert x._version == v + 1
+
+
+def test_an_init_call_on_a_real_tensor_in_a_constructor_writes_it():
+    class A(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))  # real data, then an in-place draw
+            nn.init.normal_(self.w, std=0.1)
+
+    m = fastinit.deferred_init(A)
+    fastinit.materialize(m, seed=0)
+    assert m.w.abs().max() < 1.0  # drawn (eagerly, as torch does), not left at [1, 2, 3]
+
+
+def test_partial_writes_into_a_cast_deferred_model_are_recorded():
+    class N(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+            nn.init.constant_(self.l.weight, 0.25)
+            self.register_buffer("b", torch.arange(4.0))
+
+    def edits(mm):
+        mm.l.weight.data.mul_(2)
+        mm.l.weight.data[1:3].fill_(1.0)
+        mm.b.add_(1)
+
+    eager = N().half()
+    with torch.no_grad():
+        edits(eager)
+    m = fastinit.deferred_init(N).half()
+    fastinit.materialize(m, seed=0, init_fn=edits)
+    assert torch.equal(m.l.weight, eager.l.weight) and torch.equal(m.b, eager.b)
+    m = fastinit.deferred_init(N).half()
+    with fastinit.batched(module=m):
+        with torch.no_grad():
+            edits(m)
+    fastinit.zeros_(m.l.weight[0])  # a view, outside any block
+    fastinit.materialize(m, seed=0)
+    eager.l.weight.data[0] = 0
+    assert torch.equal(m.l.weight, eager.l.weight) and torch.equal(m.b, eager.b)

@@ -22,7 +22,7 @@ from . import intercept
 from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
-from .record import (HANDLE_ATTR, Handle, Recording, attach, covers_storage, detach_handles, geometry,
+from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, covers_storage, detach_handles, geometry,
                      module_handle, named_tensors, recording_of, storage_key, storage_numel, tensor_handle)
 from .report import MaterializeReport, Planned
 
@@ -346,6 +346,10 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         if persist:
             added = attach_orphans(module, home, prefix, orphans)
             txn.handles.extend(added)
+    if init_fn is not None or persist:  # copies and casts get records of their own first: init_fn or a
+        for t, _, res in resolved:  # batched() block may write into them through any alias (w.data.mul_(2))
+            if res[1].sk != storage_key(t) and not dist_mod.is_dtensor(t):
+                adopt_as(t, res[0], res[1], res[3])
     run = init_fn
     if run is None and orphans:
         if warn:  # the stacklevel that names the user's call

@@ -145,6 +145,12 @@ class _LegacyTypedMeta(type):
     def __getattr__(cls, name):
         return getattr(cls._cls, name)
 
+    def __eq__(cls, other) -> bool:  # (a table keyed by torch's class finds it)
+        return other is cls._cls or other is cls
+
+    def __hash__(cls) -> int:
+        return hash(cls._cls)
+
     def __repr__(cls) -> str:
         return repr(cls._cls)
 
@@ -164,7 +170,8 @@ def _install_typed() -> None:
         _saved_typed[name] = cls
         # (its C name is torch's, "torch.FloatTensor": x.type(torch.FloatTensor) reads it)
         setattr(torch, name, _LegacyTypedMeta(f"{cls.__module__}.{name}", (),
-                                              {"_cls": cls, "_dtype": dtype, "__module__": cls.__module__}))
+                                              {"_cls": cls, "_dtype": dtype, "__module__": cls.__module__,
+                                               "__qualname__": cls.__qualname__}))  # (pickled by torch's name)
 
 
 def _remove_typed() -> None:

@@ -381,7 +381,8 @@ class Recorder(TorchFunctionMode):
         watched = self._watch(func, args, kwargs) if target is None else None
         # a random op on real tensors only (torch.normal(mean, std) of a distribution's sample):
         # on meta, recorded, so that materialize keys it by the seed as it keys factories
-        draw_later = self.home is not None and target is None and name in RANDOM_NAMES and "out" not in kwargs \
+        draw_later = self.home is not None and target is None and name in RANDOM_NAMES and not name.endswith("_") \
+            and kind != _NN_INIT and "out" not in kwargs \
             and kwargs.get("generator") is None and any(True for _ in tensors_in(args, kwargs)) \
             and not any(t.is_meta for t in tensors_in(args, kwargs))
         try:

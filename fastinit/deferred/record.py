@@ -229,6 +229,9 @@ def adopt_derived(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
     tensor as it is now), so writes into it record after it and it materializes as
     eager code computes it. None for any other tensor."""
     h = tensor_handle(t)
+    if h is None and t._base is not None:  # a view of such a tensor (w[0] of a cast parameter)
+        found = adopt_derived(t._base)
+        return found if found is not None and found[1].sk == storage_key(t) else None
     if h is None or not t.is_meta or recording_of(t) is not None:
         return None
     rec = h.recording
@@ -237,8 +240,16 @@ def adopt_derived(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
     geom = rec.geoms.get(h.name)
     if r is None or geom is None or tuple(t.shape) != geom[0]:
         return None
+    return adopt_as(t, rec, r, geom)
+
+
+def adopt_as(t: torch.Tensor, rec: "Recording", r: "StorageRecord", geom: tuple):
+    """Record ``t``'s storage as made by ``to(t.dtype, copy=True)`` of the tensor that
+    views ``r`` with ``geom`` (see :func:`adopt_derived`); None if ``t`` is not such
+    a copy or floating/complex cast."""
     rd = r.tensor.dtype
-    if not (t.dtype == rd or (t.dtype.is_floating_point and rd.is_floating_point)
+    if recording_of(t) is not None or tuple(t.shape) != geom[0] or not (
+            t.dtype == rd or (t.dtype.is_floating_point and rd.is_floating_point)
             or (t.dtype.is_complex and rd.is_complex)):
         return None
     src = r.tensor.as_strided(*geom).detach()
