@@ -160,7 +160,7 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     sink = _sink.for_tensor(tensor)
     if sink is not None:
         with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
-            memo = _checked_key(op, op_args, tensor) if generator is None and tensor.is_meta else None
+            memo = _checked_key(op, op_args, tensor) if generator is None else None
             spec = _CHECKED.get(memo) if memo is not None else None
             if spec is None:
                 check_like_torch(tensor, op, *op_args, generator=generator, recording=True)
@@ -179,10 +179,10 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     return _fill_now(tensor, make_spec(), generator, None, torch_fallback)
 
 
-# Recorded calls (a model built under deferred_init makes hundreds, mostly alike:
-# nn.Linear's kaiming_uniform_, then the model's normal_): what the checks and the spec
-# of a call on a meta tensor gave, by everything they depend on (the op, its numbers
-# and their types, the dtype, whether there are elements; checks on a CPU stand-in
+# Recorded or queued calls (a model built under deferred_init makes hundreds, mostly
+# alike: nn.Linear's kaiming_uniform_, then the model's normal_): what the checks and
+# the spec of a call gave, by everything they depend on (the op, its numbers and their
+# types, the dtype, whether there are elements, the device type; checks on a stand-in
 # look at nothing else), and what Kaiming's fan and gain gave, by shape and arguments.
 _CHECKED: dict = {}
 _FANS: dict = {}
@@ -195,7 +195,7 @@ def _checked_key(op: str, op_args: tuple, tensor: torch.Tensor):
             return None
     # floats by their bits (0.0 and -0.0 are equal keys otherwise, and give other values)
     return (op, tuple(x.hex() if type(x) is float else x for x in op_args), tuple(map(type, op_args)),
-            tensor.dtype, tensor.numel() > 0)
+            tensor.dtype, tensor.numel() > 0, tensor.device.type)
 
 
 def _remember(memo: dict, key, value) -> None:

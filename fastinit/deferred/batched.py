@@ -125,13 +125,17 @@ class Batch:
         check_writable(tensor)  # what torch checks while writing, now: a failing call queues nothing
         self._busy = True  # (our own storage lookups are not reads of the memory)
         try:
-            if self._other_dtype(tensor):
+            sk = storage_key(tensor)
+            p = self.pending.get(sk)
+            if p is not None and p.alias.dtype != tensor.dtype:
                 self.flush()  # a view that reinterprets queued memory: what is queued first, this call now
                 return False
-            named = self.seed is not None and storage_key(tensor) in self.names
+            named = self.seed is not None and sk in self.names
             key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
             # the engine in force now, as the call one by one would use (use_engine inside the block)
-            self._event(tensor, "fill", True, spec=spec, key=key, engine=engines.engine_for(tensor.device))
+            self._seq += 1
+            self._queue(tensor, sk).events.append(Event(self._seq, geometry(tensor), "fill", False, True, spec=spec,
+                                                        key=key, engine=engines.engine_for(tensor.device)))
         finally:
             self._busy = False
         bump_version(tensor)  # at the call, as eagerly: backward through old values raises
