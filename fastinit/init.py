@@ -127,11 +127,18 @@ def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
             raise RuntimeError(_OVERLAP_MSG)
 
 
+# torch.autograd.graph.increment_version(t) is this C function on (t,)
+_increment_version = getattr(torch._C, "_increment_version", None)
+
+
 def bump_version(tensor: torch.Tensor) -> None:
     """The one version-counter bump of an eager in-place write (inference tensors
     have no counter): autograd then sees the write."""
     if not tensor.is_inference():
-        torch.autograd.graph.increment_version(tensor)
+        if _increment_version is not None:
+            _increment_version((tensor,))
+        else:
+            torch.autograd.graph.increment_version(tensor)
 
 
 def _bump_version(tensor: torch.Tensor, before) -> None:
@@ -254,8 +261,14 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
             torch._C._set_grad_enabled(grad)
     if sink is not None:
         with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
-            check_like_torch(tensor, "fill_", value, recording=True)
-            if sink.fill(tensor, Constant(value), None):
+            memo = _checked_key("fill_", (value,), tensor)
+            spec = _CHECKED.get(memo) if memo is not None else None
+            if spec is None:
+                check_like_torch(tensor, "fill_", value, recording=True)
+                spec = Constant(value)
+                if memo is not None:
+                    _remember(_CHECKED, memo, spec)
+            if sink.fill(tensor, spec, None):
                 return tensor
     else:
         check_like_torch(tensor, "fill_", value)
