@@ -152,6 +152,29 @@ def fsdp_init_after_sharding_is_refused(rank, world):
     assert _compare(model, _reference()) > 0
 
 
+def fsdp_cast_then_shard_and_scheme_after_sharding(rank, world):
+    """A deferred model cast before fully_shard materializes as the unsharded cast model
+    (its recorded edits were dropped for a default init); a scheme applied after
+    sharding a deferred model is refused (it was silently dropped)."""
+    import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fastinit.deferred_init(TinyLM).half()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fastinit.materialize(model, device="cpu", seed=SEED)
+    ref = fastinit.deferred_init(TinyLM).half()
+    fastinit.materialize(ref, device="cpu", seed=SEED)
+    assert _compare(model, ref) > 0
+    model = fastinit.deferred_init(TinyLM)
+    fully_shard(model, mesh=mesh)
+    with pytest.raises(NotImplementedError, match="sharded after deferred_init"):
+        fastinit.apply_scheme(model, fastinit.Scheme("s", [fastinit.Rule(0.5)]), seed=0)
+
+
 def tp_2d(rank, world):
     """2-D mesh: tensor parallel (Colwise/Rowwise) inside, FSDP across."""
     from torch.distributed.device_mesh import init_device_mesh

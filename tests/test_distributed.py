@@ -41,6 +41,10 @@ def test_init_after_sharding_a_deferred_model_is_refused():
     _spawn(dist_workers.fsdp_init_after_sharding_is_refused, 2)
 
 
+def test_a_deferred_model_cast_then_sharded_and_schemes_after_sharding():
+    _spawn(dist_workers.fsdp_cast_then_shard_and_scheme_after_sharding, 2)
+
+
 def test_2d_mesh_tensor_parallel_plus_fsdp_matches_unsharded():
     _spawn(dist_workers.tp_2d, 4)
 

@@ -222,8 +222,8 @@ def _recorded_dtype(t: torch.Tensor, plan: Plan) -> torch.dtype:
     """The dtype ``t``'s value is computed in: its record's, if ``t`` is a cast of it
     made after recording (its own storage, another dtype); else ``t``'s own."""
     r = plan.record
-    if t.dtype != r.tensor.dtype and not dist_mod.is_dtensor(t) and storage_key(t) != r.sk:
-        return r.tensor.dtype
+    if t.dtype != r.tensor.dtype and (dist_mod.is_dtensor(t) or storage_key(t) != r.sk):
+        return r.tensor.dtype  # (a DTensor never reinterprets its record's bytes: a cast)
     return t.dtype
 
 
@@ -266,7 +266,7 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
         if named is not None:
             r, geom = named
             dt = dist_mod.is_dtensor(t)
-            if (dt and _fits(t, r, geom)) or storage_key(dist_mod.local_tensor(t)) == r.sk \
+            if (dt and (_fits(t, r, geom) or _cast_of(t, r, geom))) or storage_key(dist_mod.local_tensor(t)) == r.sk \
                     or (not dt and _is_copy(owner, mh) and _fits(t, r, geom)) \
                     or (not dt and leaf in owner._buffers and _cast_of(t, r, geom)):  # (a buffer cast:
                 # model.half() makes new buffer tensors; a new parameter object is a replacement, not a cast)

@@ -314,10 +314,12 @@ class Recorder(TorchFunctionMode):
 
     def recording_for(self, t: torch.Tensor) -> Recording | None:
         """Where a write into meta tensor ``t`` is recorded."""
+        dt = is_dtensor(t)
         found = recording_of(t) or adopt_derived(t)
-        if found is not None:
+        if found is not None and not (dt and self.home is not None and self.home.root is not None
+                                      and found[1].node is not None and found[1].node.func in _DTENSOR_ALIASES):
             return found[0]
-        if self.home is not None and self.home.root is not None and is_dtensor(t):  # (a built model's)
+        if self.home is not None and self.home.root is not None and dt:  # (a built model's)
             raise NotImplementedError(
                 "fastinit: a write into a parameter sharded after deferred_init (fully_shard, "
                 "distribute_tensor) cannot be recorded: its record is the unsharded tensor's. Initialize "
@@ -673,6 +675,9 @@ _reader = _unset_reader
 
 
 _IS_META = torch.Tensor.is_meta
+# A DTensor alias of a sharded parameter made inside a block (p.detach(), p.data): a
+# record of its own, but a write into it is a write into the sharded parameter.
+_DTENSOR_ALIASES = frozenset({torch.Tensor.detach, torch.Tensor.view_as})
 _DEEPCOPY = torch.Tensor.__deepcopy__
 
 
@@ -684,7 +689,7 @@ class RecordingSink:
 
     def fill(self, tensor, spec, generator) -> bool:
         if tensor.is_meta:
-            found = recording_of(tensor) or adopt_derived(tensor)
+            found = None if is_dtensor(tensor) else (recording_of(tensor) or adopt_derived(tensor))
             rec, r = found if found is not None else (self.recorder.recording_for(tensor), None)
             if rec is None:
                 return False
