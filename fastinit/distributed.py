@@ -57,6 +57,18 @@ def shard_box(dt) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(shape), tuple(offset)
 
 
+def fill_row(t: torch.Tensor, row: int, value: float) -> None:
+    """``t[row].fill_(value)``, also for a DTensor: on the part of that row this rank's
+    shard holds (indexing a DTensor would write into a temporary)."""
+    if not is_dtensor(t) or t.is_meta:
+        t[row].fill_(value)
+        return
+    shape, offset = shard_box(t)
+    row = row + t.shape[0] if row < 0 else row
+    if offset[0] <= row < offset[0] + shape[0]:
+        local_tensor(t)[row - offset[0]].fill_(value)
+
+
 def box_layout(global_shape, offset, local_shape) -> Layout:
     """The layout of the box ``[offset, offset + local_shape)`` of a contiguous global tensor."""
     gnumel = math.prod(global_shape)

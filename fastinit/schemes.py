@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from . import distributed as dist_mod
 from . import init as dropin
 from .fans import calculate_fan_in_and_fan_out, calculate_gain
 from .seeding import draw_key, key_for_name
@@ -698,7 +699,7 @@ def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, d
             _set_new_keys(t, before, lambda i: keys[f"{name}#scheme"] if i == 0 else None)
     if plan.padding_idx is not None:
         with torch.no_grad():
-            t[plan.padding_idx].fill_(0)
+            dist_mod.fill_row(t, plan.padding_idx, 0.0)
 
 
 def _takes_generator(fn) -> bool:

@@ -155,7 +155,8 @@ def fsdp_init_after_sharding_is_refused(rank, world):
 def fsdp_cast_then_shard_and_scheme_after_sharding(rank, world):
     """A deferred model cast before fully_shard materializes as the unsharded cast model
     (its recorded edits were dropped for a default init); a scheme applied after
-    sharding a deferred model is refused (it was silently dropped)."""
+    sharding a deferred model is refused (it was silently dropped); on a real sharded
+    model a scheme zeroes the padding row (indexing the DTensor wrote a temporary)."""
     import pytest
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -173,6 +174,10 @@ def fsdp_cast_then_shard_and_scheme_after_sharding(rank, world):
     fully_shard(model, mesh=mesh)
     with pytest.raises(NotImplementedError, match="sharded after deferred_init"):
         fastinit.apply_scheme(model, fastinit.Scheme("s", [fastinit.Rule(0.5)]), seed=0)
+    fastinit.materialize(model, device="cpu", seed=SEED)  # real and sharded: a scheme zeroes padding rows
+    fastinit.apply_scheme(model, fastinit.Scheme("s", [fastinit.Rule(0.5)]), seed=0)
+    emb = model.emb.weight.full_tensor()
+    assert (emb[1] == 0).all() and (emb[0] == 0.5).all() and (emb[2:] == 0.5).all()
 
 
 def tp_2d(rank, world):
