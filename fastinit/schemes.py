@@ -650,6 +650,30 @@ def _drop_events_after(t: torch.Tensor, n: int) -> None:
         del found[1].events[n:]
 
 
+_WHOLE_TENSOR_FNS = ("orthogonal_", "sparse_", "eye_", "dirac_")
+
+
+def _refuse_whole_tensor_actions_on_dtensors(plans, params) -> None:
+    """Before anything is written: actions that need the whole tensor (orthogonal
+    blocks, torch's own reset hooks, structured inits) on a real DTensor would be
+    computed per shard, so values would depend on the sharding; refused, naming them."""
+    bad = []
+    for name, pl in plans.items():
+        p = params[name]
+        if not dist_mod.is_dtensor(p) or p.is_meta:
+            continue
+        a = pl.action
+        if isinstance(a, (_OrthoAction, _ResetAction)) or (
+                isinstance(a, Call) and getattr(a.fn, "__name__", "") in _WHOLE_TENSOR_FNS):
+            bad.append(name)
+    if bad:
+        raise NotImplementedError(
+            f"apply_scheme: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} sharded (DTensors), and the "
+            f"rule{'' if len(bad) == 1 else 's'} there need{'s' if len(bad) == 1 else ''} the whole tensor "
+            "(orthogonal, a module's reset hook, a structured init): each shard would be computed as if it "
+            "were the whole. Apply the scheme before sharding, or to a deferred model before materialize")
+
+
 def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, done_resets: set,
                   keys: dict, reset_owned: dict) -> None:
     a = plan.action
@@ -771,6 +795,7 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     for pl in plans.values():
         if isinstance(pl.action, _ResetAction):
             reset_owned.setdefault(id(pl.action.module), set()).add(id(params[pl.name]))
+    _refuse_whole_tensor_actions_on_dtensors(plans, params)
     with torch.no_grad(), batched(module=model if deferred else None):
         for pl in order:
             _apply_action(params[pl.name], pl.name, pl, seed, done, keys, reset_owned)

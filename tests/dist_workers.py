@@ -161,6 +161,8 @@ def fsdp_cast_then_shard_and_scheme_after_sharding(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from fastinit.schemes import Orthogonal
+
     mesh = init_device_mesh("cpu", (world,))
     model = fastinit.deferred_init(TinyLM).half()
     for block in model.blocks:
@@ -178,6 +180,11 @@ def fsdp_cast_then_shard_and_scheme_after_sharding(rank, world):
     fastinit.apply_scheme(model, fastinit.Scheme("s", [fastinit.Rule(0.5)]), seed=0)
     emb = model.emb.weight.full_tensor()
     assert (emb[1] == 0).all() and (emb[0] == 0.5).all() and (emb[2:] == 0.5).all()
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NotImplementedError, match="need.*the whole tensor"):  # refused before any write
+        fastinit.apply_scheme(model, fastinit.Scheme("o", [fastinit.Rule(0.25, name="bias"),
+                                                           fastinit.Rule(Orthogonal(), ndim=2), fastinit.Rule(1.0)]), seed=0)
+    assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
 
 
 def tp_2d(rank, world):
