@@ -796,6 +796,16 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
         if isinstance(pl.action, _ResetAction):
             reset_owned.setdefault(id(pl.action.module), set()).add(id(params[pl.name]))
     _refuse_whole_tensor_actions_on_dtensors(plans, params)
+    if deferred:
+        from .deferred.record import recording_of
+
+        late = [n for n in plans if dist_mod.is_dtensor(params[n]) and params[n].is_meta
+                and recording_of(params[n]) is None]
+        if late:  # (refused here, before the rules for the other parameters record anything)
+            raise NotImplementedError(
+                f"apply_scheme: {', '.join(late)} {'was' if len(late) == 1 else 'were'} sharded after "
+                "deferred_init, so a scheme's writes cannot be recorded (their records are the unsharded "
+                "tensors'): apply the scheme before fully_shard/parallelize_module")
     with torch.no_grad(), batched(module=model if deferred else None):
         for pl in order:
             _apply_action(params[pl.name], pl.name, pl, seed, done, keys, reset_owned)
