@@ -166,17 +166,8 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
             return getattr(tensor, op)(*op_args, generator=generator)
     sink = _sink.for_tensor(tensor)
     if sink is not None:
-        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
-            memo = _checked_key(op, op_args, tensor) if generator is None else None
-            spec = _CHECKED.get(memo) if memo is not None else None
-            if spec is None:
-                check_like_torch(tensor, op, *op_args, generator=generator, recording=True)
-                spec = make_spec()
-                if memo is not None:
-                    _remember(_CHECKED, memo, spec)
-            if sink.fill(tensor, spec, generator):
-                return tensor
-        return _fill_now(tensor, spec, generator, None, torch_fallback)
+        spec = _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec)
+        return _fill_now(tensor, spec, generator, sink, torch_fallback)
     check_like_torch(tensor, op, *op_args, generator=generator)
     if tensor.is_meta:
         return tensor  # torch's meta kernels check no more than that
@@ -209,6 +200,22 @@ def _remember(memo: dict, key, value) -> None:
     if len(memo) > 4096:
         memo.clear()
     memo[key] = value
+
+
+def _checked_spec(tensor: torch.Tensor, op: str, op_args: tuple, op_kwargs: dict, make_spec):
+    """For a call a sink takes: torch's checks of ``tensor.<op>(*op_args, **op_kwargs)``
+    (raising what torch raises), then ``make_spec()``; both remembered by what they
+    depend on (see ``_CHECKED``; not for an explicit generator), and unseen by the
+    recorder's mode."""
+    with torch._C.DisableTorchFunction():
+        memo = _checked_key(op, op_args, tensor) if op_kwargs.get("generator") is None else None
+        spec = _CHECKED.get(memo) if memo is not None else None
+        if spec is None:
+            check_like_torch(tensor, op, *op_args, recording=True, **op_kwargs)
+            spec = make_spec()
+            if memo is not None:
+                _remember(_CHECKED, memo, spec)
+        return spec
 
 
 def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
@@ -260,14 +267,8 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
         finally:
             torch._C._set_grad_enabled(grad)
     if sink is not None:
-        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own checks)
-            memo = _checked_key("fill_", (value,), tensor)
-            spec = _CHECKED.get(memo) if memo is not None else None
-            if spec is None:
-                check_like_torch(tensor, "fill_", value, recording=True)
-                spec = Constant(value)
-                if memo is not None:
-                    _remember(_CHECKED, memo, spec)
+        spec = _checked_spec(tensor, "fill_", (value,), {}, lambda: Constant(value))
+        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own bookkeeping)
             if sink.fill(tensor, spec, None):
                 return tensor
     else:

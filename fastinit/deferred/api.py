@@ -22,8 +22,9 @@ from . import intercept
 from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
-from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, covers_storage, detach_handles, geometry,
-                     module_handle, named_tensors, recording_of, storage_key, storage_numel, tensor_handle)
+from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
+                     geometry, module_handle, named_tensors, recording_of, storage_key, storage_numel,
+                     tensor_handle)
 from .report import MaterializeReport, Planned
 
 
@@ -197,14 +198,6 @@ def _objects(module: torch.nn.Module, where: str | None = None):
     return list(objs.values())
 
 
-def _recorded(rec: Recording, fqn: str):
-    """``(storage record, geometry)`` of the tensor named ``fqn`` in ``rec``'s model, or None."""
-    sk = rec.by_name.get(fqn)
-    r = rec.storages.get(sk) if sk is not None else None
-    geom = rec.geoms.get(fqn)
-    return (r, geom) if r is not None and geom is not None else None
-
-
 def _fits(t: torch.Tensor, r, geom: tuple) -> bool:
     return tuple(t.shape) == geom[0] and t.dtype == r.tensor.dtype
 
@@ -213,9 +206,7 @@ def _cast_of(t: torch.Tensor, r, geom: tuple) -> bool:
     """Whether meta tensor ``t`` is the recorded tensor cast to another floating dtype
     after ``deferred_init`` (``model.half()``, ``model.to(torch.bfloat16)``: new storages,
     which nothing recorded): it then materializes to the recorded value, cast."""
-    rd = r.tensor.dtype
-    return tuple(t.shape) == geom[0] and t.dtype != rd and t.is_meta and (
-        (t.dtype.is_floating_point and rd.is_floating_point) or (t.dtype.is_complex and rd.is_complex))
+    return tuple(t.shape) == geom[0] and t.dtype != r.tensor.dtype and t.is_meta and castable(r.tensor.dtype, t.dtype)
 
 
 def _recorded_dtype(t: torch.Tensor, plan: Plan) -> torch.dtype:
@@ -247,7 +238,7 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
         r = h.recording.storages.get(storage_key(t))
         if r is not None:
             return h.recording, r, h.name, geometry(t)
-        named = _recorded(h.recording, h.name)
+        named = h.recording.named(h.name)
         if named is not None and (_fits(t, *named) or _cast_of(t, *named)):
             # A deep copy (``copy.deepcopy(block)``): a new storage with its original's
             # handle materializes to its original's value, in memory of its own; so
@@ -262,7 +253,7 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
     if mh is not None:
         rec = mh.recording
         fqn = _join(mh.name, leaf)
-        named = _recorded(rec, fqn)
+        named = rec.named(fqn)
         if named is not None:
             r, geom = named
             dt = dist_mod.is_dtensor(t)

@@ -105,16 +105,16 @@ class Batch:
             p = self.pending[sk] = _Pending(t.detach(), self.names.get(sk) if self.seed is not None else None)
         return p
 
-    def _other_dtype(self, t: torch.Tensor) -> bool:
+    def _other_dtype(self, t: torch.Tensor, sk: int | None = None) -> bool:
         """Whether ``t`` views queued memory as another dtype (``w.view(torch.int32)``):
         queued events address elements of the first dtype seen, so such a write runs
         now, after the queue."""
-        p = self.pending.get(storage_key(t))
+        p = self.pending.get(storage_key(t) if sk is None else sk)
         return p is not None and p.alias.dtype != t.dtype
 
-    def _event(self, t: torch.Tensor, kind: str, overwrites: bool, **kw) -> None:
+    def _event(self, t: torch.Tensor, kind: str, overwrites: bool, sk: int | None = None, **kw) -> None:
         self._seq += 1
-        self._queue(t).events.append(Event(self._seq, geometry(t), kind, False, overwrites, **kw))
+        self._queue(t, sk).events.append(Event(self._seq, geometry(t), kind, False, overwrites, **kw))
 
     # ------------------------------------------------------------ from the sink and the recorder
 
@@ -126,16 +126,13 @@ class Batch:
         self._busy = True  # (our own storage lookups are not reads of the memory)
         try:
             sk = storage_key(tensor)
-            p = self.pending.get(sk)
-            if p is not None and p.alias.dtype != tensor.dtype:
+            if self._other_dtype(tensor, sk):
                 self.flush()  # a view that reinterprets queued memory: what is queued first, this call now
                 return False
             named = self.seed is not None and sk in self.names
             key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
             # the engine in force now, as the call one by one would use (use_engine inside the block)
-            self._seq += 1
-            self._queue(tensor, sk).events.append(Event(self._seq, geometry(tensor), "fill", False, True, spec=spec,
-                                                        key=key, engine=engines.engine_for(tensor.device)))
+            self._event(tensor, "fill", True, sk, spec=spec, key=key, engine=engines.engine_for(tensor.device))
         finally:
             self._busy = False
         bump_version(tensor)  # at the call, as eagerly: backward through old values raises

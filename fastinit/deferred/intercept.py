@@ -39,7 +39,7 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, adopt_derived, covers_storage, recording_of, storage_key, storage_numel
+from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -315,7 +315,7 @@ class Recorder(TorchFunctionMode):
     def recording_for(self, t: torch.Tensor) -> Recording | None:
         """Where a write into meta tensor ``t`` is recorded."""
         dt = is_dtensor(t)
-        found = recording_of(t) or adopt_derived(t)
+        found = recorded_or_adopted(t)
         if found is not None and not (dt and self.home is not None and self.home.root is not None
                                       and found[1].node is not None and found[1].node.func in _DTENSOR_ALIASES):
             return found[0]
@@ -467,11 +467,9 @@ class Recorder(TorchFunctionMode):
         run on their values, now, on the CPU (values that depend on random draws, and
         ops that draw, are an error: there is no seed yet). Its tensor results are meta
         tensors that hold those values; anything else (a count) is returned as is."""
-        if self.home is None and not any(recording_of(t) is not None for t in tensors_in(args, kwargs)
-                                         if t.is_meta):
-            raise error
-        if any(recording_of(t) is None for t in tensors_in(args, kwargs) if t.is_meta):
-            raise error  # a meta tensor nothing records: no value to compute from
+        found = [recording_of(t) for t in tensors_in(args, kwargs) if t.is_meta]
+        if None in found or (self.home is None and not found):
+            raise error  # a meta tensor nothing records (or none at all): no value to compute from
         real = self._with_values(args, kwargs)
         state = torch.random.get_rng_state()
         with torch._C.DisableTorchFunction():
@@ -482,9 +480,7 @@ class Recorder(TorchFunctionMode):
                 f"fastinit.deferred_init: {name} draws random numbers and has no meta kernel, so it cannot be "
                 "recorded to draw at materialize (keyed by the seed); make this tensor after materialize(), "
                 "or with a generator of its own (generator=g)")
-        rec = self.home
-        if rec is None:
-            rec = next(recording_of(t)[0] for t in tensors_in(args, kwargs) if t.is_meta and recording_of(t))
+        rec = self.home if self.home is not None else found[0][0]
 
         def as_meta(x):
             if not isinstance(x, torch.Tensor) or x.is_meta:
@@ -689,7 +685,7 @@ class RecordingSink:
 
     def fill(self, tensor, spec, generator) -> bool:
         if tensor.is_meta:
-            found = None if is_dtensor(tensor) else (recording_of(tensor) or adopt_derived(tensor))
+            found = None if is_dtensor(tensor) else recorded_or_adopted(tensor)
             rec, r = found if found is not None else (self.recorder.recording_for(tensor), None)
             if rec is None:
                 return False
@@ -734,7 +730,7 @@ _OUTSIDE = RecordingSink(Recorder())
 
 def outside_sink_for(t: torch.Tensor):
     """Outside any block: the sink of deferred meta tensor ``t`` (None for other tensors)."""
-    return _OUTSIDE if recording_of(t) is not None or adopt_derived(t) is not None else None
+    return _OUTSIDE if recorded_or_adopted(t) is not None else None
 
 
 _sink.meta_sink = outside_sink_for

@@ -220,6 +220,19 @@ class Recording:
     def name_of(self, sk: int) -> str | None:
         return self.names.get(sk)
 
+    def named(self, fqn: str) -> tuple[StorageRecord, tuple] | None:
+        """``(storage record, geometry)`` of the tensor named ``fqn`` in the model, or None."""
+        sk = self.by_name.get(fqn)
+        r = self.storages.get(sk) if sk is not None else None
+        geom = self.geoms.get(fqn)
+        return (r, geom) if r is not None and geom is not None else None
+
+
+def recorded_or_adopted(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
+    """The recording holding ``t``'s storage, recording it first if ``t`` is a copy or
+    cast of a deferred tensor (see :func:`adopt_derived`)."""
+    return recording_of(t) or adopt_derived(t)
+
 
 def adopt_derived(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
     """A deferred tensor that now lives in a storage nothing recorded: a copy of the
@@ -232,25 +245,23 @@ def adopt_derived(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
     if h is None and t._base is not None:  # a view of such a tensor (w[0] of a cast parameter)
         found = adopt_derived(t._base)
         return found if found is not None and found[1].sk == storage_key(t) else None
-    if h is None or not t.is_meta or recording_of(t) is not None:
+    if h is None or not t.is_meta:
         return None
-    rec = h.recording
-    sk = rec.by_name.get(h.name)
-    r = rec.storages.get(sk) if sk is not None else None
-    geom = rec.geoms.get(h.name)
-    if r is None or geom is None or tuple(t.shape) != geom[0]:
-        return None
-    return adopt_as(t, rec, r, geom)
+    named = h.recording.named(h.name)
+    return adopt_as(t, h.recording, *named) if named is not None else None
+
+
+def castable(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether a tensor of dtype ``b`` can stand for one of dtype ``a`` cast to it after
+    recording: the same dtype (a copy), or both floating, or both complex."""
+    return a == b or (a.is_floating_point and b.is_floating_point) or (a.is_complex and b.is_complex)
 
 
 def adopt_as(t: torch.Tensor, rec: "Recording", r: "StorageRecord", geom: tuple):
     """Record ``t``'s storage as made by ``to(t.dtype, copy=True)`` of the tensor that
     views ``r`` with ``geom`` (see :func:`adopt_derived`); None if ``t`` is not such
     a copy or floating/complex cast."""
-    rd = r.tensor.dtype
-    if recording_of(t) is not None or tuple(t.shape) != geom[0] or not (
-            t.dtype == rd or (t.dtype.is_floating_point and rd.is_floating_point)
-            or (t.dtype.is_complex and rd.is_complex)):
+    if recording_of(t) is not None or tuple(t.shape) != geom[0] or not castable(r.tensor.dtype, t.dtype):
         return None
     src = r.tensor.as_strided(*geom).detach()
     node = Node(rec.next_seq(), torch.Tensor.to, (src, t.dtype), {"copy": True})
