@@ -188,6 +188,44 @@ def test_import_works_without_triton():
 
 # ------------------------------------------------------------ autograd and inference mode
 
+RANDOM_PAIRS = [  # (fastinit's call, torch's): random fills whose last op is one in-place draw
+    (lambda t: fastinit.uniform_(t, -1, 1), lambda t: torch.nn.init.uniform_(t, -1, 1)),
+    (lambda t: fastinit.normal_(t, 0, 0.02), lambda t: torch.nn.init.normal_(t, 0, 0.02)),
+    (lambda t: fastinit.kaiming_normal_(t), lambda t: torch.nn.init.kaiming_normal_(t)),
+    (lambda t: fastinit.xavier_uniform_(t), lambda t: torch.nn.init.xavier_uniform_(t)),
+    (lambda t: fastinit.trunc_normal_(t, std=0.02), lambda t: torch.nn.init.trunc_normal_(t, std=0.02)),
+]
+
+
+@pytest.mark.parametrize("pair", RANDOM_PAIRS)
+@pytest.mark.parametrize("shape", [(4, 6), (64, 8192)])  # one chunk of the cpu engine, and several
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_version_counter_moves_as_torch_moves_it(pair, shape, dtype):
+    ours, theirs = pair
+    a, b = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+    va, vb = a._version, b._version
+    ours(a)
+    theirs(b)
+    assert a._version - va == b._version - vb
+    with torch.inference_mode():  # inside inference mode, on a normal tensor, too
+        ours(a)
+        theirs(b)
+    assert a._version - va == b._version - vb
+
+
+def test_engine_fills_leave_the_version_counter_to_their_callers():
+    from fastinit import engines
+    from fastinit.specs import Normal, Uniform
+
+    for n in (24, 40000, 300000):
+        ts = [torch.empty(n), torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.bfloat16)]
+        before = [t._version for t in ts]
+        engines.fill([engines.Target(t, spec, 7) for t in ts for spec in (Normal(0.0, 1.0),)])
+        engines.fill([engines.Target(t, Uniform(-1.0, 1.0), 8) for t in ts])
+        assert [t._version for t in ts] == before
+        assert all(t.abs().max() > 0 for t in ts)
+
+
 @pytest.mark.parametrize("call", ALL_CALLS)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_a_fill_after_use_makes_backward_raise_as_in_torch(call, layout):

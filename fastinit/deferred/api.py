@@ -175,13 +175,21 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _objects(module: torch.nn.Module, where: str | None = None):
+def _walk(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every ``(path, submodule)`` of ``module``, a shared module under each of its paths
+    (``named_modules(remove_duplicate=False)``): the one walk of the tree that
+    ``materialize``'s passes share."""
+    return list(module.named_modules(remove_duplicate=False))
+
+
+def _objects(module: torch.nn.Module, where: str | None = None, walk=None):
     """The meta tensors of ``module``, once per object, with all their names (in
     ``named_parameters`` then ``named_buffers`` order). With ``where``: lazy
-    modules are an error (see :func:`_reject_lazy`). One walk of the module tree."""
+    modules are an error (see :func:`_reject_lazy`). ``walk``: :func:`_walk` of
+    ``module``, if made already."""
     objs: dict[int, tuple[torch.Tensor, list[str]]] = {}
     params, buffers = [], []
-    for prefix, mod in module.named_modules(remove_duplicate=False):
+    for prefix, mod in (walk if walk is not None else _walk(module)):
         for store, out in ((mod._parameters, params), (mod._buffers, buffers)):
             for k, t in store.items():
                 if t is not None:
@@ -509,7 +517,8 @@ def materialize(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
         raise TypeError(f"fastinit.materialize only casts to floating point or complex dtypes (as nn.Module.to), "
                         f"but got dtype={dtype}")
-    objs = _objects(module, "fastinit.materialize")
+    walk = _walk(module)
+    objs = _objects(module, "fastinit.materialize", walk)
     if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
         warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
                       "(its init, default or init_fn, was not run)", stacklevel=2)
@@ -521,12 +530,12 @@ def materialize(
         resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
         plans = _plans(resolved)
         _check(plans, strict, dtype)
-        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _nested_roots(module))
+        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _nested_roots(walk))
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
         root = home.root() if home.root is not None else None
         targets = [module] if root is None or root is module else [module, root]
-        mods = _Modules(targets)
+        mods = _Modules(targets, walk)
         swap_in(mods, new_of, after=lambda: dist_mod.after_assign(mods, new_of))
     except BaseException:
         txn.rollback()
@@ -536,17 +545,19 @@ def materialize(
 
 
 class _Modules:
-    """Several module trees seen as one (``modules()`` without repeats)."""
+    """Several module trees seen as one (``modules()`` without repeats); ``walk``: the
+    first root's :func:`_walk`, if made already."""
 
-    def __init__(self, roots):
+    def __init__(self, roots, walk=None):
         self.roots = roots
         self._all = None
+        self._walk = walk
 
     def modules(self):
         if self._all is None:  # one walk, however many passes use it
             seen, self._all = set(), []
-            for root in self.roots:
-                for m in root.modules():
+            for i, root in enumerate(self.roots):
+                for m in ((m for _, m in self._walk) if i == 0 and self._walk is not None else root.modules()):
                     if id(m) not in seen:
                         seen.add(id(m))
                         self._all.append(m)
@@ -571,14 +582,15 @@ def _check(plans, strict: bool, dtype) -> None:
                 raise RuntimeError(f"fastinit.materialize: {names[0]}: {e}") from None
 
 
-def _nested_roots(module: torch.nn.Module) -> dict[int, str]:
+def _nested_roots(walk) -> dict[int, str]:
     """Models built by separate ``deferred_init`` calls and put together inside
     ``module`` (``nn.Sequential(*[deferred_init(Block) for _ in range(n)])``):
     ``id(recording) -> path of its root in module``, so their tensors are keyed by
     their names in ``module`` (``0.lin.weight``, ``1.lin.weight``) and the blocks
-    differ, as eager blocks do, instead of all being keyed ``lin.weight``."""
+    differ, as eager blocks do, instead of all being keyed ``lin.weight``. ``walk``:
+    :func:`_walk` of ``module`` (a shared module counts at its first path)."""
     out: dict[int, str] = {}
-    for path, mod in module.named_modules():
+    for path, mod in walk:
         h = module_handle(mod)
         if path and h is not None and h.name == "" and h.recording.root is not None \
                 and h.recording.root() is mod:

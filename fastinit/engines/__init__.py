@@ -147,14 +147,17 @@ def engine_for(device: torch.device) -> str:
 
 def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
     """``fill([Target(tensor, spec, key)])``, without the batch machinery for the
-    common drop-in call: a contiguous CPU tensor of one chunk on the cpu engine."""
+    common drop-in call: a contiguous CPU tensor of one chunk on the cpu engine.
+    Unlike :func:`fill`, it may bump the tensor's version counter once (the drop-in
+    call bumps it once in any case)."""
     if tensor.device.type == "cpu" and tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous() \
             and engine_for(tensor.device) == "cpu":
         cpu = _MODULES.get("cpu") or _engine_module("cpu")
         n = tensor.numel()
         if n <= cpu.CHUNK:
             if n:
-                cpu.fill_single_chunk(tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform else spec, key)
+                cpu.fill_single_chunk(tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform else spec, key,
+                                      bump=True)
             return
     fill([Target(tensor, spec, key)])
 

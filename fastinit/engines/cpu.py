@@ -477,17 +477,34 @@ def _fill_chunk(t, chunk: int) -> None:
     _scatter(lay, dst, v, chunk_lo, chunk_lo + n)
 
 
-def fill_single_chunk(tensor: torch.Tensor, spec, key: int) -> None:
+# Sets version counters (torch >= 2.2; an alias stands in where it is missing).
+_set_version = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) -> None:
     """Fill a contiguous float CPU tensor of at most :data:`CHUNK` elements (chunk 0
-    of its key: the values :func:`fill` gives it), on the calling thread."""
+    of its key: the values :func:`fill` gives it), on the calling thread.
+
+    Engines write without bumping the tensor's version counter (their callers bump
+    it once, as the call made eagerly would); ``bump``: the caller is the drop-in
+    call itself, and torch's ``normal_`` may make that one bump (saves an alias).
+    """
     t = tensor.detach()
     if type(spec) is Normal and (t.dtype == torch.float32 or t.dtype == torch.float64) \
             and _use_torch_normal():  # (the common small call: no numpy view on the way)
         with torch._C.DisableTorchFunction():
-            # an alias with a version counter of its own: engines write without bumping
-            # the tensor's (the caller bumps it once, as the call made eagerly would)
-            alias = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-            alias.normal_(spec.mean, spec.std, generator=chunk_generator(key, 0))
+            gen = chunk_generator(key, 0)
+            if t.is_inference() or (not bump and _set_version is None):
+                # an alias with a version counter of its own (an inference tensor has none,
+                # and a queued one may be filled outside inference mode)
+                alias = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+                alias.normal_(spec.mean, spec.std, generator=gen)
+            elif bump:
+                t.normal_(spec.mean, spec.std, generator=gen)
+            else:  # torch's normal_ bumps the counter: put it back
+                v = t._version
+                t.normal_(spec.mean, spec.std, generator=gen)
+                _set_version((t,), (v,))
         return
     dst = (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()).reshape(-1)
     if dst.dtype == np.float32 or dst.dtype == np.float64:
