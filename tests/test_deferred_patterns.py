@@ -1271,3 +1271,88 @@ def test_partial_writes_into_a_cast_deferred_model_are_recorded():
     fastinit.materialize(m, seed=0)
     eager.l.weight.data[0] = 0
     assert torch.equal(m.l.weight, eager.l.weight) and torch.equal(m.b, eager.b)
+
+
+# ------------------------------------------------------------------ what init_fn makes, and what a model holds
+
+
+def test_tensors_init_fn_makes_or_swaps_in_are_materialized_from_what_it_recorded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+    def init_fn(mod):
+        if isinstance(mod, M):
+            mod.lin.weight = nn.Parameter(torch.ones(8, 8))  # replaces the recorded weight
+            mod.register_buffer("steps", torch.full((), 3.0))
+
+    m = fastinit.deferred_init(M)
+    report = fastinit.materialize(m, seed=0, init_fn=init_fn)
+    assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+    assert torch.equal(m.lin.weight, torch.ones(8, 8)) and m.steps.item() == 3.0
+    assert "Constant(value=1.0)" in str(report.entries["lin.weight"])
+
+    # a parametrization added by init_fn: its original0/original1 are real and give back the weight
+    eager = nn.Linear(16, 16)
+    m = fastinit.deferred_init(nn.Linear, 16, 16)
+    fastinit.materialize(m, seed=0, init_fn=lambda mod: nn.utils.parametrizations.weight_norm(mod))
+    pw = m.parametrizations.weight
+    assert not pw.original0.is_meta and not pw.original1.is_meta
+    assert torch.allclose(pw.original0.squeeze(1), pw.original1.norm(dim=1))
+    assert torch.allclose(m.weight, pw.original1, atol=1e-6)
+    assert pw.original1.abs().max() <= 1 / 4 and pw.original1.shape == eager.weight.shape
+
+
+def test_references_a_module_keeps_outside_its_parameters_point_at_the_real_tensors():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.shared = [self.lin.weight]  # a list of parameters
+            self.pair = (self.lin.bias, 1)
+            self.register_buffer("scale", torch.full((4,), 2.0))
+            self.scale_alias = self.scale
+            self.rnn = nn.LSTM(4, 4)
+
+    m = fastinit.deferred_init(M)
+    fastinit.materialize(m, seed=0)
+    assert m.shared[0] is m.lin.weight and m.pair[0] is m.lin.bias and m.pair[1] == 1
+    assert m.scale_alias is m.scale and torch.equal(m.scale_alias, torch.full((4,), 2.0))
+    assert len(m.rnn._flat_weights) == 4
+    assert all(w is getattr(m.rnn, n) for w, n in zip(m.rnn._flat_weights, m.rnn._flat_weights_names))
+
+
+def test_tensor_hooks_classes_and_requires_grad_of_buffers_are_kept():
+    class TaggedParam(nn.Parameter):
+        def __new__(cls, data, tag, requires_grad=True):
+            p = super().__new__(cls, data, requires_grad)
+            p.tag = tag
+            return p
+
+    class MyT(torch.Tensor):
+        pass
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.lin.weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+            self.calls = []
+            self.lin.bias.register_post_accumulate_grad_hook(lambda p: self.calls.append("bias"))
+            self.w = TaggedParam(torch.zeros(4), "no_decay")
+            self.register_buffer("b", torch.zeros(4).as_subclass(MyT))
+            self.register_buffer("temp", torch.ones(1, requires_grad=True))
+
+    def run(m):
+        with torch.no_grad():
+            m.lin.weight.fill_(1.0)
+        (m.lin(torch.full((8, 4), 100.0)) ** 2).sum().backward()
+        return m.lin.weight.grad.abs().max().item(), m.calls
+
+    eager, m = M(), fastinit.deferred_init(M)
+    fastinit.materialize(m, seed=0)
+    assert run(m) == run(eager)
+    assert type(m.w) is TaggedParam and m.w.tag == "no_decay" and m.w.requires_grad
+    assert type(m.b) is MyT and torch.equal(m.b, eager.b)
+    assert m.temp.requires_grad and m.temp.is_leaf

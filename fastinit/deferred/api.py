@@ -359,6 +359,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         txn.batch = Batch(undoable=True)  # its writes to real tensors are undone if materialize fails
         with intercept.recording(home, txn.batch):
             run(module)
+        resolved, orphans = _after_init_fn(module, where, resolved, orphans)
     out = []
     for t, names, res in resolved:
         if res[1].sk != storage_key(t) and not dist_mod.is_dtensor(t):
@@ -370,6 +371,31 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         r = home.storages[storage_key(t)]
         out.append((t, names, home, r, _join(prefix, names[0]), geometry(t)))
     return out, home
+
+
+def _after_init_fn(module: torch.nn.Module, where: str, resolved, orphans):
+    """``resolved`` and ``orphans`` as the module holds them after its init ran: a
+    tensor it replaced (``lin.weight = nn.Parameter(torch.ones(8, 8))``) is gone, one
+    it made (a new buffer, a parametrization's ``original0``) is resolved from what
+    recorded it, under its names now."""
+    known = {id(t): res for t, _, res in resolved}
+    adopted = {id(t) for t, _, _ in orphans}
+    resolved, orphans, lost = [], [], []
+    for t, names in _objects(module, where):
+        if id(t) in known:
+            resolved.append((t, names, known[id(t)]))
+        elif id(t) in adopted:
+            orphans.append((t, names, None))
+        else:
+            res = _resolve(module, t, names[0])
+            if res is None:
+                lost.append(names[0])
+            else:
+                resolved.append((t, names, res))
+    if lost:
+        raise RuntimeError(f"{where}: the init made meta tensors that nothing recorded: {', '.join(lost)} "
+                           "(make them inside init_fn with torch ops or fastinit calls, or on a real device)")
+    return resolved, orphans
 
 
 def attach_orphans(module, home: Recording, prefix: str, orphans) -> list:
@@ -528,6 +554,8 @@ def materialize(
     txn = _Transaction()
     try:
         resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
+        if txn.batch is not None:  # an init ran: it may have added modules (a parametrization's)
+            walk = _walk(module)
         plans = _plans(resolved)
         _check(plans, strict, dtype)
         new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _nested_roots(walk))

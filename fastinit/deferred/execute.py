@@ -381,39 +381,69 @@ def interrupts_held():
                 raise KeyboardInterrupt
 
 
-def swap_in(root: torch.nn.Module, new_of: dict[int, torch.Tensor], after=None) -> None:
+# What every nn.Module's __dict__ holds: the attributes left are the model's own.
+_MODULE_KEYS = frozenset(torch.nn.Module().__dict__) - {"training"}
+
+
+def swap_in(root, new_of: dict[int, torch.Tensor], after=None) -> None:
     """Replace each tensor object ``id -> new`` wherever it is a parameter or buffer
-    of ``root`` (tied names stay one object), then run ``after()``; all or nothing."""
-    swaps = []
+    of ``root`` (its ``modules()``; tied names stay one object), or a module's own
+    attribute, directly or as an item of a list or tuple (``self.shared =
+    [self.lin.weight]``, ``RNN._flat_weights``); then run ``after()``; all or nothing."""
+    swaps = []  # (container, key, old, new): a dict or a list, set back on failure
     for mod in root.modules():
         for store in (mod._parameters, mod._buffers):
             for k, v in store.items():
                 if v is not None and id(v) in new_of:
                     swaps.append((store, k, v, new_of[id(v)]))
+        d = mod.__dict__
+        for k in d.keys() - _MODULE_KEYS:
+            v = d[k]
+            if type(v) is list:
+                swaps.extend((v, i, x, new_of[id(x)]) for i, x in enumerate(v)
+                             if isinstance(x, torch.Tensor) and id(x) in new_of)
+            elif type(v) is tuple:
+                if any(isinstance(x, torch.Tensor) and id(x) in new_of for x in v):
+                    swaps.append((d, k, v, tuple(new_of.get(id(x), x) if isinstance(x, torch.Tensor) else x
+                                                 for x in v)))
+            elif isinstance(v, torch.Tensor) and id(v) in new_of:
+                swaps.append((d, k, v, new_of[id(v)]))
     with interrupts_held():
         done = 0
         try:
-            for store, k, _old, new in swaps:
-                store[k] = new
+            for where, k, _old, new in swaps:
+                where[k] = new
                 done += 1
             if after is not None:
                 after()
         except BaseException:
-            for store, k, old, _new in swaps[:done]:
-                store[k] = old
+            for where, k, old, _new in reversed(swaps[:done]):
+                where[k] = old
             raise
 
 
 def as_module_tensor(old: torch.Tensor, real: torch.Tensor, skip_attr: str) -> torch.Tensor:
-    """``real`` dressed as ``old`` was: the same Parameter type and requires_grad,
-    and ``old``'s Python attributes (HF's ``_is_hf_initialized``, ...)."""
+    """``real`` dressed as ``old`` was: the same class (a Parameter subclass whose
+    constructor takes other arguments, a tensor subclass made with ``as_subclass``),
+    ``requires_grad``, its tensor hooks (``register_hook``, post-accumulate-grad
+    hooks) and its Python attributes (HF's ``_is_hf_initialized``, ...)."""
+    cls = type(old)
     if isinstance(old, torch.nn.Parameter):
         try:
-            new = type(old)(real, requires_grad=old.requires_grad)
-        except TypeError:
-            new = torch.nn.Parameter(real, requires_grad=old.requires_grad)
+            new = cls(real, requires_grad=old.requires_grad)
+        except TypeError:  # (its own __new__ arguments: made as nn.Parameter makes itself)
+            new = torch.Tensor._make_subclass(cls, real.detach(), old.requires_grad)
     else:
         new = real
+        if cls is not torch.Tensor and cls is not type(real) and not dist_mod.is_dtensor(real) \
+                and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+            new = real.as_subclass(cls)  # (a plain Python subclass; not a wrapper like FakeTensor)
+        if old.requires_grad and old.is_leaf:
+            new.requires_grad_(True)
+    for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+        h = getattr(old, hooks, None)
+        if h:
+            setattr(new, hooks, h)
     for k, v in getattr(old, "__dict__", {}).items():
         if k == skip_attr:
             continue
