@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
+
 from .specs import InitSpec, Normal, Uniform
 
 _LINEAR_FNS = (
@@ -73,7 +75,11 @@ def calculate_gain(nonlinearity, param=None):
     raise ValueError(f"Unsupported nonlinearity {nonlinearity}")
 
 
-def _shape_of(tensor_or_shape) -> tuple[int, ...]:
+def shape_of(tensor_or_shape) -> tuple[int, ...]:
+    """A tensor's shape (or the shape given); a lazy module's uninitialized
+    parameter raises torch's ValueError, as torch.nn.init's fan helpers do."""
+    if torch.nn.parameter.is_lazy(tensor_or_shape):
+        tensor_or_shape.dim()  # (raises)
     if hasattr(tensor_or_shape, "shape"):
         return tuple(tensor_or_shape.shape)
     return tuple(tensor_or_shape)
@@ -93,7 +99,7 @@ def calculate_fan_in_and_fan_out(tensor) -> tuple[int, int]:
         >>> fastinit.calculate_fan_in_and_fan_out(torch.empty(64, 3, 7, 7))
         (147, 3136)
     """
-    shape = _shape_of(tensor)
+    shape = shape_of(tensor)
     if len(shape) < 2:
         raise ValueError(
             "Fan in and fan out can not be computed for tensor with fewer than 2 dimensions"

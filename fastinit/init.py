@@ -23,6 +23,7 @@ from .fans import (
     calculate_fan_in_and_fan_out,
     calculate_gain,
     scaled_std,
+    shape_of,
 )
 from .seeding import draw_key, splitmix64
 from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
@@ -152,6 +153,20 @@ def _version(tensor: torch.Tensor):
     return None if tensor.is_inference() else tensor._version
 
 
+_DEFAULT_DISPATCH = torch.Tensor.__torch_dispatch__
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def foreign(tensor) -> bool:
+    """Whether a call is left to ``torch.nn.init`` itself: while ``torch.compile``
+    traces it (the graph then holds torch's ops), or on a tensor subclass with a
+    ``__torch_dispatch__`` of its own (FakeTensor, wrapper subclasses such as
+    torchao's; not DTensor, which fastinit fills shard by shard), whose data no
+    engine can reach."""
+    return (type(tensor).__torch_dispatch__ is not _DEFAULT_DISPATCH and not is_dtensor(tensor)) \
+        or _is_compiling()
+
+
 def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_spec,
                 torch_fallback=None) -> torch.Tensor:
     """The drop-in path of every random init that torch ends in ``tensor.<op>(*op_args)``.
@@ -159,8 +174,11 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     Checks as torch would (:func:`check_like_torch`, :func:`check_writable`),
     then builds the spec (``make_spec()``), then fills the tensor now or hands
     the call to the active recorder. ``torch_fallback()`` runs instead for
-    dtypes the engines do not hold (complex). Nothing is written when it raises.
+    dtypes the engines do not hold (complex), and for :func:`foreign` calls.
+    Nothing is written when it raises.
     """
+    if isinstance(tensor, torch.Tensor) and foreign(tensor):
+        return torch_fallback()
     if tensor.layout != torch.strided:  # sparse, quantized...: torch's own op, its errors
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
@@ -267,6 +285,10 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
         finally:
             torch._C._set_grad_enabled(grad)
     if sink is not None:
+        if isinstance(value, torch.Tensor) and not tensor.is_meta and not value.is_meta and value.dim() == 0:
+            # a queued call takes the value the tensor holds now (it may change before the
+            # queue runs); reading it runs what is queued into it first
+            value = value.item()
         spec = _checked_spec(tensor, "fill_", (value,), {}, lambda: Constant(value))
         with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own bookkeeping)
             if sink.fill(tensor, spec, None):
@@ -359,11 +381,13 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         >>> w = torch.empty(3, 5)
         >>> fastinit.trunc_normal_(w)
     """
+    if isinstance(tensor, torch.Tensor) and foreign(tensor):
+        return torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator)
     _dense_only(tensor, "trunc_normal_")
     sink = _sink.for_tensor(tensor)
     if tensor.is_meta and sink is None:
         return tensor  # torch returns at once: no checks, no warning
-    _trunc_normal_warn(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=4)
+    _trunc_normal_warn(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=3)
     recording = sink is not None
     p = None
     if std != 0:
@@ -469,7 +493,7 @@ def xavier_uniform_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_uniform_(w, gain=fastinit.calculate_gain("relu"))
     """
-    bound = math.sqrt(3.0) * scaled_std(tensor.shape, gain, "fan_avg")
+    bound = math.sqrt(3.0) * scaled_std(shape_of(tensor), gain, "fan_avg")
     return random_fill(tensor, "uniform_", (-bound, bound), generator,
                        lambda: Uniform(-float(bound), float(bound)),
                        lambda: torch.nn.init.xavier_uniform_(tensor, gain, generator=generator))
@@ -487,13 +511,13 @@ def xavier_normal_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_normal_(w)
     """
-    std = scaled_std(tensor.shape, gain, "fan_avg")
+    std = scaled_std(shape_of(tensor), gain, "fan_avg")
     return random_fill(tensor, "normal_", (0.0, std), generator, lambda: Normal(0.0, float(std)),
                        lambda: torch.nn.init.xavier_normal_(tensor, gain, generator=generator))
 
 
 def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
-    if 0 in tensor.shape:
+    if 0 in shape_of(tensor):
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
     memo = (tensor.shape, mode, nonlinearity, a.hex() if type(a) is float else a, type(a)) \
@@ -640,6 +664,8 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.orthogonal_(w)
     """
+    if isinstance(tensor, torch.Tensor) and foreign(tensor):
+        return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
     if tensor.dim() >= 2:  # (fewer dims: torch's ValueError first, below)
         _dense_only(tensor, "orthogonal_")
     if tensor.ndimension() < 2:
@@ -685,6 +711,8 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.sparse_(w, sparsity=0.1)
     """
+    if isinstance(tensor, torch.Tensor) and foreign(tensor):
+        return torch.nn.init.sparse_(tensor, sparsity, std, generator=generator)
     if tensor.dim() == 2:  # (other dims: torch's ValueError first, below)
         _dense_only(tensor, "sparse_")
     if tensor.ndimension() != 2:

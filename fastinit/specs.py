@@ -43,9 +43,9 @@ def float_below(x: float, ftype=np.float32):
 def dtype_below(x: float, dtype: torch.dtype) -> float:
     """The largest value of torch floating ``dtype`` strictly below ``x``."""
     if dtype == torch.bfloat16:
-        r = torch.tensor(x, dtype=dtype)
+        r = torch.tensor(x, dtype=dtype, device="cpu")
         if float(r) >= x:
-            r = torch.nextafter(r, torch.tensor(-math.inf, dtype=dtype))
+            r = torch.nextafter(r, torch.tensor(-math.inf, dtype=dtype, device="cpu"))
         return float(r)
     ftype = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
     return float(float_below(x, ftype))
@@ -59,7 +59,7 @@ def uniform_top(a: float, b: float, dtype: torch.dtype) -> float:
     ``[a, b)`` (as torch: ``uniform_(1 - 1e-10, 1)`` fills float32 with 1.0)."""
     if not b > a:
         return a
-    return max(dtype_below(b, dtype), float(torch.tensor(a, dtype=dtype)))
+    return max(dtype_below(b, dtype), float(torch.tensor(a, dtype=dtype, device="cpu")))
 
 
 # How torch's messages name floating dtypes: the C++ type, and the ScalarType.
@@ -95,7 +95,7 @@ class Constant(InitSpec):
         """torch's ``fill_`` check: a finite value beyond ``dtype``'s range overflows."""
         v = self.value
         if v == v and abs(v) != float("inf") and abs(v) > torch.finfo(dtype).max:
-            torch.empty(0, dtype=dtype).fill_(v)  # torch's own error (rounding at the edge is torch's)
+            torch.empty(0, dtype=dtype, device="cpu").fill_(v)  # torch's own error (rounding at the edge is torch's)
 
     def kernel_params(self):
         return KIND_CONSTANT, (float(self.value), 0.0, 0.0, 0.0, 0.0, 0.0)

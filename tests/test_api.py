@@ -278,3 +278,102 @@ def test_private_functions_exist_with_torchs_behaviour():
     p = torch.nn.Parameter(torch.empty(4, 4))
     fastinit._no_grad_normal_(p, 0.0, 1.0)  # no_grad: a leaf that requires grad may be filled
     assert p.is_leaf and p.requires_grad
+
+
+@pytest.mark.parametrize("how", ["set_default_device", "device_context"])
+def test_calls_on_cpu_tensors_work_whatever_the_default_device(how):
+    calls = [lambda w: fastinit.uniform_(w, -0.1234567, 0.1234567),  # bounds no other test uses (cached)
+             lambda w: fastinit.kaiming_uniform_(w, a=0.77777),
+             lambda w: fastinit.xavier_uniform_(w, gain=1.2345),
+             lambda w: fastinit.sparse_(w, 0.5),
+             lambda w: fastinit.constant_(w, 70000.0) if w.dtype == torch.float16 else fastinit.normal_(w),
+             lambda w: fastinit.trunc_normal_(w, std=0.02)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for call in calls:
+            w = torch.full((64, 32), float("nan"), dtype=dtype)
+            if how == "set_default_device":
+                torch.set_default_device("meta")
+                try:
+                    call(w)
+                finally:
+                    torch.set_default_device(None)
+            else:
+                with torch.device("meta"):
+                    call(w)
+            assert w.device.type == "cpu" and not torch.isnan(w).any()
+    w = torch.empty(4, dtype=torch.float16)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="overflow"):
+        fastinit.constant_(w, 70000.0)  # torch's own check, on the CPU
+
+
+def test_a_queued_constant_takes_a_tensor_value_as_it_is_at_the_call():
+    def run(use_batched):
+        torch.manual_seed(0)
+        biases, x, w = [torch.empty(3) for _ in range(3)], torch.empty(3, 3), torch.empty(2)
+
+        def body():
+            val = torch.zeros(())
+            for b in biases:
+                fastinit.constant_(b, val)
+                val += 0.5  # changes after the call
+            fastinit.normal_(x)
+            fastinit.constant_(w, x[0, 0])  # an element of a queued tensor
+            fastinit.zeros_(x)
+
+        if use_batched:
+            with fastinit.batched():
+                body()
+        else:
+            body()
+        return [b.tolist() for b in biases], w.tolist()
+
+    assert run(True) == run(False)
+    assert run(False)[0] == [[0.0] * 3, [0.5] * 3, [1.0] * 3]
+
+
+def test_fake_tensors_wrapper_subclasses_and_compile_get_torch_nn_init_itself():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    calls = [lambda t: fastinit.uniform_(t), lambda t: fastinit.normal_(t, std=0.02),
+             lambda t: fastinit.trunc_normal_(t, std=0.02), lambda t: fastinit.xavier_uniform_(t),
+             lambda t: fastinit.kaiming_normal_(t), lambda t: fastinit.orthogonal_(t),
+             lambda t: fastinit.sparse_(t, 0.5), lambda t: fastinit.zeros_(t)]
+    with FakeTensorMode():
+        for call in calls[:2] + calls[3:]:
+            w = torch.empty(4, 6)
+            assert call(w) is w
+        with pytest.raises(Exception) as theirs:  # torch's rejection loop reads values: it raises
+            torch.nn.init.trunc_normal_(torch.empty(4, 6), std=0.02)
+        with pytest.raises(theirs.type):
+            calls[2](torch.empty(4, 6))
+    for call in calls[:-1]:
+        t = TwoTensor(torch.zeros(4, 6), torch.zeros(4, 6))
+        call(t)
+        assert t.a.abs().sum() > 0 and t.b.abs().sum() > 0  # both inner tensors filled, as torch fills them
+
+    torch._dynamo.reset()
+
+    def reinit(w):
+        fastinit.normal_(w, std=0.02)
+        return w
+
+    w = torch.compile(reinit, backend="eager")(torch.zeros(128, 128))
+    assert 0.018 < w.std().item() < 0.022
+
+
+def test_lazy_parameters_raise_torchs_value_error():
+    lazy = torch.nn.LazyLinear(8)
+    for call in (fastinit.xavier_uniform_, fastinit.xavier_normal_, fastinit.kaiming_uniform_,
+                 fastinit._calculate_fan_in_and_fan_out):
+        with pytest.raises(ValueError, match="uninitialized parameter"):
+            call(lazy.weight)
+        with pytest.raises(ValueError):
+            getattr(torch.nn.init, call.__name__)(lazy.weight)
+
+
+def test_trunc_normal_warning_points_at_the_call():
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        fastinit.trunc_normal_(torch.empty(3), mean=10.0)  # the call
+    assert ws and ws[0].filename == __file__

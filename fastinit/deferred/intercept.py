@@ -165,7 +165,7 @@ def scalar_fill_spec(name: str, rest: tuple, kwargs: dict):
 def stored_as(value, dtype: torch.dtype):
     """What ``t[i] = value`` stores in a ``dtype`` tensor, with eager's checks (a
     string raises) and rounding (1e6 into float16 is inf, without an error)."""
-    probe = torch.empty(1, dtype=dtype)
+    probe = torch.empty(1, dtype=dtype, device="cpu")
     probe[0] = value
     return probe.item()
 

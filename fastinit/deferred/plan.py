@@ -95,7 +95,7 @@ def fold(spec: InitSpec, events: list[Event], dtype: torch.dtype, whole: Callabl
         e = events[i]
         with torch._C.DisableTorchFunction():
             if value is None:
-                value = torch.full((), spec.value, dtype=dtype)
+                value = torch.full((), spec.value, dtype=dtype, device="cpu")
             e.func(value, *e.args[1:], **e.kwargs)
         i += 1
     return (spec if value is None else Constant(value.item())), events[i:]
@@ -211,7 +211,7 @@ def _overwritten_piecewise(r: StorageRecord, events: list[Event]) -> bool:
     n = storage_numel(r.tensor)
     if n > _PIECEWISE_LIMIT:
         return False
-    written = torch.zeros(n, dtype=torch.bool)
+    written = torch.zeros(n, dtype=torch.bool, device="cpu")
     for e in events:
         view = written.as_strided(*e.geom)
         if e.overwrites:

@@ -298,8 +298,10 @@ def _trunc_icdf(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
     2e-3, ``v = erf(z / sqrt 2)`` is drawn uniform in ``[erf(alpha/sqrt2), erf(beta/sqrt2))``
     and ``x = mean + sign std sqrt2 erfinv(v)``: ``v`` is drawn directly (not as
     ``2p - 1``), so a window narrow around the mean (std >> b - a) keeps full
-    resolution. Further out, ``p = Phi(z)`` is drawn and ``x = mean + sign std ndtri(p)``
-    (torch's ndtri is precise for small ``p``). Then clipped to ``[a, b]``.
+    resolution. Further out, ``p = Phi(z)`` is drawn in float64 (53 bits, so the far
+    tail is spread down to ``Phi^-1(2^-53)`` = -8.2 std instead of lumped on the
+    lowest of 2^24 float32 steps) and ``x = mean + sign std ndtri(p)`` (torch's
+    ndtri is precise for small ``p``), then rounded once. Then clipped to ``[a, b]``.
     """
     alpha, beta = spec.z_window()
     sign = 1.0
@@ -313,11 +315,21 @@ def _trunc_icdf(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
             v[s : s + GRAIN].erfinv_()
         scale = sign * spec.std * r2
     else:
-        _np_uniform(st, o, 0.5 * math.erfc(-alpha / r2), 0.5 * math.erfc(-beta / r2))
-        np.maximum(o, np.finfo(o.dtype).tiny, out=o)  # p > 0: ndtri stays finite
-        for s in range(0, o.size, GRAIN):
-            torch.special.ndtri(v[s : s + GRAIN], out=v[s : s + GRAIN])
-        scale = sign * spec.std
+        # p in float64 (53-bit draws): in float32 the lowest of the 2^24 steps of p
+        # would hold the window's whole far tail, as one value (ndtri(tiny32) = -13 std)
+        p = st.buffer(np.float64, o.size, "tail_p")
+        _np_uniform(st, p, 0.5 * math.erfc(-alpha / r2), 0.5 * math.erfc(-beta / r2))
+        np.maximum(p, np.finfo(np.float64).tiny, out=p)  # p > 0: ndtri stays finite
+        pt = torch.from_numpy(p)
+        for s in range(0, p.size, GRAIN):
+            torch.special.ndtri(pt[s : s + GRAIN], out=pt[s : s + GRAIN])
+        np.multiply(p, sign * spec.std, out=p)
+        np.add(p, spec.mean, out=p)
+        np.clip(p, spec.a, spec.b, out=p)
+        with np.errstate(over="ignore"):
+            np.copyto(o, p, casting="same_kind")
+        np.clip(o, *_bounds_as(o, spec.a, spec.b), out=o)  # (the bounds rounded to o's dtype)
+        return
     np.multiply(o, scale, out=o)
     np.add(o, spec.mean, out=o)
     np.clip(o, *_bounds_as(o, spec.a, spec.b), out=o)
@@ -497,7 +509,7 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
             if t.is_inference() or (not bump and _set_version is None):
                 # an alias with a version counter of its own (an inference tensor has none,
                 # and a queued one may be filled outside inference mode)
-                alias = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+                alias = torch.empty(0, dtype=t.dtype, device="cpu").set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
                 alias.normal_(spec.mean, spec.std, generator=gen)
             elif bump:
                 t.normal_(spec.mean, spec.std, generator=gen)
