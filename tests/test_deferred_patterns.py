@@ -1356,3 +1356,29 @@ def test_tensor_hooks_classes_and_requires_grad_of_buffers_are_kept():
     assert type(m.w) is TaggedParam and m.w.tag == "no_decay" and m.w.requires_grad
     assert type(m.b) is MyT and torch.equal(m.b, eager.b)
     assert m.temp.requires_grad and m.temp.is_leaf
+
+
+def test_random_ops_with_tensor_inputs_draw_from_their_own_generator_as_eagerly():
+    def ctor():
+        m = nn.Module()
+        g = torch.Generator().manual_seed(7)
+        m.idx = nn.Buffer(torch.multinomial(torch.ones(10), 5, generator=g))
+        m.mask = nn.Buffer(torch.bernoulli(torch.full((8,), 0.5), generator=g))
+        m.noise = nn.Buffer(torch.normal(torch.zeros(4), torch.ones(4), generator=g))
+        m.inplace = nn.Buffer(torch.empty(6).bernoulli_(torch.full((6,), 0.3), generator=g))
+        m.after = nn.Buffer(torch.randn(3, generator=g))  # later draws from g are not shifted
+        return m
+
+    eager = ctor()
+    for seed in (0, 1):
+        m = fastinit.deferred_init(ctor)
+        fastinit.materialize(m, seed=seed)
+        _assert_same(eager, m)
+
+    def reads_a_seeded_draw():
+        m = nn.Module()
+        m.idx = nn.Buffer(torch.multinomial(torch.rand(10), 5, generator=torch.Generator().manual_seed(1)))
+        return m
+
+    with pytest.raises(RuntimeError, match="random draws"):
+        fastinit.deferred_init(reads_a_seeded_draw)

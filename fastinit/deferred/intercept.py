@@ -231,6 +231,21 @@ def _record_eager_draw(rec: Recording, t: torch.Tensor, gen: torch.Generator, ru
         rec.add_value(t, real.to("cpu"), f"{name}(drawn from its generator)")
 
 
+def _held(rec: Recording, out, label: str):
+    """``out`` (real tensors computed or drawn while a model is built) as meta tensors
+    that ``rec`` records to hold those values."""
+    def as_meta(x):
+        if not isinstance(x, torch.Tensor) or x.is_meta:
+            return x
+        meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+        rec.record(meta)
+        if x.numel():
+            rec.add_value(meta, x.detach().to("cpu").clone(), label)
+        return meta
+
+    return tree_map(as_meta, out)
+
+
 def _as_meta(obj):
     """``obj`` with its real tensors as meta tensors of the same geometry (not 0-dim
     ones: torch treats those as scalars on any device)."""
@@ -481,17 +496,7 @@ class Recorder(TorchFunctionMode):
                 "recorded to draw at materialize (keyed by the seed); make this tensor after materialize(), "
                 "or with a generator of its own (generator=g)")
         rec = self.home if self.home is not None else found[0][0]
-
-        def as_meta(x):
-            if not isinstance(x, torch.Tensor) or x.is_meta:
-                return x
-            meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-            rec.record(meta)
-            if x.numel():
-                rec.add_value(meta, x.detach().to("cpu").clone(), f"{name}(computed while built)")
-            return meta
-
-        return tree_map(as_meta, out)
+        return _held(rec, out, f"{name}(computed while built)")
 
     def _record_deepcopy(self, func, args, kwargs):
         """``copy.deepcopy`` of a meta tensor while a model is built (an EMA or MoCo key
@@ -510,18 +515,32 @@ class Recorder(TorchFunctionMode):
         or an in-place draw into a recorded meta tensor, becomes recorded data.
         None: not such an op."""
         gen = kwargs["generator"]
+        name = getattr(func, "__name__", "")
+        if self.home is not None and kind != _FACTORY and "out" not in kwargs and name in RANDOM_NAMES \
+                and not name.endswith("_") and any(t.is_meta for t in tensors_in(args, kwargs)):
+            # torch.multinomial(p, n, generator=g), torch.bernoulli(p, generator=g): drawn now,
+            # from the values its inputs hold (which must not depend on random draws)
+            real = tree_map(lambda x: x.to(gen.device) if isinstance(x, torch.Tensor) else x,
+                            self._with_values(args, kwargs))
+            with torch._C.DisableTorchFunction():
+                out = func(*real[0], **real[1])
+            return _held(self.home, out, f"{name}(drawn from its generator)")
         if self.home is not None and kind == _FACTORY and "out" not in kwargs:
             real = func(*args, **{**kwargs, "device": gen.device})
             meta = torch.empty_like(real, device="meta")
             self.home.add_value(meta, real.to("cpu"), "copy_(drawn from its generator)")
             return meta
         t = args[0] if args else kwargs.get("tensor")  # (torch.nn.init's calls come as keywords)
-        name = getattr(func, "__name__", "")
         if not isinstance(t, torch.Tensor) or not t.is_meta or not name.endswith("_") or name not in RANDOM_NAMES:
             return None
         rec = self.recording_for(t)
         if rec is None:
             return None
+        if any(x.is_meta for x in tensors_in(args[1:], {k: v for k, v in kwargs.items() if k != "tensor"})):
+            # t.bernoulli_(p, generator=g) with p computed by the constructor: p's values now
+            rest = tree_map(lambda x: x.to(gen.device) if isinstance(x, torch.Tensor) else x,
+                            self._with_values(args[1:], kwargs))
+            args, kwargs = (t, *rest[0]), rest[1]
         if args:
             _record_eager_draw(rec, t, gen, lambda real: func(real, *args[1:], **kwargs), name)
         else:
