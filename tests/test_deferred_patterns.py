@@ -1382,3 +1382,44 @@ def test_random_ops_with_tensor_inputs_draw_from_their_own_generator_as_eagerly(
 
     with pytest.raises(RuntimeError, match="random draws"):
         fastinit.deferred_init(reads_a_seeded_draw)
+
+
+def test_a_torch_write_to_a_deferred_model_outside_any_block_is_refused_not_lost():
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+        def right_inverse(self, w):
+            return w / 2
+
+    def parametrized(m):
+        nn.utils.parametrize.register_parametrization(m, "weight", Scale())
+
+    eager = nn.Linear(4, 4)
+    def zero(m):
+        with torch.no_grad():
+            m.weight.zero_()
+
+    for write in (zero, lambda m: m.load_state_dict(eager.state_dict()), parametrized):
+        m = fastinit.deferred_init(nn.Linear, 4, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (load_state_dict's: copying into a meta tensor is a no-op)
+            write(m)
+        with pytest.raises(RuntimeError, match="written after deferred_init"):
+            fastinit.materialize(m, seed=0)
+        assert all(t.is_meta for t in m.parameters())  # nothing changed
+    # the same inside a block is recorded: the right_inverse halves the recorded weight
+    m, ref = fastinit.deferred_init(nn.Linear, 4, 4), fastinit.deferred_init(nn.Linear, 4, 4)
+    with fastinit.batched(module=m):
+        parametrized(m)
+    fastinit.materialize(m, seed=0)
+    fastinit.materialize(ref, seed=0)
+    assert torch.equal(m.parametrizations.weight.original, ref.weight / 2)
+    assert torch.equal(m.weight, ref.weight)
+    # fastinit's own calls outside blocks are recorded (and a block after them is no write unseen)
+    m = fastinit.deferred_init(nn.Linear, 4, 4)
+    fastinit.zeros_(m.bias)
+    with fastinit.batched(module=m):
+        m.weight.data.mul_(0)
+    fastinit.materialize(m, seed=0)
+    assert not m.bias.any() and not m.weight.any()

@@ -328,6 +328,14 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
     for t, names in objs:
         res = _resolve(module, t, names[0])
         (resolved if res is not None else orphans).append((t, names, res))
+    unseen = [names[0] for t, names, res in resolved if res[0].written_unseen(t)]
+    if unseen:
+        raise RuntimeError(
+            f"{where}: {', '.join(unseen)} {'was' if len(unseen) == 1 else 'were'} written after deferred_init "
+            "by torch ops that nothing recorded (on meta tensors they do nothing: an in-place op, "
+            "load_state_dict, a parametrization's right_inverse), so materialize would lose the write. "
+            "Make such changes inside `with fastinit.batched(module=model):` or in "
+            "materialize(model, init_fn=...), or after materialize")
     mh = module_handle(module)
     home = mh.recording if mh is not None else (resolved[0][2][0] if resolved else None)
     if home is None:

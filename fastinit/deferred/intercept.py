@@ -39,7 +39,7 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel
+from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel, versions_seen
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -333,6 +333,7 @@ class Recorder(TorchFunctionMode):
         found = recorded_or_adopted(t)
         if found is not None and not (dt and self.home is not None and self.home.root is not None
                                       and found[1].node is not None and found[1].node.func in _DTENSOR_ALIASES):
+            found[0].dirty = True  # (its tensors' version counters move: seen when the session ends)
             return found[0]
         if self.home is not None and self.home.root is not None and dt:  # (a built model's)
             raise NotImplementedError(
@@ -766,6 +767,9 @@ def recording(home: Recording | None = None, batch=None):
             yield rec
     finally:
         _sink.current.reset(token)
+        if home is not None:
+            home.dirty = True
+        versions_seen()
 
 
 __all__ = ["Recorder", "RecordingSink", "recording", "covers_storage"]

@@ -164,6 +164,11 @@ class Recording:
         self.geoms: dict[str, tuple] = {}  # name -> geometry of the tensor so named, in its storage
         self.root: weakref.ref | None = None
         self._self_ref = weakref.ref(self)
+        # id(tensor) -> (weak ref, its version counter when a recording last saw it): a
+        # write no recording saw (a torch op on the model outside fastinit's blocks)
+        # moves the counter, and materialize refuses the tensor instead of losing it
+        self.versions: dict[int, tuple] = {}
+        self.dirty = False  # events were added since the versions were noted
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -182,6 +187,7 @@ class Recording:
     def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, r: StorageRecord | None = None,
                   **kw) -> Event:
         """Record a write into ``t`` (``r``: its storage's record, if known)."""
+        self.dirty = True
         if r is None:
             r = self.storages.get(storage_key(t)) or self.record(t)
         if t.dtype != r.tensor.dtype:
@@ -194,6 +200,28 @@ class Recording:
         r.events.append(ev)
         self.keep.append(t)
         return ev
+
+    def note_version(self, t: torch.Tensor) -> None:
+        """Remember ``t``'s version counter as this recording has seen it."""
+        self.versions[id(t)] = (weakref.ref(t), t._version)
+        _NOTED.add(self)
+
+    def notes_seen(self) -> None:
+        """Every noted tensor's counter, now that a recording session saw its writes."""
+        for k, (ref, _) in list(self.versions.items()):
+            t = ref()
+            if t is None:
+                del self.versions[k]
+            else:
+                self.versions[k] = (ref, t._version)
+        self.dirty = False
+
+    def written_unseen(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` was written in place since this recording last saw it, by an op
+        no recording saw (``t.zero_()``, ``load_state_dict``, a parametrization's
+        ``original.set_(...)`` on the deferred model, outside fastinit's blocks)."""
+        noted = self.versions.get(id(t))
+        return noted is not None and noted[0]() is t and t._version != noted[1]
 
     def add_value(self, t: torch.Tensor, value: torch.Tensor, label: str) -> Event:
         """``t`` now holds ``value``, computed eagerly (a constructor's data, a draw
@@ -337,6 +365,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
         rec.names.setdefault(r.sk, name)
         rec.by_name.setdefault(name, r.sk)
         rec.geoms.setdefault(name, geometry(t))
+        rec.note_version(t)
         if HANDLE_ATTR not in getattr(t, "__dict__", {}):
             try:
                 t.__dict__[HANDLE_ATTR] = Handle(rec, name)
@@ -344,6 +373,17 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
             except AttributeError:  # a tensor type without a __dict__
                 pass
     return added
+
+
+# Recordings that note version counters (weakly: a model's recording lives with it).
+_NOTED: weakref.WeakSet = weakref.WeakSet()
+
+
+def versions_seen() -> None:
+    """After a recording session: the counters of every noted tensor that it wrote into."""
+    for rec in list(_NOTED):
+        if rec.dirty:
+            rec.notes_seen()
 
 
 def detach_handles(objs) -> None:
