@@ -1423,3 +1423,23 @@ def test_a_torch_write_to_a_deferred_model_outside_any_block_is_refused_not_lost
         m.weight.data.mul_(0)
     fastinit.materialize(m, seed=0)
     assert not m.bias.any() and not m.weight.any()
+
+
+def test_reading_a_weight_whose_random_init_eye_overwrote_is_exact():
+    def traced():
+        m = nn.Linear(4, 4)
+        nn.init.eye_(m.weight)
+        m.trace = float(m.weight.detach().sum())  # reads the value while built
+        return m
+
+    def orthogonal_on_eye():
+        m = nn.Linear(16, 16)
+        nn.init.eye_(m.weight)
+        return nn.utils.parametrizations.orthogonal(m)  # its right_inverse reads the weight
+
+    m = fastinit.deferred_init(traced)
+    fastinit.materialize(m, seed=0)
+    assert m.trace == 4.0 and torch.equal(m.weight, torch.eye(4))
+    m, eager = fastinit.deferred_init(orthogonal_on_eye), orthogonal_on_eye()
+    fastinit.materialize(m, seed=0)
+    assert torch.allclose(m.weight, eager.weight, atol=1e-6)

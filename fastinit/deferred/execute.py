@@ -268,7 +268,8 @@ class Evaluator:
                         self._replay_side(rec, r, ev, view, idx)
                     elif "out" in ev.kwargs:  # torch.eye(n, m, out=w)
                         args = self.resolve(ev.args, ev.seq)
-                        kwargs = {**self.resolve(ev.kwargs, ev.seq), "out": view}
+                        kwargs = {**self.resolve({k: v for k, v in ev.kwargs.items() if k != "out"}, ev.seq),
+                                  "out": view}  # (what out= held before is not read)
                         self._call(ev.func, args, kwargs, lambda: self.key(rec, r, f"#{idx}"))
                     else:  # a method or init function whose first argument is the tensor
                         if self.deterministic and ev.label in RANDOM_NAMES:
