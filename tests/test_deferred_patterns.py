@@ -1443,3 +1443,59 @@ def test_reading_a_weight_whose_random_init_eye_overwrote_is_exact():
     m, eager = fastinit.deferred_init(orthogonal_on_eye), orthogonal_on_eye()
     fastinit.materialize(m, seed=0)
     assert torch.allclose(m.weight, eager.weight, atol=1e-6)
+
+
+def test_a_cast_that_overflows_the_target_dtype_gives_what_eager_casting_gives():
+    def build(c, k=1.0):
+        def ctor():
+            m = nn.Module()
+            m.w = nn.Parameter(torch.empty(2))
+            nn.init.constant_(m.w, c)
+            with torch.no_grad():
+                m.w.mul_(k)
+            m.u = nn.Parameter(torch.empty(1000))
+            nn.init.uniform_(m.u, -1e5, 1e5)  # bounds beyond float16's range
+            return m
+        return ctor
+
+    for c, k in [(65519.0, 1.0), (0.1, 1000003.0), (60000.0, 1.0)]:
+        eager = build(c, k)().half()
+        for how in ("dtype", "half"):
+            m = fastinit.deferred_init(build(c, k))
+            if how == "half":
+                m.half()
+                fastinit.materialize(m, seed=0)
+            else:
+                fastinit.materialize(m, seed=0, dtype=torch.float16)
+            assert torch.equal(m.w, eager.w), (c, k, how)
+            assert m.u.dtype == torch.float16
+            assert abs(torch.isinf(m.u).float().mean().item() - 0.3446) < 0.06  # |u| > 65520: 34% inf
+
+
+def test_a_complex_buffer_cast_with_the_model_keeps_its_real_part_as_eagerly():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            f = torch.outer(torch.arange(4.0), torch.ones(2))
+            self.register_buffer("freqs_cis", torch.polar(torch.ones_like(f), f), persistent=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's: casting complex to real discards the imaginary part)
+        eager = M().to(torch.bfloat16)
+        m = fastinit.deferred_init(M).to(torch.bfloat16)
+        fastinit.materialize(m, seed=0)
+    assert m.freqs_cis.dtype == torch.bfloat16 and torch.equal(m.freqs_cis, eager.freqs_cis)
+
+
+def test_a_sparse_buffer_is_refused_by_name():
+    class SP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("adj", torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]),
+                                                                torch.tensor([1.0, 2.0]), (2, 2)))
+
+    with pytest.raises(NotImplementedError, match="adj is a torch.sparse_coo tensor"):
+        fastinit.deferred_init(SP)
+    assert torch.FloatTensor.__module__ == "torch" and "__new__" not in torch.Tensor.__dict__  # patches undone

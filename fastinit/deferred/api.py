@@ -112,11 +112,15 @@ def _lazy_error(lazy: list[str], where: str):
 def _convert_real_tensors(mods, rec: Recording) -> None:
     """Small real tensors a constructor made from data (``torch.tensor(...)``) become
     meta tensors whose recorded value is that data. ``mods``: ``(name, module)`` pairs."""
-    for _, mod in mods:
+    for prefix, mod in mods:
         for store in (mod._parameters, mod._buffers):
             for name, t in list(store.items()):
                 if t is None or t.is_meta:
                     continue
+                if t.layout != torch.strided:
+                    raise NotImplementedError(
+                        f"fastinit.deferred_init: {_join(prefix, name)} is a {t.layout} tensor; a deferred model "
+                        "holds strided tensors only: register it after materialize(), or build this model eagerly")
                 value = t.detach().clone()
                 meta = torch.empty_like(t, device="meta")
                 if isinstance(t, torch.nn.Parameter):
@@ -610,7 +614,8 @@ def _check(plans, strict: bool, dtype) -> None:
                 + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
                 "uninitialized)")
     for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a float16 cannot hold
-        td = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+        # (in the dtype the value is built in: eager code builds, then casts, which overflows to inf)
+        td = _recorded_dtype(t, plan)
         if plan.spec is not None and td.is_floating_point:
             try:
                 plan.spec.check_dtype(td)
@@ -645,6 +650,10 @@ def _cast_commutes(plan: Plan, recorded: torch.dtype, target: torch.dtype) -> bo
     if recorded == target:
         return True
     if recorded != torch.float32 or target not in (torch.bfloat16, torch.float16):
+        return False
+    try:  # a value beyond the target's range: eager casts it to inf (a fill of the target raises)
+        plan.spec.check_dtype(target)
+    except RuntimeError:
         return False
     return all(e.overwrites for e in plan.replay)
 

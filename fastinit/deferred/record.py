@@ -281,8 +281,10 @@ def adopt_derived(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
 
 def castable(a: torch.dtype, b: torch.dtype) -> bool:
     """Whether a tensor of dtype ``b`` can stand for one of dtype ``a`` cast to it after
-    recording: the same dtype (a copy), or both floating, or both complex."""
-    return a == b or (a.is_floating_point and b.is_floating_point) or (a.is_complex and b.is_complex)
+    recording: the same dtype (a copy), or both floating or complex (``Module.to(dtype)``
+    casts both kinds: a complex buffer cast to bfloat16 keeps its real part, as torch's
+    cast does)."""
+    return a == b or ((a.is_floating_point or a.is_complex) and (b.is_floating_point or b.is_complex))
 
 
 def adopt_as(t: torch.Tensor, rec: "Recording", r: "StorageRecord", geom: tuple):
