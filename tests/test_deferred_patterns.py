@@ -1499,3 +1499,31 @@ def test_a_sparse_buffer_is_refused_by_name():
     with pytest.raises(NotImplementedError, match="adj is a torch.sparse_coo tensor"):
         fastinit.deferred_init(SP)
     assert torch.FloatTensor.__module__ == "torch" and "__new__" not in torch.Tensor.__dict__  # patches undone
+
+
+def test_a_submodule_viewing_storage_outside_it_is_refused_and_whole_keeps_the_alias():
+    class Holder(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.h = Holder(nn.Parameter(self.a.weight.detach()[:4]))  # the first 4 rows, same storage
+
+    for first in ("h", "a"):
+        m = fastinit.deferred_init(M)
+        with pytest.raises(RuntimeError, match="shares its storage"):
+            fastinit.materialize(getattr(m, first), seed=0)
+        assert all(t.is_meta for t in m.parameters())
+    fastinit.materialize(m, seed=0)
+    assert m.h.p.untyped_storage().data_ptr() == m.a.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        m.a.weight.add_(1.0)
+    assert torch.equal(m.h.p, m.a.weight[:4])
+    # a deep copy of a block made after deferred_init has memory of its own: no error
+    m = fastinit.deferred_init(M)
+    m.b = copy.deepcopy(m.a)
+    fastinit.materialize(m.b, seed=0)

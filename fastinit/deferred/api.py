@@ -568,12 +568,14 @@ def materialize(
         resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
         if txn.batch is not None:  # an init ran: it may have added modules (a parametrization's)
             walk = _walk(module)
+        root = home.root() if home.root is not None else None
+        if root is not None and root is not module:
+            _check_views_across(module, root, resolved)
         plans = _plans(resolved)
         _check(plans, strict, dtype)
         new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _nested_roots(walk))
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
-        root = home.root() if home.root is not None else None
         targets = [module] if root is None or root is module else [module, root]
         mods = _Modules(targets, walk)
         swap_in(mods, new_of, after=lambda: dist_mod.after_assign(mods, new_of))
@@ -604,6 +606,36 @@ class _Modules:
         return iter(self._all)
 
 
+def _check_views_across(module: torch.nn.Module, root: torch.nn.Module, resolved) -> None:
+    """A submodule's tensor whose storage another tensor object outside it views
+    (``nn.Parameter(other.weight[:4])``) would get memory of its own here, and the two
+    would no longer alias (a tied tensor, one object, is assigned in both places):
+    an error, before anything is done."""
+    inside = {id(t) for t, *_ in resolved}
+    names_of: dict[int, dict[int, list[str]]] = {}
+    for t, names, rec, r, fqn, _ in resolved:
+        if dist_mod.is_dtensor(t) or storage_key(t) != r.sk:
+            continue  # (a deep copy or a cast: memory of its own already)
+        by_sk = names_of.get(id(rec))
+        if by_sk is None:
+            by_sk = names_of[id(rec)] = {}
+            for n, sk in rec.by_name.items():
+                by_sk.setdefault(sk, []).append(n)
+        for other in by_sk.get(r.sk, ()):
+            prefix, _, leaf = other.rpartition(".")
+            try:
+                owner = root.get_submodule(prefix) if prefix else root
+            except AttributeError:
+                continue
+            obj = owner._parameters.get(leaf, owner._buffers.get(leaf))
+            if obj is not None and id(obj) not in inside and not dist_mod.is_dtensor(obj) \
+                    and storage_key(obj) == r.sk:
+                raise RuntimeError(
+                    f"fastinit.materialize: {fqn} shares its storage with {other}, a tensor outside this "
+                    "submodule (a view of one another): materialized apart they would no longer alias, as "
+                    "they do when built eagerly. Materialize a module that holds both")
+
+
 def _check(plans, strict: bool, dtype) -> None:
     if strict:
         bad = [(a, p.why_uninitialized) for _, names, _, p, _ in plans if p.why_uninitialized for a in names]
@@ -613,7 +645,7 @@ def _check(plans, strict: bool, dtype) -> None:
                 + ", ".join(f"{n} ({why})" for n, why in bad)
                 + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
                 "uninitialized)")
-    for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a float16 cannot hold
+    for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a recorded float16 tensor cannot hold
         # (in the dtype the value is built in: eager code builds, then casts, which overflows to inf)
         td = _recorded_dtype(t, plan)
         if plan.spec is not None and td.is_floating_point:
