@@ -164,7 +164,7 @@ class Recording:
         self.geoms: dict[str, tuple] = {}  # name -> geometry of the tensor so named, in its storage
         self.root: weakref.ref | None = None
         self._self_ref = weakref.ref(self)
-        # id(tensor) -> (weak ref, its version counter when a recording last saw it): a
+        # id(tensor) -> (the tensor, its version counter when a recording last saw it): a
         # write no recording saw (a torch op on the model outside fastinit's blocks)
         # moves the counter, and materialize refuses the tensor instead of losing it
         self.versions: dict[int, tuple] = {}
@@ -201,19 +201,11 @@ class Recording:
         self.keep.append(t)
         return ev
 
-    def note_version(self, t: torch.Tensor) -> None:
-        """Remember ``t``'s version counter as this recording has seen it."""
-        self.versions[id(t)] = (weakref.ref(t), t._version)
-        _NOTED.add(self)
-
     def notes_seen(self) -> None:
         """Every noted tensor's counter, now that a recording session saw its writes."""
-        for k, (ref, _) in list(self.versions.items()):
-            t = ref()
-            if t is None:
-                del self.versions[k]
-            else:
-                self.versions[k] = (ref, t._version)
+        versions = self.versions
+        for k, (t, _) in versions.items():
+            versions[k] = (t, t._version)
         self.dirty = False
 
     def written_unseen(self, t: torch.Tensor) -> bool:
@@ -221,7 +213,7 @@ class Recording:
         no recording saw (``t.zero_()``, ``load_state_dict``, a parametrization's
         ``original.set_(...)`` on the deferred model, outside fastinit's blocks)."""
         noted = self.versions.get(id(t))
-        return noted is not None and noted[0]() is t and t._version != noted[1]
+        return noted is not None and noted[0] is t and t._version != noted[1]
 
     def add_value(self, t: torch.Tensor, value: torch.Tensor, label: str) -> Event:
         """``t`` now holds ``value``, computed eagerly (a constructor's data, a draw
@@ -349,6 +341,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     needs to undo it. ``mods``: ``root.named_modules(remove_duplicate=False)``, if
     already listed."""
     rec.root = weakref.ref(root)
+    _NOTED.add(rec)
     added = []
     mods = list(root.named_modules(remove_duplicate=False)) if mods is None else mods
     params, buffers = [], []  # in named_parameters() then named_buffers() order: first names win
@@ -367,7 +360,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
         rec.names.setdefault(r.sk, name)
         rec.by_name.setdefault(name, r.sk)
         rec.geoms.setdefault(name, geometry(t))
-        rec.note_version(t)
+        rec.versions[id(t)] = (t, t._version)  # (what a write no recording sees would move)
         if HANDLE_ATTR not in getattr(t, "__dict__", {}):
             try:
                 t.__dict__[HANDLE_ATTR] = Handle(rec, name)
