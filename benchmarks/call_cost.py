@@ -59,7 +59,7 @@ def main(argv=None):
         theirs = per_call(lambda: getattr(torch.nn.init, name)(t, *a), args.repeat)
         ours = per_call(lambda: getattr(fastinit, name)(t, *a), args.repeat)
         with mock.patch.object(cpu, "generate_chunk", lambda *_: None), \
-                mock.patch.object(cpu, "fill_single_chunk", lambda *_: None), \
+                mock.patch.object(cpu, "fill_single_chunk", lambda *_, **__: None), \
                 mock.patch.object(torch.Tensor, "fill_", lambda self, *_: self):
             stub = per_call(lambda: getattr(fastinit, name)(t, *a), args.repeat)
         print(f"| {name} | {theirs * 1e6:.1f} | {ours * 1e6:.1f} | {stub * 1e6:.1f} | {theirs / ours:.2f}x |",

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -275,3 +276,12 @@ def test_audit_of_presets_with_an_input_runs_their_forward(tmp_path):
     layers = json.loads(js.read_text())["layers"]
     assert len(layers) > 10 and all(x["act_std"] > 0 for x in layers)
     assert main(["audit", "llama-tiny", "--scheme", "lsuv", "--input-shape", "2,16"]) == 0
+
+
+def test_the_call_cost_benchmark_runs_every_row():
+    """Its stubs replace engine functions: a change of their signatures must not break it."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.call_cost", "--repeat", "40"], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| call")]
+    assert len(rows) == 8 and all(line.rstrip().endswith("x |") for line in rows)
