@@ -1527,3 +1527,100 @@ def test_a_submodule_viewing_storage_outside_it_is_refused_and_whole_keeps_the_a
     m = fastinit.deferred_init(M)
     m.b = copy.deepcopy(m.a)
     fastinit.materialize(m.b, seed=0)
+
+
+def test_an_unseen_write_stays_refused_after_other_recording_sessions():
+    other = nn.Linear(4, 4)
+    sessions = [lambda m: fastinit.deferred_init(nn.Linear, 2, 2),
+                lambda m: _run_batched(lambda: fastinit.normal_(torch.empty(8))),
+                lambda m: _run_batched(lambda: None, module=m[1]),
+                lambda m: fastinit.materialize(m[1], seed=0, init_fn=lambda mod: None)]
+    for session in sessions:
+        m = fastinit.deferred_init(nn.Sequential, nn.Linear(4, 4), nn.Linear(4, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m[0].load_state_dict(other.state_dict())  # a no-op on meta tensors: the values would be lost
+        session(m)
+        with pytest.raises(RuntimeError, match="written after deferred_init"):
+            fastinit.materialize(m, seed=0)
+        assert fastinit.planned(m)["0.weight"] is not None  # a preview refuses nothing
+
+
+def _run_batched(fn, module=None):
+    with fastinit.batched(module=module):
+        fn()
+
+
+def test_a_parametrization_without_right_inverse_after_deferred_init_is_no_write():
+    class Sym(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).t()
+
+    m, ref = fastinit.deferred_init(nn.Linear, 6, 6), fastinit.deferred_init(nn.Linear, 6, 6)
+    nn.utils.parametrize.register_parametrization(m, "weight", Sym())  # original.set_(original)
+    fastinit.materialize(m, seed=0)
+    fastinit.materialize(ref, seed=0)
+    assert torch.equal(m.parametrizations.weight.original, ref.weight)
+    assert torch.equal(m.weight, m.weight.t())
+
+
+def test_tensors_init_fn_makes_are_keyed_by_their_path_block_by_block_or_whole():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+    def init_fn(mod):
+        for sub in mod.modules():
+            if isinstance(sub, nn.Linear):
+                sub.weight = nn.Parameter(torch.randn(8, 8))
+
+    blocks = fastinit.deferred_init(nn.Sequential, Block(), Block())
+    whole = fastinit.deferred_init(nn.Sequential, Block(), Block())
+    fastinit.materialize(blocks[1], seed=0, init_fn=init_fn)
+    fastinit.materialize(blocks[0], seed=0, init_fn=init_fn)
+    fastinit.materialize(whole, seed=0, init_fn=init_fn)
+    for i in range(2):
+        assert torch.equal(blocks[i].lin.weight, whole[i].lin.weight)
+    assert not torch.equal(whole[0].lin.weight, whole[1].lin.weight)
+
+
+def test_like_ops_with_a_generator_read_only_the_shape_of_a_random_tensor():
+    def ctor():
+        m = nn.Module()
+        x = torch.randn(5)  # random: keyed by the seed
+        g = torch.Generator().manual_seed(3)
+        m.noise = nn.Buffer(torch.randn_like(x, generator=g))
+        m.x = nn.Buffer(x)
+        return m
+
+    eager = ctor()
+    m = fastinit.deferred_init(ctor)
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m.noise, eager.noise)
+
+
+def test_a_refused_real_module_passed_in_is_left_as_it_was():
+    real = nn.Linear(3, 3)
+    before = real.weight
+
+    def ctor(lin):
+        m = nn.Module()
+        m.lin = lin
+        m.register_buffer("adj", torch.sparse_coo_tensor(torch.tensor([[0], [1]]), torch.tensor([1.0]), (2, 2)))
+        return m
+
+    with pytest.raises(NotImplementedError, match="sparse"):
+        fastinit.deferred_init(ctor, real)
+    assert real.weight is before and not real.weight.is_meta
+
+
+def test_a_deferred_block_built_into_another_deferred_model_keeps_its_edits():
+    for block_of, part_of in [(lambda o: o, lambda o: o), (lambda o: o[0], lambda o: o), (lambda o: o, lambda o: o[0])]:
+        inner = fastinit.deferred_init(nn.Linear, 4, 4)
+        outer = fastinit.deferred_init(lambda: nn.Sequential(inner, nn.Linear(4, 4)))
+        with fastinit.batched(module=block_of(outer)):
+            with torch.no_grad():
+                outer[0].weight.mul_(0)
+        fastinit.materialize(part_of(outer), seed=0)
+        assert not outer[0].weight.any()

@@ -268,3 +268,23 @@ def test_engines_fill_parameters_that_require_grad(engine):
         fill([Target(plain, Normal(0.0, 1.0), 11)])
     assert p.requires_grad and p.grad_fn is None and p.is_leaf
     assert torch.equal(p.detach(), plain)
+
+
+def test_the_version_setter_takes_either_form_of_torchs_private_binding(monkeypatch):
+    from fastinit.engines import cpu
+
+    real = torch._C._autograd._unsafe_set_version_counter
+
+    def one_tensor_form(t, v):  # the binding's form in older torch: (Tensor, int)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError("incompatible function arguments")
+        real((t,), (v,))
+
+    for binding in (real, one_tensor_form):
+        monkeypatch.setattr(torch._C._autograd, "_unsafe_set_version_counter", binding)
+        setter = cpu._version_setter()
+        t = torch.empty(3)
+        setter((t,), (5,))
+        assert t._version == 5
+    monkeypatch.delattr(torch._C._autograd, "_unsafe_set_version_counter")
+    assert cpu._version_setter() is None

@@ -112,15 +112,18 @@ def _lazy_error(lazy: list[str], where: str):
 def _convert_real_tensors(mods, rec: Recording) -> None:
     """Small real tensors a constructor made from data (``torch.tensor(...)``) become
     meta tensors whose recorded value is that data. ``mods``: ``(name, module)`` pairs."""
-    for prefix, mod in mods:
+    for prefix, mod in mods:  # (all checked before any is replaced)
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is not None and not t.is_meta and t.layout != torch.strided:
+                    raise NotImplementedError(
+                        f"fastinit.deferred_init: {_join(prefix, name)} is a {t.layout} tensor; a deferred model "
+                        "holds strided tensors only: register it after materialize(), or build this model eagerly")
+    for _, mod in mods:
         for store in (mod._parameters, mod._buffers):
             for name, t in list(store.items()):
                 if t is None or t.is_meta:
                     continue
-                if t.layout != torch.strided:
-                    raise NotImplementedError(
-                        f"fastinit.deferred_init: {_join(prefix, name)} is a {t.layout} tensor; a deferred model "
-                        "holds strided tensors only: register it after materialize(), or build this model eagerly")
                 value = t.detach().clone()
                 meta = torch.empty_like(t, device="meta")
                 if isinstance(t, torch.nn.Parameter):
@@ -332,14 +335,8 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
     for t, names in objs:
         res = _resolve(module, t, names[0])
         (resolved if res is not None else orphans).append((t, names, res))
-    unseen = [names[0] for t, names, res in resolved if res[0].written_unseen(t)]
-    if unseen:
-        raise RuntimeError(
-            f"{where}: {', '.join(unseen)} {'was' if len(unseen) == 1 else 'were'} written after deferred_init "
-            "by torch ops that nothing recorded (on meta tensors they do nothing: an in-place op, "
-            "load_state_dict, a parametrization's right_inverse), so materialize would lose the write. "
-            "Make such changes inside `with fastinit.batched(module=model):` or in "
-            "materialize(model, init_fn=...), or after materialize")
+    if where != "fastinit.planned":  # (a preview refuses nothing)
+        _refuse_unseen_writes(module, resolved, where)
     mh = module_handle(module)
     home = mh.recording if mh is not None else (resolved[0][2][0] if resolved else None)
     if home is None:
@@ -371,7 +368,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         txn.batch = Batch(undoable=True)  # its writes to real tensors are undone if materialize fails
         with intercept.recording(home, txn.batch):
             run(module)
-        resolved, orphans = _after_init_fn(module, where, resolved, orphans)
+        resolved, orphans = _after_init_fn(module, where, resolved, orphans, txn, prefix)
     out = []
     for t, names, res in resolved:
         if res[1].sk != storage_key(t) and not dist_mod.is_dtensor(t):
@@ -385,11 +382,49 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
     return out, home
 
 
-def _after_init_fn(module: torch.nn.Module, where: str, resolved, orphans):
+def _refuse_unseen_writes(module: torch.nn.Module, resolved, where: str) -> None:
+    """Tensors written in place after ``deferred_init`` by torch ops that nothing
+    recorded (their version counters moved: see ``Recording.written_unseen``) are an
+    error that names them: fastinit would lose the write. A parametrization without
+    ``right_inverse`` registered outside a block sets its original to itself (a
+    counter bump, no write): not refused."""
+    unseen = []
+    for t, names, res in resolved:
+        if res[0].written_unseen(t):
+            if _set_to_itself(module, names[0]):
+                res[0].tainted.discard(id(t))
+                res[0].note(t)
+            else:
+                unseen.append(names[0])
+    if unseen:
+        raise RuntimeError(
+            f"{where}: {', '.join(unseen)} {'was' if len(unseen) == 1 else 'were'} written after deferred_init "
+            "by torch ops that nothing recorded (on meta tensors they do nothing: an in-place op, "
+            "load_state_dict, a parametrization's right_inverse), so fastinit would lose the write. Build the "
+            "model again with fastinit.deferred_init and make such changes inside `with "
+            "fastinit.batched(module=model):`, in materialize(model, init_fn=...), or after materialize")
+
+
+def _set_to_itself(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` is the ``original`` of a parametrization list none of whose
+    parametrizations has a ``right_inverse`` (torch then runs ``original.set_(original)``)."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf != "original":
+        return False
+    try:
+        owner = module.get_submodule(prefix)
+    except AttributeError:
+        return False
+    plist = getattr(getattr(torch.nn.utils, "parametrize", None), "ParametrizationList", None)
+    return plist is not None and isinstance(owner, plist) and not any(hasattr(p, "right_inverse") for p in owner)
+
+
+def _after_init_fn(module: torch.nn.Module, where: str, resolved, orphans, txn: _Transaction, prefix: str):
     """``resolved`` and ``orphans`` as the module holds them after its init ran: a
     tensor it replaced (``lin.weight = nn.Parameter(torch.ones(8, 8))``) is gone, one
     it made (a new buffer, a parametrization's ``original0``) is resolved from what
-    recorded it, under its names now."""
+    recorded it, and named by its path in the whole model (its key, as any tensor's,
+    then does not depend on which block is materialized first)."""
     known = {id(t): res for t, _, res in resolved}
     adopted = {id(t) for t, _, _ in orphans}
     resolved, orphans, lost = [], [], []
@@ -402,8 +437,11 @@ def _after_init_fn(module: torch.nn.Module, where: str, resolved, orphans):
             res = _resolve(module, t, names[0])
             if res is None:
                 lost.append(names[0])
-            else:
-                resolved.append((t, names, res))
+                continue
+            rec, r = res[0], res[1]
+            for n in names:
+                txn.name(rec, _join(prefix, n), r.sk, geometry(t))
+            resolved.append((t, names, (rec, r, _join(prefix, names[0]), res[3])))
     if lost:
         raise RuntimeError(f"{where}: the init made meta tensors that nothing recorded: {', '.join(lost)} "
                            "(make them inside init_fn with torch ops or fastinit calls, or on a real device)")
@@ -418,6 +456,7 @@ def attach_orphans(module, home: Recording, prefix: str, orphans) -> list:
             object.__setattr__(mod, HANDLE_ATTR, Handle(home, _join(prefix, p)))
             added.append(mod)
     for t, names, _ in orphans:
+        home.note(t)  # (a write no recording sees is refused from now on, as on a deferred_init model)
         try:
             t.__dict__[HANDLE_ATTR] = Handle(home, _join(prefix, names[0]))
             added.append(t)

@@ -39,7 +39,7 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel, versions_seen
+from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel, versions_after_session, versions_before_session
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -231,6 +231,15 @@ def _record_eager_draw(rec: Recording, t: torch.Tensor, gen: torch.Generator, ru
         rec.add_value(t, real.to("cpu"), f"{name}(drawn from its generator)")
 
 
+def _on(device, args_kwargs, *, values, shape_only: bool = False):
+    """``(args, kwargs)`` with meta tensors as real tensors on ``device``: their values
+    (``values(args, kwargs)``), or, for an op that reads shapes only, empty tensors."""
+    if shape_only:
+        return tree_map(lambda x: torch.empty_like(x, device=device) if isinstance(x, torch.Tensor) and x.is_meta
+                        else x, args_kwargs)
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, values(*args_kwargs))
+
+
 def _held(rec: Recording, out, label: str):
     """``out`` (real tensors computed or drawn while a model is built) as meta tensors
     that ``rec`` records to hold those values."""
@@ -333,7 +342,6 @@ class Recorder(TorchFunctionMode):
         found = recorded_or_adopted(t)
         if found is not None and not (dt and self.home is not None and self.home.root is not None
                                       and found[1].node is not None and found[1].node.func in _DTENSOR_ALIASES):
-            found[0].dirty = True  # (its tensors' version counters move: seen when the session ends)
             return found[0]
         if self.home is not None and self.home.root is not None and dt:  # (a built model's)
             raise NotImplementedError(
@@ -520,9 +528,9 @@ class Recorder(TorchFunctionMode):
         if self.home is not None and kind != _FACTORY and "out" not in kwargs and name in RANDOM_NAMES \
                 and not name.endswith("_") and any(t.is_meta for t in tensors_in(args, kwargs)):
             # torch.multinomial(p, n, generator=g), torch.bernoulli(p, generator=g): drawn now,
-            # from the values its inputs hold (which must not depend on random draws)
-            real = tree_map(lambda x: x.to(gen.device) if isinstance(x, torch.Tensor) else x,
-                            self._with_values(args, kwargs))
+            # from the values its inputs hold (which must not depend on random draws);
+            # randn_like(x, generator=g) reads x's shape only
+            real = _on(gen.device, (args, kwargs), shape_only=func in SHAPE_ONLY, values=self._with_values)
             with torch._C.DisableTorchFunction():
                 out = func(*real[0], **real[1])
             return _held(self.home, out, f"{name}(drawn from its generator)")
@@ -539,8 +547,7 @@ class Recorder(TorchFunctionMode):
             return None
         if any(x.is_meta for x in tensors_in(args[1:], {k: v for k, v in kwargs.items() if k != "tensor"})):
             # t.bernoulli_(p, generator=g) with p computed by the constructor: p's values now
-            rest = tree_map(lambda x: x.to(gen.device) if isinstance(x, torch.Tensor) else x,
-                            self._with_values(args[1:], kwargs))
+            rest = _on(gen.device, (args[1:], kwargs), values=self._with_values)
             args, kwargs = (t, *rest[0]), rest[1]
         if args:
             _record_eager_draw(rec, t, gen, lambda real: func(real, *args[1:], **kwargs), name)
@@ -759,6 +766,7 @@ _sink.meta_sink = outside_sink_for
 @contextlib.contextmanager
 def recording(home: Recording | None = None, batch=None):
     """Run the block under a :class:`Recorder` (and its sink)."""
+    versions_before_session()
     rec = Recorder(home, batch)
     token = _sink.current.set(RecordingSink(rec))
     try:
@@ -767,9 +775,7 @@ def recording(home: Recording | None = None, batch=None):
             yield rec
     finally:
         _sink.current.reset(token)
-        if home is not None:
-            home.dirty = True
-        versions_seen()
+        versions_after_session()
 
 
 __all__ = ["Recorder", "RecordingSink", "recording", "covers_storage"]

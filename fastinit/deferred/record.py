@@ -164,11 +164,12 @@ class Recording:
         self.geoms: dict[str, tuple] = {}  # name -> geometry of the tensor so named, in its storage
         self.root: weakref.ref | None = None
         self._self_ref = weakref.ref(self)
-        # id(tensor) -> (the tensor, its version counter when a recording last saw it): a
-        # write no recording saw (a torch op on the model outside fastinit's blocks)
-        # moves the counter, and materialize refuses the tensor instead of losing it
+        # id(tensor) -> (the tensor, its version counter when a recording session last
+        # ended): a write no recording saw (a torch op on the model outside fastinit's
+        # blocks) moves the counter; found when the next session starts or when the
+        # model is prepared, the tensor is "tainted" for good, and refused
         self.versions: dict[int, tuple] = {}
-        self.dirty = False  # events were added since the versions were noted
+        self.tainted: set[int] = set()
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -187,7 +188,6 @@ class Recording:
     def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, r: StorageRecord | None = None,
                   **kw) -> Event:
         """Record a write into ``t`` (``r``: its storage's record, if known)."""
-        self.dirty = True
         if r is None:
             r = self.storages.get(storage_key(t)) or self.record(t)
         if t.dtype != r.tensor.dtype:
@@ -201,19 +201,30 @@ class Recording:
         self.keep.append(t)
         return ev
 
+    def note(self, t: torch.Tensor) -> None:
+        """Watch ``t``'s version counter from now on."""
+        self.versions[id(t)] = (t, t._version)
+        _NOTED.add(self)
+
+    def taint_unseen(self) -> None:
+        """Before a recording session: every noted tensor written since the last one
+        ended was written by ops no recording saw; it stays tainted."""
+        for k, (t, v) in self.versions.items():
+            if t._version != v:
+                self.tainted.add(k)
+
     def notes_seen(self) -> None:
-        """Every noted tensor's counter, now that a recording session saw its writes."""
+        """After a recording session: every noted tensor's counter as it saw them."""
         versions = self.versions
         for k, (t, _) in versions.items():
             versions[k] = (t, t._version)
-        self.dirty = False
 
     def written_unseen(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` was written in place since this recording last saw it, by an op
-        no recording saw (``t.zero_()``, ``load_state_dict``, a parametrization's
-        ``original.set_(...)`` on the deferred model, outside fastinit's blocks)."""
+        """Whether ``t`` was written in place by an op no recording saw (``t.zero_()``,
+        ``load_state_dict``, a parametrization's ``original.set_(...)`` on the deferred
+        model, outside fastinit's blocks), since it was noted."""
         noted = self.versions.get(id(t))
-        return noted is not None and noted[0] is t and t._version != noted[1]
+        return noted is not None and noted[0] is t and (id(t) in self.tainted or t._version != noted[1])
 
     def add_value(self, t: torch.Tensor, value: torch.Tensor, label: str) -> Event:
         """``t`` now holds ``value``, computed eagerly (a constructor's data, a draw
@@ -356,11 +367,14 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     for name, t in itertools.chain(params, buffers):
         if not t.is_meta:
             continue
+        found = recording_of(t)
+        if found is not None and found[0] is not rec:
+            continue  # a block deferred on its own, then built into this model: its recording keeps it
         r = rec.record(t)
         rec.names.setdefault(r.sk, name)
         rec.by_name.setdefault(name, r.sk)
         rec.geoms.setdefault(name, geometry(t))
-        rec.versions[id(t)] = (t, t._version)  # (what a write no recording sees would move)
+        rec.versions[id(t)] = (t, t._version)  # (rec.note(t), inlined: what an unseen write moves)
         if HANDLE_ATTR not in getattr(t, "__dict__", {}):
             try:
                 t.__dict__[HANDLE_ATTR] = Handle(rec, name)
@@ -374,11 +388,16 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
 _NOTED: weakref.WeakSet = weakref.WeakSet()
 
 
-def versions_seen() -> None:
-    """After a recording session: the counters of every noted tensor that it wrote into."""
+def versions_before_session() -> None:
+    """A recording session starts: writes no session saw are found (and kept)."""
     for rec in list(_NOTED):
-        if rec.dirty:
-            rec.notes_seen()
+        rec.taint_unseen()
+
+
+def versions_after_session() -> None:
+    """A recording session ended: what it wrote moved the counters it saw."""
+    for rec in list(_NOTED):
+        rec.notes_seen()
 
 
 def detach_handles(objs) -> None:

@@ -489,8 +489,25 @@ def _fill_chunk(t, chunk: int) -> None:
     _scatter(lay, dst, v, chunk_lo, chunk_lo + n)
 
 
-# Sets version counters (torch >= 2.2; an alias stands in where it is missing).
-_set_version = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+def _version_setter():
+    """``set(tensors, versions)``: torch's private setter of version counters, whichever
+    form this torch has (a tuple of tensors in recent torch, one tensor in older
+    ones), checked on a scratch tensor; None without it (an alias stands in then)."""
+    f = getattr(getattr(torch._C, "_autograd", None), "_unsafe_set_version_counter", None)
+    if f is None:
+        return None
+    probe = torch.empty(0)
+    for form in (lambda ts, vs: f(ts, vs), lambda ts, vs: f(ts[0], vs[0])):
+        try:
+            form((probe,), (3,))
+        except (TypeError, RuntimeError):
+            continue
+        if probe._version == 3:
+            return form
+    return None
+
+
+_set_version = _version_setter()
 
 
 def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) -> None:
