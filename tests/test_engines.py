@@ -288,3 +288,34 @@ def test_the_version_setter_takes_either_form_of_torchs_private_binding(monkeypa
         assert t._version == 5
     monkeypatch.delattr(torch._C._autograd, "_unsafe_set_version_counter")
     assert cpu._version_setter() is None
+
+
+def test_a_far_tail_truncated_window_draws_its_probabilities_in_float64(monkeypatch):
+    """In float32 the lowest of the 2^24 steps of p would hold the whole far tail: one
+    value (ndtri(tiny32) = -13 std) once in 2^24 draws. The tail must be spread."""
+    import math
+
+    import numpy as np
+
+    from fastinit.engines import cpu
+
+    seen = []
+    real = torch.special.ndtri
+
+    def ndtri(x, *a, **k):
+        seen.append(x.dtype)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(torch.special, "ndtri", ndtri)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.empty(5000, dtype=dtype)
+        fill([Target(w, TruncNormal(0.0, 1.0, 0.0, math.inf), 11)])
+        assert w.min() >= 0 and torch.isfinite(w).all()
+    assert seen and set(seen) == {torch.float64}
+    # the lowest draw maps beyond float32's reach: p = 2^-53 of the window, not 2^-24
+    st = cpu._thread_state()
+    monkeypatch.setattr(cpu, "_np_uniform", lambda st_, o, lo, hi, top=None: o.__setitem__(
+        slice(None), lo + (hi - lo) * 2.0**-53))
+    out = np.empty(4, dtype=np.float32)
+    cpu._trunc_icdf(st, out, TruncNormal(0.0, 1.0, 0.0, math.inf))
+    assert 8.0 < out[0] < 8.5  # -ndtri(2^-54): the tail, not one lump at 13 std
