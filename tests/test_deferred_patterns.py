@@ -1624,3 +1624,63 @@ def test_a_deferred_block_built_into_another_deferred_model_keeps_its_edits():
                 outer[0].weight.mul_(0)
         fastinit.materialize(part_of(outer), seed=0)
         assert not outer[0].weight.any()
+
+
+def test_an_outer_constructor_rewrapping_a_deferred_blocks_weight_as_a_view_is_exact():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            with torch.no_grad():
+                self.lin.weight.copy_(torch.arange(9.0).reshape(3, 3))
+
+    class Outer(nn.Module):
+        def __init__(self, make):
+            super().__init__()
+            self.inner = make()
+            self.inner.lin.weight = nn.Parameter(self.inner.lin.weight.t())
+
+    eager = Outer(Block)
+    for built_before in (False, True):
+        for part in ("root", "inner"):
+            block = fastinit.deferred_init(Block) if built_before else None
+            d = fastinit.deferred_init(Outer, (lambda: block) if built_before else (lambda: fastinit.deferred_init(Block)))
+            fastinit.materialize(d if part == "root" else d.inner, seed=0)
+            assert torch.equal(d.inner.lin.weight, eager.inner.lin.weight), (built_before, part)
+
+
+def test_only_the_set_to_itself_of_a_parametrization_is_excused_and_nested_sessions_see_their_writes():
+    class Sym(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).t()
+
+    m = fastinit.deferred_init(nn.Linear, 4, 4)
+    nn.utils.parametrize.register_parametrization(m, "weight", Sym())
+    with torch.no_grad():
+        m.parametrizations.weight.original.fill_(2.0)  # a write besides the set_
+    with pytest.raises(RuntimeError, match="written after deferred_init"):
+        fastinit.materialize(m, seed=0)
+
+    class Outer(nn.Module):  # edits a deferred block it built, then builds another (a nested session)
+        def __init__(self):
+            super().__init__()
+            self.a = fastinit.deferred_init(nn.Linear, 3, 3)
+            with torch.no_grad():
+                self.a.bias.fill_(1).mul_(2)
+            self.b = fastinit.deferred_init(nn.Linear, 3, 3)
+
+    o = fastinit.deferred_init(Outer)
+    fastinit.materialize(o, seed=0)
+    assert torch.equal(o.a.bias, torch.full((3,), 2.0))
+
+
+def test_a_long_list_starting_with_none_still_gets_the_real_tensors():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(70))
+            self.gates = [None] + [layer.weight for layer in self.layers]
+
+    m = fastinit.deferred_init(M)
+    fastinit.materialize(m, seed=0)
+    assert all(g is layer.weight for g, layer in zip(m.gates[1:], m.layers))

@@ -276,6 +276,8 @@ def _resolve(module: torch.nn.Module, t: torch.Tensor, name: str):
                     or (not dt and _is_copy(owner, mh) and _fits(t, r, geom)) \
                     or (not dt and leaf in owner._buffers and _cast_of(t, r, geom)):  # (a buffer cast:
                 # model.half() makes new buffer tensors; a new parameter object is a replacement, not a cast)
+                if not dt and storage_key(t) == r.sk:
+                    geom = geometry(t)  # (its own view of the storage: nn.Parameter(w.t()) put in w's place)
                 return rec, r, fqn, geom
     if not dist_mod.is_dtensor(t):
         found = recording_of(t)
@@ -390,9 +392,10 @@ def _refuse_unseen_writes(module: torch.nn.Module, resolved, where: str) -> None
     counter bump, no write): not refused."""
     unseen = []
     for t, names, res in resolved:
-        if res[0].written_unseen(t):
-            if _set_to_itself(module, names[0]):
-                res[0].tainted.discard(id(t))
+        bumps = res[0].unseen_bumps(t)
+        if bumps:
+            if bumps == 1 and any(_set_to_itself(module, n) for n in names):  # (that set_, and nothing else)
+                res[0].forget(t)
                 res[0].note(t)
             else:
                 unseen.append(names[0])
@@ -618,6 +621,8 @@ def materialize(
         targets = [module] if root is None or root is module else [module, root]
         mods = _Modules(targets, walk)
         swap_in(mods, new_of, after=lambda: dist_mod.after_assign(mods, new_of))
+        for t, _, rec, _, _ in plans:
+            rec.forget(t)  # (replaced: no longer watched)
     except BaseException:
         txn.rollback()
         raise

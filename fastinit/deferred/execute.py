@@ -390,8 +390,8 @@ def swap_in(root, new_of: dict[int, torch.Tensor], after=None) -> None:
     """Replace each tensor object ``id -> new`` wherever it is a parameter or buffer
     of ``root`` (its ``modules()``; tied names stay one object), or a module's own
     attribute, directly or as an item of a list or tuple (``self.shared =
-    [self.lin.weight]``, ``RNN._flat_weights``; a list of over 64 items only if its
-    first is a tensor); then run ``after()``; all or nothing."""
+    [self.lin.weight]``, ``RNN._flat_weights``; a list of over 64 items only if one of
+    its first four is a tensor); then run ``after()``; all or nothing."""
     swaps = []  # (container, key, old, new): a dict or a list, set back on failure
     for mod in root.modules():
         for store in (mod._parameters, mod._buffers):
@@ -401,7 +401,8 @@ def swap_in(root, new_of: dict[int, torch.Tensor], after=None) -> None:
         d = mod.__dict__
         for k in d.keys() - _MODULE_KEYS:
             v = d[k]
-            if (type(v) is list or type(v) is tuple) and len(v) > 64 and not isinstance(v[0], torch.Tensor):
+            if (type(v) is list or type(v) is tuple) and len(v) > 64 \
+                    and not any(isinstance(x, torch.Tensor) for x in v[:4]):
                 continue  # (a long list of other things: not scanned on every materialize)
             if type(v) is list:
                 swaps.extend((v, i, x, new_of[id(x)]) for i, x in enumerate(v)

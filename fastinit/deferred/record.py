@@ -18,6 +18,7 @@ registry maps live meta storages to the recording that holds them, so an alias
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -169,7 +170,7 @@ class Recording:
         # blocks) moves the counter; found when the next session starts or when the
         # model is prepared, the tensor is "tainted" for good, and refused
         self.versions: dict[int, tuple] = {}
-        self.tainted: set[int] = set()
+        self.tainted: dict[int, int] = {}  # id -> version bumps no session saw
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -209,22 +210,48 @@ class Recording:
     def taint_unseen(self) -> None:
         """Before a recording session: every noted tensor written since the last one
         ended was written by ops no recording saw; it stays tainted."""
-        for k, (t, v) in self.versions.items():
-            if t._version != v:
-                self.tainted.add(k)
+        while True:  # (no copy of the table: for a big model its allocation wakes the collector)
+            found = {}
+            try:
+                for k, (t, v) in self.versions.items():
+                    if t._version != v:
+                        found[k] = t._version - v
+            except RuntimeError:  # another thread noted a tensor meanwhile: again
+                continue
+            break
+        for k, d in found.items():
+            self.tainted[k] = self.tainted.get(k, 0) + d
+            t = self.versions[k][0]
+            self.versions[k] = (t, t._version)  # (counted once)
 
     def notes_seen(self) -> None:
         """After a recording session: every noted tensor's counter as it saw them."""
         versions = self.versions
-        for k, (t, _) in versions.items():
-            versions[k] = (t, t._version)
+        while True:
+            try:
+                for k, (t, _) in versions.items():
+                    versions[k] = (t, t._version)
+            except RuntimeError:  # another thread noted a tensor meanwhile: again
+                continue
+            return
+
+    def unseen_bumps(self, t: torch.Tensor) -> int:
+        """How many times ``t``'s counter moved by ops no recording saw."""
+        noted = self.versions.get(id(t))
+        if noted is None or noted[0] is not t:
+            return 0
+        return self.tainted.get(id(t), 0) + t._version - noted[1]
+
+    def forget(self, t: torch.Tensor) -> None:
+        """``t`` was replaced by its real tensor: no longer watched."""
+        self.versions.pop(id(t), None)
+        self.tainted.pop(id(t), None)
 
     def written_unseen(self, t: torch.Tensor) -> bool:
         """Whether ``t`` was written in place by an op no recording saw (``t.zero_()``,
         ``load_state_dict``, a parametrization's ``original.set_(...)`` on the deferred
         model, outside fastinit's blocks), since it was noted."""
-        noted = self.versions.get(id(t))
-        return noted is not None and noted[0] is t and (id(t) in self.tainted or t._version != noted[1])
+        return self.unseen_bumps(t) != 0
 
     def add_value(self, t: torch.Tensor, value: torch.Tensor, label: str) -> Event:
         """``t`` now holds ``value``, computed eagerly (a constructor's data, a draw
@@ -388,16 +415,30 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
 _NOTED: weakref.WeakSet = weakref.WeakSet()
 
 
+# Open recording sessions, all threads together (a session inside another one, as a
+# deferred_init inside a constructor, neither finds nor notes: the outermost does).
+_DEPTH = 0
+_DEPTH_LOCK = threading.Lock()
+
+
 def versions_before_session() -> None:
     """A recording session starts: writes no session saw are found (and kept)."""
-    for rec in list(_NOTED):
-        rec.taint_unseen()
+    global _DEPTH
+    with _DEPTH_LOCK:
+        _DEPTH += 1
+        if _DEPTH == 1:
+            for rec in list(_NOTED):
+                rec.taint_unseen()
 
 
 def versions_after_session() -> None:
     """A recording session ended: what it wrote moved the counters it saw."""
-    for rec in list(_NOTED):
-        rec.notes_seen()
+    global _DEPTH
+    with _DEPTH_LOCK:
+        _DEPTH -= 1
+        if _DEPTH == 0:
+            for rec in list(_NOTED):
+                rec.notes_seen()
 
 
 def detach_handles(objs) -> None:
