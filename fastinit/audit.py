@@ -491,6 +491,12 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
             if spec is not None:
                 m, s, lo, hi = _spec_moments(spec)
                 pa.mean, pa.std, pa.min, pa.max = m, s, lo, hi
+                if any(x is not None and not math.isfinite(x) for x in (m, s)):
+                    own.append(("nonfinite", f"will hold NaN/inf values ({pl.description})"))
+                elif p.ndim >= 2 and not isinstance(spec, Constant) and s and abs(m) > s:
+                    own.append(("offset", f"mean {m:.3g} exceeds the std {s:.3g}: a weight matrix drawn around a "
+                                          "nonzero centre (U(0, 1), say) adds one shared direction to every unit's "
+                                          "input, so units start nearly alike"))
                 pa.matches = [c.label for c in cands if _spec_matches(spec, c)]
                 if isinstance(spec, Constant):
                     pa.matches = ["zeros" if spec.value == 0 else "ones" if spec.value == 1 else f"constant {spec.value:g}"]

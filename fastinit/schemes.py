@@ -494,8 +494,20 @@ def _params(model: nn.Module, options: dict):
         yield Param(name, t, owner, model, options)
 
 
+def _padding_rows(model: nn.Module) -> dict[int, int]:
+    """``id(weight) -> padding_idx`` of every Embedding/EmbeddingBag: a weight tied to a
+    head whose name comes first (``named_parameters`` names it once) keeps its row."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "padding_idx", None) is not None \
+                and isinstance(getattr(m, "weight", None), torch.Tensor):
+            out.setdefault(id(m.weight), m.padding_idx)
+    return out
+
+
 def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]:
     out, unmatched = {}, []
+    pads = _padding_rows(model)
     for p in _params(model, options):
         rule = next((r for r in scheme.rules if r.matches(p)), None)
         if rule is None:
@@ -504,10 +516,7 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
         action = _resolve(rule.spec, p)
         if isinstance(action, Call):
             _dry_run(action, p)
-        pad = None
-        if isinstance(p.module, (nn.Embedding, nn.EmbeddingBag)) and p.leaf == "weight":
-            pad = getattr(p.module, "padding_idx", None)
-        out[p.name] = Planned(p.name, rule.label, action, pad)
+        out[p.name] = Planned(p.name, rule.label, action, pads.get(id(p.tensor)))
     if unmatched:
         raise ValueError(
             f"apply_scheme: scheme {scheme.name!r} has no rule for {len(unmatched)} parameter(s): "
@@ -517,7 +526,10 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
 
 
 def _dry_run(call: Call, p: Param) -> None:
-    """A drop-in call's argument checks, on a meta tensor of the same shape, before anything is written."""
+    """A drop-in call's argument checks before anything is written: on a meta tensor of
+    the same shape, then, for a real parameter and an init function of torch's or
+    fastinit's, on a tiny real tensor of its dtype and device (what only kernels
+    check: torch's ``orthogonal_`` has no bfloat16 QR on the CPU)."""
     from . import _sink
 
     token = _sink.current.set(None)
@@ -526,6 +538,11 @@ def _dry_run(call: Call, p: Param) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             call.fn(torch.empty(p.shape, dtype=p.tensor.dtype, device="meta"), *call.args, **call.kwargs)
+            t = p.tensor
+            if not t.is_meta and not dist_mod.is_dtensor(t) and t.dim() and t.numel() \
+                    and getattr(call.fn, "__module__", None) in ("fastinit.init", "torch.nn.init"):
+                with torch.no_grad():
+                    call.fn(torch.zeros((2,) * t.dim(), dtype=t.dtype, device=t.device), *call.args, **call.kwargs)
     except Exception as e:
         raise type(e)(f"{p.name}: {call!r}: {e}") if type(e) in (ValueError, TypeError, RuntimeError) else e
     finally:
@@ -619,16 +636,17 @@ def _fill(view: torch.Tensor, spec: InitSpec, seed: int | None, keyname: str, ke
         _set_new_keys(view, before, lambda i: keys[keyname])
 
 
-def _keys(seed: int | None, plans) -> dict[str, int]:
+def _keys(seed: int | None, plans, prefix: str = "") -> dict[str, int]:
     """The key each seeded fill draws (computed before recording starts: on a deferred
-    model, torch ops inside the recording make meta tensors)."""
+    model, torch ops inside the recording make meta tensors). ``prefix``: see
+    :func:`_key_prefix`."""
     if seed is None:
         return {}
     out = {}
     for pl in plans:
         a = pl.action
-        names = [f"{pl.name}#scheme{i}" for i in range(len(a.specs))] if isinstance(a, Blocks) \
-            else [f"{pl.name}#scheme"]
+        names = [f"{prefix}{pl.name}#scheme{i}" for i in range(len(a.specs))] if isinstance(a, Blocks) \
+            else [f"{prefix}{pl.name}#scheme"]
         for n in names:
             out[n] = draw_key(torch.Generator().manual_seed(_key63(seed, n)))
     return out
@@ -726,6 +744,16 @@ def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, d
             dist_mod.fill_row(t, plan.padding_idx, 0.0)
 
 
+def _key_prefix(model: nn.Module) -> str:
+    """What a seed keys a tensor by besides its name in ``model``: for a block of a
+    deferred model, the block's path in the whole model (so that blocks given the
+    scheme one at a time differ, as one call on the whole model makes them)."""
+    from .deferred.record import module_handle
+
+    h = module_handle(model)
+    return f"{h.name}." if h is not None and h.name else ""
+
+
 def _takes_generator(fn) -> bool:
     import inspect
 
@@ -790,7 +818,8 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     params = dict(model.named_parameters())
     order = sorted(plans.values(), key=lambda pl: not isinstance(pl.action, (InitSpec, Blocks)))  # fills first
     done: set = set()
-    keys = _keys(seed, order)
+    prefix = _key_prefix(model)
+    keys = _keys(seed, order, prefix)
     reset_owned: dict[int, set] = {}  # module -> its parameters that a Reset rule claims
     for pl in plans.values():
         if isinstance(pl.action, _ResetAction):
@@ -806,13 +835,22 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
                 f"apply_scheme: {', '.join(late)} {'was' if len(late) == 1 else 'were'} sharded after "
                 "deferred_init, so a scheme's writes cannot be recorded (their records are the unsharded "
                 "tensors'): apply the scheme before fully_shard/parallelize_module")
-    with torch.no_grad(), batched(module=model if deferred else None):
-        for pl in order:
-            _apply_action(params[pl.name], pl.name, pl, seed, done, keys, reset_owned)
-    report = SchemeReport(scheme.name, seed, deferred, {n: (pl.rule, pl.describe()) for n, pl in plans.items()},
-                          plans)
-    if scheme.after is not None:
-        report.lsuv = scheme.after(model, opts)
+    # A step after the fills (LSUV's forward passes) may fail once they are written: the
+    # parameters it may change are kept, and put back if it does (its models are small).
+    kept = [(q, q.detach().clone()) for q in params.values()] if scheme.after is not None else []
+    try:
+        with torch.no_grad(), batched(module=model if deferred else None):
+            for pl in order:
+                _apply_action(params[pl.name], prefix + pl.name, pl, seed, done, keys, reset_owned)
+        report = SchemeReport(scheme.name, seed, deferred, {n: (pl.rule, pl.describe()) for n, pl in plans.items()},
+                              plans)
+        if scheme.after is not None:
+            report.lsuv = scheme.after(model, opts)
+    except BaseException:
+        with torch.no_grad():
+            for q, before in kept:
+                q.detach().copy_(before)
+        raise
     return report
 
 

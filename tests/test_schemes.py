@@ -578,3 +578,73 @@ def test_bad_scheme_options_are_named_before_anything_is_written(scheme, opts):
     with pytest.raises(ValueError, match=f"scheme '{scheme}': "):
         apply_scheme(m, scheme, **opts)
     assert torch.equal(m[0].weight, w0)
+
+
+def test_a_failing_scheme_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    before = [p.detach().clone() for p in m.parameters()]
+    for x in (torch.zeros(16, 32), torch.randn(16, 31)):  # LSUV: a constant batch, a wrong-shaped one
+        with pytest.raises((ValueError, RuntimeError)):
+            fastinit.apply_scheme(m, "lsuv", example_input=x)
+        assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    b = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(torch.bfloat16)
+    before = [p.detach().clone() for p in b.parameters()]
+    scheme = Scheme("qr", [Rule(0.0, name="bias"),
+                           Rule(Call(torch.nn.init.orthogonal_))])
+    with pytest.raises(NotImplementedError):  # torch's QR has no bfloat16 kernel on the CPU
+        fastinit.apply_scheme(b, scheme)
+    assert all(torch.equal(a, p) for a, p in zip(before, b.parameters()))
+
+
+def test_a_tied_embeddings_padding_row_is_zero_whichever_name_comes_first():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 50, bias=False)  # named first
+            self.emb = nn.Embedding(50, 16, padding_idx=3)
+            self.head.weight = self.emb.weight
+
+    for name in ("gpt2", "xavier_uniform"):
+        m = M()
+        fastinit.apply_scheme(m, name, seed=0)
+        assert not m.emb.weight[3].any() and m.emb.weight[4].abs().max() > 0
+
+
+def test_a_seeded_scheme_given_block_by_block_keys_blocks_by_their_path():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+    blocks = fastinit.deferred_init(lambda: nn.Sequential(Block(), Block()))
+    whole = fastinit.deferred_init(lambda: nn.Sequential(Block(), Block()))
+    for blk in blocks:
+        fastinit.apply_scheme(blk, "xavier_uniform", seed=0)
+    fastinit.apply_scheme(whole, "xavier_uniform", seed=0)
+    fastinit.materialize(blocks, seed=1)
+    fastinit.materialize(whole, seed=1)
+    assert not torch.equal(blocks[0].lin.weight, blocks[1].lin.weight)
+    for i in range(2):
+        assert torch.equal(blocks[i].lin.weight, whole[i].lin.weight)
+
+
+def test_planned_and_the_deferred_audit_say_what_the_values_will_be():
+    lstm = fastinit.deferred_init(nn.LSTM, 8, 8)
+    fastinit.apply_scheme(lstm, "orthogonal_rnn")
+    assert fastinit.planned(lstm)["bias_ih_l0"].spec is None  # gates filled apart: no single law
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.c = nn.Linear(8, 8)
+            nn.init.constant_(self.a.bias, float("nan"))
+            nn.init.uniform_(self.b.weight, 0.0, 1.0)
+            nn.init.normal_(self.c.weight, mean=float("inf"))
+
+    flags = {(f.kind, f.where) for f in fastinit.audit(fastinit.deferred_init(Net)).flags}
+    eager = {(f.kind, f.where) for f in fastinit.audit(Net()).flags}
+    for want in [("nonfinite", "a.bias"), ("offset", "b.weight"), ("nonfinite", "c.weight")]:
+        assert want in flags and want in eager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import math
 import time
 import warnings
 import weakref
@@ -17,7 +18,7 @@ from torch.nn.modules.lazy import LazyModuleMixin as _LazyModuleMixin
 from .. import distributed as dist_mod
 from .. import engines
 from ..seeding import draw_seed
-from ..specs import Uniform
+from ..specs import Constant, Uniform
 from . import intercept
 from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
@@ -513,16 +514,29 @@ def planned(module: torch.nn.Module) -> dict[str, Planned]:
         resolved, _ = _prepare(module, _objects(module), None, txn, where="fastinit.planned", persist=False)
         out = {}
         for t, names, rec, plan, geom in _plans(resolved):
-            # the law of the value: the fill's, unless something but a fill of a part (an
-            # Embedding's padding row) edits it after the fill
-            lawful = plan.spec is not None and _covers(plan, geom) and all(
-                e.kind == "fill" and not e.whole for e in plan.replay)
+            # the law of the value: the fill's, unless something but a constant fill of at
+            # most a row (an Embedding's padding row) edits it after the fill (fills of
+            # parts that cover much of it, an LSTM's gates, fused QKV blocks, change its law)
+            lawful = plan.spec is not None and _covers(plan, geom) and _small_constant_parts(plan.replay, geom)
             item = Planned(plan.spec if lawful else None, plan.describe(), plan.why_uninitialized)
             for n in names:
                 out[n] = item
         return out
     finally:
         txn.rollback()
+
+
+def _small_constant_parts(events, geom: tuple) -> bool:
+    """Whether ``events`` are constant fills of parts that together hold at most one
+    row of the tensor (an Embedding's padding row)."""
+    size = geom[0]
+    row = math.prod(size[1:]) if size else 1
+    part = 0
+    for e in events:
+        if e.kind != "fill" or e.whole or not isinstance(e.spec, Constant):
+            return False
+        part += math.prod(e.geom[0])
+    return part <= row
 
 
 def _covers(plan: Plan, geom: tuple) -> bool:
