@@ -1684,3 +1684,37 @@ def test_a_long_list_starting_with_none_still_gets_the_real_tensors():
     m = fastinit.deferred_init(M)
     fastinit.materialize(m, seed=0)
     assert all(g is layer.weight for g, layer in zip(m.gates[1:], m.layers))
+
+
+def test_blocks_deferred_inside_a_deferred_model_are_keyed_by_their_path_and_keep_ties():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(fastinit.deferred_init(Block) for _ in range(3))
+            self.head = nn.Linear(4, 4)
+            self.head.weight = self.layers[2].lin.weight  # tied across the block's boundary
+
+    blockwise, whole = fastinit.deferred_init(Model), fastinit.deferred_init(Model)
+    for blk in blockwise.layers:
+        fastinit.materialize(blk, seed=0)
+    fastinit.materialize(blockwise, seed=0)
+    fastinit.materialize(whole, seed=0)
+    assert not torch.equal(blockwise.layers[0].lin.weight, blockwise.layers[1].lin.weight)
+    for a, b in zip(blockwise.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)
+    assert blockwise.head.weight is blockwise.layers[2].lin.weight
+
+
+def test_a_failed_deferred_init_puts_back_the_real_tensors_it_had_converted():
+    real = nn.Linear(3, 3)
+    real.register_buffer("q", torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8))
+    before = real.weight
+
+    with pytest.raises(NotImplementedError):  # (a quantized tensor has no meta twin)
+        fastinit.deferred_init(lambda: real)
+    assert real.weight is before and not real.weight.is_meta and not real.q.is_meta

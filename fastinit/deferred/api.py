@@ -24,7 +24,7 @@ from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
-                     geometry, module_handle, named_tensors, recording_of, storage_key, storage_numel,
+                     geometry, module_handle, named_tensors, outermost_root, path_prefix, recording_of, storage_key, storage_numel,
                      tensor_handle)
 from .report import MaterializeReport, Planned
 
@@ -120,17 +120,24 @@ def _convert_real_tensors(mods, rec: Recording) -> None:
                     raise NotImplementedError(
                         f"fastinit.deferred_init: {_join(prefix, name)} is a {t.layout} tensor; a deferred model "
                         "holds strided tensors only: register it after materialize(), or build this model eagerly")
-    for _, mod in mods:
-        for store in (mod._parameters, mod._buffers):
-            for name, t in list(store.items()):
-                if t is None or t.is_meta:
-                    continue
-                value = t.detach().clone()
-                meta = torch.empty_like(t, device="meta")
-                if isinstance(t, torch.nn.Parameter):
-                    meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
-                rec.add_value(meta, value, "copy_(data)")
-                store[name] = meta
+    done = []
+    try:
+        for _, mod in mods:
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is None or t.is_meta:
+                        continue
+                    value = t.detach().clone()
+                    meta = torch.empty_like(t, device="meta")
+                    if isinstance(t, torch.nn.Parameter):
+                        meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+                    rec.add_value(meta, value, "copy_(data)")
+                    store[name] = meta
+                    done.append((store, name, t))
+    except BaseException:  # (a real module passed in is left as it was)
+        for store, name, t in reversed(done):
+            store[name] = t
+        raise
 
 
 def is_deferred(module: torch.nn.Module) -> bool:
@@ -624,12 +631,12 @@ def materialize(
         resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
         if txn.batch is not None:  # an init ran: it may have added modules (a parametrization's)
             walk = _walk(module)
-        root = home.root() if home.root is not None else None
+        root = outermost_root(home)  # (a block built into another deferred model: that model's root)
         if root is not None and root is not module:
             _check_views_across(module, root, resolved)
         plans = _plans(resolved)
         _check(plans, strict, dtype)
-        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _nested_roots(walk))
+        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans))
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
         targets = [module] if root is None or root is module else [module, root]
@@ -711,6 +718,17 @@ def _check(plans, strict: bool, dtype) -> None:
                 plan.spec.check_dtype(td)
             except RuntimeError as e:
                 raise RuntimeError(f"fastinit.materialize: {names[0]}: {e}") from None
+
+
+def _key_prefixes(walk, plans) -> dict[int, str]:
+    """``id(recording) -> prefix`` of the names its tensors are keyed by: a block built
+    into another deferred model, its path in that model (materialized whole or block by
+    block alike); other blocks put together, their path in the module materialized."""
+    out = _nested_roots(walk)
+    for _, _, rec, _, _ in plans:
+        if rec.outer is not None:
+            out[id(rec)] = path_prefix(rec)
+    return out
 
 
 def _nested_roots(walk) -> dict[int, str]:

@@ -171,6 +171,9 @@ class Recording:
         # model is prepared, the tensor is "tainted" for good, and refused
         self.versions: dict[int, tuple] = {}
         self.tainted: dict[int, int] = {}  # id -> version bumps no session saw
+        # A model deferred on its own and built into another deferred model: (a weak
+        # reference to that model's recording, its root's path there)
+        self.outer: tuple | None = None
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -384,9 +387,13 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     mods = list(root.named_modules(remove_duplicate=False)) if mods is None else mods
     params, buffers = [], []  # in named_parameters() then named_buffers() order: first names win
     for prefix, mod in mods:
-        if HANDLE_ATTR not in mod.__dict__:
+        h = mod.__dict__.get(HANDLE_ATTR)
+        if h is None:
             object.__setattr__(mod, HANDLE_ATTR, Handle(rec, prefix))
             added.append(mod)
+        elif h.recording is not rec and not h.name and h.recording.outer is None and prefix \
+                and h.recording.root is not None and h.recording.root() is mod:
+            h.recording.outer = (weakref.ref(rec), prefix)  # (its tensors are keyed by their path here)
         for store, out in ((mod._parameters, params), (mod._buffers, buffers)):
             for k, t in store.items():
                 if t is not None:
@@ -439,6 +446,33 @@ def versions_after_session() -> None:
         if _DEPTH == 0:
             for rec in list(_NOTED):
                 rec.notes_seen()
+
+
+def path_prefix(rec: Recording) -> str:
+    """The path of ``rec``'s root in the outermost deferred model it was built into
+    ("" if none): a nested block's tensors are keyed by their path there, whichever
+    part of that model is materialized."""
+    parts = []
+    seen = set()
+    while rec is not None and rec.outer is not None and id(rec) not in seen:
+        seen.add(id(rec))
+        ref, path = rec.outer
+        parts.append(path)
+        rec = ref()
+    return ".".join(reversed(parts))
+
+
+def outermost_root(rec: Recording):
+    """The root module of the outermost deferred model ``rec``'s model was built
+    into (its own root if none; None if gone)."""
+    seen = set()
+    while rec.outer is not None and id(rec) not in seen:
+        seen.add(id(rec))
+        outer = rec.outer[0]()
+        if outer is None:
+            break
+        rec = outer
+    return rec.root() if rec.root is not None else None
 
 
 def detach_handles(objs) -> None:
