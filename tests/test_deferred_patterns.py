@@ -1718,3 +1718,12 @@ def test_a_failed_deferred_init_puts_back_the_real_tensors_it_had_converted():
     with pytest.raises(NotImplementedError):  # (a quantized tensor has no meta twin)
         fastinit.deferred_init(lambda: real)
     assert real.weight is before and not real.weight.is_meta and not real.q.is_meta
+
+
+def test_a_tensor_added_after_deferred_init_outside_blocks_is_named_in_the_warning():
+    m = fastinit.deferred_init(nn.Sequential, nn.Linear(4, 4))
+    with torch.device("meta"):
+        m.append(nn.Linear(4, 2))  # outside any block: nothing records it
+    with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias were made after deferred_init"):
+        fastinit.materialize(m, seed=0)
+    assert not m[1].weight.is_meta and m[1].weight.abs().max() <= 0.5

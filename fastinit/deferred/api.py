@@ -303,6 +303,13 @@ _DEFAULT_INIT_NOTE = (
     "how to initialize it.")
 
 
+_ADDED_LATER_NOTE = (
+    "{where}: {names} {were} made after deferred_init, outside fastinit's blocks, so nothing recorded "
+    "what was done to them (transformers' resize_token_embeddings copies the old rows into its new "
+    "embedding, for one); each module's own reset hook initializes them instead. Make such changes "
+    "inside `with fastinit.batched(module=model):`, or pass init_fn=... to say how to initialize them.")
+
+
 def default_init(module: torch.nn.Module, only: set[int] | None = None) -> None:
     """torch's default init of a model built on the meta device: each module's own
     reset hook, children before parents (as their constructors ran), for the
@@ -371,7 +378,13 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
     run = init_fn
     if run is None and orphans:
         if warn:  # the stacklevel that names the user's call
-            warnings.warn(_DEFAULT_INIT_NOTE.format(where=where, what=type(module).__name__), stacklevel=warn + 1)
+            if mh is not None or resolved:  # a deferred_init model with tensors added after it
+                added = [n[0] for _, n, _ in orphans]
+                note = _ADDED_LATER_NOTE.format(where=where, names=", ".join(added[:5]) + (
+                    f" and {len(added) - 5} more" if len(added) > 5 else ""), were="was" if len(added) == 1 else "were")
+            else:
+                note = _DEFAULT_INIT_NOTE.format(where=where, what=type(module).__name__)
+            warnings.warn(note, stacklevel=warn + 1)
         only = {id(t) for t, _, _ in orphans}
         run = lambda m: default_init(m, only)  # noqa: E731
     if run is not None:
