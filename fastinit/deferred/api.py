@@ -415,9 +415,10 @@ def _refuse_unseen_writes(module: torch.nn.Module, resolved, where: str) -> None
     for t, names, res in resolved:
         bumps = res[0].unseen_bumps(t)
         if bumps:
-            if bumps == 1 and any(_set_to_itself(module, n) for n in names):  # (that set_, and nothing else)
-                res[0].forget(t)
+            if bumps == 1 and id(t) not in res[0].excused and any(_set_to_itself(module, n) for n in names):
+                res[0].forget(t)  # (that set_, and nothing else: excused once)
                 res[0].note(t)
+                res[0].excused.add(id(t))
             else:
                 unseen.append(names[0])
     if unseen:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import sys
+import threading
 import types
 
 import torch
@@ -39,7 +40,7 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel, versions_after_session, versions_before_session
+from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel, session_ended, session_started, touch
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -225,8 +226,9 @@ def _record_eager_draw(rec: Recording, t: torch.Tensor, gen: torch.Generator, ru
     """Model code drawing from its own generator into meta tensor ``t``: the draw
     runs now (``run(real)`` on a real tensor with ``t``'s geometry, so in the same
     element order), and ``t`` is recorded to hold its values."""
-    real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
-    run(real)
+    with _as_recorded():
+        real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
+        run(real)
     if t.numel():
         rec.add_value(t, real.to("cpu"), f"{name}(drawn from its generator)")
 
@@ -238,6 +240,20 @@ def _on(device, args_kwargs, *, values, shape_only: bool = False):
         return tree_map(lambda x: torch.empty_like(x, device=device) if isinstance(x, torch.Tensor) and x.is_meta
                         else x, args_kwargs)
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, values(*args_kwargs))
+
+
+# Set while a recorder runs an op it has recorded: a recorder further out (a session
+# inside another one, a deferred_init inside a constructor) lets it through unrecorded.
+_recorded = threading.local()
+_recorded.depth = 0
+
+
+class _as_recorded:
+    def __enter__(self):
+        _recorded.depth = getattr(_recorded, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _recorded.depth -= 1
 
 
 def _held(rec: Recording, out, label: str):
@@ -342,6 +358,7 @@ class Recorder(TorchFunctionMode):
         found = recorded_or_adopted(t)
         if found is not None and not (dt and self.home is not None and self.home.root is not None
                                       and found[1].node is not None and found[1].node.func in _DTENSOR_ALIASES):
+            touch(found[0])  # (before it is written into)
             return found[0]
         if self.home is not None and self.home.root is not None and dt:  # (a built model's)
             raise NotImplementedError(
@@ -357,6 +374,8 @@ class Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
+        if getattr(_recorded, "depth", 0):  # a recorder inside this one recorded the op and runs it: not again
+            return func(*args, **kwargs)
         kind = _kind(func)
         if kind == _QUERY:
             if self.batch is not None and self.batch.pending:  # (a raw read of memory runs the queue)
@@ -374,7 +393,8 @@ class Recorder(TorchFunctionMode):
                 kind == _FACTORY or (func is torch.normal and ("size" in kwargs or len(args) >= 3))):
             # (torch.normal(mean, std, size) is a factory; with tensor arguments it follows them)
             kwargs["device"] = "meta"  # whatever device the code names: recorded, keyed by the seed
-            out = func(*args, **kwargs)
+            with _as_recorded():
+                out = func(*args, **kwargs)
             self.home.record(out, Node(self.home.next_seq(), func, snapshot(args), snapshot(kwargs)))
             return out
         name = getattr(func, "__name__", "")
@@ -535,7 +555,8 @@ class Recorder(TorchFunctionMode):
                 out = func(*real[0], **real[1])
             return _held(self.home, out, f"{name}(drawn from its generator)")
         if self.home is not None and kind == _FACTORY and "out" not in kwargs:
-            real = func(*args, **{**kwargs, "device": gen.device})
+            with _as_recorded():
+                real = func(*args, **{**kwargs, "device": gen.device})
             meta = torch.empty_like(real, device="meta")
             self.home.add_value(meta, real.to("cpu"), "copy_(drawn from its generator)")
             return meta
@@ -587,7 +608,8 @@ class Recorder(TorchFunctionMode):
 
     def _record_write(self, rec: Recording, func, name, t, args, kwargs):
         if "out" in kwargs:
-            out = func(*args, **kwargs)
+            with _as_recorded():
+                out = func(*args, **kwargs)
             rec.add_event(t, "op", overwrites=True, func=func, args=snapshot(args),
                           kwargs=snapshot(kwargs), label=name)
             return out
@@ -614,10 +636,11 @@ class Recorder(TorchFunctionMode):
                 return t
         if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
             func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values (overflow, casts), with the CPU's errors
-        if any(not x.is_meta for x in tensors_in(rest, kwargs)):  # a CPU index, a CPU source
-            out = func(*args[:1], *_as_meta(rest), **_as_meta(kwargs))  # (meta kernels want one device)
-        else:
-            out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
+        with _as_recorded():
+            if any(not x.is_meta for x in tensors_in(rest, kwargs)):  # a CPU index, a CPU source
+                out = func(*args[:1], *_as_meta(rest), **_as_meta(kwargs))  # (meta kernels want one device)
+            else:
+                out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
         if t.numel() == 0:
             return out
         constant = scalar_fill_spec(name, rest, kwargs) if name in ("fill_", "zero_") and floating else None
@@ -638,7 +661,8 @@ class Recorder(TorchFunctionMode):
     def _record_assign(self, rec: Recording, func, t, args):
         """``t[idx] = value`` with a basic index: an overwrite of the view ``t[idx]``
         (so ``w.data[:] = 2.0``, or rows written one by one, initialize ``w``)."""
-        out = func(*args)  # meta: shapes and indices checked as eager code would
+        with _as_recorded():
+            out = func(*args)  # meta: shapes and indices checked as eager code would
         idx, value = args[1], args[2]
         view = t[idx]
         if is_number(value):
@@ -766,7 +790,9 @@ _sink.meta_sink = outside_sink_for
 @contextlib.contextmanager
 def recording(home: Recording | None = None, batch=None):
     """Run the block under a :class:`Recorder` (and its sink)."""
-    versions_before_session()
+    touched = session_started()
+    if home is not None:
+        touch(home)
     rec = Recorder(home, batch)
     token = _sink.current.set(RecordingSink(rec))
     try:
@@ -775,7 +801,7 @@ def recording(home: Recording | None = None, batch=None):
             yield rec
     finally:
         _sink.current.reset(token)
-        versions_after_session()
+        session_ended(touched)
 
 
 __all__ = ["Recorder", "RecordingSink", "recording", "covers_storage"]

@@ -171,6 +171,7 @@ class Recording:
         # model is prepared, the tensor is "tainted" for good, and refused
         self.versions: dict[int, tuple] = {}
         self.tainted: dict[int, int] = {}  # id -> version bumps no session saw
+        self.excused: set[int] = set()  # ids whose one unseen bump was a parametrization's set_
         # A model deferred on its own and built into another deferred model: (a weak
         # reference to that model's recording, its root's path there)
         self.outer: tuple | None = None
@@ -192,6 +193,7 @@ class Recording:
     def add_event(self, t: torch.Tensor, kind: str, *, overwrites: bool, r: StorageRecord | None = None,
                   **kw) -> Event:
         """Record a write into ``t`` (``r``: its storage's record, if known)."""
+        touch(self, check=False)  # (its counters moved with this write: noted when the session ends)
         if r is None:
             r = self.storages.get(storage_key(t)) or self.record(t)
         if t.dtype != r.tensor.dtype:
@@ -422,30 +424,40 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
 _NOTED: weakref.WeakSet = weakref.WeakSet()
 
 
-# Open recording sessions, all threads together (a session inside another one, as a
-# deferred_init inside a constructor, neither finds nor notes: the outermost does).
-_DEPTH = 0
-_DEPTH_LOCK = threading.Lock()
+# The recordings each open recording session of this thread has touched, innermost
+# last: a session checks a recording for writes no session saw when it first reaches
+# it (before writing into it), and notes the counters of those it touched when it
+# ends. Recordings it never reaches keep what they had: an unseen write into another
+# model stays visible, whatever sessions run meanwhile.
+_sessions = threading.local()
 
 
-def versions_before_session() -> None:
-    """A recording session starts: writes no session saw are found (and kept)."""
-    global _DEPTH
-    with _DEPTH_LOCK:
-        _DEPTH += 1
-        if _DEPTH == 1:
-            for rec in list(_NOTED):
-                rec.taint_unseen()
+def session_started() -> dict:
+    touched: dict = {}
+    stack = getattr(_sessions, "stack", None)
+    if stack is None:
+        stack = _sessions.stack = []
+    stack.append(touched)
+    return touched
 
 
-def versions_after_session() -> None:
-    """A recording session ended: what it wrote moved the counters it saw."""
-    global _DEPTH
-    with _DEPTH_LOCK:
-        _DEPTH -= 1
-        if _DEPTH == 0:
-            for rec in list(_NOTED):
-                rec.notes_seen()
+def touch(rec: Recording, check: bool = True) -> None:
+    """The session running in this thread reaches ``rec`` (``check``: before writing
+    into it: writes no session saw are found now)."""
+    stack = getattr(_sessions, "stack", None)
+    if not stack or id(rec) in stack[-1]:
+        return
+    if check:
+        rec.taint_unseen()
+    stack[-1][id(rec)] = rec
+
+
+def session_ended(touched: dict) -> None:
+    stack = getattr(_sessions, "stack", None)
+    if stack and stack[-1] is touched:
+        stack.pop()
+    for rec in touched.values():
+        rec.notes_seen()
 
 
 def path_prefix(rec: Recording) -> str:
