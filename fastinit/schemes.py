@@ -526,10 +526,7 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
 
 
 def _dry_run(call: Call, p: Param) -> None:
-    """A drop-in call's argument checks before anything is written: on a meta tensor of
-    the same shape, then, for a real parameter and an init function of torch's or
-    fastinit's, on a tiny real tensor of its dtype and device (what only kernels
-    check: torch's ``orthogonal_`` has no bfloat16 QR on the CPU)."""
+    """A drop-in call's argument checks, on a meta tensor of the same shape, before anything is written."""
     from . import _sink
 
     token = _sink.current.set(None)
@@ -538,11 +535,6 @@ def _dry_run(call: Call, p: Param) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             call.fn(torch.empty(p.shape, dtype=p.tensor.dtype, device="meta"), *call.args, **call.kwargs)
-            t = p.tensor
-            if not t.is_meta and not dist_mod.is_dtensor(t) and t.dim() and t.numel() \
-                    and getattr(call.fn, "__module__", None) in ("fastinit.init", "torch.nn.init"):
-                with torch.no_grad():
-                    call.fn(torch.zeros((2,) * t.dim(), dtype=t.dtype, device=t.device), *call.args, **call.kwargs)
     except Exception as e:
         raise type(e)(f"{p.name}: {call!r}: {e}") if type(e) in (ValueError, TypeError, RuntimeError) else e
     finally:
@@ -746,12 +738,16 @@ def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, d
 
 def _key_prefix(model: nn.Module) -> str:
     """What a seed keys a tensor by besides its name in ``model``: for a block of a
-    deferred model, the block's path in the whole model (so that blocks given the
-    scheme one at a time differ, as one call on the whole model makes them)."""
-    from .deferred.record import module_handle
+    deferred model, the block's path in the whole model, a model deferred inside
+    another one included (so that blocks given the scheme one at a time differ, as
+    one call on the whole model makes them)."""
+    from .deferred.record import module_handle, path_prefix
 
     h = module_handle(model)
-    return f"{h.name}." if h is not None and h.name else ""
+    if h is None:
+        return ""
+    path = ".".join(x for x in (path_prefix(h.recording), h.name) if x)
+    return f"{path}." if path else ""
 
 
 def _takes_generator(fn) -> bool:

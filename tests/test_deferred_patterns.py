@@ -1727,3 +1727,69 @@ def test_a_tensor_added_after_deferred_init_outside_blocks_is_named_in_the_warni
     with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias were made after deferred_init"):
         fastinit.materialize(m, seed=0)
     assert not m[1].weight.is_meta and m[1].weight.abs().max() <= 0.5
+
+
+def test_nested_sessions_record_an_edit_once():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            with torch.no_grad():
+                self.lin.bias.fill_(1).add_(1)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = fastinit.deferred_init(Block)  # a session inside deferred_init's
+
+    o = fastinit.deferred_init(Outer)
+    fastinit.materialize(o, seed=0)
+    assert torch.equal(o.blk.lin.bias, torch.full((4,), 2.0))
+    m = fastinit.deferred_init(nn.Linear, 4, 4)
+    with fastinit.batched():
+        with fastinit.batched(module=m), torch.no_grad():
+            m.bias.fill_(1).mul_(2)
+        with fastinit.batched(module=m), torch.no_grad():
+            m.bias.add_(1)
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m.bias, torch.full((4,), 3.0))
+
+
+def test_nested_blocks_in_deferred_stages_put_together_differ_and_match_plain_blocks():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+    class Stage(nn.Module):
+        def __init__(self, nest):
+            super().__init__()
+            self.blk = fastinit.deferred_init(Block) if nest else Block()
+
+    for nest in (False, True):
+        m = nn.Sequential(*[fastinit.deferred_init(Stage, nest) for _ in range(2)])
+        fastinit.materialize(m, seed=0)
+        assert not torch.equal(m[0].blk.lin.weight, m[1].blk.lin.weight)
+        if nest:
+            assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), plain.state_dict().values()))
+        plain = m
+    b1, b2 = fastinit.deferred_init(Block), fastinit.deferred_init(Block)
+    fastinit.deferred_init(nn.Sequential, b1)  # a first model the block is built into, then dropped
+    both = fastinit.deferred_init(nn.Sequential, b1, b2)
+    fastinit.materialize(both, seed=0)
+    assert not torch.equal(both[0].lin.weight, both[1].lin.weight)
+
+
+def test_the_excuse_of_a_parametrizations_set_is_used_once():
+    class Sym(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).t()
+
+    m = fastinit.deferred_init(nn.Linear, 4, 4)
+    nn.utils.parametrize.register_parametrization(m, "weight", Sym())
+    with fastinit.batched(module=m):
+        pass
+    with torch.no_grad():
+        m.parametrizations.weight.original.fill_(2.0)  # one unseen write, as the set_ was
+    with pytest.raises(RuntimeError, match="written after deferred_init"):
+        fastinit.materialize(m, seed=0)

@@ -588,13 +588,6 @@ def test_a_failing_scheme_leaves_the_model_unchanged():
         with pytest.raises((ValueError, RuntimeError)):
             fastinit.apply_scheme(m, "lsuv", example_input=x)
         assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
-    b = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(torch.bfloat16)
-    before = [p.detach().clone() for p in b.parameters()]
-    scheme = Scheme("qr", [Rule(0.0, name="bias"),
-                           Rule(Call(torch.nn.init.orthogonal_))])
-    with pytest.raises(NotImplementedError):  # torch's QR has no bfloat16 kernel on the CPU
-        fastinit.apply_scheme(b, scheme)
-    assert all(torch.equal(a, p) for a, p in zip(before, b.parameters()))
 
 
 def test_a_tied_embeddings_padding_row_is_zero_whichever_name_comes_first():
@@ -648,3 +641,24 @@ def test_planned_and_the_deferred_audit_say_what_the_values_will_be():
     eager = {(f.kind, f.where) for f in fastinit.audit(Net()).flags}
     for want in [("nonfinite", "a.bias"), ("offset", "b.weight"), ("nonfinite", "c.weight")]:
         assert want in flags and want in eager
+
+
+def test_a_seeded_scheme_on_nested_deferred_blocks_keys_them_by_their_path():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(fastinit.deferred_init(Block) for _ in range(2))
+
+    blocks, whole = fastinit.deferred_init(Model), fastinit.deferred_init(Model)
+    for blk in blocks.layers:
+        fastinit.apply_scheme(blk, "xavier_uniform", seed=0)
+    fastinit.apply_scheme(whole, "xavier_uniform", seed=0)
+    fastinit.materialize(blocks, seed=1)
+    fastinit.materialize(whole, seed=1)
+    assert not torch.equal(blocks.layers[0].lin.weight, blocks.layers[1].lin.weight)
+    assert all(torch.equal(a, b) for a, b in zip(blocks.state_dict().values(), whole.state_dict().values()))

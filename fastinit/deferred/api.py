@@ -24,7 +24,7 @@ from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
-                     geometry, module_handle, named_tensors, outermost_root, path_prefix, recording_of, storage_key, storage_numel,
+                     geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, recording_of, storage_key, storage_numel,
                      tensor_handle)
 from .report import MaterializeReport, Planned
 
@@ -548,13 +548,14 @@ def planned(module: torch.nn.Module) -> dict[str, Planned]:
 
 
 def _small_constant_parts(events, geom: tuple) -> bool:
-    """Whether ``events`` are constant fills of parts that together hold at most one
-    row of the tensor (an Embedding's padding row)."""
+    """Whether ``events`` are finite constant fills of rows that together hold at most
+    one row of the tensor (an Embedding's padding row)."""
     size = geom[0]
     row = math.prod(size[1:]) if size else 1
     part = 0
     for e in events:
-        if e.kind != "fill" or e.whole or not isinstance(e.spec, Constant):
+        if e.kind != "fill" or e.whole or not isinstance(e.spec, Constant) or not math.isfinite(e.spec.value) \
+                or tuple(e.geom[0]) != tuple(size[1:]):
             return False
         part += math.prod(e.geom[0])
     return part <= row
@@ -739,9 +740,11 @@ def _key_prefixes(walk, plans) -> dict[int, str]:
     into another deferred model, its path in that model (materialized whole or block by
     block alike); other blocks put together, their path in the module materialized."""
     out = _nested_roots(walk)
+    base = dict(out)
     for _, _, rec, _, _ in plans:
         if rec.outer is not None:
-            out[id(rec)] = path_prefix(rec)
+            top = base.get(id(outermost(rec)))  # (that model's own path, put together in a container)
+            out[id(rec)] = f"{top}.{path_prefix(rec)}" if top else path_prefix(rec)
     return out
 
 

@@ -208,7 +208,9 @@ class Recording:
         return ev
 
     def note(self, t: torch.Tensor) -> None:
-        """Watch ``t``'s version counter from now on."""
+        """Watch ``t``'s version counter from now on (an inference tensor has none)."""
+        if t.is_inference():
+            return
         self.versions[id(t)] = (t, t._version)
         _NOTED.add(self)
 
@@ -388,14 +390,17 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     added = []
     mods = list(root.named_modules(remove_duplicate=False)) if mods is None else mods
     params, buffers = [], []  # in named_parameters() then named_buffers() order: first names win
+    linked: set[int] = set()
     for prefix, mod in mods:
         h = mod.__dict__.get(HANDLE_ATTR)
         if h is None:
             object.__setattr__(mod, HANDLE_ATTR, Handle(rec, prefix))
             added.append(mod)
-        elif h.recording is not rec and not h.name and h.recording.outer is None and prefix \
+        elif h.recording is not rec and not h.name and prefix and id(h.recording) not in linked \
                 and h.recording.root is not None and h.recording.root() is mod:
-            h.recording.outer = (weakref.ref(rec), prefix)  # (its tensors are keyed by their path here)
+            # keyed by its path here (its first one; the latest model it is built into wins)
+            h.recording.outer = (weakref.ref(rec), prefix)
+            linked.add(id(h.recording))
         for store, out in ((mod._parameters, params), (mod._buffers, buffers)):
             for k, t in store.items():
                 if t is not None:
@@ -410,7 +415,8 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
         rec.names.setdefault(r.sk, name)
         rec.by_name.setdefault(name, r.sk)
         rec.geoms.setdefault(name, geometry(t))
-        rec.versions[id(t)] = (t, t._version)  # (rec.note(t), inlined: what an unseen write moves)
+        if not t.is_inference():  # (an inference tensor has no version counter to watch)
+            rec.versions[id(t)] = (t, t._version)  # (rec.note(t), inlined: what an unseen write moves)
         if HANDLE_ATTR not in getattr(t, "__dict__", {}):
             try:
                 t.__dict__[HANDLE_ATTR] = Handle(rec, name)
@@ -460,6 +466,18 @@ def session_ended(touched: dict) -> None:
         rec.notes_seen()
 
 
+def outermost(rec: Recording) -> Recording:
+    """The outermost deferred model's recording that ``rec``'s model was built into."""
+    seen = set()
+    while rec.outer is not None and id(rec) not in seen:
+        seen.add(id(rec))
+        outer = rec.outer[0]()
+        if outer is None:
+            break
+        rec = outer
+    return rec
+
+
 def path_prefix(rec: Recording) -> str:
     """The path of ``rec``'s root in the outermost deferred model it was built into
     ("" if none): a nested block's tensors are keyed by their path there, whichever
@@ -477,13 +495,7 @@ def path_prefix(rec: Recording) -> str:
 def outermost_root(rec: Recording):
     """The root module of the outermost deferred model ``rec``'s model was built
     into (its own root if none; None if gone)."""
-    seen = set()
-    while rec.outer is not None and id(rec) not in seen:
-        seen.add(id(rec))
-        outer = rec.outer[0]()
-        if outer is None:
-            break
-        rec = outer
+    rec = outermost(rec)
     return rec.root() if rec.root is not None else None
 
 
