@@ -157,6 +157,9 @@ _DEFAULT_DISPATCH = torch.Tensor.__torch_dispatch__
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 def foreign(tensor) -> bool:
     """Whether a call is left to ``torch.nn.init`` itself: while ``torch.compile``
     traces it (the graph then holds torch's ops), or on a tensor subclass with a
@@ -177,15 +180,18 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     dtypes the engines do not hold (complex), and for :func:`foreign` calls.
     Nothing is written when it raises.
     """
-    if isinstance(tensor, torch.Tensor) and foreign(tensor):
+    plain = type(tensor) in _PLAIN  # (no subclass: never foreign, and no check costs a call)
+    if not plain and isinstance(tensor, torch.Tensor) and foreign(tensor):
+        return torch_fallback()
+    sink = _sink.for_tensor(tensor)
+    if sink is not None and tensor.layout == torch.strided:
+        spec = _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec)
+        return _fill_now(tensor, spec, generator, sink, torch_fallback)
+    if plain and _is_compiling():
         return torch_fallback()
     if tensor.layout != torch.strided:  # sparse, quantized...: torch's own op, its errors
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
-    sink = _sink.for_tensor(tensor)
-    if sink is not None:
-        spec = _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec)
-        return _fill_now(tensor, spec, generator, sink, torch_fallback)
     check_like_torch(tensor, op, *op_args, generator=generator)
     if tensor.is_meta:
         return tensor  # torch's meta kernels check no more than that
@@ -517,7 +523,11 @@ def xavier_normal_(tensor, gain: float = 1.0, generator=None):
 
 
 def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
-    if 0 in shape_of(tensor):
+    try:
+        shape = tensor.shape
+    except RuntimeError:  # a lazy module's parameter: torch's ValueError
+        shape = shape_of(tensor)
+    if 0 in shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
     memo = (tensor.shape, mode, nonlinearity, a.hex() if type(a) is float else a, type(a)) \

@@ -113,13 +113,15 @@ def _lazy_error(lazy: list[str], where: str):
 def _convert_real_tensors(mods, rec: Recording) -> None:
     """Small real tensors a constructor made from data (``torch.tensor(...)``) become
     meta tensors whose recorded value is that data. ``mods``: ``(name, module)`` pairs."""
-    for prefix, mod in mods:  # (all checked before any is replaced)
-        for store in (mod._parameters, mod._buffers):
-            for name, t in store.items():
-                if t is not None and not t.is_meta and t.layout != torch.strided:
-                    raise NotImplementedError(
-                        f"fastinit.deferred_init: {_join(prefix, name)} is a {t.layout} tensor; a deferred model "
-                        "holds strided tensors only: register it after materialize(), or build this model eagerly")
+    real = [(prefix, store, name, t) for prefix, mod in mods for store in (mod._parameters, mod._buffers)
+            for name, t in store.items() if t is not None and not t.is_meta]
+    for prefix, _, name, t in real:  # (all checked before any is replaced)
+        if t.layout != torch.strided:
+            raise NotImplementedError(
+                f"fastinit.deferred_init: {_join(prefix, name)} is a {t.layout} tensor; a deferred model "
+                "holds strided tensors only: register it after materialize(), or build this model eagerly")
+    if not real:
+        return
     done = []
     try:
         for _, mod in mods:

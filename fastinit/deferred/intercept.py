@@ -244,15 +244,28 @@ def _on(device, args_kwargs, *, values, shape_only: bool = False):
 
 # Set while a recorder runs an op it has recorded: a recorder further out (a session
 # inside another one, a deferred_init inside a constructor) lets it through unrecorded.
-_recorded = threading.local()
-_recorded.depth = 0
+class _Depth(threading.local):
+    depth = 0
 
 
-class _as_recorded:
-    def __enter__(self):
-        _recorded.depth = getattr(_recorded, "depth", 0) + 1
+_recorded = _Depth()
 
-    def __exit__(self, *exc):
+
+@contextlib.contextmanager
+def _as_recorded():
+    _recorded.depth += 1
+    try:
+        yield
+    finally:
+        _recorded.depth -= 1
+
+
+def _run_recorded(func, args, kwargs):
+    """``func(*args, **kwargs)``, an op this recorder has recorded (see ``_recorded``)."""
+    _recorded.depth += 1
+    try:
+        return func(*args, **kwargs)
+    finally:
         _recorded.depth -= 1
 
 
@@ -374,7 +387,7 @@ class Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if getattr(_recorded, "depth", 0):  # a recorder inside this one recorded the op and runs it: not again
+        if _recorded.depth:  # a recorder inside this one recorded the op and runs it: not again
             return func(*args, **kwargs)
         kind = _kind(func)
         if kind == _QUERY:
@@ -393,8 +406,7 @@ class Recorder(TorchFunctionMode):
                 kind == _FACTORY or (func is torch.normal and ("size" in kwargs or len(args) >= 3))):
             # (torch.normal(mean, std, size) is a factory; with tensor arguments it follows them)
             kwargs["device"] = "meta"  # whatever device the code names: recorded, keyed by the seed
-            with _as_recorded():
-                out = func(*args, **kwargs)
+            out = _run_recorded(func, args, kwargs)
             self.home.record(out, Node(self.home.next_seq(), func, snapshot(args), snapshot(kwargs)))
             return out
         name = getattr(func, "__name__", "")
@@ -608,8 +620,7 @@ class Recorder(TorchFunctionMode):
 
     def _record_write(self, rec: Recording, func, name, t, args, kwargs):
         if "out" in kwargs:
-            with _as_recorded():
-                out = func(*args, **kwargs)
+            out = _run_recorded(func, args, kwargs)
             rec.add_event(t, "op", overwrites=True, func=func, args=snapshot(args),
                           kwargs=snapshot(kwargs), label=name)
             return out
@@ -636,11 +647,10 @@ class Recorder(TorchFunctionMode):
                 return t
         if name in _VALUE_CHECKED and only_scalars(rest, kwargs):
             func(stand_in(t.dtype, "cpu"), *rest, **kwargs)  # values (overflow, casts), with the CPU's errors
-        with _as_recorded():
-            if any(not x.is_meta for x in tensors_in(rest, kwargs)):  # a CPU index, a CPU source
-                out = func(*args[:1], *_as_meta(rest), **_as_meta(kwargs))  # (meta kernels want one device)
-            else:
-                out = func(*args, **kwargs)  # meta: shapes, dtypes and indices checked as eager code would
+        if any(not x.is_meta for x in tensors_in(rest, kwargs)):  # a CPU index, a CPU source
+            out = _run_recorded(func, (*args[:1], *_as_meta(rest)), _as_meta(kwargs))  # (meta kernels: one device)
+        else:
+            out = _run_recorded(func, args, kwargs)  # meta: shapes, dtypes and indices checked as eagerly
         if t.numel() == 0:
             return out
         constant = scalar_fill_spec(name, rest, kwargs) if name in ("fill_", "zero_") and floating else None
@@ -661,8 +671,7 @@ class Recorder(TorchFunctionMode):
     def _record_assign(self, rec: Recording, func, t, args):
         """``t[idx] = value`` with a basic index: an overwrite of the view ``t[idx]``
         (so ``w.data[:] = 2.0``, or rows written one by one, initialize ``w``)."""
-        with _as_recorded():
-            out = func(*args)  # meta: shapes and indices checked as eager code would
+        out = _run_recorded(func, args, {})  # meta: shapes and indices checked as eager code would
         idx, value = args[1], args[2]
         view = t[idx]
         if is_number(value):

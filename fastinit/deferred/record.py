@@ -450,7 +450,7 @@ def session_started() -> dict:
 def touch(rec: Recording, check: bool = True) -> None:
     """The session running in this thread reaches ``rec`` (``check``: before writing
     into it: writes no session saw are found now)."""
-    stack = getattr(_sessions, "stack", None)
+    stack = _sessions.__dict__.get("stack")
     if not stack or id(rec) in stack[-1]:
         return
     if check:
