@@ -37,6 +37,13 @@ def _assert_same(a: nn.Module, b: nn.Module) -> None:
 # ------------------------------------------------------------------ submodules
 
 
+class _Sym(nn.Module):
+    """A parametrization without ``right_inverse``: registering it sets the original to itself."""
+
+    def forward(self, w):
+        return w.triu() + w.triu(1).t()
+
+
 class _Block(nn.Module):
     """A torchdistx-style block whose constructor initializes one layer itself."""
 
@@ -1552,12 +1559,8 @@ def _run_batched(fn, module=None):
 
 
 def test_a_parametrization_without_right_inverse_after_deferred_init_is_no_write():
-    class Sym(nn.Module):
-        def forward(self, w):
-            return w.triu() + w.triu(1).t()
-
     m, ref = fastinit.deferred_init(nn.Linear, 6, 6), fastinit.deferred_init(nn.Linear, 6, 6)
-    nn.utils.parametrize.register_parametrization(m, "weight", Sym())  # original.set_(original)
+    nn.utils.parametrize.register_parametrization(m, "weight", _Sym())  # original.set_(original)
     fastinit.materialize(m, seed=0)
     fastinit.materialize(ref, seed=0)
     assert torch.equal(m.parametrizations.weight.original, ref.weight)
@@ -1650,12 +1653,8 @@ def test_an_outer_constructor_rewrapping_a_deferred_blocks_weight_as_a_view_is_e
 
 
 def test_only_the_set_to_itself_of_a_parametrization_is_excused_and_nested_sessions_see_their_writes():
-    class Sym(nn.Module):
-        def forward(self, w):
-            return w.triu() + w.triu(1).t()
-
     m = fastinit.deferred_init(nn.Linear, 4, 4)
-    nn.utils.parametrize.register_parametrization(m, "weight", Sym())
+    nn.utils.parametrize.register_parametrization(m, "weight", _Sym())
     with torch.no_grad():
         m.parametrizations.weight.original.fill_(2.0)  # a write besides the set_
     with pytest.raises(RuntimeError, match="written after deferred_init"):
@@ -1781,12 +1780,8 @@ def test_nested_blocks_in_deferred_stages_put_together_differ_and_match_plain_bl
 
 
 def test_the_excuse_of_a_parametrizations_set_is_used_once():
-    class Sym(nn.Module):
-        def forward(self, w):
-            return w.triu() + w.triu(1).t()
-
     m = fastinit.deferred_init(nn.Linear, 4, 4)
-    nn.utils.parametrize.register_parametrization(m, "weight", Sym())
+    nn.utils.parametrize.register_parametrization(m, "weight", _Sym())
     with fastinit.batched(module=m):
         pass
     with torch.no_grad():
