@@ -1788,3 +1788,21 @@ def test_the_excuse_of_a_parametrizations_set_is_used_once():
         m.parametrizations.weight.original.fill_(2.0)  # one unseen write, as the set_ was
     with pytest.raises(RuntimeError, match="written after deferred_init"):
         fastinit.materialize(m, seed=0)
+
+
+def test_tensors_taken_from_deferred_blocks_a_constructor_drops_are_keyed_by_their_names():
+    class M(nn.Module):
+        def __init__(self, defer):
+            super().__init__()
+            make = (lambda: fastinit.deferred_init(nn.Linear, 4, 4)) if defer else (lambda: nn.Linear(4, 4))
+            self.w1 = make().weight  # the block is dropped, its weight kept
+            self.w2 = make().weight
+            self.heads = nn.ModuleList([make(), make()])
+            self.heads[0] = nn.Sequential(self.heads[0])  # a block moved one level down
+
+    for defer in (False, True):
+        m = fastinit.deferred_init(M, defer)
+        fastinit.materialize(m, seed=0)
+        assert not torch.equal(m.w1, m.w2)
+        assert not torch.equal(m.heads[0][0].weight, m.heads[1].weight)
+        assert m.w1.abs().max() <= 0.5 and m.w1.std() > 0.1  # still kaiming_uniform_(a=sqrt 5): U(+-1/2)

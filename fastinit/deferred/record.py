@@ -405,12 +405,27 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
             for k, t in store.items():
                 if t is not None:
                     out.append((f"{prefix}.{k}" if prefix else k, t))
+    in_model = {id(m) for _, m in mods}
     for name, t in itertools.chain(params, buffers):
         if not t.is_meta:
             continue
         found = recording_of(t)
         if found is not None and found[0] is not rec:
-            continue  # a block deferred on its own, then built into this model: its recording keeps it
+            other, r = found
+            other_root = other.root() if other.root is not None else None
+            if other_root is not None and id(other_root) in in_model:
+                continue  # a block deferred on its own, then built into this model: its recording keeps it
+            # A block the constructor dropped after taking its tensors (self.w1 =
+            # deferred_init(nn.Linear, 4, 4).weight): this model takes their records over,
+            # so they are keyed by their names here, not by the lost block's ("weight").
+            other.storages.pop(r.sk, None)
+            rec.storages[r.sk] = r
+            rec.keep.append(t)
+            _REGISTRY[r.sk] = rec._self_ref
+            try:
+                t.__dict__[HANDLE_ATTR] = Handle(rec, name)
+            except AttributeError:
+                pass
         r = rec.record(t)
         rec.names.setdefault(r.sk, name)
         rec.by_name.setdefault(name, r.sk)
