@@ -488,10 +488,12 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
             pa.planned = pl.description if pl is not None else "not recorded"
             if pl is not None and pl.uninitialized:
                 own.append(("uninitialized", f"will hold uninitialized memory ({pl.uninitialized})"))
+            if pl is not None and pl.nonfinite and (spec is None or isinstance(spec, Constant)):
+                own.append(("nonfinite", f"will hold NaN/inf values ({pl.description})"))
             if spec is not None:
                 m, s, lo, hi = _spec_moments(spec)
                 pa.mean, pa.std, pa.min, pa.max = m, s, lo, hi
-                if any(x is not None and not math.isfinite(x) for x in (m, s)):
+                if any(x is not None and not math.isfinite(x) for x in (m, s)) and not pl.nonfinite:
                     own.append(("nonfinite", f"will hold NaN/inf values ({pl.description})"))
                 elif p.ndim >= 2 and not isinstance(spec, Constant) and s and abs(m) > s:
                     own.append(("offset", f"mean {m:.3g} exceeds the std {s:.3g}: a weight matrix drawn around a "

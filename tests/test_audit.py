@@ -207,3 +207,24 @@ def test_a_deferred_tensor_edited_after_its_fill_has_no_predicted_law():
     assert plan["a.weight"].spec is None and "affine" in plan["a.weight"].description
     assert plan["e.weight"].spec is not None
     assert [p.std for p in fastinit.audit(d).params if p.name == "a.weight"] == [None]
+
+
+def test_the_deferred_audit_flags_nan_and_inf_that_edits_after_the_fill_put_in():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(10, 8, padding_idx=0)
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.ok = nn.Linear(8, 8)
+            with torch.no_grad():
+                self.e.weight[0].fill_(float("nan"))
+                self.a.weight.mul_(float("inf"))
+                self.b.weight[:, 0].fill_(float("nan"))
+
+    deferred = {(f.kind, f.where) for f in fastinit.audit(fastinit.deferred_init(Net)).flags}
+    eager = {(f.kind, f.where) for f in fastinit.audit(Net()).flags}
+    for name in ("e.weight", "a.weight", "b.weight"):
+        assert ("nonfinite", name) in deferred and ("nonfinite", name) in eager
+    assert not any(where.startswith("ok.") for _, where in deferred)
+    assert fastinit.planned(fastinit.deferred_init(Net))["e.weight"].spec is None  # a NaN row: no law

@@ -541,12 +541,26 @@ def planned(module: torch.nn.Module) -> dict[str, Planned]:
             # most a row (an Embedding's padding row) edits it after the fill (fills of
             # parts that cover much of it, an LSTM's gates, fused QKV blocks, change its law)
             lawful = plan.spec is not None and _covers(plan, geom) and _small_constant_parts(plan.replay, geom)
-            item = Planned(plan.spec if lawful else None, plan.describe(), plan.why_uninitialized)
+            item = Planned(plan.spec if lawful else None, plan.describe(), plan.why_uninitialized,
+                           _puts_nonfinite(plan))
             for n in names:
                 out[n] = item
         return out
     finally:
         txn.rollback()
+
+
+def _puts_nonfinite(plan: Plan) -> bool:
+    """Whether a constant fill or a scalar edit of ``plan`` puts NaN or inf in the value."""
+    spec = plan.spec
+    if isinstance(spec, Constant) and not math.isfinite(spec.value):
+        return True
+    for e in plan.replay:
+        if e.kind == "fill" and isinstance(e.spec, Constant) and not math.isfinite(e.spec.value):
+            return True
+        if e.kind == "affine" and not (math.isfinite(e.mul) and math.isfinite(e.add)):
+            return True
+    return False
 
 
 def _small_constant_parts(events, geom: tuple) -> bool:

@@ -37,12 +37,14 @@ class Planned:
     (None when its value is replayed, e.g. an ``orthogonal_`` or a computed buffer,
     or edited after the fill other than by filling a part, as an Embedding's padding
     row: ``w.mul_(100)``), ``description``
-    (the line ``materialize``'s report will show) and ``uninitialized`` (why
-    strict mode would reject it, or None)."""
+    (the line ``materialize``'s report will show), ``uninitialized`` (why
+    strict mode would reject it, or None) and ``nonfinite`` (a fill or a scalar
+    edit after it puts NaN or inf into it: ``w[0].fill_(nan)``, ``w.mul_(inf)``)."""
 
     spec: InitSpec | None
     description: str
     uninitialized: str | None = None
+    nonfinite: bool = False
 
     def __str__(self) -> str:
         return self.description
