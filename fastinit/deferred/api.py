@@ -124,18 +124,14 @@ def _convert_real_tensors(mods, rec: Recording) -> None:
         return
     done = []
     try:
-        for _, mod in mods:
-            for store in (mod._parameters, mod._buffers):
-                for name, t in list(store.items()):
-                    if t is None or t.is_meta:
-                        continue
-                    value = t.detach().clone()
-                    meta = torch.empty_like(t, device="meta")
-                    if isinstance(t, torch.nn.Parameter):
-                        meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
-                    rec.add_value(meta, value, "copy_(data)")
-                    store[name] = meta
-                    done.append((store, name, t))
+        for _, store, name, t in real:
+            value = t.detach().clone()
+            meta = torch.empty_like(t, device="meta")
+            if isinstance(t, torch.nn.Parameter):
+                meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+            rec.add_value(meta, value, "copy_(data)")
+            store[name] = meta
+            done.append((store, name, t))
     except BaseException:  # (a real module passed in is left as it was)
         for store, name, t in reversed(done):
             store[name] = t
@@ -409,7 +405,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
 
 def _refuse_unseen_writes(module: torch.nn.Module, resolved, where: str) -> None:
     """Tensors written in place after ``deferred_init`` by torch ops that nothing
-    recorded (their version counters moved: see ``Recording.written_unseen``) are an
+    recorded (their version counters moved: see ``Recording.unseen_bumps``) are an
     error that names them: fastinit would lose the write. A parametrization without
     ``right_inverse`` registered outside a block sets its original to itself (a
     counter bump, no write): not refused."""
@@ -552,15 +548,9 @@ def planned(module: torch.nn.Module) -> dict[str, Planned]:
 
 def _puts_nonfinite(plan: Plan) -> bool:
     """Whether a constant fill or a scalar edit of ``plan`` puts NaN or inf in the value."""
-    spec = plan.spec
-    if isinstance(spec, Constant) and not math.isfinite(spec.value):
-        return True
-    for e in plan.replay:
-        if e.kind == "fill" and isinstance(e.spec, Constant) and not math.isfinite(e.spec.value):
-            return True
-        if e.kind == "affine" and not (math.isfinite(e.mul) and math.isfinite(e.add)):
-            return True
-    return False
+    fills = [plan.spec] + [e.spec for e in plan.replay if e.kind == "fill"]
+    return any(isinstance(f, Constant) and not math.isfinite(f.value) for f in fills) or any(
+        e.kind == "affine" and not (math.isfinite(e.mul) and math.isfinite(e.add)) for e in plan.replay)
 
 
 def _small_constant_parts(events, geom: tuple) -> bool:
@@ -760,7 +750,8 @@ def _key_prefixes(walk, plans) -> dict[int, str]:
     for _, _, rec, _, _ in plans:
         if rec.outer is not None:
             top = base.get(id(outermost(rec)))  # (that model's own path, put together in a container)
-            out[id(rec)] = f"{top}.{path_prefix(rec)}" if top else path_prefix(rec)
+            path = path_prefix(rec)
+            out[id(rec)] = f"{top}.{path}" if top else path
     return out
 
 

@@ -226,9 +226,8 @@ def _record_eager_draw(rec: Recording, t: torch.Tensor, gen: torch.Generator, ru
     """Model code drawing from its own generator into meta tensor ``t``: the draw
     runs now (``run(real)`` on a real tensor with ``t``'s geometry, so in the same
     element order), and ``t`` is recorded to hold its values."""
-    with _as_recorded():
-        real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=gen.device)
-        run(real)
+    real = _run_recorded(torch.empty_strided, (t.shape, t.stride()), {"dtype": t.dtype, "device": gen.device})
+    _run_recorded(run, (real,), {})
     if t.numel():
         rec.add_value(t, real.to("cpu"), f"{name}(drawn from its generator)")
 
@@ -249,15 +248,6 @@ class _Depth(threading.local):
 
 
 _recorded = _Depth()
-
-
-@contextlib.contextmanager
-def _as_recorded():
-    _recorded.depth += 1
-    try:
-        yield
-    finally:
-        _recorded.depth -= 1
 
 
 def _run_recorded(func, args, kwargs):
@@ -567,8 +557,7 @@ class Recorder(TorchFunctionMode):
                 out = func(*real[0], **real[1])
             return _held(self.home, out, f"{name}(drawn from its generator)")
         if self.home is not None and kind == _FACTORY and "out" not in kwargs:
-            with _as_recorded():
-                real = func(*args, **{**kwargs, "device": gen.device})
+            real = _run_recorded(func, args, {**kwargs, "device": gen.device})
             meta = torch.empty_like(real, device="meta")
             self.home.add_value(meta, real.to("cpu"), "copy_(drawn from its generator)")
             return meta

@@ -212,7 +212,6 @@ class Recording:
         if t.is_inference():
             return
         self.versions[id(t)] = (t, t._version)
-        _NOTED.add(self)
 
     def taint_unseen(self) -> None:
         """Before a recording session: every noted tensor written since the last one
@@ -243,7 +242,9 @@ class Recording:
             return
 
     def unseen_bumps(self, t: torch.Tensor) -> int:
-        """How many times ``t``'s counter moved by ops no recording saw."""
+        """How many times ``t``'s counter moved, since it was noted, by ops no recording
+        saw (``t.zero_()``, ``load_state_dict``, a parametrization's ``original.set_(...)``
+        on the deferred model, outside fastinit's blocks)."""
         noted = self.versions.get(id(t))
         if noted is None or noted[0] is not t:
             return 0
@@ -253,12 +254,6 @@ class Recording:
         """``t`` was replaced by its real tensor: no longer watched."""
         self.versions.pop(id(t), None)
         self.tainted.pop(id(t), None)
-
-    def written_unseen(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` was written in place by an op no recording saw (``t.zero_()``,
-        ``load_state_dict``, a parametrization's ``original.set_(...)`` on the deferred
-        model, outside fastinit's blocks), since it was noted."""
-        return self.unseen_bumps(t) != 0
 
     def add_value(self, t: torch.Tensor, value: torch.Tensor, label: str) -> Event:
         """``t`` now holds ``value``, computed eagerly (a constructor's data, a draw
@@ -386,7 +381,6 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     needs to undo it. ``mods``: ``root.named_modules(remove_duplicate=False)``, if
     already listed."""
     rec.root = weakref.ref(root)
-    _NOTED.add(rec)
     added = []
     mods = list(root.named_modules(remove_duplicate=False)) if mods is None else mods
     params, buffers = [], []  # in named_parameters() then named_buffers() order: first names win
@@ -441,10 +435,6 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     return added
 
 
-# Recordings that note version counters (weakly: a model's recording lives with it).
-_NOTED: weakref.WeakSet = weakref.WeakSet()
-
-
 # The recordings each open recording session of this thread has touched, innermost
 # last: a session checks a recording for writes no session saw when it first reaches
 # it (before writing into it), and notes the counters of those it touched when it
@@ -481,15 +471,22 @@ def session_ended(touched: dict) -> None:
         rec.notes_seen()
 
 
+def _outers(rec: Recording):
+    """``(path, recording)`` of each deferred model ``rec``'s model was built into, from
+    the nearest out (the recording None where that model is gone: the last item)."""
+    seen = set()
+    while rec is not None and rec.outer is not None and id(rec) not in seen:
+        seen.add(id(rec))
+        ref, path = rec.outer
+        rec = ref()
+        yield path, rec
+
+
 def outermost(rec: Recording) -> Recording:
     """The outermost deferred model's recording that ``rec``'s model was built into."""
-    seen = set()
-    while rec.outer is not None and id(rec) not in seen:
-        seen.add(id(rec))
-        outer = rec.outer[0]()
-        if outer is None:
-            break
-        rec = outer
+    for _, outer in _outers(rec):
+        if outer is not None:
+            rec = outer
     return rec
 
 
@@ -497,14 +494,7 @@ def path_prefix(rec: Recording) -> str:
     """The path of ``rec``'s root in the outermost deferred model it was built into
     ("" if none): a nested block's tensors are keyed by their path there, whichever
     part of that model is materialized."""
-    parts = []
-    seen = set()
-    while rec is not None and rec.outer is not None and id(rec) not in seen:
-        seen.add(id(rec))
-        ref, path = rec.outer
-        parts.append(path)
-        rec = ref()
-    return ".".join(reversed(parts))
+    return ".".join(reversed([path for path, _ in _outers(rec)]))
 
 
 def outermost_root(rec: Recording):
