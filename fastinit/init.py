@@ -212,12 +212,19 @@ _NUMBER_TYPES = (int, float)
 
 
 def _checked_key(op: str, op_args: tuple, tensor: torch.Tensor):
+    # floats by their bits, as strings (0.0 and -0.0 are equal keys otherwise, and give
+    # other values; an int stays an int, so 1 and 1.0 differ too); the device by its type
+    # (meta read without making a device object: this is on every recorded call's path)
+    key = [op, tensor.dtype, tensor.numel() > 0, "meta" if tensor.is_meta else tensor.device.type]
     for x in op_args:
-        if type(x) not in _NUMBER_TYPES:
+        t = type(x)
+        if t is float:
+            key.append(x.hex())
+        elif t is int:
+            key.append(x)
+        else:
             return None
-    # floats by their bits (0.0 and -0.0 are equal keys otherwise, and give other values)
-    return (op, tuple(x.hex() if type(x) is float else x for x in op_args), tuple(map(type, op_args)),
-            tensor.dtype, tensor.numel() > 0, tensor.device.type)
+    return tuple(key)
 
 
 def _remember(memo: dict, key, value) -> None:

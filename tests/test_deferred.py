@@ -336,6 +336,38 @@ def test_deferred_init_allocates_nothing():
     assert rss() - before < 200 << 20
 
 
+
+def test_deferred_init_leaves_the_garbage_collector_as_it_was():
+    import gc
+
+    cls, cfg = _llama()
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        m = fastinit.deferred_init(cls, cfg)
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        # what the model is made of was set aside as old, unscanned: the next young
+        # collections do not walk it (no young generation holds its records)
+        gc.collect(0)
+        assert not any(isinstance(o, type(m)) for o in gc.get_objects(generation=0))
+        assert any(o is m for o in gc.get_objects(generation=2))
+        gc.disable()
+        fastinit.deferred_init(cls, cfg)
+        assert not gc.isenabled()
+        gc.enable()
+        # objects the program froze itself stay frozen (no unfreeze of what is not ours)
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        fastinit.deferred_init(cls, cfg)
+        assert 0 < gc.get_freeze_count() <= frozen and gc.isenabled()  # (frozen objects may die)
+        gc.unfreeze()
+        with pytest.raises(ZeroDivisionError):
+            fastinit.deferred_init(lambda: 1 / 0)
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
+
 # ------------------------------------------------------------------ batched()
 
 

@@ -354,15 +354,23 @@ class Recorder(TorchFunctionMode):
         super().__init__()
         self.home = home
         self.batch = batch
+        # (tensor, write_lookup(tensor)) while a torch.nn.init call on it runs the drop-in,
+        # so that the sink does not look it up again
+        self.hint: tuple | None = None
 
     def recording_for(self, t: torch.Tensor) -> Recording | None:
         """Where a write into meta tensor ``t`` is recorded."""
+        return self.write_lookup(t)[0]
+
+    def write_lookup(self, t: torch.Tensor) -> tuple:
+        """``(recording, storage record)`` of a write into meta tensor ``t``: where it is
+        recorded (None: nowhere), and the record of ``t``'s storage there (None: none yet)."""
         dt = is_dtensor(t)
         found = recorded_or_adopted(t)
         if found is not None and not (dt and self.home is not None and self.home.root is not None
                                       and found[1].node is not None and found[1].node.func in _DTENSOR_ALIASES):
             touch(found[0])  # (before it is written into)
-            return found[0]
+            return (found[0], None) if dt else found
         if self.home is not None and self.home.root is not None and dt:  # (a built model's)
             raise NotImplementedError(
                 "fastinit: a write into a parameter sharded after deferred_init (fully_shard, "
@@ -370,7 +378,7 @@ class Recorder(TorchFunctionMode):
                 "before sharding (in the constructor, or batched(module=model) / init calls before "
                 "fully_shard), or build the model under torch.device('meta'), shard it, then "
                 "materialize(model, init_fn=...)")
-        return self.home
+        return self.home, None
 
     # ------------------------------------------------------------ dispatch
 
@@ -388,7 +396,8 @@ class Recorder(TorchFunctionMode):
             if func is _DEEPCOPY and self.home is not None and args and args[0].is_meta:
                 return self._record_deepcopy(func, args, kwargs)
             return func(*args, **kwargs)
-        if isinstance(kwargs.get("generator"), torch.Generator):
+        gen = kwargs.get("generator")
+        if gen is not None and isinstance(gen, torch.Generator):
             drawn = self._drawn_now(func, kind, args, kwargs)
             if drawn is not None:
                 return drawn
@@ -402,8 +411,14 @@ class Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if kind == _NN_INIT:
             t = args[0] if args else kwargs.get("tensor")  # handle_torch_function passes keywords
-            if isinstance(t, torch.Tensor) and t.is_meta and self.recording_for(t) is not None:
-                return getattr(dropin, name)(*args, **kwargs)  # validates as torch does; the sink records
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                where = self.write_lookup(t)
+                if where[0] is not None:
+                    self.hint = (t, where)
+                    try:
+                        return getattr(dropin, name)(*args, **kwargs)  # validates as torch does; the sink records
+                    finally:
+                        self.hint = None
         if kind == _READ and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             value = self._read_value(args[0])
             if value is not None:
@@ -734,8 +749,8 @@ class RecordingSink:
 
     def fill(self, tensor, spec, generator) -> bool:
         if tensor.is_meta:
-            found = None if is_dtensor(tensor) else recorded_or_adopted(tensor)
-            rec, r = found if found is not None else (self.recorder.recording_for(tensor), None)
+            hint = self.recorder.hint
+            rec, r = hint[1] if hint is not None and hint[0] is tensor else self.recorder.write_lookup(tensor)
             if rec is None:
                 return False
             if tensor.numel():
