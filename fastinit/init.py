@@ -192,13 +192,15 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     if tensor.layout != torch.strided:  # sparse, quantized...: torch's own op, its errors
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
-    check_like_torch(tensor, op, *op_args, generator=generator)
-    if tensor.is_meta:
-        return tensor  # torch's meta kernels check no more than that
-    if not _is_engine_dtype(tensor.dtype):  # complex: torch's own, spec unused
+    if tensor.is_meta or not _is_engine_dtype(tensor.dtype):
+        check_like_torch(tensor, op, *op_args, generator=generator)
+        if tensor.is_meta:
+            return tensor  # torch's meta kernels check no more than that
         check_writable(tensor)
-        return torch_fallback()
-    return _fill_now(tensor, make_spec(), generator, None, torch_fallback)
+        return torch_fallback()  # complex: torch's own
+    # (the checks remembered as a sink's are: the same op on a stand-in of the same dtype)
+    return _fill_now(tensor, _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec),
+                     generator, None, torch_fallback)
 
 
 # Recorded or queued calls (a model built under deferred_init makes hundreds, mostly
@@ -234,7 +236,7 @@ def _remember(memo: dict, key, value) -> None:
 
 
 def _checked_spec(tensor: torch.Tensor, op: str, op_args: tuple, op_kwargs: dict, make_spec):
-    """For a call a sink takes: torch's checks of ``tensor.<op>(*op_args, **op_kwargs)``
+    """torch's checks of ``tensor.<op>(*op_args, **op_kwargs)``
     (raising what torch raises), then ``make_spec()``; both remembered by what they
     depend on (see ``_CHECKED``; not for an explicit generator), and unseen by the
     recorder's mode."""
