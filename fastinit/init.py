@@ -289,23 +289,19 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
     """``tensor.fill_(value)`` under no_grad, as torch.nn.init does (or recorded)."""
     sink = _sink.for_tensor(tensor)
     if sink is None and not tensor.is_meta and not is_dtensor(tensor):
-        # torch.nn.init.constant_'s own op: its checks and errors (value overflow)
-        # come before it writes, except the inference-tensor one (torch writes, then
-        # raises): that one first.
-        check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
-        grad = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            return tensor.fill_(value)
-        finally:
-            torch._C._set_grad_enabled(grad)
+        return _memset(tensor, value)
     if sink is not None:
+        # (a tensor value may be a queued tensor's element: its read goes through the recorder)
+        if not isinstance(value, torch.Tensor):
+            with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own bookkeeping)
+                if sink.writes_now(tensor):
+                    return _memset(tensor, value)
         if isinstance(value, torch.Tensor) and not tensor.is_meta and not value.is_meta and value.dim() == 0:
             # a queued call takes the value the tensor holds now (it may change before the
             # queue runs); reading it runs what is queued into it first
             value = value.item()
         spec = _checked_spec(tensor, "fill_", (value,), {}, lambda: Constant(value))
-        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own bookkeeping)
+        with torch._C.DisableTorchFunction():
             if sink.fill(tensor, spec, None):
                 return tensor
     else:
@@ -317,6 +313,19 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
         return tensor
     with torch.no_grad():  # a memset: torch's own fill_ is the floor, and its checks are torch's
         return tensor.fill_(value)
+
+
+def _memset(tensor: torch.Tensor, value) -> torch.Tensor:
+    """torch.nn.init.constant_'s own op, ``tensor.fill_(value)`` with grad off: its checks
+    and errors (value overflow) come before it writes, except the inference-tensor one
+    (torch writes, then raises): that one first."""
+    check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
+    grad = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        return tensor.fill_(value)
+    finally:
+        torch._C._set_grad_enabled(grad)
 
 
 def _replay_or_none(tensor, fn, args, kwargs):
@@ -539,7 +548,7 @@ def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
     if 0 in shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
-    memo = (tensor.shape, mode, nonlinearity, a.hex() if type(a) is float else a, type(a)) \
+    memo = (shape, mode, nonlinearity, a.hex() if type(a) is float else a, type(a)) \
         if type(mode) is str and type(nonlinearity) is str and type(a) in _NUMBER_TYPES else None
     std = _FANS.get(memo) if memo is not None else None
     if std is None:

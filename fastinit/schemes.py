@@ -19,7 +19,7 @@ matches a parameter wins. A spec is
     report = fastinit.apply_scheme(model, "kaiming_normal", nonlinearity="relu")
     print(report)       # which rule each parameter took, and what it got
 
-On an allocated model every fill runs in one fused pass (:func:`fastinit.batched`);
+On an allocated model every random fill runs in one fused pass (:func:`fastinit.batched`);
 on a deferred model (:func:`fastinit.deferred_init`, or any model on the meta
 device) the calls are recorded, and :func:`fastinit.materialize` fuses them with
 everything else. With ``seed=``, each tensor's values are keyed by

@@ -392,9 +392,30 @@ def test_batched_equals_one_by_one_in_one_engine_call(monkeypatch):
     with fastinit.batched():
         two.apply(init_weights)
         assert calls == []  # nothing runs inside the block
-    assert calls == [4]
+    # the two weights (their first fills never run); the biases' zeros ran at their calls as
+    # memsets (nothing was queued in their memory, and the CPU engine fuses no constants)
+    assert calls == [2]
     for a, b in zip(one.parameters(), two.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("steps", [
+    "zeros_(w); normal_(w[:2])",  # a constant written at its call, a partial fill queued after it
+    "normal_(w); zeros_(w[0]); ones_(w[:, 1])",  # constants into queued memory: queued, in order
+    "ones_(w[:1].expand(3, 4)); normal_(w[1:])",  # fill_ writes into an expanded view, as eagerly
+    "constant_(w, 3.0); w.data.mul_(2); normal_(w[2:], std=.5)",
+])
+def test_batched_constants_keep_their_place_among_writes(steps):
+    def run():
+        w = torch.empty(4, 4)
+        torch.manual_seed(3)
+        exec(steps, {**{n: getattr(fastinit, n) for n in ("zeros_", "ones_", "constant_", "normal_")}, "w": w})
+        return w
+
+    eager = run()
+    with fastinit.batched():
+        w = run()
+    assert torch.equal(w, eager)
 
 
 def test_batched_keeps_partial_edits_after_their_whole_fill():

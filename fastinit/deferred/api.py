@@ -931,8 +931,11 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
     such as ``w.data[padding_idx].zero_()``, keep their order after the fused
     fill, and any read of a queued tensor runs the queue first). A tensor's last
     whole fill wins and earlier ones never run. The whole model then costs one
-    launch per dtype on GPU and one parallel pass on CPU. A call that raises
-    queues nothing; what was queued before it still runs.
+    launch per dtype on GPU and one parallel pass on CPU, where a constant fill
+    (``zeros_``, ``ones_``, ``constant_`` of a number) into memory with nothing
+    queued is a memset at its call instead (queueing it would cost more; nothing
+    fuses constants on the CPU). A call that raises queues nothing; what was
+    queued before it still runs.
 
     Args:
         seed: with ``module``, fills of ``module``'s tensors are keyed by

@@ -36,11 +36,6 @@ _RECORDABLE = frozenset({"fill_", "zero_", "mul_", "div_", "add_", "sub_", "clam
                          "clamp_max_", "__setitem__"})
 
 
-# Queries that hand out a tensor's memory (not its metadata), and deep copies of it
-# (copy.deepcopy(model.state_dict())): what is queued runs first.
-_RAW_READS = frozenset({"untyped_storage", "_typed_storage", "storage", "data_ptr", "__reduce_ex__", "__deepcopy__"})
-
-
 def _span(geom) -> tuple[int, int, bool]:
     """``(first, last + 1, dense)`` of the storage elements a view touches;
     ``dense``: it touches every element in between."""
@@ -122,7 +117,9 @@ class Batch:
         """Queue a drop-in fill (its key drawn now, as the call one by one would)."""
         if tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):
             return False
-        check_writable(tensor)  # what torch checks while writing, now: a failing call queues nothing
+        # what torch checks while writing, now: a failing call queues nothing (fill_ writes
+        # into expanded tensors, as zeros_/ones_/constant_ do eagerly)
+        check_writable(tensor, overlap=type(spec) is not Constant)
         self._busy = True  # (our own storage lookups are not reads of the memory)
         try:
             sk = storage_key(tensor)
@@ -140,8 +137,8 @@ class Batch:
 
     def on_op(self, func, name, kind, target, args, kwargs):
         """``(handled, result)`` for a torch op while work is queued."""
-        if kind == intercept._QUERY:
-            if name in _RAW_READS and not self._busy and args and isinstance(args[0], torch.Tensor) and not args[0].is_meta \
+        if kind == intercept._SEEN_QUERY:
+            if name in intercept.RAW_READS and not self._busy and args and isinstance(args[0], torch.Tensor) and not args[0].is_meta \
                     and storage_key(args[0]) in self.pending:
                 self.flush()  # torch.save, bytes(t.untyped_storage()), a data_ptr for C code
             return False, None

@@ -103,7 +103,14 @@ _VALUE_CHECKED = frozenset({"fill_", "mul_", "div_", "add_", "sub_", "clamp_", "
 # (transformers swaps in same-named wrappers): the drop-in of the same name takes them.
 _NN_INIT_DISPATCHED = frozenset({"uniform_", "normal_", "constant_", "kaiming_uniform_", "kaiming_normal_"})
 
-_QUERY, _VIEW, _FACTORY, _NN_INIT, _READ, _OTHER = range(6)
+# Queries that hand out a tensor's memory (not its metadata), and deep copies of it
+# (copy.deepcopy(model.state_dict())): batched() runs what is queued first.
+RAW_READS = frozenset({"untyped_storage", "_typed_storage", "storage", "data_ptr", "__reduce_ex__", "__deepcopy__"})
+_IS_META = torch.Tensor.is_meta
+
+# _QUERY: run as is; _SEEN_QUERY: a query the recorder looks at (a raw read, a deep
+# copy, the read of ``is_meta`` by which torch.nn.init functions return early)
+_QUERY, _SEEN_QUERY, _VIEW, _FACTORY, _NN_INIT, _READ, _OTHER = range(7)
 _kinds: dict = {}
 
 
@@ -112,7 +119,7 @@ def _kind(func) -> int:
     if k is None:
         name = getattr(func, "__name__", "")
         if name in _QUERIES:
-            k = _QUERY
+            k = _SEEN_QUERY if name in RAW_READS or getattr(func, "__self__", None) is _IS_META else _QUERY
         elif func in FACTORIES:
             k = _FACTORY
         elif isinstance(func, types.FunctionType) and name in _NN_INIT_DISPATCHED:
@@ -389,6 +396,8 @@ class Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         kind = _kind(func)
         if kind == _QUERY:
+            return func(*args, **kwargs)
+        if kind == _SEEN_QUERY:
             if self.batch is not None and self.batch.pending:  # (a raw read of memory runs the queue)
                 self.batch.on_op(func, getattr(func, "__name__", ""), kind, None, args, kwargs)
             if getattr(func, "__self__", None) is _IS_META and args and args[0].is_meta:
@@ -734,7 +743,6 @@ def _unset_reader(rec: Recording, t: torch.Tensor) -> torch.Tensor:
 _reader = _unset_reader
 
 
-_IS_META = torch.Tensor.is_meta
 # A DTensor alias of a sharded parameter made inside a block (p.detach(), p.data): a
 # record of its own, but a write into it is a write into the sharded parameter.
 _DTENSOR_ALIASES = frozenset({torch.Tensor.detach, torch.Tensor.view_as})
@@ -767,6 +775,22 @@ class RecordingSink:
         batch.before_write(tensor)  # (filled now)
         return False
 
+    def writes_now(self, tensor) -> bool:
+        """Whether a constant fill of ``tensor`` is written now, as the call one by one
+        would, rather than recorded or queued: a real CPU tensor (no DTensor) with nothing
+        queued in its memory and not keyed by name, while no torch function mode but this
+        recorder's would see the write. A memset costs less than queueing it, and the CPU engine fuses no
+        constants. An undoable block keeps the tensor's bytes first."""
+        if tensor.is_meta or not tensor.is_cpu or is_dtensor(tensor) or not _only_one_mode():
+            return False
+        batch = self.recorder.batch
+        if batch is not None:
+            sk = storage_key(tensor)
+            if sk in batch.pending or (batch.seed is not None and sk in batch.names):
+                return False  # (a named tensor's fills are keyed by their place among its events)
+            batch.before_write(tensor)
+        return True
+
     def replay(self, tensor, fn, args, kwargs) -> bool:
         if tensor.is_meta:
             rec = self.recorder.recording_for(tensor)
@@ -790,6 +814,12 @@ class RecordingSink:
 
 
 _OUTSIDE = RecordingSink(Recorder())
+_len_mode_stack = getattr(torch._C, "_len_torch_function_stack", None)
+
+
+def _only_one_mode() -> bool:
+    """Whether one torch function mode is on this thread's stack (the recorder running)."""
+    return _len_mode_stack is not None and _len_mode_stack() == 1
 
 
 def outside_sink_for(t: torch.Tensor):
