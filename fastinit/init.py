@@ -291,28 +291,30 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
     if sink is None and not tensor.is_meta and not is_dtensor(tensor):
         return _memset(tensor, value)
     if sink is not None:
-        # (a tensor value may be a queued tensor's element: its read goes through the recorder)
-        if not isinstance(value, torch.Tensor):
-            with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own bookkeeping)
-                if sink.writes_now(tensor):
-                    return _memset(tensor, value)
+        with torch._C.DisableTorchFunction():  # (a recorder's mode need not see our own bookkeeping)
+            if tensor.layout != torch.strided or (not isinstance(value, torch.Tensor) and sink.writes_now(tensor)):
+                return _memset(tensor, value)  # (sparse...: torch's own op, nothing records or queues it)
         if isinstance(value, torch.Tensor) and not tensor.is_meta and not value.is_meta and value.dim() == 0:
             # a queued call takes the value the tensor holds now (it may change before the
-            # queue runs); reading it runs what is queued into it first
-            value = value.item()
+            # queue runs; reading it runs what is queued into it first), converted as torch's
+            # fill_(Tensor) converts it (65520. into float16 is inf), which refuses
+            # overlapping memory (fill_ of a number writes into expanded tensors)
+            check_writable(tensor)
+            value = value.to(tensor.dtype).item()
         spec = _checked_spec(tensor, "fill_", (value,), {}, lambda: Constant(value))
         with torch._C.DisableTorchFunction():
             if sink.fill(tensor, spec, None):
                 return tensor
     else:
         check_like_torch(tensor, "fill_", value)
-    if not tensor.is_meta:
-        check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
-    if is_dtensor(tensor) and not tensor.is_meta and _is_engine_dtype(tensor.dtype):
+    if tensor.is_meta:
+        with torch.no_grad():
+            return tensor.fill_(value)
+    if is_dtensor(tensor) and _is_engine_dtype(tensor.dtype):
+        check_writable(tensor, overlap=False)
         fill_dtensor(tensor, Constant(float(value)), 0)
         return tensor
-    with torch.no_grad():  # a memset: torch's own fill_ is the floor, and its checks are torch's
-        return tensor.fill_(value)
+    return _memset(tensor, value)
 
 
 def _memset(tensor: torch.Tensor, value) -> torch.Tensor:

@@ -82,19 +82,15 @@ def _gc_paused():
     """No cyclic garbage collection while a model is built and recorded: that makes
     thousands of small long-lived objects (modules, tensors, records, events), each
     batch of which would otherwise make the collector walk the young objects again.
-
-    At the end they move to the oldest generation unscanned (``gc.freeze()`` then
-    ``gc.unfreeze()``, CPython's way to set aside objects made at start-up that live
-    on): re-enabling the collector alone would make the next allocation scan every
-    one of them (1.2 ms for a Llama-8B structure, 4% of deferred_init). Skipped when
-    the program has frozen objects of its own, which unfreezing would release."""
+    (Re-enabling it makes the next allocation scan them all once. Moving them to the
+    oldest generation unscanned, with ``gc.freeze()`` and ``gc.unfreeze()``, would
+    save that scan, but it moves every young object of the process, garbage cycles
+    included, which then wait for a full collection: a dropped model held by a cycle
+    would keep its memory.)"""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
-        if gc.get_freeze_count() == 0:  # (after a failure what was made is garbage: left young)
-            gc.freeze()
-            gc.unfreeze()
     finally:
         if was:
             gc.enable()
@@ -395,7 +391,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         only = {id(t) for t, _, _ in orphans}
         run = lambda m: default_init(m, only)  # noqa: E731
     if run is not None:
-        txn.batch = Batch(undoable=True)  # its writes to real tensors are undone if materialize fails
+        txn.batch = Batch(undo={})  # its writes to real tensors are undone if materialize fails
         with intercept.recording(home, txn.batch):
             run(module)
         resolved, orphans = _after_init_fn(module, where, resolved, orphans, txn, prefix)
@@ -959,7 +955,12 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
             for name, t in named_tensors(module):
                 if t is not None and not t.is_meta:
                     names.setdefault(storage_key(t), name)
-    batch = Batch(seed, names)
+    outer = intercept.current_batch()
+    if outer is not None:
+        # a block inside another (apply_scheme inside the user's): what the outer one queued
+        # runs first, so that this one's writes come after it, and fail with it
+        outer.flush()
+    batch = Batch(seed, names, undo=outer.undo if outer is not None else None)
     try:
         with intercept.recording(home, batch):
             yield

@@ -66,15 +66,16 @@ class Batch:
     """Work queued on real tensors, per storage. ``names`` (storage key -> name)
     and ``seed`` key fills of those tensors as ``materialize(seed)`` would."""
 
-    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None, undoable: bool = False):
+    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None, undo: dict | None = None):
         self.pending: dict[int, _Pending] = {}
         self.seed = seed
         self.names = names or {}
         self._seq = 0
         self._busy = False
-        # undoable (materialize's init_fn): the bytes of every real storage as they were
-        # before the block first wrote into it, so that a failure can put them back
-        self.undo: dict[int, tuple] | None = {} if undoable else None
+        # undo (materialize's init_fn, and blocks inside it share it): the bytes of every
+        # real storage as they were before a block first wrote into it, so that a
+        # failure can put them back; None: not undoable
+        self.undo: dict[int, tuple] | None = undo
 
     def before_write(self, t: torch.Tensor) -> None:
         """``t``'s memory is about to be written (an undoable block keeps it first)."""
@@ -161,12 +162,13 @@ class Batch:
         rest = args[1:]
         if not intercept.only_scalars(rest, kwargs) or kwargs.get("out") is not None:
             return False
-        check_writable(t, overlap=name != "fill_" and name != "zero_")
+        check_writable(t, overlap=name not in ("fill_", "zero_", "__setitem__"))
         if name == "__setitem__":
             idx, value = rest if len(rest) == 2 else (None, None)
             if not (intercept.basic_index(idx) and intercept.is_number(value)):
                 return False
             view = t[idx]  # IndexError as eager code raises it
+            check_writable(view)  # (what is written: a row of an expanded tensor may be)
             value = intercept.stored_as(value, t.dtype)
             if not view.numel():
                 return True

@@ -398,7 +398,7 @@ class Recorder(TorchFunctionMode):
         if kind == _QUERY:
             return func(*args, **kwargs)
         if kind == _SEEN_QUERY:
-            if self.batch is not None and self.batch.pending:  # (a raw read of memory runs the queue)
+            if self.batch is not None and self.batch.pending and func.__name__ in RAW_READS:  # (it runs the queue)
                 self.batch.on_op(func, getattr(func, "__name__", ""), kind, None, args, kwargs)
             if getattr(func, "__self__", None) is _IS_META and args and args[0].is_meta:
                 self._early_return_init(args[0], sys._getframe(1))
@@ -781,7 +781,7 @@ class RecordingSink:
         queued in its memory and not keyed by name, while no torch function mode but this
         recorder's would see the write. A memset costs less than queueing it, and the CPU engine fuses no
         constants. An undoable block keeps the tensor's bytes first."""
-        if tensor.is_meta or not tensor.is_cpu or is_dtensor(tensor) or not _only_one_mode():
+        if tensor.is_meta or not tensor.is_cpu or is_dtensor(tensor) or not _only_mode(self.recorder):
             return False
         batch = self.recorder.batch
         if batch is not None:
@@ -814,12 +814,20 @@ class RecordingSink:
 
 
 _OUTSIDE = RecordingSink(Recorder())
+
+
+def current_batch():
+    """The queue of the ``batched()`` block (or ``init_fn``) this thread runs in, or None."""
+    sink = _sink.current.get()
+    return sink.recorder.batch if isinstance(sink, RecordingSink) else None
+
 _len_mode_stack = getattr(torch._C, "_len_torch_function_stack", None)
+_mode_at = getattr(torch._C, "_get_function_stack_at", None)
 
 
-def _only_one_mode() -> bool:
-    """Whether one torch function mode is on this thread's stack (the recorder running)."""
-    return _len_mode_stack is not None and _len_mode_stack() == 1
+def _only_mode(mode) -> bool:
+    """Whether ``mode`` is the one torch function mode on this thread's stack."""
+    return _len_mode_stack is not None and _mode_at is not None and _len_mode_stack() == 1 and _mode_at(0) is mode
 
 
 def outside_sink_for(t: torch.Tensor):

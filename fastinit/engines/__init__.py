@@ -206,6 +206,14 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
             if t.tensor.is_contiguous():
                 work.append(t)  # engines write through .detach()ed views or data pointers
                 continue
+            if type(t.spec) is Constant and t.tensor.dtype in FLOAT_DTYPES:
+                # a constant needs no buffer: fill_ writes any view, expanded ones too (whose
+                # copy_ refuses), with the engines' values (see _constants_now)
+                with torch._C.DisableTorchFunction(), torch.no_grad():
+                    t.tensor.detach().fill_(t.spec.value)
+                if progress is not None:
+                    progress(t.tensor.numel() * t.tensor.element_size())
+                continue
             dst = t.tensor.detach()
             buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
             proxies.append((dst, buf))
