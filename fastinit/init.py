@@ -214,16 +214,20 @@ _NUMBER_TYPES = (int, float)
 
 
 def _checked_key(op: str, op_args: tuple, tensor: torch.Tensor):
-    # floats by their bits, as strings (0.0 and -0.0 are equal keys otherwise, and give
-    # other values; an int stays an int, so 1 and 1.0 differ too); the device by its type
-    # (meta read without making a device object: this is on every recorded call's path)
+    # floats as themselves, but a zero by its sign (0.0 and -0.0 are equal keys and give
+    # other values); an int followed by ``int`` (1 and 1.0 are equal keys too); the
+    # device by its type (meta read without making a device object: this is on every
+    # recorded call's path)
     key = [op, tensor.dtype, tensor.numel() > 0, "meta" if tensor.is_meta else tensor.device.type]
     for x in op_args:
         t = type(x)
         if t is float:
-            key.append(x.hex())
+            key.append(x if x else math.copysign(1.0, x))  # (a zero: +-1.0, and no float is)
+            if not x:
+                key.append(0.0)
         elif t is int:
             key.append(x)
+            key.append(int)
         else:
             return None
     return tuple(key)

@@ -377,3 +377,16 @@ def test_trunc_normal_warning_points_at_the_call():
         warnings.simplefilter("always")
         fastinit.trunc_normal_(torch.empty(3), mean=10.0)  # the call
     assert ws and ws[0].filename == __file__
+
+
+def test_memo_keys_of_checked_calls_tell_apart_what_torch_tells_apart():
+    from fastinit.init import _checked_key
+
+    t = torch.empty(2)
+    args = [(0.0,), (-0.0,), (0,), (1,), (1.0,), (-1.0,), (1.0, 0.0), (0.0, 1.0), (1.0, -0.0), (-0.0, 1.0),
+            (1, 0), (1.0, 0), (0.0, 0), (0, 0.0), (-1.0, 0.0), (1.0, 1.0, 0.0)]
+    keys = [_checked_key("fill_", a, t) for a in args]
+    assert len(set(keys)) == len(keys)
+    assert _checked_key("fill_", (-0.0, 2), t) == _checked_key("fill_", (-0.0, 2), t)
+    assert _checked_key("fill_", (1.0,), t) != _checked_key("fill_", (1.0,), t.half())
+    assert _checked_key("fill_", (True,), t) is None and _checked_key("fill_", ("1",), t) is None

@@ -388,7 +388,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     for prefix, mod in mods:
         h = mod.__dict__.get(HANDLE_ATTR)
         if h is None:
-            object.__setattr__(mod, HANDLE_ATTR, Handle(rec, prefix))
+            mod.__dict__[HANDLE_ATTR] = Handle(rec, prefix)  # (a plain attribute: no Module.__setattr__)
             added.append(mod)
         elif h.recording is not rec and not h.name and prefix and id(h.recording) not in linked \
                 and h.recording.root is not None and h.recording.root() is mod:
@@ -420,7 +420,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
                 t.__dict__[HANDLE_ATTR] = Handle(rec, name)
             except AttributeError:
                 pass
-        r = rec.record(t)
+        r = found[1] if found is not None else rec.record(t)  # (rec's, or taken over above)
         rec.names.setdefault(r.sk, name)
         rec.by_name.setdefault(name, r.sk)
         rec.geoms.setdefault(name, geometry(t))
