@@ -639,7 +639,8 @@ def test_random_torch_ops_are_keyed_by_seed_and_name_too():
 
 def test_recording_survives_torch_dynamo_being_imported_during_it():
     # A fresh process: a meta division imports torch._dynamo mid-recording, whose
-    # polyfills check torch.Tensor.__new__ (hooked while recording) on import.
+    # polyfills check torch.Tensor.__new__ (hooked while recording) on import. (Of
+    # more than 2^16 elements: smaller float math is shaped on the CPU, not on meta.)
     import subprocess
     import sys
 
@@ -648,7 +649,7 @@ def test_recording_survives_torch_dynamo_being_imported_during_it():
         "assert 'torch._dynamo' not in sys.modules\n"
         "def build():\n"
         "    m = nn.Linear(4, 4)\n"
-        "    m.register_buffer('f', 1.0 / (1e4 ** (torch.arange(0, 8, 2).float() / 8)))\n"
+        "    m.register_buffer('f', 1.0 / (1e4 ** (torch.arange(0, 1 << 18, 2).float() / 8)))\n"
         "    m.extra = nn.Parameter(torch.Tensor(3, 3))\n"
         "    nn.init.ones_(m.extra)\n"
         "    return m\n"
@@ -762,3 +763,30 @@ def test_real_tensors_are_never_reinitialized():
     rep = fastinit.materialize(part, seed=0)
     assert torch.equal(part[0].weight, w) and set(rep.entries) == {"1.weight", "1.bias"}
     assert not part[1].weight.is_meta
+
+
+@pytest.mark.parametrize("expr", [
+    "1.0 / (5e5 ** (torch.arange(0, 64, 2, dtype=torch.float) / 64))",  # RoPE's inverse frequencies
+    "torch.arange(0.5, 3, 0.25) * torch.ones(1, dtype=torch.float16)",  # promotion, broadcasting
+    "torch.ones(3, 1).half() + torch.ones(4)",
+    "torch.ones(()) - 2",
+    "torch.arange(10, 0, -3)",
+    "torch.arange(4).float().exp().sqrt().neg().reciprocal()",
+    "torch.pow(torch.full((2, 3), 2.0), torch.ones(3)) / torch.ones(2, 1, dtype=torch.float64)",
+])
+def test_small_float_math_is_shaped_and_valued_as_eagerly(expr):
+    # small float math on meta is shaped by the same op on the CPU (torch's meta kernels for
+    # it are slow): the recorded tensor has eager's shape, dtype and strides, and its value
+    def build():
+        m = nn.Module()
+        m.register_buffer("b", eval(expr))
+        return m
+
+    eager = build().b
+    m = fastinit.deferred_init(build)
+    with torch.device("meta"):
+        on_meta = build().b
+    assert m.b.is_meta and m.b.shape == eager.shape == on_meta.shape and m.b.dtype == eager.dtype == on_meta.dtype
+    assert m.b.stride() == eager.stride()
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m.b, eager)
