@@ -1,5 +1,6 @@
 """deferred_init → materialize on real third-party and torch model code."""
 
+import contextlib
 import math
 import os
 import warnings
@@ -790,3 +791,42 @@ def test_small_float_math_is_shaped_and_valued_as_eagerly(expr):
     assert m.b.stride() == eager.stride()
     fastinit.materialize(m, seed=0)
     assert torch.equal(m.b, eager)
+
+
+def test_a_plain_block_inside_a_keyed_one_keys_fills_by_name_too():
+    def init(m, inner):
+        with inner():
+            fastinit.normal_(m.weight, std=0.02)
+
+    d = fastinit.deferred_init(nn.Linear, 16, 16)
+    fastinit.materialize(d, seed=0, init_fn=lambda m: init(m, contextlib.nullcontext))
+    torch.manual_seed(1)
+    m = nn.Linear(16, 16)
+    with fastinit.batched(seed=0, module=m):
+        init(m, fastinit.batched)  # (a library helper batching its own calls)
+    assert torch.equal(m.weight, d.weight)
+
+
+def test_small_float_math_shaped_on_the_cpu_only_where_nothing_else_decides():
+    from torch.overrides import TorchFunctionMode
+
+    class Upcast(TorchFunctionMode):  # a user's mode: its ops are the model's
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return out.double() if getattr(func, "__name__", "") == "mul" else out
+
+    class MyT(torch.Tensor):
+        pass
+
+    def build():
+        m = nn.Module()
+        m.register_buffer("s", torch.mul(torch.arange(4, dtype=torch.float), 2.0))
+        m.t = torch.ones(3).as_subclass(MyT) * 2  # (a subclass keeps its type)
+        m.register_buffer("big", torch.ones(1 << 14, 1) * torch.ones(1, 1 << 14))  # 2^28 elements
+        return m
+
+    with Upcast():
+        eager_s = build().s
+        m = fastinit.deferred_init(build)
+    assert m.s.dtype == eager_s.dtype == torch.float64 and type(m.t) is MyT and m.big.is_meta
+    assert m.big.shape == (1 << 14, 1 << 14)

@@ -960,6 +960,8 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
         # a block inside another (apply_scheme inside the user's): what the outer one queued
         # runs first, so that this one's writes come after it, and fail with it
         outer.flush()
+    if outer is not None and seed is None and module is None:
+        seed, names = outer.seed, outer.names  # (a plain block keys fills as the one it runs in)
     batch = Batch(seed, names, undo=outer.undo if outer is not None else None)
     try:
         with intercept.recording(home, batch):

@@ -127,7 +127,8 @@ class Batch:
             if self._other_dtype(tensor, sk):
                 self.flush()  # a view that reinterprets queued memory: what is queued first, this call now
                 return False
-            named = self.seed is not None and sk in self.names
+            # (an explicit generator keys the fill as the call made eagerly, as materialize keys it)
+            named = self.seed is not None and generator is None and sk in self.names
             key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
             # the engine in force now, as the call one by one would use (use_engine inside the block)
             self._event(tensor, "fill", True, sk, spec=spec, key=key, engine=engines.engine_for(tensor.device))

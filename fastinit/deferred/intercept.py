@@ -24,6 +24,7 @@ early on meta tensors are found by :mod:`.hooks`.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import sys
 import threading
@@ -263,29 +264,49 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
+_SHAPED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _alone() -> bool:
+    """Inside a recorder's handler: whether no other torch function mode is on the stack
+    (the handler's own mode is off it meanwhile), so that an op made unseen changes nothing."""
+    return _len_mode_stack is not None and _len_mode_stack() == 0
+
+
 def _shaped_on_cpu(func, args, kwargs):
-    """The meta result of ``func`` (one of :data:`SHAPED_ON_CPU`) on small dense floating
-    meta tensors, shaped by the same op on uninitialized CPU tensors of their shapes
-    (float math raises nothing whatever the values; the recorded op replays on the
-    real values); None where that does not apply (then the meta kernel runs)."""
-    if "out" in kwargs:
+    """The meta result of ``func`` (one of :data:`SHAPED_ON_CPU`) on small dense meta
+    tensors of float dtypes (plain tensors or parameters), shaped by the same op on
+    uninitialized CPU tensors of their shapes and strides (float math raises nothing
+    whatever the values; the recorded op replays on the real values); None where that
+    does not apply (then the meta kernel runs): other types, a result of more than
+    :data:`_SMALL` elements, another torch function mode on the stack."""
+    if "out" in kwargs or not _alone():
         return None
     grad = torch.is_grad_enabled()
-    n = 0
+    shapes = []
     for x in (*args, *kwargs.values()):
         if isinstance(x, torch.Tensor):
-            if not (x.is_meta and x.is_floating_point() and x.numel() <= _SMALL and x.is_contiguous()
-                    and not (grad and x.requires_grad)):
+            if not (type(x) in _PLAIN_TENSORS and x.is_meta and x.dtype in _SHAPED_DTYPES
+                    and x.numel() <= _SMALL and x.is_contiguous() and not (grad and x.requires_grad)):
                 return None
-            n += 1
+            shapes.append(x.shape)
         elif isinstance(x, (list, tuple, dict)):
             return None
-    if not n:
+    if not shapes:
         return None
-    with torch._C.DisableTorchFunction():  # (no mode sees the stand-ins)
-        out = func(*(torch.empty(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x for x in args),
-                   **{k: torch.empty(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v
-                      for k, v in kwargs.items()})
+    try:
+        n = math.prod(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return None  # (the meta kernel raises eager's error)
+    if n > _SMALL:
+        return None
+
+    def stand_in(x):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype) if isinstance(x, torch.Tensor) else x
+
+    with torch._C.DisableTorchFunction():  # (no mode sees the stand-ins: none but the recorder's is on)
+        out = func(*(stand_in(x) for x in args), **{k: stand_in(v) for k, v in kwargs.items()})
         return _meta_like(out) if type(out) is torch.Tensor else None
 
 
@@ -303,7 +324,8 @@ def _small_range_on_meta(args, kwargs):
     start, end, step = named["start"], named.get("end"), named["step"]
     if type(start) not in (int, float) or type(end) not in (int, float) or type(step) not in (int, float) or not step:
         return None  # (errors as torch's meta arange raises them)
-    if not 0 <= (end - start) / step <= _SMALL:
+    if not 0 <= (end - start) / step <= _SMALL or kwargs.get("dtype") not in (None, *_SHAPED_DTYPES, torch.int64,
+                                                                                torch.int32) or not _alone():
         return None
     with torch._C.DisableTorchFunction():
         return _meta_like(torch.arange(*args, **{**kwargs, "device": "cpu"}))
