@@ -481,8 +481,9 @@ class Recorder(TorchFunctionMode):
         if kind == _QUERY:
             return func(*args, **kwargs)
         if kind == _SEEN_QUERY:
-            if self.batch is not None and self.batch.pending and func.__name__ in RAW_READS:  # (it runs the queue)
-                self.batch.on_op(func, getattr(func, "__name__", ""), kind, None, args, kwargs)
+            name = func.__name__
+            if self.batch is not None and self.batch.pending and name in RAW_READS:  # (it runs the queue)
+                self.batch.on_op(func, name, kind, None, args, kwargs)
             if getattr(func, "__self__", None) is _IS_META and args and args[0].is_meta:
                 self._early_return_init(args[0], sys._getframe(1))
             if func is _DEEPCOPY and self.home is not None and args and args[0].is_meta:
