@@ -831,3 +831,16 @@ def test_small_float_math_shaped_on_the_cpu_only_where_nothing_else_decides():
         m = fastinit.deferred_init(build)
     assert m.s.dtype == eager_s.dtype == torch.float64 and type(m.t) is MyT and m.big.is_meta
     assert m.big.shape == (1 << 14, 1 << 14)
+
+
+def test_math_on_tensors_made_in_inference_mode_while_recording():
+    def build():  # (inference tensors have no version counter for the recorder to watch)
+        m = nn.Module()
+        with torch.inference_mode():
+            x = torch.arange(6, dtype=torch.float).reshape(2, 3)
+            m.register_buffer("y", torch.exp(x) * 2 + 1)
+        return m
+
+    m = fastinit.deferred_init(build)
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m.y, build().y)

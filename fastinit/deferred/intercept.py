@@ -570,7 +570,7 @@ class Recorder(TorchFunctionMode):
         if not any(t.is_meta for t in tensors_in(args, kwargs)):
             return None
         leaves, _ = tree_flatten((args, kwargs))
-        seen = [(i, t, t._version) for i, t in enumerate(leaves)
+        seen = [(i, t, None if t.is_inference() else t._version) for i, t in enumerate(leaves)  # (no counter)
                 if isinstance(t, torch.Tensor) and t.is_meta and recording_of(t) is not None]
         if not seen:
             return None
@@ -580,7 +580,7 @@ class Recorder(TorchFunctionMode):
         """Record the writes an op made into recorded meta tensors that its name did not
         announce (see :class:`~.record.Event`, kind ``"side"``)."""
         seen, hidden, args, kwargs, (snap_args, snap_kwargs) = watched
-        mutated = [(i, t) for i, t, v in seen if t._version != v or any(t is h for h in hidden)]
+        mutated = [(i, t) for i, t, v in seen if (v is not None and t._version != v) or any(t is h for h in hidden)]
         if not mutated:
             return
         outs = kwargs.get("out")
