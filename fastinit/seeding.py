@@ -3,10 +3,11 @@
 * Drop-in calls draw their key from ``generator=`` or torch's default CPU
   generator (:func:`draw_key`), so ``torch.manual_seed`` governs them and two
   calls never share a stream.
-* Materialization derives the key from ``(seed, fully-qualified name)`` and the
-  index of the tensor's fill among its recorded events (:func:`key_for_name` of
-  ``"name#index"``), so a parameter's values depend neither on the order of
-  init, nor on other parameters, devices or sharding.
+* Materialization derives the key from ``(seed, fully-qualified name)`` and, for
+  a fill that is not the tensor's final one, its place among the tensor's recorded
+  events counted from the final fill (:func:`key_for_name` of ``"name#k"``), so a
+  parameter's values depend neither on the order of init, nor on other
+  parameters, devices or sharding.
 """
 
 from __future__ import annotations

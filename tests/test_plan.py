@@ -48,7 +48,9 @@ def test_the_last_whole_overwrite_wins_and_earlier_fills_never_run():
     assert st.kind == "fill" and st.index == 1 and st.spec == Normal(0, 0.02)
     assert st.rest == [events[2]]  # the row edit replays after the fused fill
     assert fill_tag(events, st.index) == ""  # the final fill: keyed by the name alone
-    assert fill_tag(events, 0) == "#0" and fill_tag(events, None) == "#create"
+    # the others by their place counted from it (before: negative), factories apart
+    assert fill_tag(events, 0) == "#-1" and fill_tag(events, 2) == "#1" and fill_tag(events, None) == "#create"
+    assert fill_tag([events[2]], 0) == "#1"  # (nothing overwrites the whole: counted from before the first)
 
 
 def test_whole_scalar_edits_fold_into_a_constant_as_eager_code_computes_them():

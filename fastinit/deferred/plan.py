@@ -9,10 +9,11 @@ Pure functions of records (no tensor is allocated or computed here), shared by
   fill (a constant with the whole-tensor scalar edits right after it folded in,
   computed as eager code computes them); what follows replays in recorded order.
 * :func:`fill_tag` — which name keys a fill: a storage's final fill is keyed by
-  its name alone, earlier fills (read by other tensors before being overwritten)
-  by ``name#index``, factories by ``name#create``; so the same init code keys a
-  tensor the same way whether it was recorded at construction, in ``init_fn``
-  or in ``batched()``.
+  its name alone, the others (partial fills after it; fills read by other tensors
+  before being overwritten) by ``name#k``, ``k`` their place counted from the final
+  fill, factories by ``name#create``; so the same init code keys a tensor the same
+  way whether it was recorded at construction, in ``init_fn`` or in ``batched()``,
+  whatever writes came before its final fill (a deferred model's constructor's).
 * :func:`uninitialized` — why a value holds uninitialized memory (``empty``,
   ``empty_like``, ``new_empty``, the legacy constructor, and anything computed
   from those), or None.
@@ -141,10 +142,18 @@ def start_of(events: list[Event], node: Node | None, dtype: torch.dtype, *, exis
 
 def fill_tag(all_events: list[Event], index: int | None, whole: Callable[[Event], bool] = _whole) -> str:
     """The suffix of the name that keys the fill at ``index`` of a storage's
-    events (None: its creating factory): "" for the storage's final fill."""
+    events (None: its creating factory): "" for the storage's final fill (its last
+    whole overwrite), ``#k`` for the event ``k`` places after it (before it: ``k``
+    negative), counted from before the first event where nothing overwrites the
+    whole storage. (Counted from the final fill, ``ones_(b); uniform_(b[4:])`` keys
+    its partial fill alike on an allocated model, whose events start at the call,
+    and on a deferred one, whose constructor wrote into ``b`` first.)"""
     if index is None:
         return "#create"
-    return "" if index == last_overwrite(all_events, whole) else f"#{index}"
+    last = last_overwrite(all_events, whole)
+    if index == last:
+        return ""
+    return f"#{index - (-1 if last is None else last)}"
 
 
 def events_before(r: StorageRecord, seq: int | None) -> list[Event]:
