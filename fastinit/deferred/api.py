@@ -955,14 +955,15 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
             for name, t in named_tensors(module):
                 if t is not None and not t.is_meta:
                     names.setdefault(storage_key(t), name)
-    outer = intercept.current_batch()
+    outer, undo = intercept.current_batch(), None
     if outer is not None:
         # a block inside another (apply_scheme inside the user's): what the outer one queued
         # runs first, so that this one's writes come after it, and fail with it
         outer.flush()
-    if outer is not None and seed is None and module is None:
-        seed, names = outer.seed, outer.names  # (a plain block keys fills as the one it runs in)
-    batch = Batch(seed, names, undo=outer.undo if outer is not None else None)
+        undo = outer.undo
+        if seed is None and module is None:
+            seed, names = outer.seed, outer.names  # (a plain block keys fills as the one it runs in)
+    batch = Batch(seed, names, undo=undo)
     try:
         with intercept.recording(home, batch):
             yield

@@ -266,12 +266,19 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
 
 _SHAPED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_len_mode_stack = getattr(torch._C, "_len_torch_function_stack", None)
+_mode_at = getattr(torch._C, "_get_function_stack_at", None)
 
 
 def _alone() -> bool:
     """Inside a recorder's handler: whether no other torch function mode is on the stack
     (the handler's own mode is off it meanwhile), so that an op made unseen changes nothing."""
     return _len_mode_stack is not None and _len_mode_stack() == 0
+
+
+def _only_mode(mode) -> bool:
+    """Outside its handler: whether ``mode`` is the one torch function mode on this thread's stack."""
+    return _len_mode_stack is not None and _mode_at is not None and _len_mode_stack() == 1 and _mode_at(0) is mode
 
 
 def _shaped_on_cpu(func, args, kwargs):
@@ -314,15 +321,12 @@ def _small_range_on_meta(args, kwargs):
     """``torch.arange(...)`` on meta of a short range of numbers, made on the CPU and
     shaped on meta (torch's meta arange of floats runs a Python reference: 140 us); None
     otherwise."""
-    if not all(type(x) in (int, float) for x in args) or set(kwargs) - {"dtype", "device", "start", "end", "step"}:
+    if len(args) > 3 or set(kwargs) - {"dtype", "device", "start", "end", "step"}:
         return None
     named = {"start": 0, "step": 1, **{k: v for k, v in kwargs.items() if k in ("start", "end", "step")}}
-    if len(args) == 1:
-        named["end"] = args[0]
-    elif len(args) in (2, 3):
-        named.update(zip(("start", "end", "step"), args))
+    named.update(zip(("end",) if len(args) == 1 else ("start", "end", "step"), args))
     start, end, step = named["start"], named.get("end"), named["step"]
-    if type(start) not in (int, float) or type(end) not in (int, float) or type(step) not in (int, float) or not step:
+    if any(type(v) not in (int, float) for v in (start, end, step)) or not step:
         return None  # (errors as torch's meta arange raises them)
     if not 0 <= (end - start) / step <= _SMALL or kwargs.get("dtype") not in (None, *_SHAPED_DTYPES, torch.int64,
                                                                                 torch.int32) or not _alone():
@@ -908,14 +912,6 @@ def current_batch():
     """The queue of the ``batched()`` block (or ``init_fn``) this thread runs in, or None."""
     sink = _sink.current.get()
     return sink.recorder.batch if isinstance(sink, RecordingSink) else None
-
-_len_mode_stack = getattr(torch._C, "_len_torch_function_stack", None)
-_mode_at = getattr(torch._C, "_get_function_stack_at", None)
-
-
-def _only_mode(mode) -> bool:
-    """Whether ``mode`` is the one torch function mode on this thread's stack."""
-    return _len_mode_stack is not None and _mode_at is not None and _len_mode_stack() == 1 and _mode_at(0) is mode
 
 
 def outside_sink_for(t: torch.Tensor):
