@@ -128,25 +128,37 @@ def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
             raise RuntimeError(_OVERLAP_MSG)
 
 
-# torch.autograd.graph.increment_version(t) is this C function on (t,)
-_increment_version = getattr(torch._C, "_increment_version", None)
+def _version_incrementer():
+    """torch.autograd.graph.increment_version on ``(t,)``: the C function it calls, in
+    the form this torch's takes (a tuple of tensors in 2.13, one tensor in older ones)."""
+    f = getattr(torch._C, "_increment_version", None)
+    probe = torch.zeros(1)
+    for form in (f, lambda ts: f(ts[0])):
+        try:
+            v = probe._version
+            form((probe,))
+        except (TypeError, RuntimeError):
+            continue
+        if probe._version == v + 1:
+            return form
+    return lambda ts: torch.autograd.graph.increment_version(ts[0])
+
+
+_increment_version = _version_incrementer()
 
 
 def bump_version(tensor: torch.Tensor) -> None:
     """The one version-counter bump of an eager in-place write (inference tensors
     have no counter): autograd then sees the write."""
     if not tensor.is_inference():
-        if _increment_version is not None:
-            _increment_version((tensor,))
-        else:
-            torch.autograd.graph.increment_version(tensor)
+        _increment_version((tensor,))
 
 
 def _bump_version(tensor: torch.Tensor, before) -> None:
     """One version-counter bump for the call (autograd then sees the write), unless a
     torch op of the fill already made it."""
     if before is not None and tensor._version == before:
-        torch.autograd.graph.increment_version(tensor)
+        _increment_version((tensor,))
 
 
 def _version(tensor: torch.Tensor):
@@ -199,8 +211,8 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         check_writable(tensor)
         return torch_fallback()  # complex: torch's own
     # (the checks remembered as a sink's are: the same op on a stand-in of the same dtype)
-    return _fill_now(tensor, _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec),
-                     generator, None, torch_fallback)
+    return _write_now(tensor, _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec), generator,
+                      not plain)
 
 
 # Recorded or queued calls (a model built under deferred_init makes hundreds, mostly
@@ -218,7 +230,8 @@ def _checked_key(op: str, op_args: tuple, tensor: torch.Tensor):
     # other values); an int followed by ``int`` (1 and 1.0 are equal keys too); the
     # device by its type (meta read without making a device object: this is on every
     # recorded call's path)
-    key = [op, tensor.dtype, tensor.numel() > 0, "meta" if tensor.is_meta else tensor.device.type]
+    key = [op, tensor.dtype, tensor.numel() > 0,
+           "meta" if tensor.is_meta else "cpu" if tensor.is_cpu else tensor.device.type]
     for x in op_args:
         t = type(x)
         if t is float:
@@ -239,16 +252,19 @@ def _remember(memo: dict, key, value) -> None:
     memo[key] = value
 
 
-def _checked_spec(tensor: torch.Tensor, op: str, op_args: tuple, op_kwargs: dict, make_spec):
-    """torch's checks of ``tensor.<op>(*op_args, **op_kwargs)``
-    (raising what torch raises), then ``make_spec()``; both remembered by what they
-    depend on (see ``_CHECKED``; not for an explicit generator), and unseen by the
-    recorder's mode."""
+def _checked_spec(tensor: torch.Tensor, op: str, op_args: tuple, op_kwargs: dict, make_spec, check=None):
+    """torch's checks of ``tensor.<op>(*op_args, **op_kwargs)`` (or ``check()``, for a
+    call that is not one op), raising what torch raises, then ``make_spec()``; both
+    remembered by what they depend on (see ``_CHECKED``; not for an explicit
+    generator), and unseen by the recorder's mode."""
     with torch._C.DisableTorchFunction():
         memo = _checked_key(op, op_args, tensor) if op_kwargs.get("generator") is None else None
         spec = _CHECKED.get(memo) if memo is not None else None
         if spec is None:
-            check_like_torch(tensor, op, *op_args, recording=True, **op_kwargs)
+            if check is None:
+                check_like_torch(tensor, op, *op_args, recording=True, **op_kwargs)
+            else:
+                check()
             spec = make_spec()
             if memo is not None:
                 _remember(_CHECKED, memo, spec)
@@ -263,14 +279,21 @@ def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
                 return tensor
     if tensor.is_meta:
         return tensor
-    check_writable(tensor)
     if not _is_engine_dtype(tensor.dtype):
+        check_writable(tensor)
         return torch_fallback()
-    before = _version(tensor)
-    if is_dtensor(tensor):
-        fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
+    return _write_now(tensor, spec, generator, True)
+
+
+def _write_now(tensor, spec, generator, maybe_dtensor: bool) -> torch.Tensor:
+    """Write the checked spec into a real tensor of an engine dtype, with one version bump."""
+    check_writable(tensor)
+    before = None if tensor.is_inference() else tensor._version
+    key = draw_key(generator) if spec.random else 0
+    if maybe_dtensor and is_dtensor(tensor):
+        fill_dtensor(tensor, spec, key)
     else:
-        engines.fill_one(tensor, spec, draw_key(generator) if spec.random else 0)
+        engines.fill_one(tensor, spec, key)
     _bump_version(tensor, before)
     return tensor
 
@@ -419,26 +442,30 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         return tensor  # torch returns at once: no checks, no warning
     _trunc_normal_warn(mean, std, a, b, zero_std_is_error=not tensor.is_meta, stacklevel=3)
     recording = sink is not None
-    p = None
-    if std != 0:
-        # torch's sampler: the window's mass p picks normal_ (then bounds cast to the
-        # dtype) or uniform_(a, b); the op it would run checks the arguments.
-        p = _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
-        if p > 0.3:
+
+    def torch_sampler_p() -> float:  # torch's sampler: the window's mass p picks normal_ or uniform_
+        return _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
+
+    def check():  # the op torch's sampler would run checks the arguments
+        if std == 0:
+            return
+        if torch_sampler_p() > 0.3:
             if not tensor.dtype.is_floating_point:  # torch casts the bounds to the dtype (float: no error)
                 s = stand_in(tensor.dtype, "cpu")
-                with torch._C.DisableTorchFunction():
-                    s.new_tensor(a, device="cpu").item()
-                    s.new_tensor(b, device="cpu").item()
+                s.new_tensor(a, device="cpu").item()
+                s.new_tensor(b, device="cpu").item()
             check_like_torch(tensor, "normal_", mean, std, generator=generator, recording=recording)
         else:
             check_like_torch(tensor, "uniform_", a, b, generator=generator, recording=recording)
+
     def torch_fallback():  # complex: torch's rejection compares values, which have no order
         with torch._C.DisableTorchFunction():
-            (torch.lt if std != 0 and p > 0.3 else torch.gt)(stand_in(tensor.dtype, "cpu"), 0)
+            (torch.lt if std != 0 and torch_sampler_p() > 0.3 else torch.gt)(stand_in(tensor.dtype, "cpu"), 0)
         return torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator)
 
-    return _fill_now(tensor, _trunc_normal_spec(mean, std, a, b), generator, sink, torch_fallback)
+    spec = _checked_spec(tensor, "trunc_normal_", (mean, std, a, b), {"generator": generator},
+                         lambda: _trunc_normal_spec(mean, std, a, b), check)
+    return _fill_now(tensor, spec, generator, sink, torch_fallback)
 
 
 def _norm_cdf(x: float) -> float:

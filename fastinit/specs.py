@@ -77,7 +77,16 @@ class InitSpec:
     #: True when the fill consumes random numbers.
     random = True
 
-    def kernel_params(self) -> tuple[int, tuple[float, ...]]:  # pragma: no cover - abstract
+    def kernel_params(self) -> tuple[int, tuple[float, ...]]:
+        """``(kind, params)``: what the kernels take (computed once per spec object:
+        a drop-in call reuses the spec its checks remembered)."""
+        p = self.__dict__.get("_kernel_params")
+        if p is None:
+            p = self._params()
+            object.__setattr__(self, "_kernel_params", p)  # (not a field: equality and hash ignore it)
+        return p
+
+    def _params(self) -> tuple[int, tuple[float, ...]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def check_dtype(self, dtype) -> None:
@@ -97,7 +106,7 @@ class Constant(InitSpec):
         if v == v and abs(v) != float("inf") and abs(v) > torch.finfo(dtype).max:
             torch.empty(0, dtype=dtype, device="cpu").fill_(v)  # torch's own error (rounding at the edge is torch's)
 
-    def kernel_params(self):
+    def _params(self):
         return KIND_CONSTANT, (float(self.value), 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
@@ -135,7 +144,7 @@ class Uniform(InitSpec):
         """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it."""
         return _uniform_for_dtype(float(self.a).hex(), float(self.b).hex(), dtype)  # (by bits: -0.0 is not 0.0)
 
-    def kernel_params(self):
+    def _params(self):
         hi = self.top
         if hi is None:
             hi = max(float(float_below(self.b)), float(np.float32(self.a))) if self.b > self.a else self.a
@@ -159,7 +168,7 @@ class Normal(InitSpec):
         if not self.std >= 0.0:
             raise RuntimeError(f"normal expects std >= 0.0, but found std {self.std:g}")
 
-    def kernel_params(self):
+    def _params(self):
         return KIND_NORMAL, (float(self.mean), float(self.std), 0.0, 0.0, 0.0, 0.0)
 
 
@@ -222,7 +231,7 @@ class TruncNormal(InitSpec):
         hi = math.erfc(-beta / math.sqrt(2.0))
         return lo, hi - lo, sign
 
-    def kernel_params(self):
+    def _params(self):
         if self.is_flat():  # std >> b - a (or infinite): uniform on [a, b] to float64 precision
             return Uniform(self.a, self.b).kernel_params()
         lo, span, sign = self.cdf_window()

@@ -139,25 +139,27 @@ _ENV_KEY = os.environ.encodekey("FASTINIT_ENGINE") if hasattr(os.environ, "encod
 
 def engine_for(device: torch.device) -> str:
     """The engine that fills tensors on ``device`` right now."""
-    name = _override.get() or _env_engine() or None
-    if name:
-        return name
-    return "triton" if device.type == "cuda" else "cpu"
+    return _engine_name(device.type == "cuda")
+
+
+def _engine_name(cuda: bool) -> str:
+    return _override.get() or _env_engine() or ("triton" if cuda else "cpu")
 
 
 def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
-    """``fill([Target(tensor, spec, key)])``, without the batch machinery for the
-    common drop-in call: a contiguous CPU tensor of one chunk on the cpu engine.
-    Unlike :func:`fill`, it may bump the tensor's version counter once (the drop-in
-    call bumps it once in any case)."""
-    if tensor.device.type == "cpu" and tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous() \
-            and engine_for(tensor.device) == "cpu":
-        cpu = _MODULES.get("cpu") or _engine_module("cpu")
-        n = tensor.numel()
-        if n <= cpu.CHUNK:
-            if n:
-                cpu.fill_single_chunk(tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform else spec, key,
-                                      bump=True)
+    """``fill([Target(tensor, spec, key)])`` without the batch machinery, for the
+    drop-in call: a whole contiguous tensor goes straight to its engine's
+    ``fill_one`` (the cpu engine: one chunk on the calling thread; triton: one
+    launch with scalar arguments), which returns False for what it leaves to
+    :func:`fill`. Unlike :func:`fill`, it may bump the tensor's version counter
+    once (the drop-in call bumps it once in any case)."""
+    if tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous():
+        if not tensor.numel():
+            return
+        name = _engine_name(tensor.is_cuda)
+        one = getattr(_MODULES.get(name) or _engine_module(name), "fill_one", None)
+        if one is not None and one(
+                tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform and spec.top is None else spec, key):
             return
     fill([Target(tensor, spec, key)])
 

@@ -545,6 +545,16 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
     _round_into(f, dst)
 
 
+def fill_one(tensor: torch.Tensor, spec, key: int) -> bool:
+    """A whole contiguous float tensor of one chunk (a drop-in call), filled here
+    (see :func:`fill_single_chunk`; may bump its version counter once); False
+    for anything else, which :func:`fill` takes."""
+    if tensor.is_cpu and tensor.numel() <= CHUNK:
+        fill_single_chunk(tensor, spec, key, bump=True)
+        return True
+    return False
+
+
 def _scatter(lay, flat: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
     """Copy the layout's elements among global [lo, hi) (held by ``v``) into ``flat``."""
     if lay.rows == 1:

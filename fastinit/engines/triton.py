@@ -34,6 +34,7 @@ _pf = None  # fastinit.kernels.philox_fill, imported on the first fill
 def _kernels():
     global _pf
     if _pf is None:
+        check_available()  # (a clear error where triton is missing; engines.fill checks it too)
         # Imported only now: the kernels are decorated (compiled or interpreted) on import.
         from fastinit.kernels import philox_fill
 
@@ -48,17 +49,29 @@ def _device_error(dev) -> RuntimeError:
     )
 
 
+def _launch_one(tensor, spec, key: int, offset: int, rows: int, cols: int, row_stride: int) -> None:
+    """One launch for one contiguous tensor, scalar arguments (a direct launch once
+    its kernel is compiled)."""
+    if not (tensor.is_cuda or (tensor.is_cpu and _interpreting())):
+        raise _device_error(tensor.device)
+    kind, params = spec.kernel_params()
+    (_pf or _kernels()).fill_one(tensor, offset, rows, cols, row_stride, kind, key, params)
+
+
+def fill_one(tensor, spec, key: int) -> bool:
+    """A whole contiguous tensor (a drop-in call)."""
+    n = tensor.numel()
+    _launch_one(tensor, spec, key, 0, 1, n, n)
+    return True
+
+
 def fill(targets, progress=None) -> None:
-    if len(targets) == 1:  # a drop-in call: scalar arguments, direct launch
+    if len(targets) == 1:  # a drop-in call on a view, or a batch of one
         t = targets[0]
-        tensor = t.tensor
-        if not (tensor.is_cuda or (tensor.device.type == "cpu" and _interpreting())):
-            raise _device_error(tensor.device)
-        kind, params = t.spec.kernel_params()
         lay = t.layout
-        (_pf or _kernels()).fill_one(tensor, lay.offset, lay.rows, lay.cols, lay.row_stride, kind, t.key, params)
+        _launch_one(t.tensor, t.spec, t.key, lay.offset, lay.rows, lay.cols, lay.row_stride)
         if progress is not None:
-            progress(tensor.numel() * tensor.element_size())
+            progress(t.tensor.numel() * t.tensor.element_size())
         return
     groups: dict[tuple, list] = {}
     for t in targets:
