@@ -460,19 +460,24 @@ class _TwoLayers(nn.Module):
 
 
 @pytest.mark.parametrize("failure", ["init_fn raises", "strict"])
-def test_a_failed_materialize_leaves_loaded_tensors_as_they_were(failure):
-    """init_fn's writes into tensors already loaded (a checkpoint's) are undone when
-    materialize fails, plain edits and drop-in fills alike."""
+def test_a_failed_materialize_leaves_real_tensors_as_they_were(failure):
+    """init_fn's writes into real tensors outside the model are undone when materialize
+    fails, plain edits and drop-in fills alike (those into the model's loaded tensors
+    are never made)."""
     d = fastinit.deferred_init(_TwoLayers)
     d.a.load_state_dict(nn.Linear(4, 4).state_dict(), assign=True)
     w0, b0 = d.a.weight.detach().clone(), d.a.bias.detach().clone()
+    outside = nn.Linear(4, 4)
+    ow0, ob0 = outside.weight.detach().clone(), outside.bias.detach().clone()
 
     def init_fn(m):
-        with torch.no_grad():
-            m.a.weight.mul_(2)
-        fastinit.zeros_(m.a.bias)
-        print(m.a.bias.sum().item())  # a read: the queued fill runs now, inside init_fn
-        fastinit.orthogonal_(m.a.weight)  # a structured init, written at once
+        for lin in (m.a, outside):
+            with torch.no_grad():
+                lin.weight.mul_(2)
+            fastinit.zeros_(lin.bias)
+            print(lin.bias.sum().item())  # a read: the queued fill runs now, inside init_fn
+            fastinit.orthogonal_(lin.weight)  # a structured init, written at once
+        assert torch.equal(outside.bias, torch.zeros(4)) and torch.equal(m.a.bias, b0)
         if failure == "init_fn raises":
             nn.init.ones_(m.b.never)
             raise ValueError("bug in init_fn")
@@ -481,7 +486,76 @@ def test_a_failed_materialize_leaves_loaded_tensors_as_they_were(failure):
     with pytest.raises(ValueError if failure == "init_fn raises" else RuntimeError):
         fastinit.materialize(d, seed=0, init_fn=init_fn)
     assert torch.equal(d.a.weight, w0) and torch.equal(d.a.bias, b0)
+    assert torch.equal(outside.weight, ow0) and torch.equal(outside.bias, ob0)
     assert d.b.weight.is_meta
+
+
+def test_the_default_init_of_a_meta_model_keeps_what_was_loaded():
+    """Part of a checkpoint loaded into a meta-built model (``assign=True``): each
+    module's reset hook initializes its meta tensors and leaves the loaded ones, and
+    torch's generator, alone (its writes into them are dropped)."""
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.LSTM(4, 4))
+    ckpt = {"0.weight": torch.full((4, 4), 7.0), "1.running_mean": torch.full((4,), 3.0),
+            "2.weight_ih_l0": torch.full((16, 4), 2.0)}
+    m.load_state_dict(ckpt, strict=False, assign=True)
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastinit.materialize(m, seed=0)
+    state = m.state_dict()
+    for k, v in ckpt.items():
+        assert torch.equal(state[k], v), k
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(t.is_meta for t in state.values())
+    assert 0 < m[0].bias.abs().max() <= 0.5  # its own reset: U(-1/sqrt(4), 1/sqrt(4))
+    assert torch.equal(m[1].running_var, torch.ones(4)) and m[2].weight_hh_l0.abs().max() <= 0.5
+
+
+def _walks_every_linear(m):  # an HF-style init_fn: it walks every module, real or not
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.trunc_normal_(mod.weight, std=0.02)
+            nn.init.zeros_(mod.bias)
+            with torch.no_grad():
+                mod.bias.add_(torch.ones(mod.bias.shape))
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 3)
+
+
+@pytest.mark.parametrize("build", ["deferred_init", "meta device"])
+def test_init_fn_leaves_loaded_tensors_and_earlier_blocks_as_they_are(build):
+    """An init_fn that walks every module writes only the meta tensors: one loaded
+    from a checkpoint keeps its values, and blocks materialized one by one (then the
+    rest, with the same init_fn) equal the whole model materialized at once."""
+    def make():
+        if build == "deferred_init":
+            return fastinit.deferred_init(_Stack)
+        with torch.device("meta"):
+            return _Stack()
+
+    whole = make()
+    fastinit.materialize(whole, seed=0, init_fn=_walks_every_linear)
+    blocks = make()
+    for layer in blocks.layers:
+        fastinit.materialize(layer, seed=0, init_fn=_walks_every_linear)
+    first = blocks.layers[0].weight.detach().clone()
+    fastinit.materialize(blocks, seed=0, init_fn=_walks_every_linear)
+    assert torch.equal(blocks.layers[0].weight, first)
+    if build == "deferred_init":  # (a meta model's blocks do not know their names in it)
+        _assert_same(blocks, whole)
+    loaded = make()
+    head = nn.Linear(6, 3)
+    loaded.head.load_state_dict(head.state_dict(), assign=True)
+    fastinit.materialize(loaded, seed=0, init_fn=_walks_every_linear)
+    assert torch.equal(loaded.head.weight, head.weight) and torch.equal(loaded.head.bias, head.bias)
+    assert torch.equal(loaded.layers[1].weight, whole.layers[1].weight)
+    assert torch.equal(loaded.layers[1].bias, torch.ones(6))
 
 
 def test_init_fn_combines_loaded_and_deferred_tensors_out_of_place():

@@ -391,7 +391,12 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         only = {id(t) for t, _, _ in orphans}
         run = lambda m: default_init(m, only)  # noqa: E731
     if run is not None:
-        txn.batch = Batch(undo={})  # its writes to real tensors are undone if materialize fails
+        # the model's tensors that are real already keep their values; its other writes to
+        # real tensors are undone if materialize fails
+        with torch._C.DisableTorchFunction():
+            kept = frozenset(storage_key(dist_mod.local_tensor(t))
+                             for t in itertools.chain(module.parameters(), module.buffers()) if not t.is_meta)
+        txn.batch = Batch(undo={}, kept=kept)
         with intercept.recording(home, txn.batch):
             run(module)
         resolved, orphans = _after_init_fn(module, where, resolved, orphans, txn, prefix)
@@ -622,8 +627,11 @@ def materialize(
             from those), naming every such tensor.
         progress: show bytes done on stderr (default: on a terminal, for big models).
         init_fn: initialization to record and apply, after what is recorded. Its
-            writes to tensors that are already real are applied too, and undone
-            if materialize fails (a copy of each such tensor is kept meanwhile).
+            writes into the module's tensors that are already real (loaded from a
+            checkpoint, a block materialized before) are dropped: those keep their
+            values, as they do under the default init. Its writes into other
+            real tensors are applied, and undone if materialize fails (a copy of
+            each such tensor is kept meanwhile).
 
     Returns:
         A :class:`MaterializeReport`: per tensor, what it received.
@@ -955,15 +963,16 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
             for name, t in named_tensors(module):
                 if t is not None and not t.is_meta:
                     names.setdefault(storage_key(t), name)
-    outer, undo = intercept.current_batch(), None
+    outer, undo, kept = intercept.current_batch(), None, frozenset()
     if outer is not None:
-        # a block inside another (apply_scheme inside the user's): what the outer one queued
-        # runs first, so that this one's writes come after it, and fail with it
+        # a block inside another (apply_scheme inside the user's or in init_fn): what the outer
+        # one queued runs first, so that this one's writes come after it, and fail with it (and
+        # leave alone what materialize keeps)
         outer.flush()
-        undo = outer.undo
+        undo, kept = outer.undo, outer.kept
         if seed is None and module is None:
             seed, names = outer.seed, outer.names  # (a plain block keys fills as the one it runs in)
-    batch = Batch(seed, names, undo=undo)
+    batch = Batch(seed, names, undo=undo, kept=kept)
     try:
         with intercept.recording(home, batch):
             yield

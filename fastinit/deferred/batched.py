@@ -66,7 +66,8 @@ class Batch:
     """Work queued on real tensors, per storage. ``names`` (storage key -> name)
     and ``seed`` key fills of those tensors as ``materialize(seed)`` would."""
 
-    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None, undo: dict | None = None):
+    def __init__(self, seed: int | None = None, names: dict[int, str] | None = None, undo: dict | None = None,
+                 kept: frozenset = frozenset()):
         self.pending: dict[int, _Pending] = {}
         self.seed = seed
         self.names = names or {}
@@ -76,6 +77,17 @@ class Batch:
         # real storage as they were before a block first wrote into it, so that a
         # failure can put them back; None: not undoable
         self.undo: dict[int, tuple] | None = undo
+        # kept (materialize's init, default or init_fn): the storages of the model's tensors
+        # that were real before it ran (loaded from a checkpoint, a block materialized
+        # earlier): writes into them are dropped, so they keep their values
+        self.kept = kept
+
+    def keeps(self, t: torch.Tensor) -> bool:
+        """Whether a write into ``t`` is dropped (see ``kept``)."""
+        if not self.kept or t.is_meta:
+            return False
+        with torch._C.DisableTorchFunction():
+            return storage_key(dist_mod.local_tensor(t)) in self.kept
 
     def before_write(self, t: torch.Tensor) -> None:
         """``t``'s memory is about to be written (an undoable block keeps it first)."""
@@ -116,6 +128,8 @@ class Batch:
 
     def fill(self, tensor: torch.Tensor, spec, generator) -> bool:
         """Queue a drop-in fill (its key drawn now, as the call one by one would)."""
+        if self.keeps(tensor):
+            return True  # (nothing written, no key drawn)
         if tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):
             return False
         # what torch checks while writing, now: a failing call queues nothing (fill_ writes

@@ -523,6 +523,8 @@ class Recorder(TorchFunctionMode):
             if value is not None:
                 return func(value, *args[1:], **kwargs)
         target = write_target(name, args, kwargs)
+        if target is None and kind == _NN_INIT and isinstance(kwargs.get("tensor"), torch.Tensor):
+            target = kwargs["tensor"]  # (torch.nn.init's own call on a real tensor, by keyword)
         if self.batch is not None and self.batch.pending:
             handled, result = self.batch.on_op(func, name, kind, target, args, kwargs)
             if handled:
@@ -535,7 +537,9 @@ class Recorder(TorchFunctionMode):
                 and any(True for t in tensors_in(args, kwargs) if t.is_meta):
             kwargs["device"] = "meta"  # randn_like(meta_x, device="cpu") and the like stay recorded
         if target is not None and self.batch is not None:
-            self.batch.before_write(target)  # (init_fn's writes into real tensors are undone on failure)
+            if self.batch.keeps(target):
+                return None if name == "__setitem__" else target  # real before materialize: it keeps its values
+            self.batch.before_write(target)  # (a block's writes into real tensors are undone on failure)
         if target is not None and not target.is_meta and any(t.is_meta for t in tensors_in(args, kwargs)):
             # real.mul_(meta) (torch would do nothing): the meta operands stand for values
             # the code computed, which eager code would have used here
@@ -878,7 +882,7 @@ class RecordingSink:
         batch = self.recorder.batch
         if batch is not None:
             sk = storage_key(tensor)
-            if sk in batch.pending or (batch.seed is not None and sk in batch.names):
+            if sk in batch.pending or (batch.seed is not None and sk in batch.names) or batch.keeps(tensor):
                 return False  # (a named tensor's fills are keyed by their place among its events)
             batch.before_write(tensor)
         return True
@@ -900,6 +904,8 @@ class RecordingSink:
             return True
         batch = self.recorder.batch
         if batch is not None:
+            if batch.keeps(tensor):
+                return True  # real before materialize: it keeps its values
             batch.flush()  # a structured init reads its key now: everything queued first
             batch.before_write(tensor)  # (written now, by the engines)
         return False
