@@ -1880,3 +1880,23 @@ def test_tensors_taken_from_deferred_blocks_a_constructor_drops_are_keyed_by_the
         assert not torch.equal(m.w1, m.w2)
         assert not torch.equal(m.heads[0][0].weight, m.heads[1].weight)
         assert m.w1.abs().max() <= 0.5 and m.w1.std() > 0.1  # still kaiming_uniform_(a=sqrt 5): U(+-1/2)
+
+
+def test_a_materialized_or_deferred_model_pickles_without_its_records():
+    """``torch.save(model)`` after deferred_init + materialize loads the same model; a
+    still deferred one loads as a plain meta model (records are not saved)."""
+    import io
+    import pickle
+
+    m = fastinit.deferred_init(_Stack)
+    fastinit.materialize(m, seed=0)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    _assert_same(back, m)
+    d = pickle.loads(pickle.dumps(fastinit.deferred_init(_Stack)))
+    assert d.head.weight.is_meta
+    with pytest.warns(UserWarning, match="without fastinit.deferred_init"):
+        fastinit.materialize(d, seed=0)
+    assert not d.head.weight.is_meta

@@ -365,8 +365,18 @@ class Handle:
     def __copy__(self):
         return self
 
+    def __reduce__(self):
+        # Records hold weak references and torch ops: they are not saved. A pickled
+        # (``torch.save``) module loads without them: a materialized one as it was, a
+        # deferred one as a plain meta model (materialize then runs its default init).
+        return _no_handle, ()
+
     def __repr__(self) -> str:
         return f"<fastinit deferred record of {self.name or 'the root'}>"
+
+
+def _no_handle():
+    return None
 
 
 def named_tensors(module: torch.nn.Module):
