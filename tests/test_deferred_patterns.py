@@ -1900,3 +1900,27 @@ def test_a_materialized_or_deferred_model_pickles_without_its_records():
     with pytest.warns(UserWarning, match="without fastinit.deferred_init"):
         fastinit.materialize(d, seed=0)
     assert not d.head.weight.is_meta
+
+
+class _EmptyParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.empty(0, 3))
+        self.lin = nn.Linear(0, 4)
+
+
+@pytest.mark.parametrize("build", ["deferred_init", "meta device"])
+def test_zero_element_tensors_need_no_init_in_strict_mode(build):
+    """``nn.Linear(0, 4)`` and ``Parameter(torch.empty(0, 3))`` hold nothing to
+    initialize: strict mode does not report them, and the rest is as eager's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if build == "deferred_init":
+            m = fastinit.deferred_init(_EmptyParam)
+        else:
+            with torch.device("meta"):
+                m = _EmptyParam()
+        fastinit.materialize(m, seed=0)
+        eager = _EmptyParam()
+    assert m.p.shape == (0, 3) and m.lin.weight.shape == (4, 0)
+    assert torch.equal(m.lin.bias, eager.lin.bias)  # U(-0, 0): zeros

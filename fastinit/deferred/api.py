@@ -737,7 +737,8 @@ def _check_views_across(module: torch.nn.Module, root: torch.nn.Module, resolved
 
 def _check(plans, strict: bool, dtype) -> None:
     if strict:
-        bad = [(a, p.why_uninitialized) for _, names, _, p, _ in plans if p.why_uninitialized for a in names]
+        bad = [(a, p.why_uninitialized) for t, names, _, p, _ in plans
+               if p.why_uninitialized and t.numel() for a in names]  # (no elements: nothing to initialize)
         if bad:
             raise RuntimeError(
                 f"fastinit.materialize: {len(bad)} tensor(s) are never initialized: "
