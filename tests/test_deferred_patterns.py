@@ -1924,3 +1924,33 @@ def test_zero_element_tensors_need_no_init_in_strict_mode(build):
         eager = _EmptyParam()
     assert m.p.shape == (0, 3) and m.lin.weight.shape == (4, 0)
     assert torch.equal(m.lin.bias, eager.lin.bias)  # U(-0, 0): zeros
+
+
+class _ComplexInit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n = nn.Parameter(torch.empty(128, 128, dtype=torch.cfloat))
+        self.u = nn.Parameter(torch.empty(128, 128, dtype=torch.cdouble))
+        self.k = nn.Parameter(torch.empty(128, 128, dtype=torch.cfloat))
+        nn.init.normal_(self.n, 0.5, 2.0)
+        nn.init.uniform_(self.u, -1.0, 3.0)
+        nn.init.kaiming_uniform_(self.k)
+
+
+def test_random_inits_of_complex_parameters_replay_as_torch_draws_them():
+    """torch's normal_/uniform_ on a complex tensor draw the floats of view_as_real
+    (normal: each part with std / sqrt(2)); recorded in a constructor, they replay so."""
+    a = fastinit.deferred_init(_ComplexInit)
+    fastinit.materialize(a, seed=0)
+    b = fastinit.deferred_init(_ComplexInit)
+    fastinit.materialize(b, seed=0)
+    _assert_same(a, b)
+    for part in (a.n.real, a.n.imag):
+        assert abs(part.mean().item() - 0.5) < 0.05 and abs(part.std().item() / math.sqrt(2.0) - 1) < 0.03
+    bound = nn.init.calculate_gain("leaky_relu", 0) * math.sqrt(3.0 / 128)
+    for part in (a.u.real, a.u.imag, a.k.real, a.k.imag):
+        lo, hi = (-1.0, 3.0) if part.dtype == torch.float64 else (-bound, bound)
+        assert lo <= part.min().item() and part.max().item() < hi
+        assert abs(part.mean().item() - (lo + hi) / 2) < 0.02 * (hi - lo)
+        assert abs(part.std().item() / ((hi - lo) / math.sqrt(12.0)) - 1) < 0.03
+    assert not torch.equal(a.n.real, a.n.imag)

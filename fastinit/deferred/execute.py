@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import signal
 import sys
 import threading
@@ -31,7 +32,7 @@ from .. import distributed as dist_mod
 from .. import engines
 from ..engines import Target
 from ..seeding import key_for_name
-from ..specs import Constant
+from ..specs import Constant, Normal, Uniform
 from . import intercept
 from .intercept import FACTORIES, RANDOM_NAMES, SHAPE_ONLY, tensors_in
 from .plan import Plan, events_before, fill_tag, start_of
@@ -351,6 +352,12 @@ def _fill(view: torch.Tensor, spec, key: int) -> None:
         engines.fill([Target(view, spec, key)])
     elif isinstance(spec, Constant):
         view.fill_(spec.value)
+    elif view.is_complex() and type(spec) in (Normal, Uniform):
+        # as torch's normal_/uniform_ fill a complex tensor: the floats of view_as_real,
+        # each part N(mean, std^2 / 2) (the complex variance is std^2), or U(a, b)
+        if type(spec) is Normal:
+            spec = Normal(spec.mean, spec.std / math.sqrt(2.0))
+        engines.fill([Target(torch.view_as_real(view), spec, key)])
     else:
         raise TypeError(f"cannot fill a {view.dtype} tensor with {spec!r}")
 
