@@ -1954,3 +1954,29 @@ def test_random_inits_of_complex_parameters_replay_as_torch_draws_them():
         assert abs(part.mean().item() - (lo + hi) / 2) < 0.02 * (hi - lo)
         assert abs(part.std().item() / ((hi - lo) / math.sqrt(12.0)) - 1) < 0.03
     assert not torch.equal(a.n.real, a.n.imag)
+
+
+class _DefaultDtypeBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("r", torch.arange(6) / 7)  # int / int: the default dtype
+        self.register_buffer("lin", torch.linspace(0, 1, 7))
+        self.register_buffer("sq", torch.sqrt(torch.arange(6)))
+
+
+def _built_under(dtype):  # what transformers' from_config(torch_dtype=...) does around __init__
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _DefaultDtypeBuffers()
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_constructor_values_replay_under_the_default_dtype_they_were_made_in(dtype):
+    eager = _built_under(dtype)
+    d = fastinit.deferred_init(_built_under, dtype)
+    fastinit.materialize(d, seed=0)
+    _assert_same(d, eager)
+    assert torch.get_default_dtype() == torch.float32

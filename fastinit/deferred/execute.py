@@ -208,7 +208,8 @@ class Evaluator:
         if node.func in FACTORIES or node.func in SHAPE_ONLY or str(kwargs.get("device")) == "meta":
             kwargs["device"] = self.device
         try:
-            out = self._call(node.func, args, kwargs, lambda: self.key(rec, r, "#create"))
+            with _default_dtype(node.default_dtype):
+                out = self._call(node.func, args, kwargs, lambda: self.key(rec, r, "#create"))
         except ReplayError:
             raise
         except Exception as e:
@@ -345,6 +346,21 @@ def _read_while_recording(rec: Recording, t: torch.Tensor) -> torch.Tensor:
 
 
 intercept._reader = _read_while_recording
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """torch's default dtype set to ``dtype`` (None: float32) for the block, if it differs."""
+    dtype = torch.float32 if dtype is None else dtype
+    old = torch.get_default_dtype()
+    if old is dtype:
+        yield
+        return
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _fill(view: torch.Tensor, spec, key: int) -> None:

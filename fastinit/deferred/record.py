@@ -70,6 +70,11 @@ def covers_storage(t: torch.Tensor) -> bool:
     return True
 
 
+def _default_dtype_if_not_float32():
+    d = torch.get_default_dtype()
+    return None if d is torch.float32 else d
+
+
 @dataclass(eq=False, slots=True)
 class Node:
     """A recorded op that created tensors (a factory, or a pure op of other tensors)."""
@@ -78,6 +83,9 @@ class Node:
     func: Callable
     args: tuple
     kwargs: dict
+    # torch's default dtype when it ran, if not float32 (transformers sets it around a
+    # constructor): ``torch.arange(6) / 7`` and ``linspace`` replay in it
+    default_dtype: torch.dtype | None = field(default_factory=lambda: _default_dtype_if_not_float32())
 
     @property
     def label(self) -> str:
