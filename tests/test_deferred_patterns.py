@@ -1980,3 +1980,21 @@ def test_constructor_values_replay_under_the_default_dtype_they_were_made_in(dty
     fastinit.materialize(d, seed=0)
     _assert_same(d, eager)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_blocks_of_a_meta_model_materialized_one_by_one_with_one_seed_are_flagged():
+    """A model built on the meta device without deferred_init: its blocks do not know
+    their names in it, so one seed gives each the same values. materialize says so
+    (a warning naming the fix); a deferred model's blocks are keyed by their paths."""
+    with torch.device("meta"):
+        m = _Stack()
+    with pytest.warns(UserWarning, match="gets the same values as the sibling Linear"):
+        for layer in m.layers:
+            fastinit.materialize(layer, seed=0, init_fn=_walks_every_linear)
+    assert torch.equal(m.layers[0].weight, m.layers[1].weight)
+    d = fastinit.deferred_init(_Stack)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for layer in d.layers:
+            fastinit.materialize(layer, seed=0, init_fn=_walks_every_linear)
+    assert not torch.equal(d.layers[0].weight, d.layers[1].weight)

@@ -24,7 +24,8 @@ from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
-                     geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, recording_of, storage_key, storage_numel,
+                     geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, recorded_or_adopted,
+                     recording_of, storage_key, storage_numel,
                      tensor_handle)
 from .report import MaterializeReport, Planned
 
@@ -660,6 +661,7 @@ def materialize(
         return MaterializeReport(seed if seed is not None else 0, device, {}, 0, 0, 0, time.perf_counter() - t0)
     if seed is None:
         seed = draw_seed()
+    _warn_if_keyed_as_before(module, objs, seed)
     txn = _Transaction()
     try:
         resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
@@ -683,6 +685,40 @@ def materialize(
         raise
     fused, replayed, total = counts
     return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0)
+
+
+# Modules built on the meta device without deferred_init that materialize keyed, by
+# what their keys depend on: their tensors' names (relative to them), shapes, dtypes
+# and the seed. Such a module does not know its name in a model it is part of, so the
+# blocks of one model materialized one by one with one seed would all be the same.
+_KEYED_PLAIN: dict = {}
+
+
+def _warn_if_keyed_as_before(module: torch.nn.Module, objs, seed: int) -> None:
+    """Warn when ``module`` (built on meta without deferred_init) gets the very values
+    another such module got: blocks of one model materialized one by one."""
+    if module_handle(module) is not None or any(recorded_or_adopted(t) is not None for t, _ in objs):
+        return
+    fingerprint = (seed, tuple(sorted((names[0], tuple(t.shape), t.dtype) for t, names in objs)))
+    before = _KEYED_PLAIN.get(fingerprint)
+    other = before() if before is not None else None
+    if other is not None and other is not module and _siblings(module, other):
+        warnings.warn(
+            f"fastinit.materialize: this {type(module).__name__} gets the same values as the sibling "
+            f"{type(other).__name__} materialized before with seed={seed}: a module built on the meta device "
+            "without fastinit.deferred_init keys its tensors by their names in it, not in the model it is "
+            "part of, so blocks materialized one by one with one seed come out identical. Materialize the "
+            "whole model, build it with fastinit.deferred_init (its blocks know their names), or give each "
+            "block its own seed.", stacklevel=3)
+    if len(_KEYED_PLAIN) > 4096:
+        _KEYED_PLAIN.clear()
+    _KEYED_PLAIN[fingerprint] = weakref.ref(module)
+
+
+def _siblings(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether ``a`` and ``b`` are children of one module (two blocks of one model, not
+    two models built alike; asked only when their keys are the same: a gc walk)."""
+    return any(isinstance(d, dict) and any(v is b for v in d.values()) for d in gc.get_referrers(a))
 
 
 class _Modules:
