@@ -664,6 +664,11 @@ def test_recording_survives_torch_dynamo_being_imported_during_it():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+def test_a_built_module_passed_to_deferred_init_gets_a_clear_error():
+    with pytest.raises(TypeError, match=r"deferred_init\(Linear, \.\.\.\)"):
+        fastinit.deferred_init(nn.Linear(3, 3))
+
+
 def test_lazy_modules_get_a_clear_error():
     with pytest.raises(ValueError, match=r"1\.weight, 1\.bias belong to lazy modules.*forward pass"):
         fastinit.deferred_init(lambda: nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(8)))

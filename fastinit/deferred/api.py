@@ -52,6 +52,9 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
     carries its record and its fully-qualified name, so any submodule can be
     materialized on its own.
     """
+    if isinstance(fn, torch.nn.Module):
+        raise TypeError(f"fastinit.deferred_init builds the model itself: pass what builds it and its arguments "
+                        f"(deferred_init({type(fn).__name__}, ...)), not a built {type(fn).__name__}")
     rec = Recording()
     with _gc_paused():
         with intercept.recording(home=rec):
