@@ -1998,3 +1998,47 @@ def test_blocks_of_a_meta_model_materialized_one_by_one_with_one_seed_are_flagge
         for layer in d.layers:
             fastinit.materialize(layer, seed=0, init_fn=_walks_every_linear)
     assert not torch.equal(d.layers[0].weight, d.layers[1].weight)
+
+
+class _PlainAttrs(nn.Module):
+    """Tensors kept as plain attributes (Meta's reference Llama: ``self.freqs_cis``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+        self.freqs_cis = torch.polar(torch.ones(6, 4), torch.outer(torch.arange(6).float(), inv))
+        self.mask = torch.tril(torch.ones(6, 6))
+        self.noise = torch.randn(5)
+        self.scratch = torch.empty(3)  # (eager: garbage; never reported)
+        self.shared = self.lin.weight  # (a parameter: stays one object with it)
+
+
+class _PlainBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_PlainAttrs() for _ in range(2))
+
+
+def test_plain_tensor_attributes_made_by_a_constructor_are_materialized():
+    """Deterministic ones as eager code computes them, random ones keyed by the seed
+    and their paths (block by block == whole), none cast by ``dtype=`` (as
+    ``module.to`` leaves them), none reported by strict mode."""
+    eager = _PlainAttrs()
+    d = fastinit.deferred_init(_PlainAttrs)
+    fastinit.materialize(d, seed=0)
+    assert torch.equal(d.freqs_cis, eager.freqs_cis) and torch.equal(d.mask, eager.mask)
+    assert d.noise.device.type == "cpu" and d.scratch.shape == (3,) and not d.scratch.is_meta
+    assert d.shared is d.lin.weight
+    whole = fastinit.deferred_init(_PlainBlocks)
+    fastinit.materialize(whole, seed=1)
+    blocks = fastinit.deferred_init(_PlainBlocks)
+    for b in blocks.blocks:
+        fastinit.materialize(b, seed=1)
+    for a, b in zip(whole.blocks, blocks.blocks):
+        assert torch.equal(a.noise, b.noise) and torch.equal(a.freqs_cis, b.freqs_cis)
+    assert not torch.equal(whole.blocks[0].noise, whole.blocks[1].noise)
+    half = fastinit.deferred_init(_PlainAttrs)
+    fastinit.materialize(half, seed=0, dtype=torch.bfloat16)
+    assert half.lin.weight.dtype == torch.bfloat16 and half.mask.dtype == torch.float32
+    assert half.freqs_cis.dtype == torch.complex64

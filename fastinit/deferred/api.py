@@ -24,8 +24,8 @@ from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
-                     geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, recorded_or_adopted,
-                     recording_of, storage_key, storage_numel,
+                     geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, plain_tensors,
+                     recorded_or_adopted, recording_of, storage_key, storage_numel,
                      tensor_handle)
 from .report import MaterializeReport, Planned
 
@@ -204,18 +204,23 @@ def _walk(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return list(module.named_modules(remove_duplicate=False))
 
 
-def _objects(module: torch.nn.Module, where: str | None = None, walk=None):
+def _objects(module: torch.nn.Module, where: str | None = None, walk=None, plain: set | None = None):
     """The meta tensors of ``module``, once per object, with all their names (in
-    ``named_parameters`` then ``named_buffers`` order). With ``where``: lazy
+    ``named_parameters`` then ``named_buffers`` order), then the deferred plain
+    tensors its modules keep as attributes (``self.freqs_cis = ...``, made while
+    ``deferred_init`` recorded; their ids go into ``plain``). With ``where``: lazy
     modules are an error (see :func:`_reject_lazy`). ``walk``: :func:`_walk` of
     ``module``, if made already."""
     objs: dict[int, tuple[torch.Tensor, list[str]]] = {}
-    params, buffers = [], []
+    params, buffers, attrs = [], [], []
     for prefix, mod in (walk if walk is not None else _walk(module)):
         for store, out in ((mod._parameters, params), (mod._buffers, buffers)):
             for k, t in store.items():
                 if t is not None:
                     out.append((f"{prefix}.{k}" if prefix else k, t))
+        for k, t in plain_tensors(mod):
+            if t.is_meta and tensor_handle(t) is not None:
+                attrs.append((f"{prefix}.{k}" if prefix else k, t))
     lazy = []
     for n, t in itertools.chain(params, buffers):
         if torch.nn.parameter.is_lazy(t):  # (before anything else: lazy tensors raise on use)
@@ -225,6 +230,11 @@ def _objects(module: torch.nn.Module, where: str | None = None, walk=None):
             objs.setdefault(id(t), (t, []))[1].append(n)
     if lazy:
         _lazy_error(lazy, where)
+    for n, t in attrs:
+        if id(t) not in objs or (plain is not None and id(t) in plain):
+            objs.setdefault(id(t), (t, []))[1].append(n)
+            if plain is not None:
+                plain.add(id(t))
     return list(objs.values())
 
 
@@ -657,7 +667,8 @@ def materialize(
         raise TypeError(f"fastinit.materialize only casts to floating point or complex dtypes (as nn.Module.to), "
                         f"but got dtype={dtype}")
     walk = _walk(module)
-    objs = _objects(module, "fastinit.materialize", walk)
+    plain: set[int] = set()  # plain tensor attributes: never cast, nor reported by strict (eager keeps them so)
+    objs = _objects(module, "fastinit.materialize", walk, plain)
     if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
         warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
                       "(its init, default or init_fn, was not run)", stacklevel=2)
@@ -674,8 +685,8 @@ def materialize(
         if root is not None and root is not module:
             _check_views_across(module, root, resolved)
         plans = _plans(resolved)
-        _check(plans, strict, dtype)
-        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans))
+        _check(plans, strict, dtype, plain)
+        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans), plain)
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
         targets = [module] if root is None or root is module else [module, root]
@@ -774,10 +785,10 @@ def _check_views_across(module: torch.nn.Module, root: torch.nn.Module, resolved
                     "they do when built eagerly. Materialize a module that holds both")
 
 
-def _check(plans, strict: bool, dtype) -> None:
+def _check(plans, strict: bool, dtype, plain=frozenset()) -> None:
     if strict:
-        bad = [(a, p.why_uninitialized) for t, names, _, p, _ in plans
-               if p.why_uninitialized and t.numel() for a in names]  # (no elements: nothing to initialize)
+        bad = [(a, p.why_uninitialized) for t, names, _, p, _ in plans  # (no elements: nothing to initialize)
+               if p.why_uninitialized and t.numel() and id(t) not in plain for a in names]
         if bad:
             raise RuntimeError(
                 f"fastinit.materialize: {len(bad)} tensor(s) are never initialized: "
@@ -853,12 +864,13 @@ def _fill_spec(plan: Plan, recorded: torch.dtype, target: torch.dtype):
     return spec
 
 
-def _compute(plans, device, dtype, seed, progress, prefixes=None):
-    """Real values for every plan, in new tensors: ``(new_of, entries, counts)``."""
+def _compute(plans, device, dtype, seed, progress, prefixes=None, plain=frozenset()):
+    """Real values for every plan, in new tensors: ``(new_of, entries, counts)``.
+    ``dtype`` casts floating tensors, but not the ``plain`` ones (as ``module.to``)."""
     ev = Evaluator(device, seed, prefixes=prefixes)
 
     def target_dtype(t):
-        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+        return dtype if dtype is not None and t.dtype.is_floating_point and id(t) not in plain else t.dtype
 
     # Storages several objects view (nn.Parameter(base[:10]), nn.Parameter(base[10:])):
     # one real storage, each object the same view of it as on meta.

@@ -36,7 +36,7 @@ from ..specs import Constant, Normal, Uniform
 from . import intercept
 from .intercept import FACTORIES, RANDOM_NAMES, SHAPE_ONLY, tensors_in
 from .plan import Plan, events_before, fill_tag, start_of
-from .record import Recording, StorageRecord, recording_of, storage_key, storage_numel
+from .record import MODULE_KEYS, Recording, StorageRecord, recording_of, storage_key, storage_numel
 
 
 class ReplayError(RuntimeError):
@@ -406,9 +406,6 @@ def interrupts_held():
 
 
 # What every nn.Module's __dict__ holds: the attributes left are the model's own.
-_MODULE_KEYS = frozenset(torch.nn.Module().__dict__) - {"training"}
-
-
 def swap_in(root, new_of: dict[int, torch.Tensor], after=None) -> None:
     """Replace each tensor object ``id -> new`` wherever it is a parameter or buffer
     of ``root`` (its ``modules()``; tied names stay one object), or a module's own
@@ -422,7 +419,7 @@ def swap_in(root, new_of: dict[int, torch.Tensor], after=None) -> None:
                 if v is not None and id(v) in new_of:
                     swaps.append((store, k, v, new_of[id(v)]))
         d = mod.__dict__
-        for k in d.keys() - _MODULE_KEYS:
+        for k in d.keys() - MODULE_KEYS:
             v = d[k]
             if (type(v) is list or type(v) is tuple) and len(v) > 64 \
                     and not any(isinstance(x, torch.Tensor) for x in v[:4]):

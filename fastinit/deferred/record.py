@@ -393,6 +393,21 @@ def named_tensors(module: torch.nn.Module):
     yield from module.named_buffers(remove_duplicate=False)
 
 
+# What every nn.Module keeps in its __dict__ (its parameters, buffers, children, hooks):
+# the rest are the attributes its code set.
+MODULE_KEYS = frozenset(torch.nn.Module().__dict__) - {"training"}
+
+
+def plain_tensors(mod: torch.nn.Module):
+    """``(attribute, tensor)`` of the plain tensors a module keeps as attributes, not as
+    parameters or buffers (``self.freqs_cis = precompute_freqs_cis(...)``)."""
+    d = mod.__dict__
+    for k in d.keys() - MODULE_KEYS:
+        v = d[k]
+        if type(v) is torch.Tensor:
+            yield k, v
+
+
 def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     """Name ``rec``'s storages after ``root``'s parameters and buffers and hang a
     handle on each module and each meta tensor. Returns what :func:`detach_handles`
@@ -417,8 +432,12 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
             for k, t in store.items():
                 if t is not None:
                     out.append((f"{prefix}.{k}" if prefix else k, t))
+    # plain tensor attributes this recording made (named after parameters and buffers:
+    # a tensor that is both keeps its parameter's name)
+    attrs = [(f"{prefix}.{k}" if prefix else k, t) for prefix, mod in mods for k, t in plain_tensors(mod)
+             if t.is_meta and (recording_of(t) or (None,))[0] is rec]
     in_model = {id(m) for _, m in mods}
-    for name, t in itertools.chain(params, buffers):
+    for name, t in itertools.chain(params, buffers, attrs):
         if not t.is_meta:
             continue
         found = recording_of(t)
