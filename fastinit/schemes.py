@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -225,8 +226,12 @@ class Orthogonal:
         if p.ndim < 2:
             raise ValueError(f"{p.name}: orthogonal needs a tensor with at least 2 dimensions, got shape {p.shape}")
         n = self.blocks(p) if callable(self.blocks) else self.blocks
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{p.name}: Orthogonal's blocks must be a positive int, got {n!r}")
         if p.shape[p.out_dim] % n:
             raise ValueError(f"{p.name}: {n} blocks do not divide its {p.shape[p.out_dim]} rows")
+        if isinstance(self.gain, bool) or not isinstance(self.gain, numbers.Real):
+            raise TypeError(f"{p.name}: Orthogonal's gain must be a real number, got {self.gain!r}")
         return _OrthoAction(self.gain, n, p.out_dim)
 
 
@@ -790,9 +795,11 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
 
     Raises:
         ValueError: parameters no rule matches (all named), a shape a rule cannot
-        handle; TypeError: unknown options. Nothing is changed when it raises.
+        handle; TypeError: unknown options. Nothing is changed when it raises
+        (an interrupt included): the parameters, and the records of a deferred
+        model, are as they were.
     """
-    from .deferred import batched
+    from .deferred.api import block
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_scheme: expected an nn.Module, got {type(model).__name__}")
@@ -835,9 +842,14 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     # parameters it may change are kept, and put back if it does (its models are small).
     kept = [(q, q.detach().clone()) for q in params.values()] if scheme.after is not None else []
     try:
-        with torch.no_grad(), batched(module=model if deferred else None):
+        with torch.no_grad(), block(module=model if deferred else None, atomic=True):
             for pl in order:
-                _apply_action(params[pl.name], prefix + pl.name, pl, seed, done, keys, reset_owned)
+                try:
+                    _apply_action(params[pl.name], prefix + pl.name, pl, seed, done, keys, reset_owned)
+                except Exception as e:
+                    if hasattr(e, "add_note"):
+                        e.add_note(f"(apply_scheme: while initializing {pl.name} by rule {pl.rule})")
+                    raise
         report = SchemeReport(scheme.name, seed, deferred, {n: (pl.rule, pl.describe()) for n, pl in plans.items()},
                               plans)
         if scheme.after is not None:

@@ -371,9 +371,9 @@ def test_allocated_model_is_one_fused_pass(monkeypatch):
     monkeypatch.setattr(engines, "fill", lambda targets, **kw: (calls.append(len(targets)), real(targets, **kw))[1])
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)], nn.LayerNorm(16))
     apply_scheme(model, "kaiming_normal", seed=0)
-    # the 6 weights in one engine call; the biases' and the norm's constants are CPU
-    # memsets at their calls (the CPU engine fuses no constants)
-    assert calls == [6]
+    # the 6 weights and the 8 constants in one engine call (the constants are queued, so
+    # that a failure drops them too; on the CPU the engine memsets them)
+    assert calls == [14]
 
 
 # ------------------------------------------------------------------ rules, errors
@@ -590,6 +590,72 @@ def test_a_failing_scheme_leaves_the_model_unchanged():
         with pytest.raises((ValueError, RuntimeError)):
             fastinit.apply_scheme(m, "lsuv", example_input=x)
         assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+
+
+class _HalfTail(nn.Module):
+    """A float32 layer, then a float16 one: a constant too big for float16 fails late."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4).half()
+        self.c = nn.Linear(4, 4)
+        self.c.reset_parameters = self._broken_reset  # (a module's own reset that writes, then raises)
+
+    def _broken_reset(self):
+        nn.init.zeros_(self.c.weight)
+        raise ValueError("reset failed")
+
+
+def _failures():
+    from fastinit.schemes import Orthogonal, Reset
+
+    catch_rest = Rule(0.5)
+    return {
+        "overflow": (Scheme("big", [Rule(1e6, name="weight"), catch_rest]), RuntimeError),
+        "bad orthogonal": (Scheme("orth", [Rule(0.0, name="bias"), Rule(Orthogonal(blocks=-2))]), ValueError),
+        "reset raises": (Scheme("reset", [Rule(0.25, name="bias"), Rule(Reset(), name="c.weight"),
+                                          Rule(Normal(0, 1))]), ValueError),
+        "interrupt": (Scheme("int", [Rule(0.0, name="bias"), Rule(Normal(0, 1))]), KeyboardInterrupt),
+    }
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("failure", ["overflow", "bad orthogonal", "reset raises", "interrupt"])
+def test_a_scheme_failing_part_way_changes_nothing(failure, deferred, monkeypatch):
+    """Whatever fails after the first rules ran (a value float16 cannot hold, a bad
+    rule, a module's own reset, Ctrl-C): the parameters are as they were, the error
+    names the parameter, and a deferred model's records too (its materialize equals
+    a clean one's)."""
+    from fastinit import schemes
+
+    scheme, error = _failures()[failure]
+    if failure == "interrupt":
+        real, n = schemes._apply_action, []
+
+        def interrupted(*a, **k):
+            n.append(1)
+            if len(n) == 4:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(schemes, "_apply_action", interrupted)
+    m = fastinit.deferred_init(_HalfTail) if deferred else _HalfTail()
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    with pytest.raises(error) as e:
+        apply_scheme(m, scheme, seed=0)
+    if failure in ("overflow", "reset raises"):
+        assert "apply_scheme: while initializing" in "".join(getattr(e.value, "__notes__", [])) or \
+            not hasattr(e.value, "add_note")
+    if deferred:
+        fastinit.materialize(m, seed=3)
+        clean = fastinit.deferred_init(_HalfTail)
+        fastinit.materialize(clean, seed=3)
+        after, before = m.state_dict(), clean.state_dict()
+    else:
+        after = m.state_dict()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
 
 
 def test_a_tied_embeddings_padding_row_is_zero_whichever_name_comes_first():

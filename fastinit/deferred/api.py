@@ -21,7 +21,7 @@ from ..seeding import draw_seed
 from ..specs import Constant, Uniform
 from . import intercept
 from .batched import Batch
-from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
+from .execute import Evaluator, ReplayError, as_module_tensor, interrupts_held, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
                      geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, plain_tensors,
@@ -1005,6 +1005,16 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
             ``deferred_init`` first records its default init (every module's
             reset hook), as ``materialize`` would.
     """
+    with block(seed, module):
+        yield
+
+
+@contextlib.contextmanager
+def block(seed: int | None = None, module: torch.nn.Module | None = None, *, atomic: bool = False):
+    """:func:`batched`'s block. ``atomic`` (``apply_scheme``): if the block raises,
+    nothing it did stays: what it queued is dropped, what it wrote at once
+    (structured inits, torch ops, a module's own reset) is put back, and the
+    records of a deferred ``module`` are as they were."""
     home = None
     names = None
     if module is not None:
@@ -1024,9 +1034,35 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
         undo, kept = outer.undo, outer.kept
         if seed is None and module is None:
             seed, names = outer.seed, outer.names  # (a plain block keys fills as the one it runs in)
+    txn = None
+    if atomic:
+        undo = {}  # (its own: an outer block's undo keeps what was there before that block)
+        txn = _Transaction()
+        for t in (t for _, t in named_tensors(module) if t is not None and t.is_meta) if module is not None else ():
+            found = recorded_or_adopted(t)
+            if found is not None:
+                txn.watch(found[0])
+        if home is not None:
+            txn.watch(home)
     batch = Batch(seed, names, undo=undo, kept=kept)
+    batch.atomic = atomic
     try:
         with intercept.recording(home, batch):
             yield
-    finally:
+    except BaseException:
+        if not atomic:
+            batch.flush()  # (the calls made before the one that raised: as they would have run)
+            raise
+        batch.pending.clear()
+        txn.batch = batch
+        txn.rollback()  # (the bytes written at once, and the records)
+        raise
+    if atomic:
+        if outer is not None and outer.undo is not None:
+            for k, v in undo.items():
+                outer.undo.setdefault(k, v)
+        batch.undo = None  # (the fills at exit are the block's last step: no copies of what they overwrite)
+        with interrupts_held():
+            batch.flush()
+    else:
         batch.flush()

@@ -81,6 +81,9 @@ class Batch:
         # that were real before it ran (loaded from a checkpoint, a block materialized
         # earlier): writes into them are dropped, so they keep their values
         self.kept = kept
+        # atomic (apply_scheme's block): constants are queued too, so that a failure
+        # drops them with the rest instead of copying what they overwrite
+        self.atomic = False
 
     def keeps(self, t: torch.Tensor) -> bool:
         """Whether a write into ``t`` is dropped (see ``kept``)."""

@@ -881,6 +881,8 @@ class RecordingSink:
             return False
         batch = self.recorder.batch
         if batch is not None:
+            if batch.atomic:
+                return False
             sk = storage_key(tensor)
             if sk in batch.pending or (batch.seed is not None and sk in batch.names) or batch.keeps(tensor):
                 return False  # (a named tensor's fills are keyed by their place among its events)
