@@ -47,7 +47,7 @@ import torch.nn as nn
 from . import distributed as dist_mod
 from . import init as dropin
 from .fans import calculate_fan_in_and_fan_out, calculate_gain
-from .seeding import draw_key, key_for_name
+from .seeding import check_seed, draw_key, key_for_name
 from .specs import Constant, InitSpec, Normal, Uniform
 
 KEEP = "keep"
@@ -808,8 +808,7 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     elif not isinstance(scheme, Scheme):
         raise TypeError(f"apply_scheme: scheme must be a Scheme or a built-in name ({', '.join(SCHEMES)}), "
                         f"not {type(scheme).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"apply_scheme: seed must be an int or None, not {type(seed).__name__}")
+    check_seed(seed, "apply_scheme")
     opts = scheme._options(options)
     plans = _plan(model, scheme, opts)
     deferred = any(p.is_meta for p in model.parameters())

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 import threading
 
 import torch
@@ -50,6 +51,17 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     offset = g.get_offset()
     g.set_offset(offset + 4)
     return splitmix64(splitmix64(g.initial_seed() & MASK64) ^ offset)
+
+
+def check_seed(seed, where: str) -> None:
+    """A seed is an int torch's ``manual_seed`` takes (-2**63 <= seed < 2**64), or None:
+    anything else would be reduced to another seed's values without a word."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{where}: seed must be an int or None, not {type(seed).__name__}")
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"{where}: seed must be in [-2**63, 2**64), got {seed}")
 
 
 def key_for_name(seed: int, name: str) -> int:

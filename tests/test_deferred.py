@@ -5,6 +5,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -866,3 +867,29 @@ def test_partial_fills_after_a_whole_one_are_keyed_alike_allocated_and_deferred(
     m2 = fastinit.deferred_init(nn.LayerNorm, 8)
     fastinit.materialize(m2, seed=5, init_fn=init, device="cpu")
     assert torch.equal(m1.weight, m2.weight) and torch.equal(m1.bias, m2.bias)
+
+
+@pytest.mark.parametrize("seed, error", [(2**64, ValueError), (-2**63 - 1, ValueError), (0.9999, TypeError),
+                                         ("0", TypeError), (False, TypeError)])
+def test_a_seed_that_would_stand_for_another_is_refused(seed, error):
+    """``int(seed) & (2**64 - 1)`` would make each of these seed 0 (or another seed)
+    without a word: refused by every function that takes a seed, before any work."""
+    m = fastinit.deferred_init(nn.Linear, 3, 3)
+    with pytest.raises(error, match="seed"):
+        fastinit.materialize(m, seed=seed)
+    with pytest.raises(error, match="seed"):
+        with fastinit.batched(seed=seed, module=nn.Linear(3, 3)):
+            pass
+    with pytest.raises(error, match="seed"):
+        fastinit.apply_scheme(nn.Linear(3, 3), "xavier_uniform", seed=seed)
+    assert m.weight.is_meta
+    fastinit.materialize(m, seed=np.uint64(2**64 - 1))  # numpy ints are ints
+
+
+def test_a_non_module_gets_a_type_error():
+    for f in (fastinit.materialize, fastinit.planned):
+        with pytest.raises(TypeError, match="nn.Module"):
+            f("x")
+    with pytest.raises(TypeError, match="nn.Module"):
+        with fastinit.batched(module="x"):
+            pass

@@ -17,7 +17,7 @@ from torch.nn.modules.lazy import LazyModuleMixin as _LazyModuleMixin
 
 from .. import distributed as dist_mod
 from .. import engines
-from ..seeding import draw_seed
+from ..seeding import check_seed, draw_seed
 from ..specs import Constant, Uniform
 from . import intercept
 from .batched import Batch
@@ -552,6 +552,8 @@ def planned(module: torch.nn.Module) -> dict[str, Planned]:
         fastinit.planned(model)["transformer.h.0.attn.c_proj.weight"].spec
         # Normal(mean=0.0, std=0.0040...)   (0.02 / sqrt(2 * n_layer), n_layer=12)
     """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"fastinit.planned: expected an nn.Module, got {type(module).__name__}")
     txn = _Transaction()
     try:
         resolved, _ = _prepare(module, _objects(module), None, txn, where="fastinit.planned", persist=False)
@@ -666,6 +668,9 @@ def materialize(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
         raise TypeError(f"fastinit.materialize only casts to floating point or complex dtypes (as nn.Module.to), "
                         f"but got dtype={dtype}")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"fastinit.materialize: expected an nn.Module, got {type(module).__name__}")
+    check_seed(seed, "fastinit.materialize")
     walk = _walk(module)
     plain: set[int] = set()  # plain tensor attributes: never cast, nor reported by strict (eager keeps them so)
     objs = _objects(module, "fastinit.materialize", walk, plain)
@@ -1015,6 +1020,9 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
     nothing it did stays: what it queued is dropped, what it wrote at once
     (structured inits, torch ops, a module's own reset) is put back, and the
     records of a deferred ``module`` are as they were."""
+    check_seed(seed, "fastinit.batched")
+    if module is not None and not isinstance(module, torch.nn.Module):
+        raise TypeError(f"fastinit.batched: module must be an nn.Module, not {type(module).__name__}")
     home = None
     names = None
     if module is not None:
