@@ -455,8 +455,13 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"audit: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(band, bool) or not isinstance(band, (int, float)):
+        raise TypeError(f"audit: band must be a number > 1, not {type(band).__name__}")
     if not (band > 1):
         raise ValueError(f"audit: band must be > 1, got {band}")
+    if scheme is None and scheme_options:  # (a typo such as exmaple_input= would pass unseen)
+        raise TypeError(f"audit: unexpected keyword argument(s) {', '.join(sorted(scheme_options))} "
+                        "(scheme options need scheme=...)")
     deferred = any(t.is_meta for t in model.parameters())
     if deferred and example_input is not None:
         raise ValueError("audit: a deferred model has no values to run a forward pass on: materialize it first, "
@@ -607,7 +612,7 @@ def _shape_of(x):
 
 def _signal(model: nn.Module, example_input) -> tuple[list[LayerAudit], list[Flag]]:
     """One forward and backward pass with hooks: activation and gradient std per layer."""
-    from .schemes import _first_tensor, run_model
+    from .schemes import _first_tensor, measuring, run_model
 
     layers = [(n, m) for n, m in model.named_modules()
               if any(True for _ in m.parameters(recurse=False))]
@@ -623,10 +628,8 @@ def _signal(model: nn.Module, example_input) -> tuple[list[LayerAudit], list[Fla
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with measuring(model), torch.enable_grad():
             out = _first_tensor(run_model(model, example_input))
             if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
                 raise ValueError("audit: the model's output has no floating tensor to backpropagate from")
@@ -640,7 +643,6 @@ def _signal(model: nn.Module, example_input) -> tuple[list[LayerAudit], list[Fla
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     mods = dict(layers)
     rows = []
     for d, n in enumerate(order):

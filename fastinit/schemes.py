@@ -34,6 +34,7 @@ at a time, as llm-foundry's private ``fused_init_helper_`` does.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import numbers
@@ -1178,6 +1179,26 @@ def _first_tensor(x):
     return getattr(x, "last_hidden_state", None) if not isinstance(x, (list, tuple, dict)) else None
 
 
+@contextlib.contextmanager
+def measuring(model: nn.Module):
+    """The model in eval mode for forward passes that only measure (LSUV, the audit):
+    after the block every module's ``training`` flag and every buffer is as it was
+    (a frozen BatchNorm stays in eval mode; an observer's min/max, which move even in
+    eval mode, are put back)."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+
+
 def run_model(model: nn.Module, example_input):
     """``model(example_input)``: a tuple is unpacked into arguments, a dict into keywords."""
     if isinstance(example_input, dict):
@@ -1208,11 +1229,10 @@ class _LSUV:
         seen: list[str] = []
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n) if n not in seen else None)
                  for n, m in layers.items()]
-        was_training = model.training
-        model.eval()  # no dropout, BatchNorm on its running statistics: nothing in the model changes
         rows = []
         try:
-            with torch.no_grad():
+            # no dropout, BatchNorm on its running statistics (measuring puts every buffer back)
+            with measuring(model), torch.no_grad():
                 run_model(model, x)
                 for h in hooks:
                     h.remove()
@@ -1247,7 +1267,6 @@ class _LSUV:
         finally:
             for h in hooks:
                 h.remove()
-            model.train(was_training)
         return rows
 
 

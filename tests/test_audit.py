@@ -228,3 +228,25 @@ def test_the_deferred_audit_flags_nan_and_inf_that_edits_after_the_fill_put_in()
         assert ("nonfinite", name) in deferred and ("nonfinite", name) in eager
     assert not any(where.startswith("ok.") for _, where in deferred)
     assert fastinit.planned(fastinit.deferred_init(Net))["e.weight"].spec is None  # a NaN row: no law
+
+
+def test_audit_leaves_modes_and_buffers_and_refuses_unknown_keywords():
+    """The audit's forward pass runs in eval mode: after it every module's training
+    flag and every buffer is as it was (a frozen BatchNorm, an observer's min/max);
+    a misspelt keyword is an error, not a pass without a forward."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model.train()
+    model[1].eval()  # frozen
+    model[1].register_buffer("seen_max", torch.zeros(()))
+    model[1].register_forward_hook(lambda m, i, o: m.seen_max.copy_(o.max()) and None)  # (an observer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for run in (lambda: fastinit.audit(model, torch.randn(16, 4)),
+                lambda: apply_scheme(model, "lsuv", example_input=torch.randn(16, 4))):
+        run()
+        assert [m.training for m in model.modules()] == [True, True, False, True, True]
+        assert torch.equal(model[1].seen_max, before["1.seen_max"])
+        assert torch.equal(model[1].running_mean, before["1.running_mean"])
+    with pytest.raises(TypeError, match="exmaple_input"):
+        fastinit.audit(model, exmaple_input=torch.randn(16, 4))
+    with pytest.raises(TypeError, match="band"):
+        fastinit.audit(model, band="x")
