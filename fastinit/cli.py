@@ -352,6 +352,11 @@ def audit_cmd(args) -> int:
         raise UsageError("--scheme lsuv needs --input-shape (it rescales layers on an example batch)")
     _out_path(args.json, "--json")
     _out_path(args.plot, "--plot")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (before any work, not after it)
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
     label, factory = load_model_factory(args.model)
     torch.manual_seed(args.seed)
     try:
@@ -376,8 +381,9 @@ def audit_cmd(args) -> int:
         opts = {"example_input": x} if args.scheme == "lsuv" else {}
         try:
             fastinit.apply_scheme(model, args.scheme, seed=args.seed, **opts)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--scheme {args.scheme}: {e}") from None
+        except (ValueError, TypeError, RuntimeError) as e:  # (LSUV's forward on a wrong --input-shape)
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UsageError(f"--scheme {args.scheme}: {type(e).__name__}: {first}") from None
     expect = args.scheme or args.expect
     try:
         result = fastinit.audit(model, x, scheme=expect if expect != "lsuv" else None)

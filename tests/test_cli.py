@@ -124,6 +124,7 @@ def test_compare_orders_the_schemes_and_writes_a_png(tmp_path):
     (["audit", "llama-tiny", "--input-shape", "100000,100000"], "too large"),
     (["audit", "llama-tiny", "--input-shape", "1,99999999999999999999"], "too large"),
     (["compare", "--scheme", "uniform [0, 1),nope"], "unknown scheme(s) 'nope';"),
+    (["audit", "convnet", "--scheme", "lsuv", "--input-shape", "2,3"], "--scheme lsuv: RuntimeError"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
     try:
@@ -285,3 +286,12 @@ def test_the_call_cost_benchmark_runs_every_row():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| call")]
     assert len(rows) == 8 and all(line.rstrip().endswith("x |") for line in rows)
+
+
+def test_audit_plot_without_matplotlib_is_refused_before_any_work(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (import matplotlib raises ImportError)
+    assert main(["audit", "llama-tiny", "--plot", "a.png"]) == EXIT_USAGE
+    out = capsys.readouterr()
+    assert "needs matplotlib" in out.err and out.out == ""  # (no table: nothing ran)
