@@ -114,3 +114,34 @@ def test_forked_children_fill_at_once_with_the_parents_values():
 
 def test_thread_count_changes_while_other_threads_fill_change_nothing():
     _run(THREADS)
+
+
+INTERRUPT = textwrap.dedent(
+    """
+    import os, signal, threading, time, torch, fastinit
+
+    torch.set_num_threads(2)
+    n = 1 << 25  # many chunks: the pool's threads write while the main thread waits
+    for delay in (0.002, 0.02, 0.05):
+        w = torch.full((n,), float("nan"))  # (normal_ never writes a NaN; it may write an exact 0)
+        timer = threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            fastinit.normal_(w)
+            timer.join()
+            time.sleep(0.05)  # (the handler runs here if the fill was quicker than the timer)
+        except KeyboardInterrupt:
+            pass
+        timer.join()
+        first = int((~w.isnan()).sum())
+        time.sleep(0.2)
+        assert first in (0, n) and int((~w.isnan()).sum()) == first, (delay, first)  # whole, or not begun
+    print("ok")
+    """
+)
+
+
+def test_ctrl_c_during_a_parallel_fill_leaves_it_whole_or_untouched():
+    """Like torch's one op: the interrupt is delivered once the workers are done, so
+    no worker writes into the tensor after the call has raised."""
+    _run(INTERRUPT)

@@ -20,9 +20,7 @@ import contextlib
 import functools
 import inspect
 import math
-import signal
 import sys
-import threading
 import time
 
 import torch
@@ -30,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .. import distributed as dist_mod
 from .. import engines
+from .._interrupts import interrupts_held
 from ..engines import Target
 from ..seeding import key_for_name
 from ..specs import Constant, Normal, Uniform
@@ -381,31 +380,6 @@ def _fill(view: torch.Tensor, spec, key: int) -> None:
 # ------------------------------------------------------------------ interrupts
 
 
-@contextlib.contextmanager
-def interrupts_held():
-    """Hold Ctrl-C (SIGINT) back for the block and deliver it after: in the main
-    thread, a KeyboardInterrupt cannot land half-way through swapping tensors in."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-    try:
-        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    except (ValueError, TypeError):  # no signals here (an embedded interpreter)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if got:
-            if callable(old):
-                old(signal.SIGINT, None)
-            else:
-                raise KeyboardInterrupt
-
-
-# What every nn.Module's __dict__ holds: the attributes left are the model's own.
 def swap_in(root, new_of: dict[int, torch.Tensor], after=None) -> None:
     """Replace each tensor object ``id -> new`` wherever it is a parameter or buffer
     of ``root`` (its ``modules()``; tied names stay one object), or a module's own

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .._interrupts import interrupts_held
 from ..seeding import MASK64
 from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
 
@@ -705,9 +706,12 @@ def fill(targets, progress=None) -> None:
                 if progress is not None:
                     progress(_chunk_bytes(t, c))
 
-    futures = _submit(run, nthreads - 1)
-    run()
-    for f in futures:
-        f.result()
+    # Ctrl-C is held back until the workers are done: raised half-way, it would leave
+    # them writing into the tensor after the call returned (torch's one op is whole too)
+    with interrupts_held():
+        futures = _submit(run, nthreads - 1)
+        run()
+        for f in futures:
+            f.result()
     if errors:
         raise errors[0]
