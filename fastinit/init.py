@@ -357,13 +357,18 @@ def _memset(tensor: torch.Tensor, value) -> torch.Tensor:
         torch._C._set_grad_enabled(grad)
 
 
-def _replay_or_none(tensor, fn, args, kwargs):
+def _replay_or_none(tensor, fn, args, kwargs, check=None):
     """Hand a structured init to the active recorder; True if it was done (recorded,
     or, for a real tensor inside a recording, run now where the recorder does not
-    see its own allocations, which it would otherwise make meta tensors)."""
+    see its own allocations, which it would otherwise make meta tensors). A recorded
+    call first runs ``check()``: the checks of its arguments the eager call on a real
+    tensor would make (a bad generator or gain raises at the call, not at replay)."""
     sink = _sink.for_tensor(tensor)
     if sink is None:
         return False
+    if check is not None and tensor.is_meta:
+        with torch._C.DisableTorchFunction():
+            check()
     if not sink.replay(tensor, fn, args, kwargs):
         with _sink.unseen():
             fn(tensor, *args, **kwargs)
@@ -731,7 +736,15 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         _dense_only(tensor, "orthogonal_")
     if tensor.ndimension() < 2:
         raise ValueError("Only tensors with 2 or more dimensions are supported")
-    if _replay_or_none(tensor, orthogonal_, (gain,), {"generator": generator}):
+    def check():
+        # torch draws with new_empty((rows, cols)).normal_(0, 1, generator), then writes
+        # tensor.view_as(q).copy_(q) and tensor.mul_(gain): all checked before any write.
+        if tensor.numel():
+            check_like_torch(tensor, "normal_", 0, 1, generator=generator, recording=True)
+            with torch.no_grad(), torch._C.DisableTorchFunction():
+                stand_in(tensor.dtype, "cpu" if tensor.is_meta else tensor.device).mul_(gain)
+
+    if _replay_or_none(tensor, orthogonal_, (gain,), {"generator": generator}, check):
         return tensor
     if tensor.numel() == 0 or tensor.is_meta:
         return tensor
@@ -740,13 +753,9 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
     rows = tensor.size(0)
     cols = tensor.numel() // rows
-    # torch draws with new_empty((rows, cols)).normal_(0, 1, generator), then writes
-    # tensor.view_as(q).copy_(q) and tensor.mul_(gain): all checked before any write.
-    check_like_torch(tensor, "normal_", 0, 1, generator=generator)
+    check()
     check_writable(tensor)
     target = tensor.view(rows, cols)
-    with torch.no_grad(), torch._C.DisableTorchFunction():
-        stand_in(tensor.dtype, tensor.device).mul_(gain)
     flattened = _filled((rows, cols), Normal(0.0, 1.0), _subkey(generator, 0x0), tensor)
     if rows < cols:
         flattened.t_()
@@ -778,14 +787,18 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
         _dense_only(tensor, "sparse_")
     if tensor.ndimension() != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
-    if _replay_or_none(tensor, sparse_, (sparsity, std), {"generator": generator}):
+    def check():  # torch's first steps: math.ceil(sparsity * rows), then normal_(0, std, generator)
+        math.ceil(sparsity * tensor.shape[0])
+        check_like_torch(tensor, "normal_", 0, std, generator=generator, recording=True)
+
+    if _replay_or_none(tensor, sparse_, (sparsity, std), {"generator": generator}, check):
         return tensor
     if tensor.is_meta:
         return tensor
     _whole_tensor_only(tensor, "sparse_", RuntimeError)  # (torch's type here)
     rows, cols = tensor.shape
+    check()
     num_zeros = math.ceil(sparsity * rows)
-    check_like_torch(tensor, "normal_", 0, std, generator=generator)
     check_writable(tensor)
     if not _is_engine_dtype(tensor.dtype):  # complex: torch's own
         return torch.nn.init.sparse_(tensor, sparsity, std, generator=generator)

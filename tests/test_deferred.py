@@ -581,6 +581,12 @@ _BAD_INITS = [
     lambda m: m.v.data.normal_(0.0, -2.0),
     lambda m: m.v.data.uniform_(1.0, 0.0),
     lambda m: m.h.data.uniform_(0.0, 1e6),  # float16 cannot hold the bound
+    # torch's orthogonal_/sparse_ return early on meta tensors: the recorded call is checked
+    lambda m: nn.init.orthogonal_(m.v, generator=1),
+    lambda m: nn.init.orthogonal_(m.v, gain="x"),
+    lambda m: nn.init.sparse_(m.v, "x"),
+    lambda m: nn.init.sparse_(m.v, 0.5, std=-1.0),
+    lambda m: fastinit.orthogonal_(m.v, gain=1j),
 ]
 
 

@@ -813,10 +813,8 @@ class Recorder(TorchFunctionMode):
                                             stacklevel=hooks.stacklevel_above(frame))
             if t.numel():
                 self.recording_for(t).add_event(t, "fill", overwrites=True, spec=spec)
-        elif t.numel():
-            extra = {k: v for k, v in a.items() if k not in ("tensor", "generator")}
-            self.recording_for(t).add_event(t, "op", overwrites=True, func=getattr(dropin, name),
-                                            args=(t.detach(), *extra.values()), kwargs={}, label=name)
+        else:  # fastinit's own function: it checks the arguments as the eager call would, then the sink records it
+            getattr(dropin, name)(t, **{k: v for k, v in a.items() if k != "tensor"})
 
     # ------------------------------------------------------------ values read while recording
 
