@@ -82,7 +82,11 @@ def shape_of(tensor_or_shape) -> tuple[int, ...]:
         tensor_or_shape.dim()  # (raises)
     if hasattr(tensor_or_shape, "shape"):
         return tuple(tensor_or_shape.shape)
-    return tuple(tensor_or_shape)
+    if isinstance(tensor_or_shape, (tuple, list, torch.Size)) and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in tensor_or_shape):
+        return tuple(tensor_or_shape)
+    # what torch.nn.init's helpers raise for anything but a tensor (they call tensor.dim())
+    raise AttributeError(f"'{type(tensor_or_shape).__name__}' object has no attribute 'dim'")
 
 
 def calculate_fan_in_and_fan_out(tensor) -> tuple[int, int]:

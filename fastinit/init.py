@@ -823,10 +823,12 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
 
 
 def _calculate_fan_in_and_fan_out(tensor):
+    tensor.dim()  # (torch's first step: a shape, unlike for the public function, is an AttributeError)
     return calculate_fan_in_and_fan_out(tensor)
 
 
 def _calculate_correct_fan(tensor, mode):
+    tensor.dim()
     return calculate_correct_fan(tensor, mode)
 
 

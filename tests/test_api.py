@@ -269,6 +269,13 @@ def test_private_functions_exist_with_torchs_behaviour():
             assert fastinit._calculate_correct_fan(t, mode) == tinit._calculate_correct_fan(t, mode)
     with pytest.raises(ValueError):
         fastinit._calculate_correct_fan(torch.empty(3, 4), "fan_avg")
+    for not_a_tensor in ("x", "ab", (3, 4), 5):  # torch calls .dim() first: an AttributeError
+        with pytest.raises(AttributeError, match="has no attribute 'dim'"):
+            fastinit._calculate_fan_in_and_fan_out(not_a_tensor)
+        for f in (fastinit.xavier_uniform_, fastinit.xavier_normal_):
+            with pytest.raises(AttributeError):
+                f(not_a_tensor)
+    assert fastinit.calculate_fan_in_and_fan_out((3, 4)) == (4, 3)  # (the public one also takes a shape)
     w = torch.full((50, 40), 7.0)
     assert fastinit._no_grad_uniform_(w, -1, 1) is w and w.abs().max() <= 1
     assert fastinit._no_grad_normal_(w, 5.0, 0.1) is w and abs(w.mean().item() - 5.0) < 0.05
