@@ -105,6 +105,15 @@ def test_triton_engine_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             fastinit.normal_(t)
     assert (t == 7).all()
+    # inside batched() the call raises at once too: the block stops there, as one by one
+    a, c = _t(10), _t(10)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with fastinit.batched():
+            fastinit.normal_(a)
+            with fastinit.use_engine("triton"):
+                fastinit.normal_(t)
+            fastinit.normal_(c)
+    assert not (a == 7).any() and (t == 7).all() and (c == 7).all()
 
 
 def test_environment_variable_selects_the_engine(monkeypatch):

@@ -147,8 +147,11 @@ class Batch:
             # (an explicit generator keys the fill as the call made eagerly, as materialize keys it)
             named = self.seed is not None and generator is None and sk in self.names
             key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
-            # the engine in force now, as the call one by one would use (use_engine inside the block)
-            self._event(tensor, "fill", True, sk, spec=spec, key=key, engine=engines.engine_for(tensor.device))
+            # the engine in force now, as the call one by one would use (use_engine inside the block),
+            # with the error the call one by one would raise now
+            engine = engines.engine_for(tensor.device)
+            engines.check_engine(engine, tensor)
+            self._event(tensor, "fill", True, sk, spec=spec, key=key, engine=engine)
         finally:
             self._busy = False
         bump_version(tensor)  # at the call, as eagerly: backward through old values raises

@@ -102,9 +102,14 @@ def _engine_module(name: str):
     return mod
 
 
-def check_engine(name: str) -> None:
-    """Raise a clear error if engine ``name`` does not exist or cannot run on this machine."""
-    _engine_module(name).check_available()
+def check_engine(name: str, tensor: torch.Tensor | None = None) -> None:
+    """Raise a clear error if engine ``name`` does not exist or cannot run on this machine
+    (or cannot fill ``tensor``: a queued fill fails at its call, as it would one by one)."""
+    mod = _engine_module(name)
+    mod.check_available()
+    check = getattr(mod, "check_device", None)
+    if tensor is not None and check is not None:
+        check(tensor)
 
 
 @contextlib.contextmanager

@@ -628,16 +628,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def check_device(tensor: torch.Tensor) -> None:
+    """The error for a tensor this engine cannot reach."""
+    if not tensor.is_cpu:
+        raise RuntimeError(f"the cpu engine fills CPU tensors, got a {tensor.device} tensor; "
+                           "use the triton or reference engine")
+
+
 def fill(targets, progress=None) -> None:
     """Fill CPU targets: every (target, chunk) pair is one piece of work, run on the pool
     alone (big chunks) or bundled (small ones), or here (tiny ones)."""
     work, plain = [], []
     for t in targets:
-        if t.tensor.device.type != "cpu":
-            raise RuntimeError(
-                f"the cpu engine fills CPU tensors, got a {t.tensor.device} tensor; "
-                "use the triton or reference engine"
-            )
+        check_device(t.tensor)
         if t.tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"the cpu engine cannot fill dtype {t.tensor.dtype}")
         lay = t.layout

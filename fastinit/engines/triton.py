@@ -49,11 +49,16 @@ def _device_error(dev) -> RuntimeError:
     )
 
 
+def check_device(tensor) -> None:
+    """The error for a tensor this engine cannot reach."""
+    if not (tensor.is_cuda or (tensor.is_cpu and _interpreting())):
+        raise _device_error(tensor.device)
+
+
 def _launch_one(tensor, spec, key: int, offset: int, rows: int, cols: int, row_stride: int) -> None:
     """One launch for one contiguous tensor, scalar arguments (a direct launch once
     its kernel is compiled)."""
-    if not (tensor.is_cuda or (tensor.is_cpu and _interpreting())):
-        raise _device_error(tensor.device)
+    check_device(tensor)
     kind, params = spec.kernel_params()
     (_pf or _kernels()).fill_one(tensor, offset, rows, cols, row_stride, kind, key, params)
 
@@ -75,10 +80,8 @@ def fill(targets, progress=None) -> None:
         return
     groups: dict[tuple, list] = {}
     for t in targets:
-        dev = t.tensor.device
-        if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
-            raise _device_error(dev)
-        groups.setdefault((t.tensor.dtype, dev), []).append(t)
+        check_device(t.tensor)
+        groups.setdefault((t.tensor.dtype, t.tensor.device), []).append(t)
     fill_batch = _kernels().fill_batch
     for batch in groups.values():
         kinds, params = zip(*(t.spec.kernel_params() for t in batch))
