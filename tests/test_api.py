@@ -215,7 +215,7 @@ def test_version_counter_moves_as_torch_moves_it(pair, shape, dtype):
 
 def test_engine_fills_leave_the_version_counter_to_their_callers():
     from fastinit import engines
-    from fastinit.specs import Normal, Uniform
+    from fastinit.specs import Constant, Normal, Uniform
 
     for n in (24, 40000, 300000):
         ts = [torch.empty(n), torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.bfloat16)]
@@ -224,6 +224,23 @@ def test_engine_fills_leave_the_version_counter_to_their_callers():
         engines.fill([engines.Target(t, Uniform(-1.0, 1.0), 8) for t in ts])
         assert [t._version for t in ts] == before
         assert all(t.abs().max() > 0 for t in ts)
+    # views the engines fill through a buffer, and constants (memsets), too
+    base = torch.empty(40, 30)
+    views = [base.t(), base[:, ::2], base[::3]]
+    before = [v._version for v in views]
+    engines.fill([engines.Target(v, spec, 9) for v in views for spec in (Normal(0.0, 1.0), Constant(2.0))])
+    assert [v._version for v in views] == before
+
+
+@pytest.mark.parametrize("queued", ["fill", "constant"])
+def test_a_queued_call_on_a_view_moves_the_version_counter_once(queued):
+    w = torch.empty(30, 40)
+    t = w.t()
+    v = t._version
+    with fastinit.batched():
+        fastinit.normal_(t) if queued == "fill" else fastinit.constant_(t, 0.5)
+        fastinit.normal_(w[0])  # (the view is queued with its storage: the constant is not a memset now)
+    assert t._version == v + 2
 
 
 @pytest.mark.parametrize("call", ALL_CALLS)

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..specs import Constant, InitSpec, Uniform
+from .alias import unversioned
 
 ENGINE_NAMES = ("cpu", "reference", "triton")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastinit_engine", default=None)
@@ -178,7 +179,7 @@ def _constants_now(batch: list[Target], progress) -> list[Target]:
     with torch._C.DisableTorchFunction(), torch.no_grad():
         for t in batch:  # (other dtypes and devices go on, to the engine's own checks)
             if type(t.spec) is Constant and t.tensor.device.type == "cpu" and t.tensor.dtype in FLOAT_DTYPES:
-                t.tensor.detach().fill_(t.spec.value)
+                unversioned(t.tensor).fill_(t.spec.value)
                 if progress is not None:
                     progress(t.tensor.numel() * t.tensor.element_size())
             else:
@@ -217,7 +218,7 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
                 # a constant needs no buffer: fill_ writes any view, expanded ones too (whose
                 # copy_ refuses), with the engines' values (see _constants_now)
                 with torch._C.DisableTorchFunction(), torch.no_grad():
-                    t.tensor.detach().fill_(t.spec.value)
+                    unversioned(t.tensor).fill_(t.spec.value)
                 if progress is not None:
                     progress(t.tensor.numel() * t.tensor.element_size())
                 continue
@@ -227,6 +228,6 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
             work.append(Target(buf, t.spec, t.key, t.layout, t.name))
         mod.fill(work, progress)
         if proxies:
-            with torch.no_grad():
+            with torch.no_grad(), torch._C.DisableTorchFunction():
                 for dst, buf in proxies:
-                    dst.copy_(buf)
+                    unversioned(dst).copy_(buf)

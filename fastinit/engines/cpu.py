@@ -40,6 +40,7 @@ import torch
 from .._interrupts import interrupts_held
 from ..seeding import MASK64
 from ..specs import Constant, Normal, TruncNormal, Uniform, float_below
+from .alias import unversioned
 
 CHUNK = 1 << 18
 # Elements per torch call made from the engine's threads: torch 2.13 runs erfinv_
@@ -527,8 +528,7 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
             if t.is_inference() or (not bump and _set_version is None):
                 # an alias with a version counter of its own (an inference tensor has none,
                 # and a queued one may be filled outside inference mode)
-                alias = torch.empty(0, dtype=t.dtype, device="cpu").set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-                alias.normal_(spec.mean, spec.std, generator=gen)
+                unversioned(t).normal_(spec.mean, spec.std, generator=gen)
             elif bump:
                 t.normal_(spec.mean, spec.std, generator=gen)
             else:  # torch's normal_ bumps the counter: put it back
