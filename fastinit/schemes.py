@@ -519,7 +519,11 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
         if rule is None:
             unmatched.append(f"{p.name} ({type(p.module).__name__}, shape {list(p.shape)})")
             continue
-        action = _resolve(rule.spec, p)
+        try:
+            action = _resolve(rule.spec, p)
+        except Exception as e:
+            _name_in(e, p.name, rule.label)
+            raise
         if isinstance(action, Call):
             _dry_run(action, p)
         out[p.name] = Planned(p.name, rule.label, action, pads.get(id(p.tensor)))
@@ -529,6 +533,12 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
             + ", ".join(unmatched)
             + " (add a rule for them, e.g. scheme.then(Rule(0.0)) for a catch-all, or Rule('keep') to keep them)")
     return out
+
+
+def _name_in(e: BaseException, name: str, rule) -> None:
+    """Say in ``e`` (a note under its message) which parameter and rule it came from."""
+    if hasattr(e, "add_note"):  # (Python >= 3.11)
+        e.add_note(f"(apply_scheme: while initializing {name} by rule {rule})")
 
 
 def _dry_run(call: Call, p: Param) -> None:
@@ -847,8 +857,7 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
                 try:
                     _apply_action(params[pl.name], prefix + pl.name, pl, seed, done, keys, reset_owned)
                 except Exception as e:
-                    if hasattr(e, "add_note"):
-                        e.add_note(f"(apply_scheme: while initializing {pl.name} by rule {pl.rule})")
+                    _name_in(e, pl.name, pl.rule)
                     raise
         report = SchemeReport(scheme.name, seed, deferred, {n: (pl.rule, pl.describe()) for n, pl in plans.items()},
                               plans)
@@ -1217,8 +1226,8 @@ class _LSUV:
     def validate(self, model, opts):
         if opts.get("example_input") is None:
             raise ValueError("apply_scheme: scheme 'lsuv' needs an example batch: example_input=...")
-        if not (opts["tol"] > 0):
-            raise ValueError(f"apply_scheme: lsuv tol must be > 0, got {opts['tol']}")
+        if isinstance(opts["tol"], bool) or not isinstance(opts["tol"], numbers.Real) or not opts["tol"] > 0:
+            raise ValueError(f"apply_scheme: lsuv tol must be a number > 0, got {opts['tol']!r}")
         if not (isinstance(opts["max_iter"], int) and opts["max_iter"] >= 1):
             raise ValueError(f"apply_scheme: lsuv max_iter must be an int >= 1, got {opts['max_iter']}")
 

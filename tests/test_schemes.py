@@ -730,3 +730,13 @@ def test_a_seeded_scheme_on_nested_deferred_blocks_keys_them_by_their_path():
     fastinit.materialize(whole, seed=1)
     assert not torch.equal(blocks.layers[0].lin.weight, blocks.layers[1].lin.weight)
     assert all(torch.equal(a, b) for a, b in zip(blocks.state_dict().values(), whole.state_dict().values()))
+
+
+def test_a_bad_option_names_the_parameter_and_rule():
+    m = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(RuntimeError) as e:
+        apply_scheme(m, "xavier_uniform", gain=float("nan"))
+    if hasattr(e.value, "add_note"):  # (notes: Python >= 3.11)
+        assert "while initializing 0.weight by rule" in "".join(e.value.__notes__)
+    with pytest.raises(ValueError, match="tol must be a number"):
+        apply_scheme(m, "lsuv", example_input=torch.randn(2, 4), tol="x")
