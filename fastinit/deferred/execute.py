@@ -141,10 +141,11 @@ class Evaluator:
 
     def _random(self, what: str, rec: Recording, r: StorageRecord):
         raise RuntimeError(
-            f"fastinit.deferred_init: the model reads the value of a tensor while it is built, and that "
-            f"value depends on random draws ({what}), which a deferred model only makes when it is "
-            "materialized with a seed. Build this model eagerly, or move the step that reads it after "
-            "materialize()")
+            f"fastinit: code that fastinit records (a constructor under deferred_init, materialize's "
+            f"init_fn, a batched(module=...) block) reads the value of a deferred tensor, and that value "
+            f"depends on random draws ({what}), which are only made when the model is materialized with a "
+            "seed (a copy into a real tensor reads it too). Build this model eagerly, or move the step "
+            "that reads it after materialize()")
 
     # ------------------------------------------------------------ values
 
