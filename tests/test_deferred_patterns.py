@@ -2042,3 +2042,25 @@ def test_plain_tensor_attributes_made_by_a_constructor_are_materialized():
     fastinit.materialize(half, seed=0, dtype=torch.bfloat16)
     assert half.lin.weight.dtype == torch.bfloat16 and half.mask.dtype == torch.float32
     assert half.freqs_cis.dtype == torch.complex64
+
+
+@pytest.mark.parametrize("compiled", ["script", "trace"])
+def test_a_torchscript_module_run_inside_batched_reads_the_filled_weights(compiled):
+    """TorchScript reads its tensors in C++, unseen by the recorder: calling a
+    scripted or traced module runs the queue first, as a Python forward does."""
+    def init(m):
+        if isinstance(m, nn.Linear):
+            fastinit.normal_(m.weight, std=0.02)
+            fastinit.zeros_(m.bias)
+
+    x = torch.randn(2, 16)
+    torch.manual_seed(0)
+    eager = nn.Linear(16, 4)
+    eager.apply(init)
+    torch.manual_seed(0)
+    m = nn.Linear(16, 4)
+    with fastinit.batched():
+        m.apply(init)
+        s = torch.jit.script(m) if compiled == "script" else torch.jit.trace(nn.Sequential(m), torch.zeros(1, 16))
+        out = s(x)
+    assert torch.equal(out, eager(x))

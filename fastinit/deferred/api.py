@@ -6,6 +6,7 @@ import contextlib
 import gc
 import itertools
 import math
+import threading
 import time
 import warnings
 import weakref
@@ -1014,6 +1015,38 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
         yield
 
 
+_script_hook = None
+_script_hook_users = 0
+_script_hook_lock = threading.Lock()
+
+
+def _flush_before_script(module, args):
+    """A TorchScript (scripted or traced) module reads its tensors in C++, where no
+    torch function mode sees the reads: what this thread's block queued runs first."""
+    if isinstance(module, torch.jit.ScriptModule):
+        batch = intercept.current_batch()
+        if batch is not None and batch.pending:
+            batch.flush()
+
+
+@contextlib.contextmanager
+def _script_calls_run_the_queue():
+    """A global forward pre-hook (:func:`_flush_before_script`) while any block is open."""
+    global _script_hook, _script_hook_users
+    with _script_hook_lock:
+        if _script_hook_users == 0:
+            _script_hook = torch.nn.modules.module.register_module_forward_pre_hook(_flush_before_script)
+        _script_hook_users += 1
+    try:
+        yield
+    finally:
+        with _script_hook_lock:
+            _script_hook_users -= 1
+            if _script_hook_users == 0:
+                _script_hook.remove()
+                _script_hook = None
+
+
 @contextlib.contextmanager
 def block(seed: int | None = None, module: torch.nn.Module | None = None, *, atomic: bool = False):
     """:func:`batched`'s block. ``atomic`` (``apply_scheme``): if the block raises,
@@ -1055,7 +1088,7 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
     batch = Batch(seed, names, undo=undo, kept=kept)
     batch.atomic = atomic
     try:
-        with intercept.recording(home, batch):
+        with intercept.recording(home, batch), _script_calls_run_the_queue():
             yield
     except BaseException:
         if not atomic:
