@@ -2064,3 +2064,30 @@ def test_a_torchscript_module_run_inside_batched_reads_the_filled_weights(compil
         s = torch.jit.script(m) if compiled == "script" else torch.jit.trace(nn.Sequential(m), torch.zeros(1, 16))
         out = s(x)
     assert torch.equal(out, eager(x))
+
+
+def test_compiled_code_sparse_tensors_and_torch_func_run_inside_batched():
+    """What eager code runs inside a block runs there too, with the queued values:
+    a compiled model or function (traced reads run the queue first, outside the
+    graph), sparse tensors and torch.func's transforms (tensors without storage)."""
+    def init(m):
+        if isinstance(m, nn.Linear):
+            fastinit.normal_(m.weight, std=0.02)
+            fastinit.zeros_(m.bias)
+
+    x = torch.randn(2, 16)
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    eager.apply(init)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    with fastinit.batched():
+        m.apply(init)
+        out = torch.compile(m, backend="eager")(x)
+        w = torch.empty(8)
+        fastinit.normal_(w)  # queued while the rest runs
+        sparse = torch.eye(3).to_sparse() * 2.0
+        batched_out = torch.vmap(lambda r: r * 2)(torch.ones(2, 3))
+        twice = torch.compile(lambda t: t * 2, backend="eager")(w)
+    assert torch.equal(out, eager(x)) and torch.equal(twice, w * 2)
+    assert torch.equal(sparse.to_dense(), torch.eye(3) * 2) and torch.equal(batched_out, torch.full((2, 3), 2.0))

@@ -1020,10 +1020,14 @@ _script_hook_users = 0
 _script_hook_lock = threading.Lock()
 
 
+_OPTIMIZED = getattr(getattr(getattr(torch, "_dynamo", None), "eval_frame", None), "OptimizedModule", ())
+
+
 def _flush_before_script(module, args):
     """A TorchScript (scripted or traced) module reads its tensors in C++, where no
-    torch function mode sees the reads: what this thread's block queued runs first."""
-    if isinstance(module, torch.jit.ScriptModule):
+    torch function mode sees the reads, and a compiled one is traced: what this
+    thread's block queued runs first."""
+    if isinstance(module, (torch.jit.ScriptModule, _OPTIMIZED)):
         batch = intercept.current_batch()
         if batch is not None and batch.pending:
             batch.flush()

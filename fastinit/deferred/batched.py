@@ -30,7 +30,7 @@ from ..seeding import draw_key, key_for_name
 from ..specs import Constant
 from . import intercept
 from .plan import fill_tag, start_of
-from .record import Event, geometry, storage_key
+from .record import Event, geometry, storage_key, storage_key_or_none
 
 _RECORDABLE = frozenset({"fill_", "zero_", "mul_", "div_", "add_", "sub_", "clamp_", "clamp_min_",
                          "clamp_max_", "__setitem__"})
@@ -161,10 +161,10 @@ class Batch:
         """``(handled, result)`` for a torch op while work is queued."""
         if kind == intercept._SEEN_QUERY:
             if name in intercept.RAW_READS and not self._busy and args and isinstance(args[0], torch.Tensor) and not args[0].is_meta \
-                    and storage_key(args[0]) in self.pending:
+                    and storage_key_or_none(args[0]) in self.pending:
                 self.flush()  # torch.save, bytes(t.untyped_storage()), a data_ptr for C code
             return False, None
-        if target is not None and not target.is_meta and storage_key(target) in self.pending:
+        if target is not None and not target.is_meta and storage_key_or_none(target) in self.pending:
             if name in _RECORDABLE and not self._other_dtype(target) and self._record(func, name, target, args, kwargs):
                 bump_version(target)
                 return True, (None if name == "__setitem__" else target)
@@ -173,7 +173,7 @@ class Batch:
         if kind == intercept._VIEW or (name == "__getitem__" and len(args) > 1 and intercept.basic_index(args[1])):
             return False, None  # a view reads nothing
         for t in intercept.tensors_in(args, kwargs):
-            if not t.is_meta and storage_key(t) in self.pending:
+            if not t.is_meta and storage_key_or_none(t) in self.pending:
                 self.flush()
                 break
         return False, None
@@ -264,6 +264,10 @@ class Batch:
                         engines.fill([Target(view, e.spec, self._key(p, e, idx, whole), engine=e.engine)])
                     else:
                         e.func(view, *e.args[1:], **e.kwargs)
+
+    # A read that torch.compile traces runs the queue eagerly, outside the graph.
+    flush = torch.compiler.disable(flush) if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable") \
+        else flush
 
     def _key(self, p: _Pending, e: Event, idx: int, whole) -> int:
         if e.key is not None:

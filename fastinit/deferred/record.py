@@ -45,6 +45,15 @@ def _storage_cdata(t: torch.Tensor) -> int:
 storage_key = getattr(torch._C, "_storage_id", None) or _storage_cdata
 
 
+def storage_key_or_none(t: torch.Tensor) -> int | None:
+    """:data:`storage_key`, or None for a tensor with no storage of its own (sparse,
+    mkldnn, functorch's vmap/grad wrappers): no record or queue can hold it."""
+    try:
+        return storage_key(t)
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def storage_numel(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes() // t.element_size()
 
@@ -190,7 +199,12 @@ class Recording:
     def record(self, t: torch.Tensor, node: Node | None = None, out_index: int = 0) -> StorageRecord:
         """The record of ``t``'s storage, made (created by output ``out_index`` of
         ``node``) if it is new."""
-        sk = storage_key(t)
+        sk = storage_key_or_none(t)
+        if sk is None:
+            raise NotImplementedError(
+                "fastinit: a tensor without storage of its own (made inside torch.func's vmap/grad, or sparse) "
+                "cannot be recorded while a model is built; build this model eagerly, or compute the tensor "
+                "after materialize()")
         r = self.storages.get(sk)
         if r is None:
             r = self.storages[sk] = StorageRecord(sk, t, node, self.next_seq(), out_index)
@@ -340,7 +354,10 @@ def adopt_as(t: torch.Tensor, rec: "Recording", r: "StorageRecord", geom: tuple)
 
 def recording_of(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
     """The recording holding ``t``'s (meta) storage, and the storage's record."""
-    sk = storage_key(t)
+    try:
+        sk = storage_key(t)
+    except (NotImplementedError, RuntimeError):  # (no storage: a functorch wrapper, a sparse tensor)
+        return None
     ref = _REGISTRY.get(sk)
     if ref is None:
         return None
