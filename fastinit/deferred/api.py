@@ -6,6 +6,7 @@ import contextlib
 import gc
 import itertools
 import math
+import sys
 import threading
 import time
 import warnings
@@ -1020,14 +1021,17 @@ _script_hook_users = 0
 _script_hook_lock = threading.Lock()
 
 
-_OPTIMIZED = getattr(getattr(getattr(torch, "_dynamo", None), "eval_frame", None), "OptimizedModule", ())
+def _compiled(module) -> bool:
+    """A ``torch.compile``d module (without importing torch._dynamo where nothing did)."""
+    ef = sys.modules.get("torch._dynamo.eval_frame")
+    return ef is not None and isinstance(module, getattr(ef, "OptimizedModule", ()))
 
 
 def _flush_before_script(module, args):
     """A TorchScript (scripted or traced) module reads its tensors in C++, where no
     torch function mode sees the reads, and a compiled one is traced: what this
     thread's block queued runs first."""
-    if isinstance(module, (torch.jit.ScriptModule, _OPTIMIZED)):
+    if isinstance(module, torch.jit.ScriptModule) or _compiled(module):
         batch = intercept.current_batch()
         if batch is not None and batch.pending:
             batch.flush()

@@ -20,6 +20,9 @@ records instead: ``materialize`` fuses them with everything else.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 
 from .. import distributed as dist_mod
@@ -51,6 +54,13 @@ def _span(geom) -> tuple[int, int, bool]:
     return lo, hi + 1, n == hi + 1 - lo
 
 
+
+
+@functools.lru_cache(maxsize=None)
+def _eager(fn):
+    """``fn`` run with torch.compile's frame evaluation off: eagerly, a graph break where
+    it is traced (made once torch._dynamo is imported, by whatever compiles)."""
+    return torch.compiler.disable(fn)
 
 
 class _Pending:
@@ -228,6 +238,12 @@ class Batch:
         one engine batch, then every other queued write in order."""
         if not self.pending:
             return
+        if "torch._dynamo" in sys.modules:  # (a read torch.compile traces: the queue runs eagerly, outside
+            _eager(Batch._run)(self)      # the graph, its frames not compiled one by one)
+            return
+        self._run()
+
+    def _run(self) -> None:
         pending, self.pending = self.pending, {}
         for p in pending.values():
             self.before_write(p.alias)
@@ -264,10 +280,6 @@ class Batch:
                         engines.fill([Target(view, e.spec, self._key(p, e, idx, whole), engine=e.engine)])
                     else:
                         e.func(view, *e.args[1:], **e.kwargs)
-
-    # A read that torch.compile traces runs the queue eagerly, outside the graph.
-    flush = torch.compiler.disable(flush) if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable") \
-        else flush
 
     def _key(self, p: _Pending, e: Event, idx: int, whole) -> int:
         if e.key is not None:
