@@ -24,9 +24,10 @@ def interrupts_held():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)  # (None: set outside Python)
         if got:
             if callable(old):
                 old(signal.SIGINT, None)
-            else:
-                raise KeyboardInterrupt
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)  # (what SIG_DFL does with it: the process ends)
+            # (SIG_IGN, or a handler set outside Python: ignored, as it would have been)

@@ -807,8 +807,11 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     Raises:
         ValueError: parameters no rule matches (all named), a shape a rule cannot
         handle; TypeError: unknown options. Nothing is changed when it raises
-        (an interrupt included): the parameters, and the records of a deferred
-        model, are as they were.
+        while it plans and applies the rules (an interrupt included): the
+        parameters, and the records of a deferred model, are as they were. Its
+        last step, the fused pass of the queued fills, is not undone: an
+        interrupt there lands once it is whole; an error there (out of memory)
+        leaves the parameters it reached written.
     """
     from .deferred.api import block
 
@@ -1203,8 +1206,8 @@ def measuring(model: nn.Module):
         for m, training in modes:
             m.training = training
         with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
+            for b, saved in buffers:  # (only what moved: an expanded or inference buffer cannot be written)
+                if b.shape == saved.shape and not torch.equal(b, saved):
                     b.copy_(saved)
 
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 import fastinit
-from fastinit import engines
+from fastinit import Rule, Scheme, apply_scheme, engines
+from fastinit.specs import Normal
 
 transformers = pytest.importorskip("transformers")
 
@@ -1882,9 +1883,9 @@ def test_tensors_taken_from_deferred_blocks_a_constructor_drops_are_keyed_by_the
         assert m.w1.abs().max() <= 0.5 and m.w1.std() > 0.1  # still kaiming_uniform_(a=sqrt 5): U(+-1/2)
 
 
-def test_a_materialized_or_deferred_model_pickles_without_its_records():
+def test_a_materialized_model_pickles_and_a_deferred_one_is_refused():
     """``torch.save(model)`` after deferred_init + materialize loads the same model; a
-    still deferred one loads as a plain meta model (records are not saved)."""
+    still deferred one cannot be saved with what initializes it: refused, by name."""
     import io
     import pickle
 
@@ -1895,11 +1896,12 @@ def test_a_materialized_or_deferred_model_pickles_without_its_records():
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
     _assert_same(back, m)
-    d = pickle.loads(pickle.dumps(fastinit.deferred_init(_Stack)))
-    assert d.head.weight.is_meta
-    with pytest.warns(UserWarning, match="without fastinit.deferred_init"):
-        fastinit.materialize(d, seed=0)
-    assert not d.head.weight.is_meta
+    d = fastinit.deferred_init(_Stack)
+    fastinit.materialize(d.layers[0], seed=0)
+    with pytest.raises(TypeError, match=r"deferred tensor layers\.1\.weight.*materialize the model"):
+        pickle.dumps(d)
+    fastinit.materialize(d, seed=0)
+    assert pickle.loads(pickle.dumps(d)).head.bias.shape == (3,)
 
 
 class _EmptyParam(nn.Module):
@@ -2091,3 +2093,27 @@ def test_compiled_code_sparse_tensors_and_torch_func_run_inside_batched():
         twice = torch.compile(lambda t: t * 2, backend="eager")(w)
     assert torch.equal(out, eager(x)) and torch.equal(twice, w * 2)
     assert torch.equal(sparse.to_dense(), torch.eye(3) * 2) and torch.equal(batched_out, torch.full((2, 3), 2.0))
+
+
+def test_an_atomic_scheme_keeps_no_copy_of_what_its_fills_overwrite(monkeypatch):
+    """apply_scheme queues its fills, then runs an orthogonal rule at once: only the
+    tensor written at once is kept for undo, not every queued parameter (a model's
+    worth of memory on a GPU)."""
+    import importlib
+
+    batched_mod = importlib.import_module("fastinit.deferred.batched")
+    from fastinit.schemes import Orthogonal
+
+    copied = []
+    real = batched_mod.Batch.before_write
+
+    def spy(self, t):
+        if self.undo is not None and not t.is_meta:
+            copied.append(t.numel())
+        return real(self, t)
+
+    monkeypatch.setattr(batched_mod.Batch, "before_write", spy)
+    m = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    scheme = Scheme("x", [Rule(Orthogonal(), name="3.weight"), Rule(Normal(0.0, 0.02), name="weight"), Rule(0.0)])
+    apply_scheme(m, scheme, seed=0)
+    assert sum(copied) <= 64 * 64

@@ -23,7 +23,8 @@ from ..seeding import check_seed, draw_seed
 from ..specs import Constant, Uniform
 from . import intercept
 from .batched import Batch
-from .execute import Evaluator, ReplayError, as_module_tensor, interrupts_held, progress_printer, swap_in
+from .._interrupts import interrupts_held
+from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
                      geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, plain_tensors,
@@ -507,7 +508,7 @@ def attach_orphans(module, home: Recording, prefix: str, orphans) -> list:
     for t, names, _ in orphans:
         home.note(t)  # (a write no recording sees is refused from now on, as on a deferred_init model)
         try:
-            t.__dict__[HANDLE_ATTR] = Handle(home, _join(prefix, names[0]))
+            t.__dict__[HANDLE_ATTR] = Handle(home, _join(prefix, names[0]), on_tensor=True)
             added.append(t)
         except AttributeError:
             pass
@@ -738,8 +739,13 @@ def _warn_if_keyed_as_before(module: torch.nn.Module, objs, seed: int) -> None:
 
 def _siblings(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether ``a`` and ``b`` are children of one module (two blocks of one model, not
-    two models built alike; asked only when their keys are the same: a gc walk)."""
-    return any(isinstance(d, dict) and any(v is b for v in d.values()) for d in gc.get_referrers(a))
+    two models built alike that a script's globals hold; asked only when their keys
+    are the same: a gc walk)."""
+    for d in gc.get_referrers(a):
+        if isinstance(d, dict) and any(v is b for v in d.values()) and any(
+                isinstance(o, dict) and o.get("_modules") is d for o in gc.get_referrers(d)):  # (a module's __dict__)
+            return True
+    return False
 
 
 class _Modules:
@@ -1110,7 +1116,11 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
         if outer is not None and outer.undo is not None:
             for k, v in undo.items():
                 outer.undo.setdefault(k, v)
-        batch.undo = None  # (the fills at exit are the block's last step: no copies of what they overwrite)
+        # The fills at exit are the block's last step: no copies of what they overwrite, unless
+        # an outer block (materialize's init_fn) must be able to undo them. An interrupt during
+        # them lands after them (the scheme whole); an error in them (out of memory) leaves
+        # what they reached written.
+        batch.undo = outer.undo if outer is not None else None
         with interrupts_held():
             batch.flush()
     else:

@@ -107,7 +107,7 @@ class Batch:
         if self.undo is None or t.is_meta:
             return
         with torch._C.DisableTorchFunction():
-            st = t.untyped_storage()
+            st = dist_mod.local_tensor(t).untyped_storage()  # (a DTensor: its shard's memory)
             if st._cdata not in self.undo:
                 self.undo[st._cdata] = (st, st.clone())
 
@@ -233,18 +233,25 @@ class Batch:
 
     # ------------------------------------------------------------ run
 
-    def flush(self) -> None:
-        """Run everything queued: the fills that start their storages' values in
-        one engine batch, then every other queued write in order."""
+    def flush(self, only: torch.Tensor | None = None) -> None:
+        """Run everything queued (``only``: what is queued in that tensor's memory):
+        the fills that start their storages' values in one engine batch, then every
+        other queued write in order."""
         if not self.pending:
             return
+        if only is None:
+            pending, self.pending = self.pending, {}
+        else:
+            p = self.pending.pop(storage_key_or_none(only), None)
+            if p is None:
+                return
+            pending = {0: p}
         if "torch._dynamo" in sys.modules:  # (a read torch.compile traces: the queue runs eagerly, outside
-            _eager(Batch._run)(self)      # the graph, its frames not compiled one by one)
+            _eager(Batch._run)(self, pending)  # the graph, its frames not compiled one by one)
             return
-        self._run()
+        self._run(pending)
 
-    def _run(self) -> None:
-        pending, self.pending = self.pending, {}
+    def _run(self, pending: dict) -> None:
         for p in pending.values():
             self.before_write(p.alias)
         fused, later = [], []

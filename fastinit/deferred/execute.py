@@ -21,6 +21,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import time
 
 import torch
@@ -348,19 +349,25 @@ def _read_while_recording(rec: Recording, t: torch.Tensor) -> torch.Tensor:
 intercept._reader = _read_while_recording
 
 
+_DEFAULT_DTYPE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype | None):
-    """torch's default dtype set to ``dtype`` (None: float32) for the block, if it differs."""
+    """torch's default dtype set to ``dtype`` (None: float32) for the block, if it
+    differs. torch's default is one for the process: replays that change it take
+    turns, so each puts back what it found."""
     dtype = torch.float32 if dtype is None else dtype
-    old = torch.get_default_dtype()
-    if old is dtype:
-        yield
+    if dtype is torch.float32 and torch.get_default_dtype() is dtype:
+        yield  # (the common case: nothing to change, nothing to wait for)
         return
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+    with _DEFAULT_DTYPE_LOCK:
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
 
 
 def _fill(view: torch.Tensor, spec, key: int) -> None:

@@ -906,7 +906,9 @@ class RecordingSink:
         if batch is not None:
             if batch.keeps(tensor):
                 return True  # real before materialize: it keeps its values
-            batch.flush()  # a structured init reads its key now: everything queued first
+            # a structured init writes this tensor now: what is queued in its memory first (its key
+            # is drawn now, after the queued calls drew theirs; it reads no other tensor)
+            batch.flush(only=tensor)
             batch.before_write(tensor)  # (written now, by the engines)
         return False
 

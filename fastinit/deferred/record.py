@@ -94,7 +94,7 @@ class Node:
     kwargs: dict
     # torch's default dtype when it ran, if not float32 (transformers sets it around a
     # constructor): ``torch.arange(6) / 7`` and ``linspace`` replay in it
-    default_dtype: torch.dtype | None = field(default_factory=lambda: _default_dtype_if_not_float32())
+    default_dtype: torch.dtype | None = field(default_factory=_default_dtype_if_not_float32)
 
     @property
     def label(self) -> str:
@@ -378,11 +378,12 @@ class Handle:
     returned. Shared, never copied: a deep copy of a deferred model keeps the
     same records, so both copies materialize to the same values for a seed."""
 
-    __slots__ = ("recording", "name")
+    __slots__ = ("recording", "name", "on_tensor")
 
-    def __init__(self, recording: Recording, name: str):
+    def __init__(self, recording: Recording, name: str, on_tensor: bool = False):
         self.recording = recording
         self.name = name
+        self.on_tensor = on_tensor  # (a deferred tensor's; else a module's)
 
     def __deepcopy__(self, memo):
         return self
@@ -391,9 +392,12 @@ class Handle:
         return self
 
     def __reduce__(self):
-        # Records hold weak references and torch ops: they are not saved. A pickled
-        # (``torch.save``) module loads without them: a materialized one as it was, a
-        # deferred one as a plain meta model (materialize then runs its default init).
+        # Records hold weak references and torch ops: they are not saved. A module's
+        # handle is left out (a materialized model saves and loads as it is); a tensor
+        # that is still deferred cannot be saved without what initializes it.
+        if self.on_tensor:
+            raise TypeError(f"fastinit: cannot pickle the deferred tensor {self.name or '(the root)'}: its records "
+                            "(what initializes it) cannot be saved; materialize the model, then save it")
         return _no_handle, ()
 
     def __repr__(self) -> str:
@@ -471,7 +475,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
             rec.keep.append(t)
             _REGISTRY[r.sk] = rec._self_ref
             try:
-                t.__dict__[HANDLE_ATTR] = Handle(rec, name)
+                t.__dict__[HANDLE_ATTR] = Handle(rec, name, on_tensor=True)
             except AttributeError:
                 pass
         r = found[1] if found is not None else rec.record(t)  # (rec's, or taken over above)
@@ -482,7 +486,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
             rec.versions[id(t)] = (t, t._version)  # (rec.note(t), inlined: what an unseen write moves)
         if HANDLE_ATTR not in getattr(t, "__dict__", {}):
             try:
-                t.__dict__[HANDLE_ATTR] = Handle(rec, name)
+                t.__dict__[HANDLE_ATTR] = Handle(rec, name, on_tensor=True)
                 added.append(t)
             except AttributeError:  # a tensor type without a __dict__
                 pass
