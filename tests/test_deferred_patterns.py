@@ -2117,3 +2117,10 @@ def test_an_atomic_scheme_keeps_no_copy_of_what_its_fills_overwrite(monkeypatch)
     scheme = Scheme("x", [Rule(Orthogonal(), name="3.weight"), Rule(Normal(0.0, 0.02), name="weight"), Rule(0.0)])
     apply_scheme(m, scheme, seed=0)
     assert sum(copied) <= 64 * 64
+
+
+def test_a_seed_given_to_batched_with_a_deferred_model_says_it_does_not_key_it():
+    d = fastinit.deferred_init(_Stack)
+    with pytest.warns(UserWarning, match="keyed by the seed materialize"):
+        with fastinit.batched(seed=0, module=d):
+            fastinit.normal_(d.head.weight)

@@ -1007,11 +1007,14 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
     queued before it still runs.
 
     Args:
-        seed: with ``module``, fills of ``module``'s tensors are keyed by
-            ``(seed, fully-qualified name)`` exactly as ``materialize(seed=...)``
-            keys them (instead of drawing keys from torch's generator), so the
-            same init code gives the same values on an allocated and on a
-            deferred model.
+        seed: with an allocated ``module``, fastinit's fills of its tensors are
+            keyed by ``(seed, fully-qualified name)`` exactly as
+            ``materialize(seed=...)`` keys them (instead of drawing keys from
+            torch's generator), so the same init code gives the same values on
+            an allocated model and on a deferred one materialized with that
+            seed. ``torch.nn.init``'s own calls and torch's random ops run as
+            eagerly, from torch's generator. A deferred ``module``'s fills are
+            keyed by the seed ``materialize`` gets (a seed here warns).
         module: a model whose tensors the block initializes. If it is deferred
             (meta tensors), the calls are recorded into its records, for
             ``materialize`` to fuse; a model built on the meta device without
@@ -1074,6 +1077,9 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
     names = None
     if module is not None:
         if any(t.is_meta for _, t in named_tensors(module) if t is not None):
+            if seed is not None and not atomic:
+                warnings.warn("fastinit.batched: seed= keys the fills of allocated tensors; this model's deferred "
+                              "tensors are keyed by the seed materialize() gets, not by this one", stacklevel=5)
             home = adopt(module)
         if seed is not None:
             names = {}
