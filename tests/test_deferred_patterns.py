@@ -2124,3 +2124,26 @@ def test_a_seed_given_to_batched_with_a_deferred_model_says_it_does_not_key_it()
     with pytest.warns(UserWarning, match="keyed by the seed materialize"):
         with fastinit.batched(seed=0, module=d):
             fastinit.normal_(d.head.weight)
+
+
+def test_deferred_init_works_with_torch_nn_init_patched_to_fastinit(monkeypatch):
+    """Replacing torch.nn.init's private helpers with fastinit's (as the README's
+    drop-in list invites) keeps deferred init working; a foreign replacement is
+    named as such, not blamed on the torch version."""
+    from fastinit.deferred import hooks
+
+    monkeypatch.setattr(hooks, "_codes", None)  # (checked against torch once, at first use)
+    monkeypatch.setattr(torch.nn.init, "_no_grad_trunc_normal_", fastinit._no_grad_trunc_normal_)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(64, 64))
+            nn.init.trunc_normal_(self.w, std=0.02, a=-0.04, b=0.04)
+
+    m = fastinit.deferred_init(M)
+    fastinit.materialize(m, seed=0)
+    assert m.w.abs().max() <= 0.04 and 0.01 < m.w.std() < 0.02
+    monkeypatch.setattr(torch.nn.init, "orthogonal_", lambda tensor, gain=1, generator=None: tensor)
+    with pytest.raises(RuntimeError, match="orthogonal_ is not torch's"):
+        fastinit.deferred_init(M)

@@ -53,14 +53,25 @@ def _init_codes() -> dict:
     """``{code object: (init name, argument names)}``, checked once against torch."""
     global _codes
     if _codes is None:
-        codes = {}
+        codes, patched = {}, False
         for fn_name, (init_name, params) in _EARLY_RETURN_INITS.items():
             fn = getattr(torch.nn.init, fn_name, None)
+            owner = getattr(fn, "__module__", None) or ""
+            if owner == "fastinit" or owner.startswith("fastinit."):
+                patched = True  # (not remembered: torch's may be put back)
+                continue  # patched with fastinit's own function, which records itself
+            if fn is not None and owner != torch.nn.init.__name__:
+                raise RuntimeError(
+                    f"fastinit: torch.nn.init.{fn_name} is not torch's (it was replaced by {owner}."
+                    f"{getattr(fn, '__qualname__', fn)!s}), so deferred init cannot see what it does on meta "
+                    "tensors; put torch's back, or replace it with fastinit's")
             code = getattr(fn, "__code__", None)
             if code is None or "is_meta" not in code.co_names or not set(params) <= set(code.co_varnames):
                 raise _torch_changed(f"changed torch.nn.init.{fn_name} (it no longer reads tensor.is_meta "
                                      f"with arguments {', '.join(params)})")
             codes[code] = (init_name, params)
+        if patched:
+            return codes
         _codes = codes
     return _codes
 
