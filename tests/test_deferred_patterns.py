@@ -2046,23 +2046,24 @@ def test_plain_tensor_attributes_made_by_a_constructor_are_materialized():
     assert half.freqs_cis.dtype == torch.complex64
 
 
+def _bert_like_init(m):  # (fastinit's calls: queued inside batched())
+    if isinstance(m, nn.Linear):
+        fastinit.normal_(m.weight, std=0.02)
+        fastinit.zeros_(m.bias)
+
+
 @pytest.mark.parametrize("compiled", ["script", "trace"])
 def test_a_torchscript_module_run_inside_batched_reads_the_filled_weights(compiled):
     """TorchScript reads its tensors in C++, unseen by the recorder: calling a
     scripted or traced module runs the queue first, as a Python forward does."""
-    def init(m):
-        if isinstance(m, nn.Linear):
-            fastinit.normal_(m.weight, std=0.02)
-            fastinit.zeros_(m.bias)
-
     x = torch.randn(2, 16)
     torch.manual_seed(0)
     eager = nn.Linear(16, 4)
-    eager.apply(init)
+    eager.apply(_bert_like_init)
     torch.manual_seed(0)
     m = nn.Linear(16, 4)
     with fastinit.batched():
-        m.apply(init)
+        m.apply(_bert_like_init)
         s = torch.jit.script(m) if compiled == "script" else torch.jit.trace(nn.Sequential(m), torch.zeros(1, 16))
         out = s(x)
     assert torch.equal(out, eager(x))
@@ -2072,19 +2073,14 @@ def test_compiled_code_sparse_tensors_and_torch_func_run_inside_batched():
     """What eager code runs inside a block runs there too, with the queued values:
     a compiled model or function (traced reads run the queue first, outside the
     graph), sparse tensors and torch.func's transforms (tensors without storage)."""
-    def init(m):
-        if isinstance(m, nn.Linear):
-            fastinit.normal_(m.weight, std=0.02)
-            fastinit.zeros_(m.bias)
-
     x = torch.randn(2, 16)
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
-    eager.apply(init)
+    eager.apply(_bert_like_init)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
     with fastinit.batched():
-        m.apply(init)
+        m.apply(_bert_like_init)
         out = torch.compile(m, backend="eager")(x)
         w = torch.empty(8)
         fastinit.normal_(w)  # queued while the rest runs
