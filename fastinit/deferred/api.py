@@ -233,8 +233,9 @@ def _objects(module: torch.nn.Module, where: str | None = None, walk=None, plain
             objs.setdefault(id(t), (t, []))[1].append(n)
     if lazy:
         _lazy_error(lazy, where)
-    for n, t in attrs:
-        if id(t) not in objs or (plain is not None and id(t) in plain):
+    params_and_buffers = set(objs)
+    for n, t in attrs:  # (a tensor that is also a parameter or buffer keeps that name alone)
+        if id(t) not in params_and_buffers:
             objs.setdefault(id(t), (t, []))[1].append(n)
             if plain is not None:
                 plain.add(id(t))
@@ -1105,8 +1106,7 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
                 txn.watch(found[0])
         if home is not None:
             txn.watch(home)
-    batch = Batch(seed, names, undo=undo, kept=kept)
-    batch.atomic = atomic
+    batch = Batch(seed, names, undo=undo, kept=kept, atomic=atomic)
     try:
         with intercept.recording(home, batch), _script_calls_run_the_queue():
             yield

@@ -77,7 +77,7 @@ class Batch:
     and ``seed`` key fills of those tensors as ``materialize(seed)`` would."""
 
     def __init__(self, seed: int | None = None, names: dict[int, str] | None = None, undo: dict | None = None,
-                 kept: frozenset = frozenset()):
+                 kept: frozenset = frozenset(), atomic: bool = False):
         self.pending: dict[int, _Pending] = {}
         self.seed = seed
         self.names = names or {}
@@ -93,7 +93,7 @@ class Batch:
         self.kept = kept
         # atomic (apply_scheme's block): constants are queued too, so that a failure
         # drops them with the rest instead of copying what they overwrite
-        self.atomic = False
+        self.atomic = atomic
 
     def keeps(self, t: torch.Tensor) -> bool:
         """Whether a write into ``t`` is dropped (see ``kept``)."""
