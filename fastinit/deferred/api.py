@@ -19,11 +19,11 @@ from torch.nn.modules.lazy import LazyModuleMixin as _LazyModuleMixin
 
 from .. import distributed as dist_mod
 from .. import engines
+from .._interrupts import interrupts_held
 from ..seeding import check_seed, draw_seed
 from ..specs import Constant, Uniform
 from . import intercept
 from .batched import Batch
-from .._interrupts import interrupts_held
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
@@ -1099,9 +1099,9 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
     txn = None
     if atomic:
         undo = {}  # (its own: an outer block's undo keeps what was there before that block)
-        txn = _Transaction()
-        for t in (t for _, t in named_tensors(module) if t is not None and t.is_meta) if module is not None else ():
-            found = recorded_or_adopted(t)
+        txn = _Transaction()  # (the records a deferred module's calls go into)
+        for _, t in named_tensors(module) if module is not None else ():
+            found = recorded_or_adopted(t) if t is not None and t.is_meta else None
             if found is not None:
                 txn.watch(found[0])
         if home is not None:

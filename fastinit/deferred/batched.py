@@ -240,22 +240,23 @@ class Batch:
         if not self.pending:
             return
         if only is None:
-            pending, self.pending = self.pending, {}
+            pending = list(self.pending.values())
+            self.pending = {}
         else:
             p = self.pending.pop(storage_key_or_none(only), None)
             if p is None:
                 return
-            pending = {0: p}
+            pending = [p]
         if "torch._dynamo" in sys.modules:  # (a read torch.compile traces: the queue runs eagerly, outside
             _eager(Batch._run)(self, pending)  # the graph, its frames not compiled one by one)
             return
         self._run(pending)
 
-    def _run(self, pending: dict) -> None:
-        for p in pending.values():
+    def _run(self, pending: list[_Pending]) -> None:
+        for p in pending:
             self.before_write(p.alias)
         fused, later = [], []
-        for p in pending.values():
+        for p in pending:
             if len(p.events) == 1 and p.events[0].kind == "fill" and _span(p.events[0].geom)[2]:
                 ev = p.events[0]  # the common case: one fill of a whole tensor, nothing after it
                 key = ev.key if ev.key is not None else key_for_name(self.seed, p.name)

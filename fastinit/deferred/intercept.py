@@ -879,11 +879,13 @@ class RecordingSink:
             return False
         batch = self.recorder.batch
         if batch is not None:
-            if batch.atomic:
-                return False
             sk = storage_key(tensor)
-            if sk in batch.pending or (batch.seed is not None and sk in batch.names) or batch.keeps(tensor):
-                return False  # (a named tensor's fills are keyed by their place among its events)
+            # queued instead: in an atomic block (a failure drops it), behind what is queued in its
+            # memory, for a named tensor (its fills are keyed by their place among its events),
+            # or dropped there, for one materialize keeps
+            if batch.atomic or sk in batch.pending or (batch.seed is not None and sk in batch.names) \
+                    or batch.keeps(tensor):
+                return False
             batch.before_write(tensor)
         return True
 

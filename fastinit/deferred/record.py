@@ -354,7 +354,7 @@ def adopt_as(t: torch.Tensor, rec: "Recording", r: "StorageRecord", geom: tuple)
 
 def recording_of(t: torch.Tensor) -> tuple[Recording, StorageRecord] | None:
     """The recording holding ``t``'s (meta) storage, and the storage's record."""
-    try:
+    try:  # (storage_key_or_none, inlined: this is on every recorded op's path)
         sk = storage_key(t)
     except (NotImplementedError, RuntimeError):  # (no storage: a functorch wrapper, a sparse tensor)
         return None
@@ -408,6 +408,11 @@ def _no_handle():
     return None
 
 
+def _recorded_in(t: torch.Tensor, rec: Recording) -> bool:
+    found = recording_of(t)
+    return found is not None and found[0] is rec
+
+
 def named_tensors(module: torch.nn.Module):
     """Every parameter and buffer with its name, tied aliases included."""
     yield from module.named_parameters(remove_duplicate=False)
@@ -456,7 +461,7 @@ def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
     # plain tensor attributes this recording made (named after parameters and buffers:
     # a tensor that is both keeps its parameter's name)
     attrs = [(f"{prefix}.{k}" if prefix else k, t) for prefix, mod in mods for k, t in plain_tensors(mod)
-             if t.is_meta and (recording_of(t) or (None,))[0] is rec]
+             if t.is_meta and _recorded_in(t, rec)]
     in_model = {id(m) for _, m in mods}
     for name, t in itertools.chain(params, buffers, attrs):
         if not t.is_meta:
