@@ -154,7 +154,7 @@ def bump_version(tensor: torch.Tensor) -> None:
         _increment_version((tensor,))
 
 
-def _bump_version(tensor: torch.Tensor, before) -> None:
+def bump_version_once(tensor: torch.Tensor, before) -> None:
     """One version-counter bump for the call (autograd then sees the write), unless a
     torch op of the fill already made it."""
     if before is not None and tensor._version == before:
@@ -210,6 +210,10 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
             return tensor  # torch's meta kernels check no more than that
         check_writable(tensor)
         return torch_fallback()  # complex: torch's own
+    if plain and generator is None:
+        check_writable(tensor)  # (torch's op runs on a detached alias, which inference mode lets through)
+        if engines.fill_like_torch(tensor, op, op_args):
+            return tensor  # (a small CPU tensor: torch's own op, its checks and errors)
     # (the checks remembered as a sink's are: the same op on a stand-in of the same dtype)
     return _write_now(tensor, _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec), generator,
                       not plain)
@@ -289,12 +293,14 @@ def _write_now(tensor, spec, generator, maybe_dtensor: bool) -> torch.Tensor:
     """Write the checked spec into a real tensor of an engine dtype, with one version bump."""
     check_writable(tensor)
     before = None if tensor.is_inference() else tensor._version
-    key = draw_key(generator) if spec.random else 0
-    if maybe_dtensor and is_dtensor(tensor):
-        fill_dtensor(tensor, spec, key)
+    dtensor = maybe_dtensor and is_dtensor(tensor)
+    if spec.random and generator is None and not dtensor and engines.fill_default(tensor, spec):
+        pass  # (a small CPU tensor: drawn from torch's default generator, no key)
+    elif dtensor:
+        fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
     else:
-        engines.fill_one(tensor, spec, key)
-    _bump_version(tensor, before)
+        engines.fill_one(tensor, spec, draw_key(generator) if spec.random else 0)
+    bump_version_once(tensor, before)
     return tensor
 
 
@@ -812,7 +818,7 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
     engines.fill([engines.Target(tensor, spec, values_key)])
     with torch.no_grad():
         tensor.scatter_(0, zero_rows, 0)
-    _bump_version(tensor, before)
+    bump_version_once(tensor, before)
     return tensor
 
 

@@ -92,6 +92,11 @@ class InitSpec:
     def check_dtype(self, dtype) -> None:
         """Raise torch's error if this spec cannot fill a tensor of ``dtype``."""
 
+    def torch_op(self) -> tuple[str, tuple] | None:
+        """``(op, args)``: the one torch op that draws this spec,
+        ``tensor.<op>(*args, generator=...)``; None if there is none."""
+        return None
+
 
 @dataclass(frozen=True)
 class Constant(InitSpec):
@@ -150,6 +155,9 @@ class Uniform(InitSpec):
             hi = max(float(float_below(self.b)), float(np.float32(self.a))) if self.b > self.a else self.a
         return KIND_UNIFORM, (float(self.a), float(self.b - self.a), hi, 0.0, 0.0, 0.0)
 
+    def torch_op(self):
+        return "uniform_", (self.a, self.b)
+
 
 @functools.lru_cache(maxsize=4096)
 def _uniform_for_dtype(a_hex: str, b_hex: str, dtype: torch.dtype) -> Uniform:
@@ -170,6 +178,9 @@ class Normal(InitSpec):
 
     def _params(self):
         return KIND_NORMAL, (float(self.mean), float(self.std), 0.0, 0.0, 0.0, 0.0)
+
+    def torch_op(self):
+        return "normal_", (self.mean, self.std)
 
 
 @dataclass(frozen=True)

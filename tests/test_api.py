@@ -99,13 +99,103 @@ def test_noncontiguous_views_are_filled_without_touching_the_rest():
     t = torch.zeros(50, 30).t()
     fastinit.normal_(t, 5.0, 0.1)
     assert abs(t.mean().item() - 5.0) < 0.02
-    # A view's values are those of a contiguous tensor with the same key.
-    torch.manual_seed(3)
-    a = fastinit.normal_(torch.empty(30, 50))
-    torch.manual_seed(3)
-    b = torch.empty(50, 30).t()
-    fastinit.normal_(b)
-    assert torch.equal(a, b)
+    # A view's values are those of a contiguous tensor with the same key (a keyed fill:
+    # above the size that a small contiguous tensor takes torch's own op for).
+    for shape, fn in (((600, 500), fastinit.normal_), ((30, 150), fastinit.uniform_)):
+        torch.manual_seed(3)
+        a = fn(torch.empty(shape), generator=torch.Generator().manual_seed(7))
+        b = torch.empty(shape[::-1]).t()
+        fn(b, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(a, b)
+        torch.manual_seed(3)
+        a = fn(torch.empty(shape))
+        torch.manual_seed(3)
+        b = torch.empty(shape[::-1]).t()
+        fn(b)
+        assert torch.equal(a, b)
+
+
+# (name, args, shape, dtype): calls on torch's default generator that a small contiguous
+# CPU tensor makes as torch.nn.init makes them, with torch's own op
+_LIKE_TORCH = [
+    ("normal_", (0.0, 0.02), (8, 6), torch.float32),
+    ("normal_", (1.0, 2.0), (1,), torch.float64),
+    ("normal_", (0.0, 1.0), (64, 64), torch.bfloat16),  # 4096: the largest half-precision one
+    ("kaiming_normal_", (0, "fan_out", "relu"), (64, 64, 3, 3), torch.float32),  # float32 normal: one chunk
+    ("xavier_normal_", (1.5,), (512, 512), torch.float32),  # 2^18 elements: still one chunk
+    ("uniform_", (-1.0, 1.0), (7,), torch.float16),
+    ("uniform_", (0.0, 3.0), (64, 64), torch.float32),
+    ("kaiming_uniform_", (5 ** 0.5,), (30, 20), torch.float32),
+    ("xavier_uniform_", (), (16, 8, 3, 3), torch.float32),
+]
+
+
+@pytest.mark.parametrize("name,args,shape,dtype", _LIKE_TORCH)
+def test_small_cpu_calls_give_torchs_own_values_and_draws(name, args, shape, dtype):
+    """Below a keyed stream's set-up cost, a call is torch's own op: the same values as
+    torch.nn.init under torch.manual_seed, the generator left where torch leaves it,
+    one version bump, a leaf stays a leaf."""
+    torch.manual_seed(11)
+    want = getattr(torch.nn.init, name)(torch.empty(shape, dtype=dtype), *args)
+    state = torch.get_rng_state()
+    torch.manual_seed(11)
+    w = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+    v = w._version
+    out = getattr(fastinit, name)(w, *args)
+    assert out is w and torch.equal(w.detach(), want)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert w._version == v + 1 and w.is_leaf and w.grad_fn is None
+
+
+@pytest.mark.parametrize("name,args,shape,dtype,explicit", [
+    ("normal_", (0.0, 1.0), (513, 512), torch.float32, False),  # over one chunk: filled in parallel
+    ("normal_", (0.0, 1.0), (64, 65), torch.bfloat16, False),
+    ("uniform_", (0.0, 1.0), (64, 65), torch.float32, False),
+    ("normal_", (0.0, 1.0), (8, 6), torch.float32, True),  # with generator=
+])
+def test_other_calls_are_keyed_by_two_draws(name, args, shape, dtype, explicit):
+    """Every other call draws a 64-bit key (two 32-bit draws, whatever the size) and
+    fills from it: not torch's values."""
+    def gen():
+        return torch.Generator().manual_seed(5) if explicit else torch.default_generator.manual_seed(11)
+
+    g = gen()
+    torch.empty(2, dtype=torch.int64).random_(0, 1 << 32, generator=g)
+    state = g.get_state()
+    g = gen()
+    w = getattr(fastinit, name)(torch.empty(shape, dtype=dtype), *args, generator=g if explicit else None)
+    assert torch.equal(g.get_state(), state)
+    theirs = getattr(torch.nn.init, name)(torch.empty(shape, dtype=dtype), *args, generator=gen())
+    assert not torch.equal(w, theirs)
+
+
+def test_batched_with_small_and_large_tensors_equals_one_by_one():
+    """Inside batched(), a small tensor's call runs at once as torch's op (what is queued in
+    its memory first), a large one's is queued with its key: the values and the generator's
+    state equal the calls made one by one, edits included."""
+    def calls(big, row, small, lin):
+        fastinit.uniform_(big, -1, 1)  # 10000 elements: keyed, queued
+        fastinit.normal_(big[3])  # a contiguous row: torch's op, after the queued uniform_
+        big.data[5].mul_(0.5)
+        fastinit.kaiming_uniform_(small)  # torch's op
+        small.data[0].zero_()
+        fastinit.xavier_normal_(lin.weight)  # float32 normal of one chunk: torch's op
+        fastinit.uniform_(row, 2, 3)  # a view of a queued tensor's memory
+        fastinit.trunc_normal_(small, std=0.02)  # keyed, queued behind the direct write
+        return big, small, lin.weight
+
+    def fresh():
+        big = torch.zeros(100, 100)
+        return big, big[7, ::2], torch.empty(40, 30), torch.nn.Linear(300, 200)
+
+    torch.manual_seed(0)
+    want = [t.detach().clone() for t in calls(*fresh())]
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with fastinit.batched():
+        got = calls(*fresh())
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_zero_element_tensors_warn_like_torch():

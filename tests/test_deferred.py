@@ -379,8 +379,9 @@ def test_batched_equals_one_by_one_in_one_engine_call(monkeypatch):
             fastinit.kaiming_uniform_(mod.weight)  # last overwrite wins
             fastinit.zeros_(mod.bias)
 
+    # (weights above the size that takes torch's own op one by one: keyed, so queued)
     torch.manual_seed(4)
-    one = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10))
+    one = nn.Sequential(nn.Linear(80, 70), nn.Linear(70, 60))
     torch.manual_seed(5)
     one.apply(init_weights)
 
@@ -388,13 +389,14 @@ def test_batched_equals_one_by_one_in_one_engine_call(monkeypatch):
     real_fill = engines.fill
     monkeypatch.setattr(engines, "fill", lambda ts, progress=None: (calls.append(len(list(ts))), real_fill(ts))[1])
     torch.manual_seed(4)
-    two = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10))
+    two = nn.Sequential(nn.Linear(80, 70), nn.Linear(70, 60))
     torch.manual_seed(5)
     with fastinit.batched():
         two.apply(init_weights)
         assert calls == []  # nothing runs inside the block
-    # the two weights (their first fills never run); the biases' zeros ran at their calls as
-    # memsets (nothing was queued in their memory, and the CPU engine fuses no constants)
+    # the two weights' kaiming_uniform_ (their normal_, a float32 tensor of one chunk, ran at
+    # its call: torch's own op on the default generator); the biases' zeros ran at their calls
+    # as memsets (nothing was queued in their memory, and the CPU engine fuses no constants)
     assert calls == [2]
     for a, b in zip(one.parameters(), two.parameters()):
         assert torch.equal(a, b)

@@ -313,9 +313,8 @@ def test_a_far_tail_truncated_window_draws_its_probabilities_in_float64(monkeypa
         assert w.min() >= 0 and torch.isfinite(w).all()
     assert seen and set(seen) == {torch.float64}
     # the lowest draw maps beyond float32's reach: p = 2^-53 of the window, not 2^-24
-    st = cpu._thread_state()
     monkeypatch.setattr(cpu, "_np_uniform", lambda st_, o, lo, hi, top=None: o.__setitem__(
         slice(None), lo + (hi - lo) * 2.0**-53))
     out = np.empty(4, dtype=np.float32)
-    cpu._trunc_icdf(st, out, TruncNormal(0.0, 1.0, 0.0, math.inf))
+    cpu._trunc_icdf(cpu._Keyed(11, 0), out, TruncNormal(0.0, 1.0, 0.0, math.inf))
     assert 8.0 < out[0] < 8.5  # -ndtri(2^-54): the tail, not one lump at 13 std

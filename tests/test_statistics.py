@@ -182,3 +182,51 @@ def test_trunc_normal_deep_in_a_tail_against_the_exact_cdf(lo, side):
         fastinit.trunc_normal_(t, 0.0, 1.0, a, b)
     assert torch.isfinite(t).all() and t.min() >= a and t.max() <= b
     check_against(t.numpy(), exact_dist("trunc_normal", mean=0.0, std=1.0, a=a, b=b), label=f"[{a}, {b}]")
+
+
+def _small_fills(name, args, kwargs, dtype, monkeypatch, count=64, shape=(64, 64)):
+    """``count`` small tensors (4096 elements: drawn from torch's default generator
+    without a key) filled by one function, their values together."""
+    import fastinit.init as dropin
+
+    def no_key(*a, **k):
+        raise AssertionError("a small CPU tensor's fill drew a key")
+
+    monkeypatch.setattr(dropin, "draw_key", no_key)
+    torch.manual_seed(21)
+    ts = [getattr(fastinit, name)(torch.empty(shape, dtype=dtype), *args, **kwargs) for _ in range(count)]
+    return ts[0], torch.cat([t.flatten() for t in ts])
+
+
+@pytest.mark.parametrize("name,args,kwargs,dist", CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_tensors_from_torchs_generator_have_the_exact_distribution(name, args, kwargs, dist, dtype,
+                                                                           monkeypatch):
+    """Small CPU tensors draw from torch's default generator without a key (torch's own
+    uniform_/normal_; the exact truncated-normal samplers through torch's ops): the
+    same distributions and bounds as keyed fills."""
+    first, x = _small_fills(name, args, kwargs, dtype, monkeypatch)
+    d = dist(first)
+    check_against(x.numpy(), d, label=f"small {name} {dtype}")
+    lo, hi = d.support()
+    assert x.min().item() >= lo and x.max().item() <= hi
+    if "uniform" in name:
+        assert x.max().item() < hi
+
+
+@pytest.mark.parametrize("name,args,kwargs,dist", [c for c in CASES if c[0] == "trunc_normal_"],
+                         ids=[f"trunc_normal_{i}" for i, c in enumerate(CASES) if c[0] == "trunc_normal_"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_low_precision_truncated_normals_are_rounded_once(name, args, kwargs, dist, dtype, monkeypatch):
+    first, x = _small_fills(name, args, kwargs, dtype, monkeypatch)
+    check_rounded(x, dist(first), label=f"small {name} {dtype}")
+
+
+@pytest.mark.parametrize("std,a,b", [(1.0, 5.0, 6.0), (1.0, -50.0, -4.0), (1e6, -2.0, 2.0)])
+def test_small_truncated_normals_in_tails_and_flat_windows(std, a, b, monkeypatch):
+    """The tail sampler, the float64 far-tail inverse CDF and the flat window (exactly
+    uniform), each drawing from torch's default generator on small tensors."""
+    first, x = _small_fills("trunc_normal_", (0.0, std, a, b), {}, torch.float32, monkeypatch, count=16)
+    assert x.min().item() >= a and x.max().item() <= b and torch.isfinite(x).all()
+    d = exact_dist("uniform", a=a, b=b) if std > 1e3 else exact_dist("trunc_normal", mean=0.0, std=std, a=a, b=b)
+    check_against(x.numpy(), d, label=f"[{a}, {b}] std {std}")

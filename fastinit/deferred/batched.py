@@ -28,7 +28,7 @@ import torch
 from .. import distributed as dist_mod
 from .. import engines
 from ..engines import Target
-from ..init import bump_version, check_writable, stand_in
+from ..init import bump_version, bump_version_once, check_writable, stand_in
 from ..seeding import draw_key, key_for_name
 from ..specs import Constant
 from . import intercept
@@ -156,16 +156,39 @@ class Batch:
                 return False
             # (an explicit generator keys the fill as the call made eagerly, as materialize keys it)
             named = self.seed is not None and generator is None and sk in self.names
-            key = None if named else (draw_key(generator) if spec.random else 0)  # None: keyed by name
             # the engine in force now, as the call one by one would use (use_engine inside the block),
             # with the error the call one by one would raise now
             engine = engines.engine_for(tensor.device)
             engines.check_engine(engine, tensor)
-            self._event(tensor, "fill", True, sk, spec=spec, key=key, engine=engine)
+            direct = not named and spec.random
+            if not direct:
+                self._event(tensor, "fill", True, sk, spec=spec, key=None if named else 0, engine=engine)
         finally:
             self._busy = False
+        if direct:  # a random fill keyed from the generator, or (small CPU tensors) torch's op
+            return self._random(tensor, spec, generator, engine, sk)
         bump_version(tensor)  # at the call, as eagerly: backward through old values raises
         return True
+
+    def _random(self, tensor: torch.Tensor, spec, generator, engine: str, sk: int) -> bool:
+        """A random fill as the call one by one makes it: torch's op on its default
+        generator now, where the engine does that (a small CPU tensor: what is queued in
+        its memory runs first), or queued with a key drawn now."""
+        version = None if tensor.is_inference() else tensor._version
+        if generator is None and engines.fill_default(tensor, spec, before=lambda: self._before_direct(tensor)):
+            bump_version_once(tensor, version)  # (once: torch's uniform_/normal_ made it)
+            return True
+        self._busy = True
+        try:
+            self._event(tensor, "fill", True, sk, spec=spec, key=draw_key(generator), engine=engine)
+        finally:
+            self._busy = False
+        bump_version(tensor)
+        return True
+
+    def _before_direct(self, tensor: torch.Tensor) -> None:
+        self.flush(only=tensor)
+        self.before_write(tensor)
 
     def on_op(self, func, name, kind, target, args, kwargs):
         """``(handled, result)`` for a torch op while work is queued."""

@@ -170,6 +170,33 @@ def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
     fill([Target(tensor, spec, key)])
 
 
+def _engine_function(tensor: torch.Tensor, name: str):
+    """Function ``name`` of the engine in force for ``tensor``'s device, or None."""
+    engine = _engine_name(tensor.is_cuda)
+    return getattr(_MODULES.get(engine) or _engine_module(engine), name, None)
+
+
+def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple) -> bool:
+    """The drop-in call ``tensor.<op>(*args)`` (``uniform_``, ``normal_``) on torch's
+    default generator, made as ``torch.nn.init`` makes it, with torch's own op, where the
+    engine in force does that better than a keyed fill (the cpu engine, for small
+    tensors; see ``cpu.fill_like_torch``). False: nothing was done, and the caller keys
+    the fill."""
+    like = _engine_function(tensor, "fill_like_torch")
+    return like is not None and like(tensor, op, args)
+
+
+def fill_default(tensor: torch.Tensor, spec: InitSpec, before=None) -> bool:
+    """A drop-in call's fill drawn from torch's default generator without a key, where
+    the engine in force does that better (the cpu engine, for small tensors: torch's
+    own ``uniform_``/``normal_``, the values ``torch.nn.init`` gives, and the exact
+    truncated normal through torch's ops; see ``cpu.fill_default``), ``before()``
+    called first. The version counter may be bumped or not. False: nothing was done,
+    and the caller draws a key."""
+    fill = _engine_function(tensor, "fill_default")
+    return fill is not None and fill(tensor, spec, before)
+
+
 def _constants_now(batch: list[Target], progress) -> list[Target]:
     """Fill the constant targets of a cpu batch with torch's ``fill_`` (a memset, about a
     microsecond for a small tensor; the chunk machinery costs ten), with the engine's

@@ -244,7 +244,50 @@ def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float, top: floa
         np.minimum(o, clamp, out=o)
 
 
-# Truncated normal: which sampler (all exact; see _np_trunc_normal).
+class _Keyed:
+    """Where chunk ``chunk`` of the tensor keyed ``key`` draws from: torch's Mersenne
+    Twister for normal values (:func:`_normal_chunk`), this thread's SFC64 for the
+    rest (set up at its first draw)."""
+
+    __slots__ = ("key", "chunk", "_st")
+
+    def __init__(self, key: int, chunk: int):
+        self.key, self.chunk, self._st = key, chunk, None
+
+    def _sfc(self) -> _ThreadState:
+        if self._st is None:
+            self._st = chunk_numpy_generator(self.key, self.chunk)
+        return self._st
+
+    def normal(self, o: np.ndarray, mean: float, std: float) -> None:
+        _normal_chunk(o, mean, std, self.key, self.chunk)
+
+    def uniform(self, o: np.ndarray, lo: float, hi: float) -> None:
+        _np_uniform(self._sfc(), o, lo, hi)
+
+    def random(self, n: int) -> np.ndarray:
+        return self._sfc().numpy_gen.random(n)
+
+
+class _TorchDefault:
+    """torch's default CPU generator, through torch's own ops: what a drop-in call on a
+    small tensor draws from (see :func:`fill_default`). The ops write into the numpy
+    arrays' memory; float32 ``uniform_`` keeps torch's 24-bit grid."""
+
+    @staticmethod
+    def normal(o: np.ndarray, mean: float, std: float) -> None:
+        torch.from_numpy(o).normal_(mean, std)
+
+    @staticmethod
+    def uniform(o: np.ndarray, lo: float, hi: float) -> None:
+        torch.from_numpy(o).uniform_(lo, hi)
+
+    @staticmethod
+    def random(n: int) -> np.ndarray:
+        return torch.rand(n, dtype=torch.float64).numpy()
+
+
+# Truncated normal: which sampler (all exact; see _trunc_normal).
 _WIDE_Q = 2.0**-10  # mass outside [a, b] below which the normal is drawn directly
 _TAIL_Z = 5.0  # a window wholly beyond this many std on one side: the tail sampler
 
@@ -255,14 +298,15 @@ def _bounds_as(o: np.ndarray, a: float, b: float):
         return o.dtype.type(a), o.dtype.type(b)
 
 
-def _np_trunc_normal(o: np.ndarray, spec: TruncNormal, key: int, chunk: int) -> None:
-    """``o`` <- chunk ``chunk`` of the truncated normal ``spec`` keyed ``key``, exactly:
+def _trunc_normal(o: np.ndarray, spec: TruncNormal, src) -> None:
+    """``o`` <- the truncated normal ``spec`` drawn from ``src`` (a chunk's keyed
+    streams, :class:`_Keyed`, or torch's default generator, :class:`_TorchDefault`),
+    exactly:
 
     * ``[a, b]`` holds all but < 2^-10 of the normal's mass (``trunc_normal_(std=.02)``
-      with its default bounds +-2 is +-100 std): the normal itself
-      (:func:`_normal_chunk`), and each value outside ``[a, b]`` replaced by an
-      independent draw of the truncated normal (:func:`_trunc_icdf`, from the
-      chunk's SFC64 stream): a value is then in ``A`` with probability
+      with its default bounds +-2 is +-100 std): the normal itself, and each value
+      outside ``[a, b]`` replaced by an independent draw of the truncated normal
+      (:func:`_trunc_icdf`): a value is then in ``A`` with probability
       ``P(Z in A, Z in [a, b]) + P(Z outside) TN(A) = TN(A)``;
     * ``[a, b]`` is flat (std >> b - a, std = inf): ``U(a, b)``;
     * ``[a, b]`` wholly beyond 5 std on one side: :func:`_trunc_tail`;
@@ -272,28 +316,26 @@ def _np_trunc_normal(o: np.ndarray, spec: TruncNormal, key: int, chunk: int) -> 
         o.fill(min(max(spec.mean, spec.a), spec.b))
         return
     if spec.is_flat():
-        _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b)
+        src.uniform(o, spec.a, spec.b)
         return
     if spec.outside_mass() < _WIDE_Q:
-        _normal_chunk(o, spec.mean, spec.std, key, chunk)
+        src.normal(o, spec.mean, spec.std)
         a, b = _bounds_as(o, spec.a, spec.b)
         if o.min() < a or o.max() > b:
             bad = np.flatnonzero((o < a) | (o > b))
-            st = chunk_numpy_generator(key, chunk)
             fix = np.empty(bad.size, dtype=o.dtype)
-            _trunc_icdf(st, fix, spec)
+            _trunc_icdf(src, fix, spec)
             o[bad] = fix
         return
     alpha, beta = spec.z_window()
-    st = chunk_numpy_generator(key, chunk)
     if alpha >= _TAIL_Z or beta <= -_TAIL_Z:
-        _trunc_tail(st, o, spec)
+        _trunc_tail(src, o, spec)
     else:
-        _trunc_icdf(st, o, spec)
+        _trunc_icdf(src, o, spec)
 
 
-def _trunc_icdf(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
-    """``o`` <- the truncated normal ``spec`` by its inverse CDF, from ``st``'s stream.
+def _trunc_icdf(src, o: np.ndarray, spec: TruncNormal) -> None:
+    """``o`` <- the truncated normal ``spec`` by its inverse CDF, drawn from ``src``.
 
     A window in the upper half is sampled as its mirror image and negated, so the
     window ``[alpha, beta]`` (in std) lies in the lower half. If ``2 Phi(alpha) >=``
@@ -312,15 +354,15 @@ def _trunc_icdf(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
     r2 = math.sqrt(2.0)
     v = torch.from_numpy(o)
     if math.erfc(-alpha / r2) >= _TAIL_T:
-        _np_uniform(st, o, math.erf(alpha / r2), math.erf(beta / r2))
+        src.uniform(o, math.erf(alpha / r2), math.erf(beta / r2))
         for s in range(0, o.size, GRAIN):
             v[s : s + GRAIN].erfinv_()
         scale = sign * spec.std * r2
     else:
         # p in float64 (53-bit draws): in float32 the lowest of the 2^24 steps of p
         # would hold the window's whole far tail, as one value (ndtri(tiny32) = -13 std)
-        p = st.buffer(np.float64, o.size, "tail_p")
-        _np_uniform(st, p, 0.5 * math.erfc(-alpha / r2), 0.5 * math.erfc(-beta / r2))
+        p = _thread_state().buffer(np.float64, o.size, "tail_p")
+        src.uniform(p, 0.5 * math.erfc(-alpha / r2), 0.5 * math.erfc(-beta / r2))
         np.maximum(p, np.finfo(np.float64).tiny, out=p)  # p > 0: ndtri stays finite
         pt = torch.from_numpy(p)
         for s in range(0, p.size, GRAIN):
@@ -337,9 +379,9 @@ def _trunc_icdf(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
     np.clip(o, *_bounds_as(o, spec.a, spec.b), out=o)
 
 
-def _trunc_tail(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
+def _trunc_tail(src, o: np.ndarray, spec: TruncNormal) -> None:
     """``o`` <- the truncated normal ``spec`` whose window lies wholly beyond 5 std on
-    one side, in float64 from ``st``'s stream (Marsaglia's tail method, exact):
+    one side, in float64 drawn from ``src`` (Marsaglia's tail method, exact):
     with the window as ``[lo, hi]`` std above the mean, propose
     ``z = sqrt(lo^2 + w)``, ``w = -2 log(1 - u (1 - exp(-(hi^2 - lo^2)/2)))``
     (density proportional to ``z exp(-z^2/2)`` on ``[lo, hi]``) and accept with
@@ -358,11 +400,11 @@ def _trunc_tail(st: _ThreadState, o: np.ndarray, spec: TruncNormal) -> None:
     pending = np.arange(o.size)
     with np.errstate(over="ignore"):
         while pending.size:
-            u = st.numpy_gen.random(pending.size)
+            u = src.random(pending.size)
             w = np.log1p(-c * u)
             w *= -2.0
             prop = lo + w / (lo + np.sqrt(lo2 + w))  # sqrt(lo^2 + w), without cancellation
-            accept = st.numpy_gen.random(pending.size) * prop <= lo
+            accept = src.random(pending.size) * prop <= lo
             z[pending[accept]] = prop[accept]
             pending = pending[~accept]
     z *= sign * spec.std
@@ -425,7 +467,7 @@ def generate_chunk(spec, key: int, chunk: int, o: np.ndarray) -> None:
     if isinstance(spec, Uniform):
         _np_uniform(chunk_numpy_generator(key, chunk), o, spec.a, spec.b, spec.top)
     elif isinstance(spec, TruncNormal):
-        _np_trunc_normal(o, spec, key, chunk)
+        _trunc_normal(o, spec, _Keyed(key, chunk))
     elif isinstance(spec, Normal):
         _normal_chunk(o, spec.mean, spec.std, key, chunk)
     elif isinstance(spec, Constant):
@@ -544,6 +586,79 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
     f = st.buffer(np.float32, dst.size)
     generate_chunk(spec, key, 0, f)
     _round_into(f, dst)
+
+
+# A keyed stream costs 5-12 us to set up (SHAKE128 of the key, a generator's state)
+# before its first value: more than torch's own uniform_/normal_ takes for a few
+# thousand elements. So a drop-in call on a small CPU tensor that would draw its key
+# from torch's default generator takes no key: it draws from that generator itself
+# (measured on 2 cores, float32, torch's op against the keyed chunk: uniform 2.8 vs
+# 10.1 us at 768 elements, 42 vs 24 us at 16K; normal 2.6 vs 12.0 us at 768, 41 vs
+# 51 us at 16K, 157 vs 164 us at 64K). A float32/float64 normal fill of one chunk is
+# torch's normal_ on a keyed Mersenne Twister anyway: without the key, the same
+# kernel at the same speed, minus the set-up. (A truncated normal's inverse CDF on
+# torch's float32 uniform_ is slower than on the keyed SFC64 stream from 16K elements:
+# 129 vs 114 us, std=1 on [-2, 2].)
+LIKE_TORCH_MAX = 4096
+
+
+def _from_default_limit(tensor: torch.Tensor, kind) -> int:
+    """The most elements a contiguous CPU tensor may have for a ``kind`` fill
+    (Uniform, Normal, TruncNormal) on torch's default generator without a key."""
+    if kind is Normal and (tensor.dtype == torch.float32 or tensor.dtype == torch.float64):
+        return CHUNK
+    return LIKE_TORCH_MAX if kind is Uniform or kind is Normal or kind is TruncNormal else -1
+
+
+_TORCH_OPS = {"uniform_": Uniform, "normal_": Normal}
+
+
+def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> bool:
+    """Make the drop-in call ``tensor.<op>(*args)`` (``uniform_``, ``normal_``) on torch's
+    default generator as ``torch.nn.init`` makes it, with torch's own op, where that
+    beats a keyed stream (a small contiguous CPU tensor: :func:`_from_default_limit`);
+    ``before()`` called first. Values and errors are then torch's; the op bumps the
+    version counter once. False: nothing was done (the caller keys the fill, so a view
+    holds the values of a whole tensor with the same key)."""
+    kind = _TORCH_OPS.get(op)
+    if kind is None or not tensor.is_cpu or tensor.numel() > _from_default_limit(tensor, kind) \
+            or not tensor.is_contiguous():
+        return False  # (torch's op on a view draws in another order than on a whole tensor)
+    if before is not None:
+        before()
+    with torch._C.DisableTorchFunction():  # (as the engine's other ops: no user's mode sees it)
+        # detached: the write is not recorded by autograd (torch.nn.init writes under
+        # no_grad), and the alias shares the version counter, so the op's bump is the call's
+        getattr(tensor.detach(), op)(*args)
+    return True
+
+
+def fill_default(tensor: torch.Tensor, spec, before=None) -> bool:
+    """Fill ``tensor`` with ``spec`` from torch's default generator, without a key, where
+    that beats a keyed stream (a small contiguous CPU float tensor, see
+    :func:`_from_default_limit`); ``before()`` called first. Uniform and Normal: torch's
+    own op (:func:`fill_like_torch`); TruncNormal: the keyed chunk's exact samplers
+    (:func:`_trunc_normal`) drawing through torch's ops, in float32 for a half-precision
+    tensor, rounded once. May leave the version counter as it was (the caller bumps
+    it). False: nothing was done."""
+    kind = type(spec)
+    if kind is not TruncNormal:
+        call = spec.torch_op()
+        return call is not None and fill_like_torch(tensor, *call, before)
+    if not tensor.is_cpu or tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) \
+            or tensor.numel() > _from_default_limit(tensor, kind) or not tensor.is_contiguous():
+        return False
+    if before is not None:
+        before()
+    with torch._C.DisableTorchFunction():
+        dst = _numpy_view(tensor.detach().view(-1))
+        if dst.dtype == np.float32 or dst.dtype == np.float64:
+            _trunc_normal(dst, spec, _TorchDefault)
+        else:
+            f = _thread_state().buffer(np.float32, dst.size)
+            _trunc_normal(f, spec, _TorchDefault)
+            _round_into(f, dst)
+    return True
 
 
 def fill_one(tensor: torch.Tensor, spec, key: int) -> bool:
