@@ -5,7 +5,11 @@ Same names, parameters, defaults, return values and errors as torch 2.13, with
 random init is described by an :class:`~fastinit.specs.InitSpec` computed from
 the tensor's shape exactly as torch computes it, keyed by a 64-bit key drawn from
 ``generator`` (or torch's default CPU generator, so ``torch.manual_seed`` governs
-it), and filled by the engine of the tensor's device.
+it), and filled by the engine of the tensor's device. A call on the default
+generator into a small contiguous CPU tensor takes no key: the cpu engine draws
+from that generator itself (``uniform_``/``normal_`` and the rules built on them
+are then torch's own op, with ``torch.nn.init``'s values; see
+``engines.fill_default``).
 """
 
 from __future__ import annotations
@@ -210,13 +214,15 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
             return tensor  # torch's meta kernels check no more than that
         check_writable(tensor)
         return torch_fallback()  # complex: torch's own
-    if plain and generator is None:
-        check_writable(tensor)  # (torch's op runs on a detached alias, which inference mode lets through)
-        if engines.fill_like_torch(tensor, op, op_args):
-            return tensor  # (a small CPU tensor: torch's own op, its checks and errors)
+    # a small CPU tensor: torch's own op, its checks and errors (not for an inference tensor
+    # outside inference mode, which torch's op writes, then refuses: the path below checks
+    # the arguments, then refuses it before anything is written)
+    tried = plain and generator is None and not (tensor.is_inference() and not torch.is_inference_mode_enabled())
+    if tried and engines.fill_like_torch(tensor, op, op_args):
+        return tensor
     # (the checks remembered as a sink's are: the same op on a stand-in of the same dtype)
     return _write_now(tensor, _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec), generator,
-                      not plain)
+                      not plain, default_tried=tried)
 
 
 # Recorded or queued calls (a model built under deferred_init makes hundreds, mostly
@@ -289,12 +295,14 @@ def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
     return _write_now(tensor, spec, generator, True)
 
 
-def _write_now(tensor, spec, generator, maybe_dtensor: bool) -> torch.Tensor:
-    """Write the checked spec into a real tensor of an engine dtype, with one version bump."""
+def _write_now(tensor, spec, generator, maybe_dtensor: bool, default_tried: bool = False) -> torch.Tensor:
+    """Write the checked spec into a real tensor of an engine dtype, with one version bump
+    (``default_tried``: the engine already declined to fill it from torch's default
+    generator without a key)."""
     check_writable(tensor)
     before = None if tensor.is_inference() else tensor._version
     dtensor = maybe_dtensor and is_dtensor(tensor)
-    if spec.random and generator is None and not dtensor and engines.fill_default(tensor, spec):
+    if spec.random and generator is None and not dtensor and not default_tried and engines.fill_default(tensor, spec):
         pass  # (a small CPU tensor: drawn from torch's default generator, no key)
     elif dtensor:
         fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
@@ -393,7 +401,7 @@ def uniform_(tensor, a: float = 0.0, b: float = 1.0, generator=None):
         tensor: an n-dimensional `torch.Tensor`
         a: the lower bound of the uniform distribution
         b: the upper bound of the uniform distribution
-        generator: the torch Generator the key is drawn from (default: None)
+        generator: the torch Generator drawn from (default: None, torch's default generator)
 
     Examples:
         >>> w = torch.empty(3, 5)
@@ -412,7 +420,7 @@ def normal_(tensor, mean: float = 0.0, std: float = 1.0, generator=None):
         tensor: an n-dimensional `torch.Tensor`
         mean: the mean of the normal distribution
         std: the standard deviation of the normal distribution (``>= 0``)
-        generator: the torch Generator the key is drawn from (default: None)
+        generator: the torch Generator drawn from (default: None, torch's default generator)
 
     Examples:
         >>> w = torch.empty(3, 5)
@@ -439,7 +447,7 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
         std: the standard deviation of the normal distribution
         a: the minimum cutoff value
         b: the maximum cutoff value
-        generator: the torch Generator the key is drawn from (default: None)
+        generator: the torch Generator drawn from (default: None, torch's default generator)
 
     Examples:
         >>> w = torch.empty(3, 5)
@@ -561,7 +569,7 @@ def xavier_uniform_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_uniform_(w, gain=fastinit.calculate_gain("relu"))
     """
-    bound = math.sqrt(3.0) * scaled_std(shape_of(tensor), gain, "fan_avg")
+    bound = math.sqrt(3.0) * _xavier_std(tensor, gain)
     return random_fill(tensor, "uniform_", (-bound, bound), generator,
                        lambda: Uniform(-float(bound), float(bound)),
                        lambda: torch.nn.init.xavier_uniform_(tensor, gain, generator=generator))
@@ -579,9 +587,22 @@ def xavier_normal_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_normal_(w)
     """
-    std = scaled_std(shape_of(tensor), gain, "fan_avg")
+    std = _xavier_std(tensor, gain)
     return random_fill(tensor, "normal_", (0.0, std), generator, lambda: Normal(0.0, float(std)),
                        lambda: torch.nn.init.xavier_normal_(tensor, gain, generator=generator))
+
+
+def _xavier_std(tensor, gain) -> float:
+    """Xavier's std (``scaled_std`` with ``"fan_avg"``), remembered by shape and gain
+    for a plain tensor, as Kaiming's is."""
+    memo = ("fan_avg", tensor.shape, gain.hex() if type(gain) is float else gain, type(gain)) \
+        if type(tensor) in _PLAIN and type(gain) in _NUMBER_TYPES else None
+    std = _FANS.get(memo) if memo is not None else None
+    if std is None:
+        std = scaled_std(shape_of(tensor), gain, "fan_avg")
+        if memo is not None:
+            _remember(_FANS, memo, std)
+    return std
 
 
 def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
@@ -624,7 +645,7 @@ def kaiming_uniform_(tensor, a: float = 0, mode: str = "fan_in", nonlinearity: s
         mode: ``'fan_in'`` (default) preserves the variance of the forward pass,
             ``'fan_out'`` of the backward pass
         nonlinearity: the non-linear function (`nn.functional` name)
-        generator: the torch Generator the key is drawn from (default: None)
+        generator: the torch Generator drawn from (default: None, torch's default generator)
 
     Examples:
         >>> w = torch.empty(3, 5)

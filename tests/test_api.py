@@ -1,5 +1,6 @@
 """The drop-in contract: names, signatures, defaults, return values, semantics."""
 
+import contextlib
 import inspect
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_batched_with_small_and_large_tensors_equals_one_by_one():
         small.data[0].zero_()
         fastinit.xavier_normal_(lin.weight)  # float32 normal of one chunk: torch's op
         fastinit.uniform_(row, 2, 3)  # a view of a queued tensor's memory
-        fastinit.trunc_normal_(small, std=0.02)  # keyed, queued behind the direct write
+        fastinit.trunc_normal_(small, std=0.02)  # 1200 elements: drawn from the generator at its call
         return big, small, lin.weight
 
     def fresh():
@@ -196,6 +197,51 @@ def test_batched_with_small_and_large_tensors_equals_one_by_one():
         got = calls(*fresh())
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("fn", [fastinit.uniform_, fastinit.trunc_normal_])
+def test_version_counts_inside_batched_equal_eager_after_queued_edits(fn):
+    """A small fill written at its call first runs the queued edits of its memory; their
+    replay bumps nothing more (each bumped at its call): the counts equal eager code's."""
+    def run(batched):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.zeros(300, 300))
+        v0, seen = w._version, []
+        with fastinit.batched() if batched else contextlib.nullcontext():
+            fastinit.kaiming_uniform_(w)  # 90000 elements: keyed, queued
+            with torch.no_grad():
+                w.clamp_(-0.01, 0.01)  # queued behind it
+            seen.append(w._version - v0)
+            fn(w[0])  # 300 contiguous elements: written at its call
+            seen.append(w._version - v0)
+        seen.append(w._version - v0)
+        return seen, w.detach().clone()
+
+    (eager, a), (inside, b) = run(False), run(True)
+    assert eager == inside and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (300, 300)])
+@pytest.mark.parametrize("name,args,error", [("uniform_", ("a", 1.0), TypeError), ("normal_", (0.0, "s"), TypeError),
+                                             ("kaiming_uniform_", ("x",), ValueError)])
+def test_an_inference_tensor_with_a_bad_argument_raises_torchs_argument_error(shape, name, args, error):
+    with torch.inference_mode():
+        t = torch.zeros(shape)
+    with pytest.raises(error):
+        getattr(torch.nn.init, name)(t, *args)
+    for block in (contextlib.nullcontext, fastinit.batched):
+        with pytest.raises(error), block():
+            getattr(fastinit, name)(t, *args)
+        assert (t == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_truncated_normal_of_zero_elements_is_a_no_op(dtype):
+    for block in (contextlib.nullcontext, fastinit.batched):
+        with block():
+            for std in (0.02, 1.0):
+                t = torch.empty(0, 8, dtype=dtype)
+                assert fastinit.trunc_normal_(t, std=std) is t and t.shape == (0, 8)
 
 
 def test_zero_element_tensors_warn_like_torch():

@@ -1001,11 +1001,13 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
     such as ``w.data[padding_idx].zero_()``, keep their order after the fused
     fill, and any read of a queued tensor runs the queue first). A tensor's last
     whole fill wins and earlier ones never run. The whole model then costs one
-    launch per dtype on GPU and one parallel pass on CPU, where a constant fill
-    (``zeros_``, ``ones_``, ``constant_`` of a number) into memory with nothing
-    queued is a memset at its call instead (queueing it would cost more; nothing
-    fuses constants on the CPU). A call that raises queues nothing; what was
-    queued before it still runs.
+    launch per dtype on GPU and one parallel pass on CPU, where two kinds of call
+    run at once instead (queueing them would cost more than they do; nothing
+    fuses them on the CPU): a constant fill (``zeros_``, ``ones_``, ``constant_``
+    of a number) into memory with nothing queued, a memset; and a random fill of
+    a small tensor that draws from torch's default generator itself (see
+    ``engines.fill_default``), after what is queued in its memory. A call that
+    raises queues nothing; what was queued before it still runs.
 
     Args:
         seed: with an allocated ``module``, fastinit's fills of its tensors are

@@ -2,7 +2,9 @@
 on real tensors, with the planner of ``materialize``.
 
 Inside the block, drop-in fills of real tensors are queued, keyed at call time
-(so values equal the same calls made one by one). Plain torch writes into a
+(so values equal the same calls made one by one); a small CPU tensor's fill that
+draws from torch's default generator itself runs at its call instead, after what
+is queued in its memory. Plain torch writes into a
 tensor with queued work that take only scalars (``w.data.mul_(0.5)``,
 ``b.data[0] = 1``, ``w.data[pad].zero_()``, a ``fill_`` of a slice) are queued
 after it, in order; any other op that touches such a tensor (a read, a copy
@@ -28,6 +30,7 @@ import torch
 from .. import distributed as dist_mod
 from .. import engines
 from ..engines import Target
+from ..engines.alias import unversioned
 from ..init import bump_version, bump_version_once, check_writable, stand_in
 from ..seeding import draw_key, key_for_name
 from ..specs import Constant
@@ -67,7 +70,7 @@ class _Pending:
     __slots__ = ("alias", "events", "name")
 
     def __init__(self, alias: torch.Tensor, name: str | None):
-        self.alias = alias  # a detached alias of the storage (as_strided reaches all of it)
+        self.alias = alias  # an unversioned alias of the storage (as_strided reaches all of it)
         self.events: list[Event] = []
         self.name = name
 
@@ -83,6 +86,7 @@ class Batch:
         self.names = names or {}
         self._seq = 0
         self._busy = False
+        self._version_before = None  # (a fill written at its call: the counter before it)
         # undo (materialize's init_fn, and blocks inside it share it): the bytes of every
         # real storage as they were before a block first wrote into it, so that a
         # failure can put them back; None: not undoable
@@ -123,7 +127,9 @@ class Batch:
         sk = storage_key(t) if sk is None else sk
         p = self.pending.get(sk)
         if p is None:
-            p = self.pending[sk] = _Pending(t.detach(), self.names.get(sk) if self.seed is not None else None)
+            # (an alias with a version counter of its own: each queued write bumped the tensor's
+            # counter at its call, as eagerly; running it later bumps nothing more)
+            p = self.pending[sk] = _Pending(unversioned(t.detach()), self.names.get(sk) if self.seed is not None else None)
         return p
 
     def _other_dtype(self, t: torch.Tensor, sk: int | None = None) -> bool:
@@ -174,9 +180,8 @@ class Batch:
         """A random fill as the call one by one makes it: torch's op on its default
         generator now, where the engine does that (a small CPU tensor: what is queued in
         its memory runs first), or queued with a key drawn now."""
-        version = None if tensor.is_inference() else tensor._version
         if generator is None and engines.fill_default(tensor, spec, before=lambda: self._before_direct(tensor)):
-            bump_version_once(tensor, version)  # (once: torch's uniform_/normal_ made it)
+            bump_version_once(tensor, self._version_before)  # (once: torch's uniform_/normal_ made it)
             return True
         self._busy = True
         try:
@@ -187,8 +192,12 @@ class Batch:
         return True
 
     def _before_direct(self, tensor: torch.Tensor) -> None:
+        """Before a fill written at its call: what is queued in its memory runs (the
+        queued edits' replay may move the version counter), an undoable block keeps the
+        bytes, and the counter is read for the call's one bump."""
         self.flush(only=tensor)
         self.before_write(tensor)
+        self._version_before = None if tensor.is_inference() else tensor._version
 
     def on_op(self, func, name, kind, target, args, kwargs):
         """``(handled, result)`` for a torch op while work is queued."""

@@ -312,6 +312,8 @@ def _trunc_normal(o: np.ndarray, spec: TruncNormal, src) -> None:
     * ``[a, b]`` wholly beyond 5 std on one side: :func:`_trunc_tail`;
     * otherwise the inverse CDF, :func:`_trunc_icdf`.
     """
+    if not o.size:
+        return
     if spec.std == 0.0:
         o.fill(min(max(spec.mean, spec.a), spec.b))
         return
@@ -607,7 +609,7 @@ def _from_default_limit(tensor: torch.Tensor, kind) -> int:
     (Uniform, Normal, TruncNormal) on torch's default generator without a key."""
     if kind is Normal and (tensor.dtype == torch.float32 or tensor.dtype == torch.float64):
         return CHUNK
-    return LIKE_TORCH_MAX if kind is Uniform or kind is Normal or kind is TruncNormal else -1
+    return LIKE_TORCH_MAX
 
 
 _TORCH_OPS = {"uniform_": Uniform, "normal_": Normal}
@@ -621,15 +623,17 @@ def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> 
     version counter once. False: nothing was done (the caller keys the fill, so a view
     holds the values of a whole tensor with the same key)."""
     kind = _TORCH_OPS.get(op)
-    if kind is None or not tensor.is_cpu or tensor.numel() > _from_default_limit(tensor, kind) \
-            or not tensor.is_contiguous():
+    if kind is None or not tensor.is_cpu or not tensor.is_contiguous() \
+            or tensor.numel() > _from_default_limit(tensor, kind):
         return False  # (torch's op on a view draws in another order than on a whole tensor)
     if before is not None:
         before()
     with torch._C.DisableTorchFunction():  # (as the engine's other ops: no user's mode sees it)
-        # detached: the write is not recorded by autograd (torch.nn.init writes under
-        # no_grad), and the alias shares the version counter, so the op's bump is the call's
-        getattr(tensor.detach(), op)(*args)
+        # a tensor that requires grad is written through a detached alias: autograd does not
+        # record the write (torch.nn.init writes under no_grad), and the alias shares the
+        # version counter, so the op's bump is the call's (the caller refuses what torch's
+        # op would write, then refuse: an inference tensor outside inference mode)
+        getattr(tensor.detach() if tensor.requires_grad else tensor, op)(*args)
     return True
 
 
