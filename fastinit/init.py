@@ -201,6 +201,14 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         return torch_fallback()
     sink = _sink.for_tensor(tensor)
     if sink is not None and tensor.layout == torch.strided:
+        # a small CPU tensor the sink lets write now (nothing queued in its memory, not keyed
+        # by name): torch's own op at once, as one by one (see below); the recorder's mode
+        # need not see the engine's lookups
+        if plain and generator is None:
+            with torch._C.DisableTorchFunction():
+                if _writable(tensor) and engines.fill_like_torch(tensor, op, op_args,
+                                                                 before=lambda: sink.writes_now(tensor)):
+                    return tensor
         spec = _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec)
         return _fill_now(tensor, spec, generator, sink, torch_fallback)
     if plain and _is_compiling():
@@ -214,15 +222,20 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
             return tensor  # torch's meta kernels check no more than that
         check_writable(tensor)
         return torch_fallback()  # complex: torch's own
-    # a small CPU tensor: torch's own op, its checks and errors (not for an inference tensor
-    # outside inference mode, which torch's op writes, then refuses: the path below checks
-    # the arguments, then refuses it before anything is written)
-    tried = plain and generator is None and not (tensor.is_inference() and not torch.is_inference_mode_enabled())
+    # a small CPU tensor: torch's own op, its checks and errors
+    tried = plain and generator is None and _writable(tensor)
     if tried and engines.fill_like_torch(tensor, op, op_args):
         return tensor
     # (the checks remembered as a sink's are: the same op on a stand-in of the same dtype)
     return _write_now(tensor, _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec), generator,
                       not plain, default_tried=tried)
+
+
+def _writable(tensor: torch.Tensor) -> bool:
+    """Whether torch's own op may write ``tensor`` as the call: not an inference tensor
+    outside inference mode, which torch's op writes, then refuses (the keyed path checks
+    the arguments, then refuses it before anything is written)."""
+    return not (tensor.is_inference() and not torch.is_inference_mode_enabled())
 
 
 # Recorded or queued calls (a model built under deferred_init makes hundreds, mostly

@@ -870,11 +870,13 @@ class RecordingSink:
         return False
 
     def writes_now(self, tensor) -> bool:
-        """Whether a constant fill of ``tensor`` is written now, as the call one by one
-        would, rather than recorded or queued: a real CPU tensor (no DTensor) with nothing
+        """Whether a constant fill of ``tensor``, or a small one's random fill that draws
+        from torch's default generator, is written now, as the call one by one would,
+        rather than recorded or queued: a real CPU tensor (no DTensor) with nothing
         queued in its memory and not keyed by name, while no torch function mode but this
-        recorder's would see the write. A memset costs less than queueing it, and the CPU engine fuses no
-        constants. An undoable block keeps the tensor's bytes first."""
+        recorder's would see the write. A memset or torch's op on a small tensor costs
+        less than queueing it, and the CPU engine fuses neither. An undoable block keeps
+        the tensor's bytes first."""
         if tensor.is_meta or not tensor.is_cpu or is_dtensor(tensor) or not _only_mode(self.recorder):
             return False
         batch = self.recorder.batch

@@ -176,14 +176,14 @@ def _engine_function(tensor: torch.Tensor, name: str):
     return getattr(_MODULES.get(engine) or _engine_module(engine), name, None)
 
 
-def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple) -> bool:
+def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> bool:
     """The drop-in call ``tensor.<op>(*args)`` (``uniform_``, ``normal_``) on torch's
     default generator, made as ``torch.nn.init`` makes it, with torch's own op, where the
     engine in force does that better than a keyed fill (the cpu engine, for small
-    tensors; see ``cpu.fill_like_torch``). False: nothing was done, and the caller keys
-    the fill."""
+    tensors; see ``cpu.fill_like_torch``), ``before()`` called first (False from it:
+    nothing is done). False: nothing was done, and the caller keys the fill."""
     like = _engine_function(tensor, "fill_like_torch")
-    return like is not None and like(tensor, op, args)
+    return like is not None and like(tensor, op, args, before)
 
 
 def fill_default(tensor: torch.Tensor, spec: InitSpec, before=None) -> bool:
@@ -191,8 +191,8 @@ def fill_default(tensor: torch.Tensor, spec: InitSpec, before=None) -> bool:
     the engine in force does that better (the cpu engine, for small tensors: torch's
     own ``uniform_``/``normal_``, the values ``torch.nn.init`` gives, and the exact
     truncated normal through torch's ops; see ``cpu.fill_default``), ``before()``
-    called first. The version counter may be bumped or not. False: nothing was done,
-    and the caller draws a key."""
+    called first (False from it: nothing is done). The version counter may be bumped
+    or not. False: nothing was done, and the caller draws a key."""
     fill = _engine_function(tensor, "fill_default")
     return fill is not None and fill(tensor, spec, before)
 

@@ -619,15 +619,15 @@ def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> 
     """Make the drop-in call ``tensor.<op>(*args)`` (``uniform_``, ``normal_``) on torch's
     default generator as ``torch.nn.init`` makes it, with torch's own op, where that
     beats a keyed stream (a small contiguous CPU tensor: :func:`_from_default_limit`);
-    ``before()`` called first. Values and errors are then torch's; the op bumps the
-    version counter once. False: nothing was done (the caller keys the fill, so a view
+    ``before()`` called first (False from it: nothing is done). Values and errors are
+    then torch's; the op bumps the version counter once. False: nothing was done (the caller keys the fill, so a view
     holds the values of a whole tensor with the same key)."""
     kind = _TORCH_OPS.get(op)
     if kind is None or not tensor.is_cpu or not tensor.is_contiguous() \
             or tensor.numel() > _from_default_limit(tensor, kind):
         return False  # (torch's op on a view draws in another order than on a whole tensor)
-    if before is not None:
-        before()
+    if before is not None and before() is False:
+        return False
     with torch._C.DisableTorchFunction():  # (as the engine's other ops: no user's mode sees it)
         # a tensor that requires grad is written through a detached alias: autograd does not
         # record the write (torch.nn.init writes under no_grad), and the alias shares the
@@ -640,7 +640,8 @@ def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> 
 def fill_default(tensor: torch.Tensor, spec, before=None) -> bool:
     """Fill ``tensor`` with ``spec`` from torch's default generator, without a key, where
     that beats a keyed stream (a small contiguous CPU float tensor, see
-    :func:`_from_default_limit`); ``before()`` called first. Uniform and Normal: torch's
+    :func:`_from_default_limit`); ``before()`` called first (False from it: nothing is
+    done). Uniform and Normal: torch's
     own op (:func:`fill_like_torch`); TruncNormal: the keyed chunk's exact samplers
     (:func:`_trunc_normal`) drawing through torch's ops, in float32 for a half-precision
     tensor, rounded once. May leave the version counter as it was (the caller bumps
@@ -652,8 +653,8 @@ def fill_default(tensor: torch.Tensor, spec, before=None) -> bool:
     if not tensor.is_cpu or tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) \
             or tensor.numel() > _from_default_limit(tensor, kind) or not tensor.is_contiguous():
         return False
-    if before is not None:
-        before()
+    if before is not None and before() is False:
+        return False
     with torch._C.DisableTorchFunction():
         dst = _numpy_view(tensor.detach().view(-1))
         if dst.dtype == np.float32 or dst.dtype == np.float64:
