@@ -201,6 +201,9 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         return torch_fallback()
     sink = _sink.for_tensor(tensor)
     if sink is not None and tensor.layout == torch.strided:
+        if isinstance(op_args[0], torch.Tensor) or isinstance(op_args[1], torch.Tensor):
+            with torch._C.DisableTorchFunction():  # (a 0-d tensor as mean or std: its value, queued work run)
+                sink.reads([x for x in op_args if isinstance(x, torch.Tensor)])
         # a small CPU tensor the sink lets write now (nothing queued in its memory, not keyed
         # by name): torch's own op at once, as one by one (see below); the recorder's mode
         # need not see the engine's lookups

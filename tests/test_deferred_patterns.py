@@ -8,6 +8,7 @@ LSTM forget-gate slices, Swin's relative-position index, FSDP's param_init_fn).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -2143,3 +2144,73 @@ def test_deferred_init_works_with_torch_nn_init_patched_to_fastinit(monkeypatch)
     monkeypatch.setattr(torch.nn.init, "orthogonal_", lambda tensor, gain=1, generator=None: tensor)
     with pytest.raises(RuntimeError, match="orthogonal_ is not torch's"):
         fastinit.deferred_init(M)
+
+
+class _Freqs(nn.Module):
+    """A plain tensor attribute beside a parameter (``self.freqs_cis = ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 3)
+        self.freqs = torch.zeros(16)
+
+
+def _init_freqs(m):
+    fastinit.normal_(m.freqs)
+    fastinit.normal_(m.a.weight)
+
+
+def test_batched_with_a_seed_keys_plain_tensor_attributes_as_materialize_does():
+    torch.manual_seed(0)
+    m = _Freqs()
+    torch.manual_seed(1)
+    with fastinit.batched(seed=5, module=m):
+        _init_freqs(m)
+    after_batched = torch.rand(1)
+    d = fastinit.deferred_init(_Freqs)
+    torch.manual_seed(1)
+    fastinit.materialize(d, init_fn=_init_freqs, seed=5)
+    assert torch.equal(torch.rand(1), after_batched)  # neither drew from torch's generator
+    assert torch.equal(m.freqs, d.freqs) and torch.equal(m.a.weight, d.a.weight)
+
+
+def test_materialize_keeps_a_real_plain_tensor_attribute_as_it_keeps_real_buffers():
+    d = fastinit.deferred_init(_Freqs)
+    d.freqs = torch.ones(4)
+    d.register_buffer("real", torch.ones(4))
+    fastinit.materialize(d, init_fn=lambda m: (fastinit.normal_(m.freqs), fastinit.normal_(m.real),
+                                               fastinit.zeros_(m.freqs[:1]), fastinit.normal_(m.a.weight)))
+    assert torch.equal(d.freqs, torch.ones(4)) and torch.equal(d.real, torch.ones(4))
+
+
+@pytest.mark.parametrize("fn", [fastinit.normal_, fastinit.uniform_])
+@pytest.mark.parametrize("size", [8, 20_000])
+def test_a_zero_dim_tensor_argument_that_views_queued_memory_is_read_after_the_queue(fn, size):
+    """``normal_(w, 0, s)`` with ``s = big[0]`` whose fill is queued: the std (the bound of
+    ``uniform_(w, 0, s)``) is the value ``big[0]`` holds after its fill, as one by one."""
+    def run(block):
+        torch.manual_seed(0)
+        big, w = torch.ones(20_000), torch.empty(size)
+        with block():
+            fastinit.uniform_(big, 1e-3, 2e-3)  # keyed, queued
+            s = big[0]
+            fn(w, 0.0, s)  # (s itself: an op on it, s * 2, is a read the queue sees)
+        return w
+
+    eager, inside = run(contextlib.nullcontext), run(fastinit.batched)
+    assert torch.equal(eager, inside) and inside.abs().max() < 0.01
+
+
+def test_torch_func_transforms_of_small_tensors_inside_batched_fill_as_one_by_one():
+    from torch.func import vmap
+
+    def call(x):
+        fastinit.normal_(x)
+        return x * 1
+
+    torch.manual_seed(0)
+    eager = vmap(call, randomness="same")(torch.zeros(4, 5))
+    torch.manual_seed(0)
+    with fastinit.batched():
+        inside = vmap(call, randomness="same")(torch.zeros(4, 5))
+    assert torch.equal(eager, inside) and eager.std() > 0

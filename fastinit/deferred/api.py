@@ -27,7 +27,7 @@ from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
-                     geometry, module_handle, named_tensors, outermost, outermost_root, path_prefix, plain_tensors,
+                     geometry, module_handle, named_model_tensors, named_tensors, outermost, outermost_root, path_prefix, plain_tensors,
                      recorded_or_adopted, recording_of, storage_key, storage_numel,
                      tensor_handle)
 from .report import MaterializeReport, Planned
@@ -413,7 +413,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         # real tensors are undone if materialize fails
         with torch._C.DisableTorchFunction():
             kept = frozenset(storage_key(dist_mod.local_tensor(t))
-                             for t in itertools.chain(module.parameters(), module.buffers()) if not t.is_meta)
+                             for _, t in named_model_tensors(module) if t is not None and not t.is_meta)
         txn.batch = Batch(undo={}, kept=kept)
         with intercept.recording(home, txn.batch):
             run(module)
@@ -1086,7 +1086,7 @@ def block(seed: int | None = None, module: torch.nn.Module | None = None, *, ato
             home = adopt(module)
         if seed is not None:
             names = {}
-            for name, t in named_tensors(module):
+            for name, t in named_model_tensors(module):
                 if t is not None and not t.is_meta:
                     names.setdefault(storage_key(t), name)
     outer, undo, kept = intercept.current_batch(), None, frozenset()

@@ -147,6 +147,8 @@ class Batch:
 
     def fill(self, tensor: torch.Tensor, spec, generator) -> bool:
         """Queue a drop-in fill (its key drawn now, as the call one by one would)."""
+        if storage_key_or_none(tensor) is None:
+            return False  # (no storage of its own, a torch.func transform's tensor: filled as one by one)
         if self.keeps(tensor):
             return True  # (nothing written, no key drawn)
         if tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):
@@ -214,11 +216,15 @@ class Batch:
             return False, None
         if kind == intercept._VIEW or (name == "__getitem__" and len(args) > 1 and intercept.basic_index(args[1])):
             return False, None  # a view reads nothing
-        for t in intercept.tensors_in(args, kwargs):
+        self.before_read(intercept.tensors_in(args, kwargs))
+        return False, None
+
+    def before_read(self, tensors) -> None:
+        """``tensors`` are about to be read: if any views queued memory, the queue runs first."""
+        for t in tensors:
             if not t.is_meta and storage_key_or_none(t) in self.pending:
                 self.flush()
-                break
-        return False, None
+                return
 
     def _record(self, func, name, t, args, kwargs) -> bool:
         """Queue a scalar write (validated now, as eager code would fail now)."""

@@ -41,7 +41,8 @@ from ..init import stand_in
 from ..seeding import draw_key
 from ..specs import Constant, Normal, Uniform
 from . import hooks
-from .record import Node, Recording, covers_storage, recorded_or_adopted, recording_of, storage_key, storage_numel, session_ended, session_started, touch
+from .record import (Node, Recording, covers_storage, recorded_or_adopted, recording_of, session_ended,
+                     session_started, storage_key, storage_key_or_none, storage_numel, touch)
 
 # Factory ops: new tensors from sizes (or ranges), on the device they name.
 FACTORIES = frozenset({
@@ -869,6 +870,12 @@ class RecordingSink:
         batch.before_write(tensor)  # (filled now)
         return False
 
+    def reads(self, tensors) -> None:
+        """A call is about to read the values of ``tensors`` (a 0-d tensor given as a
+        fill's mean or std): what is queued in their memory runs first."""
+        if self.recorder.batch is not None:
+            self.recorder.batch.before_read(tensors)
+
     def writes_now(self, tensor) -> bool:
         """Whether a constant fill of ``tensor``, or a small one's random fill that draws
         from torch's default generator, is written now, as the call one by one would,
@@ -881,7 +888,9 @@ class RecordingSink:
             return False
         batch = self.recorder.batch
         if batch is not None:
-            sk = storage_key(tensor)
+            sk = storage_key_or_none(tensor)
+            if sk is None:
+                return False  # (no storage of its own: a torch.func transform's tensor)
             # queued instead: in an atomic block (a failure drops it), behind what is queued in its
             # memory, for a named tensor (its fills are keyed by their place among its events),
             # or dropped there, for one materialize keeps

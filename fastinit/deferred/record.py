@@ -427,11 +427,18 @@ MODULE_KEYS = frozenset(torch.nn.Module().__dict__) - {"training"}
 def plain_tensors(mod: torch.nn.Module):
     """``(attribute, tensor)`` of the plain tensors a module keeps as attributes, not as
     parameters or buffers (``self.freqs_cis = precompute_freqs_cis(...)``)."""
-    d = mod.__dict__
-    for k in d.keys() - MODULE_KEYS:
-        v = d[k]
-        if type(v) is torch.Tensor:
+    for k, v in mod.__dict__.items():  # (in the order the module set them: names stay the same run to run)
+        if type(v) is torch.Tensor and k not in MODULE_KEYS:
             yield k, v
+
+
+def named_model_tensors(module: torch.nn.Module):
+    """Every parameter and buffer with its name (:func:`named_tensors`), then the plain
+    tensors its modules keep as attributes, by their path (``layers.0.freqs_cis``)."""
+    yield from named_tensors(module)
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for k, t in plain_tensors(mod):
+            yield (f"{prefix}.{k}" if prefix else k), t
 
 
 def attach(root: torch.nn.Module, rec: Recording, mods=None) -> list:
