@@ -147,8 +147,9 @@ class Batch:
 
     def fill(self, tensor: torch.Tensor, spec, generator) -> bool:
         """Queue a drop-in fill (its key drawn now, as the call one by one would)."""
-        if storage_key_or_none(tensor) is None:
-            return False  # (no storage of its own, a torch.func transform's tensor: filled as one by one)
+        if storage_key_or_none(tensor) is None:  # no storage of its own, a torch.func transform's tensor:
+            self.flush()  # written now, as one by one, after the queue (it may wrap queued memory)
+            return False
         if self.keeps(tensor):
             return True  # (nothing written, no key drawn)
         if tensor.dtype not in engines.FLOAT_DTYPES or dist_mod.is_dtensor(tensor):

@@ -889,8 +889,9 @@ class RecordingSink:
         batch = self.recorder.batch
         if batch is not None:
             sk = storage_key_or_none(tensor)
-            if sk is None:
-                return False  # (no storage of its own: a torch.func transform's tensor)
+            if sk is None:  # no storage of its own (a torch.func transform's tensor): nothing can be
+                batch.flush()  # queued for it, and it may wrap queued memory: after the queue, now
+                return not batch.atomic
             # queued instead: in an atomic block (a failure drops it), behind what is queued in its
             # memory, for a named tensor (its fills are keyed by their place among its events),
             # or dropped there, for one materialize keeps
