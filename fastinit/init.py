@@ -378,7 +378,9 @@ def _memset(tensor: torch.Tensor, value) -> torch.Tensor:
     """torch.nn.init.constant_'s own op, ``tensor.fill_(value)`` with grad off: its checks
     and errors (value overflow) come before it writes, except the inference-tensor one
     (torch writes, then raises): that one first."""
-    check_writable(tensor, overlap=False)  # (torch's fill_ allows expanded tensors)
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        check_like_torch(tensor, "fill_", value)  # (a bad value: torch's argument error comes first)
+        check_writable(tensor, overlap=False)  # (then the refusal; torch's fill_ allows expanded tensors)
     grad = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
@@ -498,6 +500,15 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
             (torch.lt if std != 0 and torch_sampler_p() > 0.3 else torch.gt)(stand_in(tensor.dtype, "cpu"), 0)
         return torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator)
 
+    if not tensor.is_meta and not _is_engine_dtype(tensor.dtype):  # complex: torch's own, after its checks
+        check()
+        if tensor.numel() and std != 0 and not torch_sampler_p() > 0.3:
+            # torch's uniform_ checks its bounds only when it has elements to write: on one of
+            # the dtype (a generator of its own: nothing drawn from the caller's)
+            with torch._C.DisableTorchFunction():
+                torch.empty(1, dtype=tensor.dtype).uniform_(a, b, generator=torch.Generator())
+        check_writable(tensor)
+        return torch_fallback()
     spec = _checked_spec(tensor, "trunc_normal_", (mean, std, a, b), {"generator": generator},
                          lambda: _trunc_normal_spec(mean, std, a, b), check)
     return _fill_now(tensor, spec, generator, sink, torch_fallback)
@@ -748,8 +759,10 @@ def dirac_(tensor, groups: int = 1):
     _whole_tensor_only(tensor, "dirac_")
     out_per_group = sizes[0] // groups
     min_dim = min(out_per_group, sizes[1])
-    range(groups), range(min_dim)  # torch's loops raise TypeError for non-integers: before any write
-    check_writable(tensor, overlap=False)  # (torch's zero_ and element writes allow expanded tensors)
+    # torch's zero_ refuses an inference tensor first (expanded tensors it allows), then its
+    # loops raise TypeError for non-integers: both before any write here
+    check_writable(tensor, overlap=False)
+    range(groups), range(min_dim)
     with torch.no_grad():  # torch's own loop: same writes, same errors, same version bumps
         tensor.zero_()
         centre = tuple(s // 2 for s in sizes[2:])
@@ -781,10 +794,13 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
         raise ValueError("Only tensors with 2 or more dimensions are supported")
     def check():
         # torch draws with new_empty((rows, cols)).normal_(0, 1, generator), then writes
-        # tensor.view_as(q).copy_(q) and tensor.mul_(gain): all checked before any write.
+        # tensor.view_as(q).copy_(q) and tensor.mul_(gain): all checked before any write, in
+        # that order (a view across strides raises before a bad gain)
         if tensor.numel():
             check_like_torch(tensor, "normal_", 0, 1, generator=generator, recording=True)
             with torch.no_grad(), torch._C.DisableTorchFunction():
+                tensor.view(tensor.size(0), tensor.numel() // tensor.size(0))
+                check_writable(tensor)  # (copy_'s refusals: an inference tensor, overlapping memory)
                 stand_in(tensor.dtype, "cpu" if tensor.is_meta else tensor.device).mul_(gain)
 
     if _replay_or_none(tensor, orthogonal_, (gain,), {"generator": generator}, check):
@@ -797,7 +813,6 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
     rows = tensor.size(0)
     cols = tensor.numel() // rows
     check()
-    check_writable(tensor)
     target = tensor.view(rows, cols)
     flattened = _filled((rows, cols), Normal(0.0, 1.0), _subkey(generator, 0x0), tensor)
     if rows < cols:

@@ -216,3 +216,18 @@ def test_every_function_on_every_layout(name, layout):
     shape = (6, 2, 3, 3) if name == "dirac_" else (6, 4) if layout != "channels_last" else (4, 2, 3, 3)
     args = {"constant_": (0.5,), "sparse_": (0.5,)}.get(name, ())
     check_call(name, shape, torch.float32, layout, args, {})
+
+
+# Calls a wider, non-derandomized run of the property test found (12 runs of 4000
+# examples): each raised another exception type than torch's.
+@pytest.mark.parametrize("call", [
+    ("dirac_", (6, 2, 3, 3), torch.float32, "inference", (1.5,), {}),  # torch's zero_ refuses first
+    ("orthogonal_", (4, 6, 3), torch.float32, "transposed", ("x",), {}),  # its view, before the gain
+    ("orthogonal_", (3, 5), torch.float32, "inference", ("x",), {}),  # its copy_, before the gain
+    ("trunc_normal_", (0,), torch.complex64, "contiguous", (0.0, 1.0, 2.0, 1.0), {"generator": None}),
+    ("trunc_normal_", (), torch.complex64, "contiguous", (0.0, 1.0, 2.0, 1.0), {"generator": None}),
+    ("trunc_normal_", (), torch.complex64, "contiguous", (0.0, 1.0, float("nan"), 1.0), {"generator": None}),
+    ("constant_", (), torch.float32, "inference", ("1",), {}),  # torch's argument parsing first
+])
+def test_calls_a_wide_run_found(call):
+    check_call(*call)
