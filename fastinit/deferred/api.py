@@ -27,8 +27,8 @@ from .batched import Batch
 from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
-                     geometry, module_handle, named_model_tensors, named_tensors, outermost, outermost_root, path_prefix, plain_tensors,
-                     recorded_or_adopted, recording_of, storage_key, storage_numel,
+                     geometry, module_handle, named_model_tensors, named_tensors, outermost, outermost_root,
+                     path_prefix, plain_tensors, recorded_or_adopted, recording_of, storage_key, storage_numel,
                      tensor_handle)
 from .report import MaterializeReport, Planned
 

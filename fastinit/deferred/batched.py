@@ -129,7 +129,8 @@ class Batch:
         if p is None:
             # (an alias with a version counter of its own: each queued write bumped the tensor's
             # counter at its call, as eagerly; running it later bumps nothing more)
-            p = self.pending[sk] = _Pending(unversioned(t.detach()), self.names.get(sk) if self.seed is not None else None)
+            name = self.names.get(sk) if self.seed is not None else None
+            p = self.pending[sk] = _Pending(unversioned(t.detach()), name)
         return p
 
     def _other_dtype(self, t: torch.Tensor, sk: int | None = None) -> bool:

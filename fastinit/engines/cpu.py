@@ -604,12 +604,15 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
 LIKE_TORCH_MAX = 4096
 
 
-def _from_default_limit(tensor: torch.Tensor, kind) -> int:
-    """The most elements a contiguous CPU tensor may have for a ``kind`` fill
-    (Uniform, Normal, TruncNormal) on torch's default generator without a key."""
-    if kind is Normal and (tensor.dtype == torch.float32 or tensor.dtype == torch.float64):
-        return CHUNK
-    return LIKE_TORCH_MAX
+def _takes_default(tensor: torch.Tensor, kind) -> bool:
+    """Whether a ``kind`` fill (Uniform, Normal, TruncNormal) of ``tensor`` on torch's
+    default generator is made without a key: a contiguous CPU tensor (torch's op on a
+    view draws in another order than on a whole tensor) of at most
+    :data:`LIKE_TORCH_MAX` elements, or :data:`CHUNK` for a float32/float64 normal."""
+    if not tensor.is_cpu or not tensor.is_contiguous():
+        return False
+    wide = kind is Normal and (tensor.dtype == torch.float32 or tensor.dtype == torch.float64)
+    return tensor.numel() <= (CHUNK if wide else LIKE_TORCH_MAX)
 
 
 _TORCH_OPS = {"uniform_": Uniform, "normal_": Normal}
@@ -618,15 +621,12 @@ _TORCH_OPS = {"uniform_": Uniform, "normal_": Normal}
 def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> bool:
     """Make the drop-in call ``tensor.<op>(*args)`` (``uniform_``, ``normal_``) on torch's
     default generator as ``torch.nn.init`` makes it, with torch's own op, where that
-    beats a keyed stream (a small contiguous CPU tensor: :func:`_from_default_limit`);
-    ``before()`` called first (False from it: nothing is done). Values and errors are
-    then torch's; the op bumps the version counter once. False: nothing was done (the caller keys the fill, so a view
+    beats a keyed stream (:func:`_takes_default`); ``before()`` called first (False
+    from it: nothing is done). Values and errors are then torch's; the op bumps the
+    version counter once. False: nothing was done (the caller keys the fill, so a view
     holds the values of a whole tensor with the same key)."""
     kind = _TORCH_OPS.get(op)
-    if kind is None or not tensor.is_cpu or not tensor.is_contiguous() \
-            or tensor.numel() > _from_default_limit(tensor, kind):
-        return False  # (torch's op on a view draws in another order than on a whole tensor)
-    if before is not None and before() is False:
+    if kind is None or not _takes_default(tensor, kind) or (before is not None and before() is False):
         return False
     with torch._C.DisableTorchFunction():  # (as the engine's other ops: no user's mode sees it)
         # a tensor that requires grad is written through a detached alias: autograd does not
@@ -639,21 +639,18 @@ def fill_like_torch(tensor: torch.Tensor, op: str, args: tuple, before=None) -> 
 
 def fill_default(tensor: torch.Tensor, spec, before=None) -> bool:
     """Fill ``tensor`` with ``spec`` from torch's default generator, without a key, where
-    that beats a keyed stream (a small contiguous CPU float tensor, see
-    :func:`_from_default_limit`); ``before()`` called first (False from it: nothing is
-    done). Uniform and Normal: torch's
-    own op (:func:`fill_like_torch`); TruncNormal: the keyed chunk's exact samplers
-    (:func:`_trunc_normal`) drawing through torch's ops, in float32 for a half-precision
-    tensor, rounded once. May leave the version counter as it was (the caller bumps
-    it). False: nothing was done."""
+    that beats a keyed stream (:func:`_takes_default`); ``before()`` called first (False
+    from it: nothing is done). Uniform and Normal: torch's own op
+    (:func:`fill_like_torch`); TruncNormal of a float tensor: the keyed chunk's exact
+    samplers (:func:`_trunc_normal`) drawing through torch's ops, in float32 for a
+    half-precision tensor, rounded once. May leave the version counter as it was (the
+    caller bumps it). False: nothing was done."""
     kind = type(spec)
     if kind is not TruncNormal:
         call = spec.torch_op()
         return call is not None and fill_like_torch(tensor, *call, before)
-    if not tensor.is_cpu or tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) \
-            or tensor.numel() > _from_default_limit(tensor, kind) or not tensor.is_contiguous():
-        return False
-    if before is not None and before() is False:
+    if tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) \
+            or not _takes_default(tensor, kind) or (before is not None and before() is False):
         return False
     with torch._C.DisableTorchFunction():
         dst = _numpy_view(tensor.detach().view(-1))
