@@ -366,6 +366,13 @@ def test_engine_fills_leave_the_version_counter_to_their_callers():
     before = [v._version for v in views]
     engines.fill([engines.Target(v, spec, 9) for v in views for spec in (Normal(0.0, 1.0), Constant(2.0))])
     assert [v._version for v in views] == before
+    # whole tensors that share one counter (a tensor and a reshaped view of it), filled in one
+    # pass whose counters are set back together at its end
+    a = torch.empty(64)
+    a.add_(0)
+    b = a.view(8, 8)
+    engines.fill([engines.Target(x, spec, 10) for x in (a, b, a) for spec in (Normal(0.0, 1.0), Constant(3.0))])
+    assert a._version == b._version == 1
 
 
 @pytest.mark.parametrize("queued", ["fill", "constant"])

@@ -271,7 +271,7 @@ def test_engines_fill_parameters_that_require_grad(engine):
 
 
 def test_the_version_setter_takes_either_form_of_torchs_private_binding(monkeypatch):
-    from fastinit.engines import cpu
+    from fastinit.engines import alias
 
     real = torch._C._autograd._unsafe_set_version_counter
 
@@ -282,12 +282,12 @@ def test_the_version_setter_takes_either_form_of_torchs_private_binding(monkeypa
 
     for binding in (real, one_tensor_form):
         monkeypatch.setattr(torch._C._autograd, "_unsafe_set_version_counter", binding)
-        setter = cpu._version_setter()
-        t = torch.empty(3)
-        setter((t,), (5,))
-        assert t._version == 5
+        setter = alias.version_setter()
+        t, u = torch.empty(3), torch.empty(2)
+        setter((t, u), (5, 7))
+        assert t._version == 5 and u._version == 7
     monkeypatch.delattr(torch._C._autograd, "_unsafe_set_version_counter")
-    assert cpu._version_setter() is None
+    assert alias.version_setter() is None
 
 
 def test_a_far_tail_truncated_window_draws_its_probabilities_in_float64(monkeypatch):

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..specs import Constant, InitSpec, Uniform
-from .alias import unversioned
+from .alias import quiet, restore_versions, unversioned
 
 ENGINE_NAMES = ("cpu", "reference", "triton")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastinit_engine", default=None)
@@ -202,15 +202,18 @@ def _constants_now(batch: list[Target], progress) -> list[Target]:
     microsecond for a small tensor; the chunk machinery costs ten), with the engine's
     values (both take the float to float32, then round once to a half dtype; float64
     keeps it); returns the rest."""
-    rest = []
-    with torch._C.DisableTorchFunction(), torch.no_grad():
-        for t in batch:  # (other dtypes and devices go on, to the engine's own checks)
-            if type(t.spec) is Constant and t.tensor.device.type == "cpu" and t.tensor.dtype in FLOAT_DTYPES:
-                unversioned(t.tensor).fill_(t.spec.value)
-                if progress is not None:
-                    progress(t.tensor.numel() * t.tensor.element_size())
-            else:
-                rest.append(t)
+    rest, held = [], []
+    try:
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for t in batch:  # (other dtypes and devices go on, to the engine's own checks)
+                if type(t.spec) is Constant and t.tensor.is_cpu and t.tensor.dtype in FLOAT_DTYPES:
+                    quiet(t.tensor, held).fill_(t.spec.value)
+                    if progress is not None:
+                        progress(t.tensor.numel() * t.tensor.element_size())
+                else:
+                    rest.append(t)
+    finally:
+        restore_versions(held)
     return rest
 
 
@@ -221,12 +224,18 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
     piece of work wrote (from worker threads on CPU).
     """
     groups: dict[str, list[Target]] = {}
+    named: dict[bool, str] = {}  # is_cuda -> engine name, looked up once per call
     for t in targets:
-        if t.tensor.numel() == 0:
+        x = t.tensor
+        if x.numel() == 0:
             continue
-        if type(t.spec) is Uniform and t.spec.top is None and t.tensor.dtype in FLOAT_DTYPES:
-            t.spec = t.spec.for_dtype(t.tensor.dtype)  # [a, b) once rounded to the dtype (unless set)
-        groups.setdefault(t.engine or engine_for(t.tensor.device), []).append(t)
+        if type(t.spec) is Uniform and t.spec.top is None and x.dtype in FLOAT_DTYPES:
+            t.spec = t.spec.for_dtype(x.dtype)  # [a, b) once rounded to the dtype (unless set)
+        name = t.engine
+        if name is None:
+            cuda = x.is_cuda
+            name = named.get(cuda) or named.setdefault(cuda, _engine_name(cuda))
+        groups.setdefault(name, []).append(t)
     for name, batch in groups.items():
         mod = _engine_module(name)
         mod.check_available()
