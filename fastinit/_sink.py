@@ -33,6 +33,18 @@ def for_tensor(tensor):
     return sink
 
 
+_ALONE = contextlib.nullcontext()
+
+
+def no_modes():
+    """``torch._C.DisableTorchFunction()`` where a torch function mode is active (a
+    recorder's, a user's), so that it does not see fastinit's own ops on plain tensors;
+    where none is, a shared no-op context, cheaper (this is on every drop-in call's
+    path). (A tensor subclass with a ``__torch_function__`` of its own needs
+    ``DisableTorchFunction`` whatever the modes.)"""
+    return torch._C.DisableTorchFunction() if torch._C._is_torch_function_mode_enabled() else _ALONE
+
+
 @contextlib.contextmanager
 def unseen():
     """Run a block that no sink takes calls from and no torch function mode sees: a

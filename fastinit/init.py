@@ -225,8 +225,9 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
             return tensor  # torch's meta kernels check no more than that
         check_writable(tensor)
         return torch_fallback()  # complex: torch's own
-    # a small CPU tensor: torch's own op, its checks and errors
-    tried = plain and generator is None and _writable(tensor)
+    # a small CPU tensor: torch's own op, its checks and errors (only the cpu engine, which
+    # only CPU tensors have, draws without a key: others skip the lookups)
+    tried = plain and generator is None and tensor.is_cpu and _writable(tensor)
     if tried and engines.fill_like_torch(tensor, op, op_args):
         return tensor
     # (the checks remembered as a sink's are: the same op on a stand-in of the same dtype)
@@ -283,7 +284,7 @@ def _checked_spec(tensor: torch.Tensor, op: str, op_args: tuple, op_kwargs: dict
     call that is not one op), raising what torch raises, then ``make_spec()``; both
     remembered by what they depend on (see ``_CHECKED``; not for an explicit
     generator), and unseen by the recorder's mode."""
-    with torch._C.DisableTorchFunction():
+    with _sink.no_modes() if type(tensor) in _PLAIN else torch._C.DisableTorchFunction():
         memo = _checked_key(op, op_args, tensor) if op_kwargs.get("generator") is None else None
         spec = _CHECKED.get(memo) if memo is not None else None
         if spec is None:
@@ -318,7 +319,8 @@ def _write_now(tensor, spec, generator, maybe_dtensor: bool, default_tried: bool
     check_writable(tensor)
     before = None if tensor.is_inference() else tensor._version
     dtensor = maybe_dtensor and is_dtensor(tensor)
-    if spec.random and generator is None and not dtensor and not default_tried and engines.fill_default(tensor, spec):
+    if spec.random and generator is None and not (dtensor or default_tried) and tensor.is_cpu \
+            and engines.fill_default(tensor, spec):
         pass  # (a small CPU tensor: drawn from torch's default generator, no key)
     elif dtensor:
         fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)

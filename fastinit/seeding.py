@@ -18,6 +18,8 @@ import threading
 
 import torch
 
+from ._sink import no_modes
+
 MASK64 = (1 << 64) - 1
 _local = threading.local()
 
@@ -36,18 +38,20 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     CPU generators advance by two 32-bit draws. CUDA generators (Philox, a seed
     and an offset) are read and advanced on the host, with no device sync.
     """
-    g = torch.default_generator if generator is None else generator
-    if generator is None or g.device.type == "cpu":
+    if generator is None or generator.device.type == "cpu":
         # The draws of torch.randint(0, 2**32, (2,)), into this thread's buffer
         # (same values, no allocation: this is on the path of every drop-in call).
         buf = getattr(_local, "buf", None)
         # (no torch function mode sees these: a recorder would make the buffer a meta tensor)
-        with torch._C.DisableTorchFunction():
+        with no_modes():
             if buf is None:
                 with torch.inference_mode(False):  # usable in and out of inference mode
                     buf = _local.buf = torch.empty(2, dtype=torch.int64, device="cpu")
-            w = buf.random_(0, 1 << 32, generator=g).tolist()
+            # (the default generator unnamed: torch's argument parser is quicker without one)
+            w = (buf.random_(0, 1 << 32) if generator is None else buf.random_(0, 1 << 32, generator=generator))
+        w = w.tolist()
         return splitmix64((w[0] << 32) | w[1])
+    g = generator
     offset = g.get_offset()
     g.set_offset(offset + 4)
     return splitmix64(splitmix64(g.initial_seed() & MASK64) ^ offset)

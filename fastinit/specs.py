@@ -146,8 +146,18 @@ class Uniform(InitSpec):
             )
 
     def for_dtype(self, dtype: torch.dtype) -> "Uniform":
-        """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it."""
-        return _uniform_for_dtype(float(self.a).hex(), float(self.b).hex(), dtype)  # (by bits: -0.0 is not 0.0)
+        """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it
+        (remembered on this spec object, as :meth:`kernel_params`: a drop-in call reuses
+        the spec its checks remembered)."""
+        memo = self.__dict__.get("_for_dtype")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_for_dtype", memo)  # (not a field: equality and hash ignore it)
+        spec = memo.get(dtype)
+        if spec is None:
+            spec = memo[dtype] = _uniform_for_dtype(float(self.a).hex(), float(self.b).hex(), dtype)  # (by bits:
+            # -0.0 is not 0.0)
+        return spec
 
     def _params(self):
         hi = self.top
