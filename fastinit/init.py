@@ -113,12 +113,24 @@ def _whole_tensor_only(tensor: torch.Tensor, name: str, error=NotImplementedErro
                     "deferred model (its replays are computed whole)")
 
 
-def _dense_only(tensor: torch.Tensor, name: str) -> None:
-    """Sparse and other non-strided tensors: torch's first op in ``name`` raises
-    NotImplementedError; so does this, before anything is written."""
-    if tensor.layout != torch.strided:
-        raise NotImplementedError(f"{name}: tensors of layout {tensor.layout} are not supported "
-                                  "(torch.nn.init raises the same for them)")
+def _exotic(tensor) -> bool:
+    """A tensor no engine holds: a sparse (or other non-strided) layout, or a nested one."""
+    return isinstance(tensor, torch.Tensor) and (tensor.layout != torch.strided or tensor.is_nested)
+
+
+def _torch_on_scratch(fn, tensor, *args, generator=None):
+    """``torch.nn.init``'s own ``fn`` on a tensor no engine holds (:func:`_exotic`):
+    first on a copy, with the random state put back, so that where torch raises after
+    writing part of the tensor (``sparse_`` on a CSR tensor) it raises the same with
+    nothing written; where that succeeds, on the tensor itself (the values torch gives)."""
+    state = generator.get_state() if isinstance(generator, torch.Generator) else None
+    try:
+        with torch.random.fork_rng(devices=[tensor.device] if tensor.is_cuda else []):
+            fn(tensor.clone(), *args, generator=generator)
+    finally:
+        if state is not None:
+            generator.set_state(state)
+    return fn(tensor, *args, generator=generator)
 
 
 def check_writable(tensor: torch.Tensor, overlap: bool = True) -> None:
@@ -216,13 +228,14 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         return _fill_now(tensor, spec, generator, sink, torch_fallback)
     if plain and _is_compiling():
         return torch_fallback()
-    if tensor.layout != torch.strided:  # sparse, quantized...: torch's own op, its errors
+    if tensor.layout != torch.strided or tensor.is_nested:  # sparse, nested...: torch's own op, its errors
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
     if tensor.is_meta or not _is_engine_dtype(tensor.dtype):
         check_like_torch(tensor, op, *op_args, generator=generator)
         if tensor.is_meta:
-            return tensor  # torch's meta kernels check no more than that
+            bump_version(tensor)  # torch's meta kernels check no more than that, and count the write
+            return tensor
         check_writable(tensor)
         return torch_fallback()  # complex: torch's own
     # a small CPU tensor: torch's own op, its checks and errors (only the cpu engine, which
@@ -305,6 +318,8 @@ def _fill_now(tensor, spec, generator, sink, torch_fallback) -> torch.Tensor:
             if sink.fill(tensor, spec, generator):
                 return tensor
     if tensor.is_meta:
+        if sink is None:
+            bump_version(tensor)  # (as torch's op on a meta tensor: no values, one write counted)
         return tensor
     if not _is_engine_dtype(tensor.dtype):
         check_writable(tensor)
@@ -475,7 +490,8 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
     """
     if isinstance(tensor, torch.Tensor) and foreign(tensor):
         return torch.nn.init.trunc_normal_(tensor, mean, std, a, b, generator=generator)
-    _dense_only(tensor, "trunc_normal_")
+    if _exotic(tensor):
+        return _torch_on_scratch(torch.nn.init.trunc_normal_, tensor, mean, std, a, b, generator=generator)
     sink = _sink.for_tensor(tensor)
     if tensor.is_meta and sink is None:
         return tensor  # torch returns at once: no checks, no warning
@@ -483,18 +499,24 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
     recording = sink is not None
 
     def torch_sampler_p() -> float:  # torch's sampler: the window's mass p picks normal_ or uniform_
-        return _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
+        with torch.no_grad():  # (as torch: a tensor mean that requires grad converts without a warning)
+            return _norm_cdf((b - mean) / std) - _norm_cdf((a - mean) / std)
 
     def check():  # the op torch's sampler would run checks the arguments
         if std == 0:
             return
         if torch_sampler_p() > 0.3:
-            if not tensor.dtype.is_floating_point:  # torch casts the bounds to the dtype (float: no error)
-                s = stand_in(tensor.dtype, "cpu")
+            # torch casts the bounds with the tensor's new_tensor: an int dtype's overflow, a
+            # negative view's refusal, a tensor bound's copy warning (a float dtype: nothing else)
+            own = tensor.is_neg() or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+            if own or not tensor.dtype.is_floating_point:
+                s = tensor if own else stand_in(tensor.dtype, "cpu")
                 s.new_tensor(a, device="cpu").item()
                 s.new_tensor(b, device="cpu").item()
             check_like_torch(tensor, "normal_", mean, std, generator=generator, recording=recording)
         else:
+            mode = max(a, min(mean, b))
+            -0.5 * ((mode - mean) / std) ** 2  # noqa: B018 - torch's log_peak: an OverflowError where it has one
             check_like_torch(tensor, "uniform_", a, b, generator=generator, recording=recording)
 
     def torch_fallback():  # complex: torch's rejection compares values, which have no order
@@ -511,6 +533,8 @@ def trunc_normal_(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, 
                 torch.empty(1, dtype=tensor.dtype).uniform_(a, b, generator=torch.Generator())
         check_writable(tensor)
         return torch_fallback()
+    if tensor.is_neg():
+        check()  # (not remembered: a tensor alike without the negative bit passes it)
     spec = _checked_spec(tensor, "trunc_normal_", (mean, std, a, b), {"generator": generator},
                          lambda: _trunc_normal_spec(mean, std, a, b), check)
     return _fill_now(tensor, spec, generator, sink, torch_fallback)
@@ -576,8 +600,8 @@ def zeros_(tensor):
         >>> w = torch.empty(3, 5)
         >>> fastinit.zeros_(w)
     """
-    if tensor.layout != torch.strided:  # torch's zero_ works on sparse tensors, fill_ does not
-        with torch.no_grad():
+    if tensor.layout != torch.strided or tensor.is_quantized:  # torch's zero_ works on sparse tensors, fill_
+        with torch.no_grad():  # does not; a quantized one's fill_ works, its zero_ raises
             return tensor.zero_()
     return _constant_fill(tensor, 0.0)
 
@@ -637,8 +661,10 @@ def _xavier_std(tensor, gain) -> float:
 def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
     try:
         shape = tensor.shape
-    except RuntimeError:  # a lazy module's parameter: torch's ValueError
-        shape = shape_of(tensor)
+    except RuntimeError:  # a lazy module's parameter
+        if distribution == "normal":
+            raise  # torch's kaiming_normal_ reads the shape first: this RuntimeError
+        shape = shape_of(tensor)  # its kaiming_uniform_ dispatches __torch_function__ first: a ValueError
     if 0 in shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
@@ -730,7 +756,10 @@ def eye_(tensor):
     """
     if tensor.ndimension() != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
-    if _replay_or_none(tensor, eye_, (), {}) or tensor.is_meta:
+    if _replay_or_none(tensor, eye_, (), {}):
+        return tensor
+    if tensor.is_meta:
+        bump_version(tensor)  # (torch's eye(out=) on a meta tensor: no values, one write counted)
         return tensor
     _whole_tensor_only(tensor, "eye_")
     check_writable(tensor, overlap=False)
@@ -790,8 +819,8 @@ def orthogonal_(tensor, gain: float = 1, generator=None):
     """
     if isinstance(tensor, torch.Tensor) and foreign(tensor):
         return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
-    if tensor.dim() >= 2:  # (fewer dims: torch's ValueError first, below)
-        _dense_only(tensor, "orthogonal_")
+    if _exotic(tensor):
+        return _torch_on_scratch(torch.nn.init.orthogonal_, tensor, gain, generator=generator)
     if tensor.ndimension() < 2:
         raise ValueError("Only tensors with 2 or more dimensions are supported")
     def check():
@@ -843,8 +872,8 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
     """
     if isinstance(tensor, torch.Tensor) and foreign(tensor):
         return torch.nn.init.sparse_(tensor, sparsity, std, generator=generator)
-    if tensor.dim() == 2:  # (other dims: torch's ValueError first, below)
-        _dense_only(tensor, "sparse_")
+    if _exotic(tensor):
+        return _torch_on_scratch(torch.nn.init.sparse_, tensor, sparsity, std, generator=generator)
     if tensor.ndimension() != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
     def check():  # torch's first steps: math.ceil(sparsity * rows), then normal_(0, std, generator)

@@ -27,8 +27,11 @@ KIND_NORMAL = 2
 KIND_TRUNC_NORMAL = 3
 
 N_PARAMS = 6
-# |z| below which exp(-z^2/2) is 1 in float64: a truncated normal that narrow is uniform.
-FLAT_Z = 2.0**-27
+# Truncated normal windows (TruncNormal.sampler):
+FLAT_VAR = 2.0**-53  # variation of the log density across [a, b] below which it is uniform
+WIDE_Q = 2.0**-10  # mass outside [a, b] below which the normal is drawn directly
+TAIL_Z = 5.0  # a window wholly beyond this many std on one side: the tail sampler
+TILT_W = 1.0 / 64  # a window beside the mean narrower than this (in std): the tilted sampler
 
 
 def float_below(x: float, ftype=np.float32):
@@ -226,11 +229,69 @@ class TruncNormal(InitSpec):
             return 0.0, 0.0
         return (self.a - self.mean) / self.std, (self.b - self.mean) / self.std
 
+    def z_width(self) -> float:
+        """``beta - alpha``, computed as ``(b - a) / std``: exact where the difference of
+        the two rounded bounds is not (a window far from a huge mean: ``mean = 1e17``,
+        ``std = 1e16``, ``[-2, 2]`` has alpha == beta == -10 in float64)."""
+        return 0.0 if self.std == math.inf else (self.b - self.a) / self.std
+
     def is_flat(self) -> bool:
-        """Whether the density varies across [a, b] by less than float64 resolves
-        (|alpha|, |beta| <= 2^-27, e.g. std = inf): then it is exactly U(a, b)."""
+        """Whether the log density varies across [a, b] by at most 2^-53 (float64's
+        resolution): then it is exactly U(a, b). So it is where std is infinite or
+        ``>> b - a``, and where a narrow window lies far from a huge mean and std (``mean
+        = 1e17, std = 1e17, [-2, 2]``). The variation is ``max(alpha^2, beta^2) / 2``
+        for a window holding the mean, ``|beta^2 - alpha^2| / 2 = width |alpha + beta| /
+        2`` for one beside it (from the exact width, :meth:`z_width`)."""
+        if not self.std > 0:
+            return False
+        if self.std == math.inf:
+            return True
         alpha, beta = self.z_window()
-        return self.std > 0 and max(abs(alpha), abs(beta)) <= FLAT_Z
+        if alpha <= 0.0 <= beta:
+            var = max(alpha * alpha, beta * beta) / 2.0
+        else:
+            var = self.z_width() * abs((self.a + self.b - 2.0 * self.mean) / self.std) / 2.0
+        return var <= FLAT_VAR
+
+    def sampler(self) -> str:
+        """Which exact sampler the window takes (the cpu engine's; the GPU kernel's
+        inverse CDF in float32 hands ``"tail"``, ``"tilt"`` and infinite means to it):
+
+        * ``"limit"``: std = 0, or an infinite mean (finite std): the limit, the mean
+          clamped to [a, b] (the near bound, for an infinite mean);
+        * ``"uniform"``: flat (:meth:`is_flat`);
+        * ``"normal"``: [a, b] holds all but < 2^-10 of the normal's mass;
+        * ``"tail"``: the window lies wholly beyond 5 std on one side;
+        * ``"tilt"``: a window beside the mean narrower than 1/64 std (its density
+          is then nearly exponential across it, and ``mean + std z`` would lose the
+          window to cancellation where the mean is huge);
+        * ``"icdf"``: the inverse CDF.
+        """
+        if self.std == 0.0:
+            return "limit"
+        if self.is_flat():
+            return "uniform"
+        if math.isinf(self.mean):
+            return "limit"
+        if self.outside_mass() < WIDE_Q:
+            return "normal"
+        alpha, beta = self.z_window()
+        if alpha >= TAIL_Z or beta <= -TAIL_Z:
+            return "tail"
+        if (alpha > 0.0 or beta < 0.0) and self.z_width() < TILT_W:
+            return "tilt"
+        return "icdf"
+
+    def offset_window(self) -> tuple[float, float, float, float]:
+        """``(lo, width, near, sign)`` of a window beside the mean: in std from the
+        mean, it is ``[lo, lo + width]`` (mirrored when below the mean), and a value
+        ``t`` std past ``lo`` is ``near + sign std t`` (``near``: the bound nearer the
+        mean). Written from the near bound, the value keeps its precision however far
+        the mean is (``mean + std z`` cancels)."""
+        alpha, beta = self.z_window()
+        if alpha >= 0.0:
+            return alpha, self.z_width(), self.a, 1.0
+        return -beta, self.z_width(), self.b, -1.0
 
     def outside_mass(self) -> float:
         """The normal's mass outside [a, b]: Phi(alpha) + 1 - Phi(beta)."""

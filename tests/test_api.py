@@ -557,3 +557,39 @@ def test_memo_keys_of_checked_calls_tell_apart_what_torch_tells_apart():
     assert _checked_key("fill_", (-0.0, 2), t) == _checked_key("fill_", (-0.0, 2), t)
     assert _checked_key("fill_", (1.0,), t) != _checked_key("fill_", (1.0,), t.half())
     assert _checked_key("fill_", (True,), t) is None and _checked_key("fill_", ("1",), t) is None
+
+
+@pytest.mark.parametrize("numel", [1, 60, 6000, 420_000])
+def test_negative_views_are_written_as_torch_writes_them(numel):
+    """A view with the negative bit (``x._neg_view()``, the imaginary part of a conjugate)
+    holds the values written into it, its memory their negation: torch's ops write it
+    so; the engines, which have no numpy view of it, fill a buffer and copy it in."""
+    from fastinit.specs import Normal, TruncNormal
+
+    for name, args, kwargs, lo, hi in [("uniform_", (-1.0, 3.0), {}, -1.0, 3.0),
+                                       ("uniform_", (-1.0, 3.0), {"generator": torch.Generator().manual_seed(1)},
+                                        -1.0, 3.0),
+                                       ("trunc_normal_", (0.0, 1.0, 0.5, 2.0), {}, 0.5, 2.0),
+                                       ("trunc_normal_", (0.0, 1.0, 0.5, 2.0),
+                                        {"generator": torch.Generator().manual_seed(2)}, 0.5, 2.0),
+                                       ("constant_", (2.5,), {}, 2.5, 2.5)]:
+        base = torch.zeros(numel)
+        v = base._neg_view()
+        getattr(fastinit, name)(v, *args, **kwargs)
+        assert v.is_neg() and v.min() >= lo and v.max() <= hi, name
+        assert torch.equal(base, -v.resolve_neg()), name
+        if name == "uniform_" and not kwargs and numel <= 4096:  # torch's own op on its generator
+            torch.manual_seed(5)
+            fastinit.uniform_(v, *args)
+            torch.manual_seed(5)
+            w = torch.zeros(numel)._neg_view()
+            torch.nn.init.uniform_(w, *args)
+            assert torch.equal(v, w)
+    # the engines' own path, and its values: those of a plain tensor with the same key
+    from fastinit import engines
+
+    for spec in (Normal(0.0, 1.0), TruncNormal(0.0, 1.0, 0.5, 2.0)):
+        v, plain = torch.zeros(numel)._neg_view(), torch.zeros(numel)
+        engines.fill([engines.Target(v, spec, 7)])
+        engines.fill([engines.Target(plain, spec, 7)])
+        assert torch.equal(v.resolve_neg(), plain)

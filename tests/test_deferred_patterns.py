@@ -2215,3 +2215,47 @@ def test_torch_func_transforms_of_small_tensors_inside_batched_fill_as_one_by_on
         with fastinit.batched():
             inside = vmap(call, randomness=randomness)(torch.zeros(4, 5))
         assert torch.equal(eager, inside) and eager.std() > 0
+
+
+class _KeepsFloat32(torch.nn.Module):
+    """timm's rotary embeddings: frequency bands that model.to(dtype) leaves in float32
+    (its _apply rebuilds them after the cast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bands", self._bands(), persistent=False)
+        self.proj = torch.nn.Linear(8, 8)
+
+    @staticmethod
+    def _bands(device=None):
+        return (2.0 ** torch.linspace(0.0, 5.0, 16) * math.pi / 7).to(device=device)
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if self.bands.dtype != torch.float32:
+            self.register_buffer("bands", self._bands(self.bands.device), persistent=False)
+        return module
+
+
+class _WithOwnCasts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rope = _KeepsFloat32()
+        self.lstm = torch.nn.LSTM(8, 8)  # (nn.RNNBase casts itself too: it re-flattens its weights)
+        self.head = torch.nn.Linear(8, 4)
+        self.head.weight = self.rope.proj.weight  # tied across the boundary of a module casting itself
+
+
+def test_materialize_dtype_casts_as_model_to_does_where_a_module_casts_itself():
+    built = fastinit.deferred_init(_WithOwnCasts)
+    fastinit.materialize(built, device="cpu", seed=4)
+    built = built.to(torch.bfloat16)
+    direct = fastinit.deferred_init(_WithOwnCasts)
+    fastinit.materialize(direct, device="cpu", seed=4, dtype=torch.bfloat16)
+    assert direct.rope.bands.dtype == torch.float32 and torch.equal(direct.rope.bands, built.rope.bands)
+    for (n, a), (_, b) in zip(built.state_dict().items(), direct.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    assert direct.head.weight is direct.rope.proj.weight and direct.head.weight.dtype == torch.bfloat16
+    assert direct.lstm._flat_weights[0] is direct.lstm.weight_ih_l0
+    out, _ = direct.lstm(torch.ones(3, 1, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16

@@ -215,3 +215,120 @@ def test_sparse_tensors_get_what_torch_gives_them(shape):
             except Exception as e:  # noqa: BLE001 - the type is what is compared
                 outcome.append((type(e).__name__, None))
         assert outcome[0] == outcome[1], (name, outcome)
+
+
+def _csr():
+    return torch.full((6, 4), 7.0).to_sparse_csr()
+
+
+def _nested():
+    return torch.nested.nested_tensor([torch.full((2, 4), 7.0), torch.full((3, 4), 7.0)])
+
+
+BAD_CALLS_MORE = [  # (function, tensor, args, kwargs): torch raises these; so must fastinit, writing nothing
+    # torch's trunc_normal_ computes -0.5 ((mode - mean) / std) ** 2 in Python floats first
+    ("trunc_normal_", lambda: torch.full((6, 4), 7.0), (1e155, 1.0, -2.0, 2.0), {}),
+    ("trunc_normal_", lambda: torch.full((6, 4), 7.0), (0.0, 1e-300, 1.0, 2.0), {}),
+    ("trunc_normal_", lambda: torch.full((6, 4), 7.0), (0.0, 1.0, 1e300, 1e301), {}),  # before uniform_'s bounds
+    ("trunc_normal_", lambda: torch.full((6, 4), 7.0, dtype=torch.float64), (0.0, 1.0, 1e300, 1e301), {}),
+    # torch casts the bounds with the tensor's own new_tensor, which a negative view refuses
+    ("trunc_normal_", lambda: torch.zeros(6, 4, dtype=torch.complex64).conj().imag, (), {}),
+    ("kaiming_normal_", lambda: torch.nn.UninitializedParameter(), (), {}),  # its shape, read first
+    ("kaiming_uniform_", lambda: torch.nn.UninitializedParameter(), (), {}),  # its __torch_function__
+]
+
+
+@pytest.mark.parametrize("name,make,args,kwargs", BAD_CALLS_MORE,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS_MORE)])
+def test_more_bad_calls_raise_torchs_exception_type_and_write_nothing(name, make, args, kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as torch_exc:
+            getattr(torch.nn.init, name)(make(), *args, **kwargs)
+        t = make()
+        lazy = isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+        before = None if lazy else (t.clone(), t._version)
+        with pytest.raises(type(torch_exc.value)):
+            getattr(fastinit, name)(t, *args, **kwargs)
+    if before is not None:
+        assert torch.equal(t, before[0]) and t._version == before[1]
+
+
+@pytest.mark.parametrize("name,make,args", [
+    ("trunc_normal_", _csr, ()), ("sparse_", _csr, (0.3,)), ("orthogonal_", _csr, ()),
+    ("trunc_normal_", _nested, ()), ("orthogonal_", _nested, ()), ("uniform_", _nested, ()),
+    ("sparse_", _nested, (0.3,)),
+])
+def test_sparse_layouts_and_nested_tensors_raise_what_torch_raises_writing_nothing(name, make, args):
+    """No engine holds them: torch's own function decides, tried on a copy first (its
+    sparse_ on a CSR tensor writes normal values, then raises)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as torch_exc:
+            getattr(torch.nn.init, name)(make(), *args)
+        t = make()
+        before = t.values().clone() if t.layout == torch.sparse_csr else [x.clone() for x in t.unbind()]
+        state = torch.get_rng_state()
+        with pytest.raises(type(torch_exc.value)):
+            getattr(fastinit, name)(t, *args)
+    after = t.values() if t.layout == torch.sparse_csr else t.unbind()
+    assert all(torch.equal(x, y) for x, y in zip(after, before)) if isinstance(before, list) else torch.equal(
+        after, before)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_nested_tensor_gets_torchs_own_normal_():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, u = _nested(), _nested()
+        torch.manual_seed(3)
+        torch.nn.init.normal_(t)
+        torch.manual_seed(3)
+        fastinit.normal_(u)
+    assert all(torch.equal(x, y) for x, y in zip(t.unbind(), u.unbind()))
+
+
+def test_zeros_on_a_quantized_tensor_raises_as_torchs_zero_does():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make = lambda: torch.quantize_per_tensor(torch.full((6, 4), 0.7), 0.1, 0, torch.quint8)  # noqa: E731
+        with pytest.raises(NotImplementedError):
+            torch.nn.init.zeros_(make())
+        q = make()
+        with pytest.raises(NotImplementedError):
+            fastinit.zeros_(q)
+    assert torch.allclose(q.dequantize(), torch.full((6, 4), 0.7))
+
+
+def test_trunc_normal_bounds_given_as_tensors_warn_as_torch_and_a_grad_mean_does_not():
+    with pytest.warns(UserWarning, match="copy construct"):
+        fastinit.trunc_normal_(torch.zeros(6, 4), a=torch.tensor(-1.0), b=3.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch computes p under no_grad: no conversion warning
+        with pytest.raises(TypeError):
+            fastinit.trunc_normal_(torch.zeros(6, 4), mean=torch.tensor(0.5, requires_grad=True))
+
+
+@pytest.mark.parametrize("name,shape,args", [
+    ("uniform_", (6, 4), ()), ("normal_", (6, 4), ()), ("trunc_normal_", (6, 4), ()), ("constant_", (6, 4), (0.5,)),
+    ("ones_", (6, 4), ()), ("zeros_", (6, 4), ()), ("eye_", (6, 4), ()), ("dirac_", (4, 4, 3), ()),
+    ("xavier_uniform_", (6, 4), ()), ("xavier_normal_", (6, 4), ()), ("kaiming_uniform_", (6, 4), ()),
+    ("kaiming_normal_", (6, 4), ()), ("orthogonal_", (6, 4), ()), ("sparse_", (6, 4), (0.5,)),
+])
+def test_a_meta_tensor_counts_the_write_as_torch_does(name, shape, args):
+    """torch's ops on a meta tensor write nothing but bump its version counter (autograd
+    sees the write); fastinit's calls outside any block do what torch's do."""
+    t, u = torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
+    getattr(torch.nn.init, name)(t, *args)
+    getattr(fastinit, name)(u, *args)
+    assert u._version == t._version

@@ -3,7 +3,9 @@
 Sizes are not multiples of the cpu engine's chunk and span several chunks.
 """
 
+import contextlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -230,3 +232,71 @@ def test_small_truncated_normals_in_tails_and_flat_windows(std, a, b, monkeypatc
     assert x.min().item() >= a and x.max().item() <= b and torch.isfinite(x).all()
     d = exact_dist("uniform", a=a, b=b) if std > 1e3 else exact_dist("trunc_normal", mean=0.0, std=std, a=a, b=b)
     check_against(x.numpy(), d, label=f"[{a}, {b}] std {std}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mean,std,a,b,value", [
+    (1e17, 1.0, -2.0, 2.0, 2.0), (1e20, 1.0, 1.0, 3.0, 3.0), (-1e20, 1.0, -3.0, -1.0, -3.0),
+    (math.inf, 1.0, -2.0, 2.0, 2.0), (-math.inf, 1.0, -2.0, 2.0, -2.0),
+])
+def test_trunc_normal_beside_a_huge_or_infinite_mean_is_its_near_bound(mean, std, a, b, value, dtype):
+    """A window 1e17 std from the mean holds all its mass within 1e-17 of the near bound
+    (an infinite mean: the limit, the bound itself); written as ``mean + std z`` the
+    value cancelled to 0 or landed on the far bound."""
+    t = torch.empty(50_000, dtype=dtype)
+    with pytest.warns(UserWarning, match="more than 2 std"):
+        fastinit.trunc_normal_(t, mean, std, a, b, generator=torch.Generator().manual_seed(3))
+    # (the law's spread there is 1e-17: a draw in 1e5 is one float64 step off the bound)
+    assert (t.double() - value).abs().max() <= 1e-12 and (t == value).double().mean() > 0.999
+
+
+@pytest.mark.parametrize("mean,std,a,b", [(1e17, 1e16, -2.0, 2.0), (1e17, 5e16, -2.0, 2.0), (1e17, 1e17, -2.0, 2.0),
+                                          (1e6, 1e5, 5.0, 5.001)])
+def test_trunc_normal_on_a_narrow_window_far_from_a_huge_mean_is_uniform(mean, std, a, b):
+    """There the density varies by < 1e-7 across [a, b] (the tail, tilted or flat
+    sampler, each from the near bound); it came out as one constant."""
+    t = torch.empty(100_000, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's "more than 2 std from [a, b]", where it is)
+        fastinit.trunc_normal_(t, mean, std, a, b, generator=torch.Generator().manual_seed(4))
+    assert t.min() >= a and t.max() <= b
+    check_against(t.numpy(), exact_dist("uniform", a=a, b=b), label=f"mean {mean} std {std}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("a,b", [(2.0, 2.01), (-3.012, -3.0), (0.5, 0.51), (4.0, 4.015)])
+def test_trunc_normal_on_a_narrow_window_beside_the_mean_against_the_exact_cdf(a, b, dtype):
+    """Windows narrower than 1/64 std beside the mean take the tilted sampler (an
+    exponential proposal across the window, accepted with exp(-t^2/2))."""
+    from fastinit.specs import TruncNormal
+
+    assert TruncNormal(0.0, 1.0, a, b).sampler() == "tilt"
+    t = torch.empty(200_000, dtype=dtype)
+    ctx = pytest.warns(UserWarning, match="more than 2 std") if min(abs(a), abs(b)) > 2 else contextlib.nullcontext()
+    with ctx:
+        fastinit.trunc_normal_(t, 0.0, 1.0, a, b, generator=torch.Generator().manual_seed(5))
+    assert t.min() >= a and t.max() <= b
+    if dtype == torch.float64:
+        check_against(t.numpy(), exact_dist("trunc_normal", mean=0.0, std=1.0, a=a, b=b), label=f"[{a}, {b}]")
+    else:  # float32 holds a 0.01 window in ~1e5 steps: the mean and spread of the law
+        d = exact_dist("trunc_normal", mean=0.0, std=1.0, a=a, b=b)
+        x = t.double().numpy()
+        assert abs(x.mean() - d.mean()) < 5 * d.std() / math.sqrt(x.size)
+
+
+@pytest.mark.parametrize("mean,std,a,b", [(0.0, 1.0, 6.0, 7.0), (1e17, 1.0, -2.0, 2.0), (0.0, 1.0, 2.0, 2.01),
+                                          (math.inf, 1.0, -2.0, 2.0)])
+def test_the_gpu_engines_hand_tails_and_narrow_windows_to_the_cpu_samplers(mean, std, a, b):
+    """The triton kernel (and the reference engine, its oracle) sample a truncated
+    normal by the float32 inverse CDF; windows it cannot hold (beyond 5 std, narrow
+    beside the mean, an infinite mean) are drawn by the cpu engine, with the same key."""
+    from fastinit import engines
+    from fastinit.specs import TruncNormal
+
+    spec = TruncNormal(mean, std, a, b)
+    ref, cpu = torch.empty(3000), torch.empty(3000)
+    with fastinit.use_engine("reference"):
+        engines.fill([engines.Target(ref, spec, 99)])
+    with fastinit.use_engine("cpu"):
+        engines.fill([engines.Target(cpu, spec, 99)])
+    assert torch.equal(ref, cpu) and ref.min() >= a and ref.max() <= b

@@ -636,7 +636,10 @@ def materialize(
             with a warning that constructor init was not recorded, unless
             ``init_fn`` is given).
         device: where to allocate (default: CUDA if available, else CPU).
-        dtype: cast floating parameters and buffers to this dtype.
+        dtype: cast floating parameters and buffers to this dtype, as ``module.to(dtype)``
+            after building would: a module that casts itself its own way (overrides
+            ``_apply``, as timm's rotary embeddings, which keep float32 frequencies) is
+            materialized as recorded, then cast by its own ``to(dtype)``.
         seed: values are keyed by ``(seed, fully-qualified name)``: the same seed
             gives the same model whatever the init order, the set of other
             parameters, the device count or the sharding. ``None`` draws a seed
@@ -695,12 +698,20 @@ def materialize(
             _check_views_across(module, root, resolved)
         plans = _plans(resolved)
         _check(plans, strict, dtype, plain)
-        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans), plain)
+        own, uncast = _casting_themselves(walk) if dtype is not None else ((), frozenset())
+        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans),
+                                           plain | uncast)
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
         targets = [module] if root is None or root is module else [module, root]
         mods = _Modules(targets, walk)
-        swap_in(mods, new_of, after=lambda: dist_mod.after_assign(mods, new_of))
+
+        def after():
+            for m in own:  # (all or nothing with the assignment: a failure here puts it back)
+                m.to(dtype)
+            dist_mod.after_assign(mods, new_of)
+
+        swap_in(mods, new_of, after=after)
         for t, _, rec, _, _ in plans:
             rec.forget(t)  # (replaced: no longer watched)
     except BaseException:
@@ -708,6 +719,21 @@ def materialize(
         raise
     fused, replayed, total = counts
     return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0)
+
+
+def _casting_themselves(walk) -> tuple[list[torch.nn.Module], frozenset[int]]:
+    """The outermost modules that cast themselves their own way (their class overrides
+    ``nn.Module._apply``: timm's rotary embeddings keep their frequency buffers in
+    float32, ``nn.RNNBase`` re-flattens its weights), and the ids of the tensors under
+    them. ``materialize(dtype=...)`` makes those in their recorded dtype, then casts each
+    such module with its own ``to(dtype)``, as ``model.to(dtype)`` after building would."""
+    tops: list[tuple[str, torch.nn.Module]] = []
+    for path, m in walk:  # (named_modules: parents before their children)
+        if type(m)._apply is not torch.nn.Module._apply and not any(
+                path == p or path.startswith(p + ".") or not p for p, _ in tops):
+            tops.append((path, m))
+    under = {id(t) for _, m in tops for t in itertools.chain(m.parameters(), m.buffers())}
+    return [m for _, m in tops], frozenset(under)
 
 
 # Modules built on the meta device without deferred_init that materialize keyed, by

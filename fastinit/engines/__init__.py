@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..specs import Constant, InitSpec, Uniform
+from ..specs import Constant, InitSpec, TruncNormal, Uniform
 from .alias import quiet, restore_versions, unversioned
 
 ENGINE_NAMES = ("cpu", "reference", "triton")
@@ -159,7 +159,7 @@ def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
     launch with scalar arguments), which returns False for what it leaves to
     :func:`fill`. Unlike :func:`fill`, it may bump the tensor's version counter
     once (the drop-in call bumps it once in any case)."""
-    if tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous():
+    if tensor.dtype in FLOAT_DTYPES and tensor.is_contiguous() and not tensor.is_neg():
         if not tensor.numel():
             return
         name = _engine_name(tensor.is_cuda)
@@ -217,6 +217,22 @@ def _constants_now(batch: list[Target], progress) -> list[Target]:
     return rest
 
 
+def _cpu_only(spec: InitSpec) -> bool:
+    """A truncated normal the GPU kernel's float32 inverse CDF would get wrong: a window
+    beyond 5 std on one side, a narrow one beside a huge mean (``mean + std z`` cancels
+    the window away), an infinite mean. The cpu engine's exact samplers draw it instead
+    (:meth:`TruncNormal.sampler`)."""
+    return type(spec) is TruncNormal and spec.std != 0.0 and spec.sampler() in ("tail", "tilt", "limit")
+
+
+def _filled_on_cpu(t: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(destination, buffer)``: ``t``'s values made by the cpu engine in a CPU buffer
+    (its layout kept: a shard gets its part of the global tensor), to be copied in."""
+    buf = torch.empty(t.tensor.shape, dtype=t.tensor.dtype, device="cpu")
+    _engine_module("cpu").fill([Target(buf, t.spec, t.key, t.layout, t.name)])
+    return t.tensor.detach(), buf
+
+
 def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
     """Fill every target, grouped by engine: one batch per engine (and per dtype inside it).
 
@@ -247,7 +263,12 @@ def fill(targets: Sequence[Target] | Iterable[Target], progress=None) -> None:
         proxies = []
         work = []
         for t in batch:
-            if t.tensor.is_contiguous():
+            if name != "cpu" and _cpu_only(t.spec):
+                proxies.append(_filled_on_cpu(t))
+                if progress is not None:
+                    progress(t.tensor.numel() * t.tensor.element_size())
+                continue
+            if t.tensor.is_contiguous() and not t.tensor.is_neg():
                 work.append(t)  # engines write through .detach()ed views or data pointers
                 continue
             if type(t.spec) is Constant and t.tensor.dtype in FLOAT_DTYPES:

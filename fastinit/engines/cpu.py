@@ -287,11 +287,6 @@ class _TorchDefault:
         return torch.rand(n, dtype=torch.float64).numpy()
 
 
-# Truncated normal: which sampler (all exact; see _trunc_normal).
-_WIDE_Q = 2.0**-10  # mass outside [a, b] below which the normal is drawn directly
-_TAIL_Z = 5.0  # a window wholly beyond this many std on one side: the tail sampler
-
-
 def _bounds_as(o: np.ndarray, a: float, b: float):
     """``a`` and ``b`` in ``o``'s dtype (beyond its range: infinite, the same clip)."""
     with np.errstate(over="ignore"):
@@ -301,26 +296,25 @@ def _bounds_as(o: np.ndarray, a: float, b: float):
 def _trunc_normal(o: np.ndarray, spec: TruncNormal, src) -> None:
     """``o`` <- the truncated normal ``spec`` drawn from ``src`` (a chunk's keyed
     streams, :class:`_Keyed`, or torch's default generator, :class:`_TorchDefault`),
-    exactly:
+    exactly, by the sampler :meth:`TruncNormal.sampler` picks:
 
-    * ``[a, b]`` holds all but < 2^-10 of the normal's mass (``trunc_normal_(std=.02)``
-      with its default bounds +-2 is +-100 std): the normal itself, and each value
-      outside ``[a, b]`` replaced by an independent draw of the truncated normal
-      (:func:`_trunc_icdf`): a value is then in ``A`` with probability
-      ``P(Z in A, Z in [a, b]) + P(Z outside) TN(A) = TN(A)``;
-    * ``[a, b]`` is flat (std >> b - a, std = inf): ``U(a, b)``;
-    * ``[a, b]`` wholly beyond 5 std on one side: :func:`_trunc_tail`;
-    * otherwise the inverse CDF, :func:`_trunc_icdf`.
+    * ``"limit"``: the mean clamped to [a, b] (std = 0; an infinite mean: the near bound);
+    * ``"uniform"``: ``U(a, b)`` (the density is flat across the window);
+    * ``"normal"``: the normal itself, and each value outside ``[a, b]`` replaced by
+      an independent draw of the truncated normal (:func:`_trunc_icdf`): a value is
+      then in ``A`` with probability ``P(Z in A, Z in [a, b]) + P(Z outside) TN(A) =
+      TN(A)`` (``trunc_normal_(std=.02)`` with its default bounds +-2 is +-100 std);
+    * ``"tail"``: :func:`_trunc_tail`; ``"tilt"``: :func:`_trunc_tilt`;
+    * ``"icdf"``: the inverse CDF, :func:`_trunc_icdf`.
     """
     if not o.size:
         return
-    if spec.std == 0.0:
+    how = spec.sampler()
+    if how == "limit":
         o.fill(min(max(spec.mean, spec.a), spec.b))
-        return
-    if spec.is_flat():
+    elif how == "uniform":
         src.uniform(o, spec.a, spec.b)
-        return
-    if spec.outside_mass() < _WIDE_Q:
+    elif how == "normal":
         src.normal(o, spec.mean, spec.std)
         a, b = _bounds_as(o, spec.a, spec.b)
         if o.min() < a or o.max() > b:
@@ -328,10 +322,10 @@ def _trunc_normal(o: np.ndarray, spec: TruncNormal, src) -> None:
             fix = np.empty(bad.size, dtype=o.dtype)
             _trunc_icdf(src, fix, spec)
             o[bad] = fix
-        return
-    alpha, beta = spec.z_window()
-    if alpha >= _TAIL_Z or beta <= -_TAIL_Z:
+    elif how == "tail":
         _trunc_tail(src, o, spec)
+    elif how == "tilt":
+        _trunc_tilt(src, o, spec)
     else:
         _trunc_icdf(src, o, spec)
 
@@ -381,38 +375,70 @@ def _trunc_icdf(src, o: np.ndarray, spec: TruncNormal) -> None:
     np.clip(o, *_bounds_as(o, spec.a, spec.b), out=o)
 
 
+def _from_near_bound(o: np.ndarray, t: np.ndarray, spec: TruncNormal, near: float, sign: float) -> None:
+    """``o`` <- ``near + sign std t`` (``t``: float64 offsets in std past the near
+    bound), clipped to [a, b] and rounded once."""
+    t *= sign * spec.std
+    t += near
+    np.clip(t, spec.a, spec.b, out=t)
+    with np.errstate(over="ignore"):
+        o[:] = t
+
+
 def _trunc_tail(src, o: np.ndarray, spec: TruncNormal) -> None:
     """``o`` <- the truncated normal ``spec`` whose window lies wholly beyond 5 std on
-    one side, in float64 drawn from ``src`` (Marsaglia's tail method, exact):
-    with the window as ``[lo, hi]`` std above the mean, propose
-    ``z = sqrt(lo^2 + w)``, ``w = -2 log(1 - u (1 - exp(-(hi^2 - lo^2)/2)))``
-    (density proportional to ``z exp(-z^2/2)`` on ``[lo, hi]``) and accept with
-    probability ``lo / z`` (>= 1 - 1/lo^2, so a few vectorized rounds finish any
-    chunk). No CDF is evaluated, so nothing underflows however far out the window
-    is: ``[a, a + 1]`` with ``a = 40`` std keeps its mean - a ~ 1/a.
+    one side, in float64 drawn from ``src`` (Marsaglia's tail method, exact): with
+    the window as ``[lo, lo + w]`` std from the mean (:meth:`TruncNormal.offset_window`),
+    propose ``z = sqrt(lo^2 + W)``, ``W = -2 log(1 - u (1 - exp(-(hi^2 - lo^2)/2)))``,
+    ``hi^2 - lo^2 = w (2 lo + w)`` (density proportional to ``z exp(-z^2/2)`` on the
+    window) and accept with probability ``lo / z`` (>= 1 - 1/lo^2, so a few
+    vectorized rounds finish any chunk). No CDF is evaluated, so nothing underflows
+    however far out the window is (``[a, a + 1]`` with ``a = 40`` std keeps its mean -
+    a ~ 1/a), and the value is ``z - lo`` std past the near bound, so a huge mean
+    does not cancel it away (``mean = 1e20``, ``[1, 3]``: 3, not 1).
     """
-    alpha, beta = spec.z_window()
-    sign = 1.0
-    lo, hi = alpha, beta
-    if beta <= -_TAIL_Z:
-        lo, hi, sign = -beta, -alpha, -1.0
-    c = -math.expm1(-(hi - lo) * (hi + lo) / 2.0) if hi < math.inf else 1.0  # 1 - exp(-(hi^2-lo^2)/2)
+    lo, w, near, sign = spec.offset_window()
+    c = -math.expm1(-w * (lo + w / 2.0)) if w < math.inf else 1.0  # 1 - exp(-(hi^2 - lo^2)/2)
     lo2 = lo * lo
-    z = np.empty(o.size, dtype=np.float64)
+    t = np.empty(o.size, dtype=np.float64)
     pending = np.arange(o.size)
     with np.errstate(over="ignore"):
         while pending.size:
             u = src.random(pending.size)
-            w = np.log1p(-c * u)
-            w *= -2.0
-            prop = lo + w / (lo + np.sqrt(lo2 + w))  # sqrt(lo^2 + w), without cancellation
-            accept = src.random(pending.size) * prop <= lo
-            z[pending[accept]] = prop[accept]
+            big_w = np.log1p(-c * u)
+            big_w *= -2.0
+            d = big_w / (lo + np.sqrt(lo2 + big_w))  # sqrt(lo^2 + W) - lo, without cancellation
+            accept = src.random(pending.size) * (lo + d) <= lo
+            t[pending[accept]] = d[accept]
             pending = pending[~accept]
-    z *= sign * spec.std
-    z += spec.mean
-    np.clip(z, spec.a, spec.b, out=z)
-    o[:] = z
+    _from_near_bound(o, t, spec, near, sign)
+
+
+def _trunc_tilt(src, o: np.ndarray, spec: TruncNormal) -> None:
+    """``o`` <- the truncated normal ``spec`` on a window beside the mean narrower than
+    1/64 std, in float64 drawn from ``src``, exactly: with the window as ``[lo, lo + w]``
+    std from the mean, the density ``t`` std past ``lo`` is proportional to
+    ``exp(-lo t) exp(-t^2/2)``: propose ``t`` from the exponential ``exp(-lo t)``
+    truncated to ``[0, w]`` (``t = -log(1 - u (1 - exp(-lo w))) / lo``; ``u w`` where
+    ``lo w`` underflows) and accept with probability ``exp(-t^2/2)`` (>= exp(-w^2/2)
+    > 0.9998). The value is ``t`` std past the near bound: exact however far the
+    mean is (``mean = 1e17``, ``std = 5e16``, ``[-2, 2]``: about ``U(-2, 2)``, not 0).
+    """
+    lo, w, near, sign = spec.offset_window()
+    c = -math.expm1(-lo * w)
+    t = np.empty(o.size, dtype=np.float64)
+    pending = np.arange(o.size)
+    while pending.size:
+        u = src.random(pending.size)
+        if c > 0.0:
+            d = np.log1p(-c * u)
+            d *= -1.0 / lo
+        else:
+            d = u * w
+        accept = src.random(pending.size) <= np.exp(-0.5 * d * d)
+        t[pending[accept]] = d[accept]
+        pending = pending[~accept]
+    _from_near_bound(o, t, spec, near, sign)
 
 
 def _normal_chunk(o: np.ndarray, mean: float, std: float, key: int, chunk: int) -> None:
@@ -627,9 +653,9 @@ def fill_default(tensor: torch.Tensor, spec, before=None) -> bool:
     if kind is not TruncNormal:
         call = spec.torch_op()
         return call is not None and fill_like_torch(tensor, *call, before)
-    if tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) \
+    if tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16) or tensor.is_neg() \
             or not _takes_default(tensor, kind) or (before is not None and before() is False):
-        return False
+        return False  # (a negative view has no numpy view: keyed, through a buffer)
     with torch._C.DisableTorchFunction():
         dst = _numpy_view(tensor.detach().view(-1))
         if dst.dtype == np.float32 or dst.dtype == np.float64:
