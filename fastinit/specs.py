@@ -266,7 +266,16 @@ class TruncNormal(InitSpec):
           is then nearly exponential across it, and ``mean + std z`` would lose the
           window to cancellation where the mean is huge);
         * ``"icdf"``: the inverse CDF.
+
+        (Remembered on the spec object: every chunk of a fill asks.)
         """
+        how = self.__dict__.get("_sampler")
+        if how is None:
+            how = self._choose_sampler()
+            object.__setattr__(self, "_sampler", how)  # (not a field: equality and hash ignore it)
+        return how
+
+    def _choose_sampler(self) -> str:
         if self.std == 0.0:
             return "limit"
         if self.is_flat():
