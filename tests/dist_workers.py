@@ -172,6 +172,19 @@ def fsdp_cast_then_shard_and_scheme_after_sharding(rank, world):
     ref = fastinit.deferred_init(TinyLM).half()
     fastinit.materialize(ref, device="cpu", seed=SEED)
     assert _compare(model, ref) > 0
+    # materialize(dtype=...) of a sharded model: FSDP2's own _apply is no cast of another
+    # kind, so the shards are filled straight in the target dtype, as the unsharded model
+    from fastinit.deferred.api import _casting_themselves, _walk
+
+    model = fastinit.deferred_init(TinyLM)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert _casting_themselves(_walk(model))[0] == []
+    fastinit.materialize(model, device="cpu", seed=SEED, dtype=torch.bfloat16)
+    ref = fastinit.deferred_init(TinyLM)
+    fastinit.materialize(ref, device="cpu", seed=SEED, dtype=torch.bfloat16)
+    assert _compare(model, ref) > 0
     model = fastinit.deferred_init(TinyLM)
     fully_shard(model, mesh=mesh)
     with pytest.raises(NotImplementedError, match="sharded after deferred_init"):

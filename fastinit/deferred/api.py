@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import math
@@ -729,11 +730,23 @@ def _casting_themselves(walk) -> tuple[list[torch.nn.Module], frozenset[int]]:
     such module with its own ``to(dtype)``, as ``model.to(dtype)`` after building would."""
     tops: list[tuple[str, torch.nn.Module]] = []
     for path, m in walk:  # (named_modules: parents before their children)
-        if type(m)._apply is not torch.nn.Module._apply and not any(
-                path == p or path.startswith(p + ".") or not p for p, _ in tops):
+        if _casts_itself(type(m)) and not any(path == p or path.startswith(p + ".") or not p for p, _ in tops):
             tops.append((path, m))
     under = {id(t) for _, m in tops for t in itertools.chain(m.parameters(), m.buffers())}
     return [m for _, m in tops], frozenset(under)
+
+
+@functools.lru_cache(maxsize=1024)
+def _casts_itself(cls: type) -> bool:
+    """Whether a class of ``cls``'s MRO below ``nn.Module`` defines ``_apply``, other than
+    torch.distributed's own (FSDP2's module class re-registers its shards after a cast,
+    which materialize does for the tensors it assigns: not a cast of another kind)."""
+    for klass in cls.__mro__:
+        if klass is torch.nn.Module:
+            return False
+        if "_apply" in vars(klass) and not klass.__module__.startswith("torch.distributed."):
+            return True
+    return False
 
 
 # Modules built on the meta device without deferred_init that materialize keyed, by
