@@ -244,7 +244,7 @@ class TruncNormal(InitSpec):
         2`` for one beside it (from the exact width, :meth:`z_width`)."""
         if not self.std > 0:
             return False
-        if self.std == math.inf:
+        if self.std == math.inf or self.a == self.b:  # (a == b: U(a, a); its z may be infinite)
             return True
         alpha, beta = self.z_window()
         if alpha <= 0.0 <= beta:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import threading
 import warnings
@@ -2259,3 +2260,70 @@ def test_materialize_dtype_casts_as_model_to_does_where_a_module_casts_itself():
     assert direct.lstm._flat_weights[0] is direct.lstm.weight_ih_l0
     out, _ = direct.lstm(torch.ones(3, 1, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+class _SharesAndKeeps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.own = _KeepsFloat32()
+        self.plain = torch.nn.Linear(8, 8)
+        self.plain.register_buffer("f", self.own.bands)  # a buffer another module holds too
+
+
+def test_materialize_dtype_around_modules_casting_themselves_casts_shared_buffers_and_keeps_real_tensors():
+    """As model.to(dtype): a buffer that a module casting itself shares with another is
+    cast for that other one; a tensor real before materialize stays as it is (as
+    everywhere else materialize runs)."""
+    built = fastinit.deferred_init(_SharesAndKeeps)
+    fastinit.materialize(built, device="cpu", seed=5)
+    built = built.to(torch.bfloat16)
+    direct = fastinit.deferred_init(_SharesAndKeeps)
+    loaded = torch.nn.Parameter(torch.full((8, 8), 0.25))
+    direct.own.proj.weight = loaded  # (loaded from a checkpoint before materialize)
+    fastinit.materialize(direct, device="cpu", seed=5, dtype=torch.bfloat16)
+    assert direct.plain.f.dtype == built.plain.f.dtype == torch.bfloat16 and torch.equal(direct.plain.f, built.plain.f)
+    assert direct.own.bands.dtype == torch.float32 and torch.equal(direct.own.bands, built.own.bands)
+    assert direct.own.proj.weight is loaded and loaded.dtype == torch.float32 and (loaded == 0.25).all()
+    assert direct.own.proj.bias.dtype == torch.bfloat16
+
+
+class _CastFails(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def _apply(self, fn, *args, **kwargs):
+        raise MemoryError("out of memory while casting")
+
+
+class _KeepsItsDtype(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.dtype = torch.float32
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.dtype = self.lin.weight.dtype
+        return out
+
+
+def test_a_failed_cast_of_a_module_casting_itself_leaves_the_model_as_it_was():
+    def make():
+        m = torch.nn.Module()
+        m.rnn = torch.nn.LSTM(4, 4)
+        m.keeps = _KeepsItsDtype()
+        m.fails = _CastFails()
+        return m
+
+    model = fastinit.deferred_init(make)
+    flat = model.rnn._flat_weights
+    with pytest.raises(MemoryError):
+        fastinit.materialize(model, device="cpu", seed=1, dtype=torch.bfloat16)
+    assert all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    assert model.rnn._flat_weights is flat and all(t.is_meta for t in flat)
+    assert model.keeps.dtype == torch.float32
+    model.fails.__class__ = torch.nn.Module  # (the retry casts)
+    fastinit.materialize(model, device="cpu", seed=1, dtype=torch.bfloat16)
+    assert model.keeps.dtype == torch.bfloat16 and model.rnn._flat_weights[0] is model.rnn.weight_ih_l0
+    assert all(t.dtype == torch.bfloat16 for t in model.parameters())

@@ -323,3 +323,20 @@ def test_host_path_benchmark_reaches_the_direct_launch_on_cpu():
     res = _compiled_mode(["-m", "benchmarks.host_path", "--device", "cpu", "--calls", "20", "--repeat", "1"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "goal <= 8 us per drop-in call" in res.stdout and "| uniform_ |" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("spec", [TruncNormal(0.0, 1.0, 30.0, 31.0), TruncNormal(1e17, 1.0, -2.0, 2.0),
+                                  TruncNormal(0.0, 1.0, 2.0, 2.01), TruncNormal(float("inf"), 1.0, -2.0, 2.0)])
+def test_the_kernel_hands_windows_it_cannot_hold_to_the_cpu_samplers_on_every_path(spec):
+    """A drop-in call's one-launch path (``engines.fill_one``) and a batch's agree, and
+    both are the cpu engine's exact samplers (the float32 inverse CDF put every value of
+    [30, 31] on 30, whose law has mean 30.033)."""
+    from fastinit import engines
+
+    one, batch, cpu = torch.empty(1000), torch.empty(1000), torch.empty(1000)
+    with use_engine("triton"):
+        engines.fill_one(one, spec, 5)
+        fill([Target(batch, spec, 5)])
+    with use_engine("cpu"):
+        fill([Target(cpu, spec, 5)])
+    assert torch.equal(one, cpu) and torch.equal(batch, cpu)

@@ -300,3 +300,20 @@ def test_the_gpu_engines_hand_tails_and_narrow_windows_to_the_cpu_samplers(mean,
     with fastinit.use_engine("cpu"):
         engines.fill([engines.Target(cpu, spec, 99)])
     assert torch.equal(ref, cpu) and ref.min() >= a and ref.max() <= b
+    one = torch.empty(3000)  # a drop-in call's own path (one launch with scalar arguments) too
+    with fastinit.use_engine("reference"):
+        engines.fill_one(one, spec, 99)
+    assert torch.equal(one, cpu)
+
+
+@pytest.mark.parametrize("mean,std,a,b", [(0.0, 1e-308, 5.0, 5.0), (0.0, 5e-324, 1.0, 1.0),
+                                          (-1e308, 1.0, 1e308, 1e308), (0.0, 1e-308, 5.0, 6.0)])
+def test_trunc_normal_where_the_window_in_std_overflows(mean, std, a, b):
+    """alpha = (a - mean) / std is infinite: a == b is U(a, a) (its width times an
+    infinite slope made the tail sampler's acceptance NaN, which looped forever), a
+    window infinitely many std out is its near bound."""
+    x = torch.empty(64, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastinit.trunc_normal_(x, mean, std, a, b, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(x, torch.full_like(x, a))

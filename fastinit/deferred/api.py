@@ -699,7 +699,7 @@ def materialize(
             _check_views_across(module, root, resolved)
         plans = _plans(resolved)
         _check(plans, strict, dtype, plain)
-        own, uncast = _casting_themselves(walk) if dtype is not None else ((), frozenset())
+        own, uncast, kept = _casting_themselves(walk) if dtype is not None else ((), frozenset(), frozenset())
         new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans),
                                            plain | uncast)
         if txn.batch is not None:
@@ -708,8 +708,7 @@ def materialize(
         mods = _Modules(targets, walk)
 
         def after():
-            for m in own:  # (all or nothing with the assignment: a failure here puts it back)
-                m.to(dtype)
+            _cast_by_themselves(own, dtype, kept)  # (a failure here undoes the assignment too)
             dist_mod.after_assign(mods, new_of)
 
         swap_in(mods, new_of, after=after)
@@ -722,18 +721,57 @@ def materialize(
     return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0)
 
 
-def _casting_themselves(walk) -> tuple[list[torch.nn.Module], frozenset[int]]:
-    """The outermost modules that cast themselves their own way (their class overrides
-    ``nn.Module._apply``: timm's rotary embeddings keep their frequency buffers in
-    float32, ``nn.RNNBase`` re-flattens its weights), and the ids of the tensors under
-    them. ``materialize(dtype=...)`` makes those in their recorded dtype, then casts each
-    such module with its own ``to(dtype)``, as ``model.to(dtype)`` after building would."""
+def _casting_themselves(walk) -> tuple[list[torch.nn.Module], frozenset[int], frozenset[int]]:
+    """``(modules, uncast, kept)``: the outermost modules that cast themselves their own
+    way (:func:`_casts_itself`: timm's rotary embeddings keep their frequency buffers in
+    float32, ``nn.RNNBase`` re-flattens its weights); the ids of the tensors only they
+    hold, which ``materialize(dtype=...)`` makes in their recorded dtype for them to cast
+    (:func:`_cast_by_themselves`), as ``model.to(dtype)`` after building would (a tensor
+    a module outside them holds too is cast as every other: ``model.to`` casts it for
+    that module); and the ids of the tensors under them that are real already, which
+    materialize keeps as they are, as everywhere else."""
     tops: list[tuple[str, torch.nn.Module]] = []
     for path, m in walk:  # (named_modules: parents before their children)
         if _casts_itself(type(m)) and not any(path == p or path.startswith(p + ".") or not p for p, _ in tops):
             tops.append((path, m))
-    under = {id(t) for _, m in tops for t in itertools.chain(m.parameters(), m.buffers())}
-    return [m for _, m in tops], frozenset(under)
+    if not tops:
+        return [], frozenset(), frozenset()
+    inside = [t for _, m in tops for t in itertools.chain(m.parameters(), m.buffers())]
+    outside = {id(t) for path, m in walk
+               if not any(path == p or path.startswith(p + ".") or not p for p, _ in tops)
+               for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None}
+    uncast = frozenset(id(t) for t in inside if id(t) not in outside)
+    kept = frozenset(id(t) for t in inside if not t.is_meta)
+    return [m for _, m in tops], uncast, kept
+
+
+def _cast_by_themselves(tops, dtype: torch.dtype, kept: frozenset[int]) -> None:
+    """Cast each module of ``tops`` with its own ``_apply``, as ``model.to(dtype)`` would:
+    every floating tensor it casts (those materialize just made, anything of its own:
+    timm's training task casts a scratch tensor to learn the dtype), but not the
+    tensors that were real before (``kept``), which materialize leaves as they are. All
+    or nothing: if one raises, every module under them gets its attributes,
+    parameters, buffers and children back (an ``nn.LSTM`` replaces its list of flat
+    weights; a module may keep its dtype in an attribute)."""
+    if not tops:
+        return
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for top in tops for m in top.modules()]
+
+    def convert(t):
+        return t.to(dtype) if t.is_floating_point() and id(t) not in kept else t
+
+    try:
+        for m in tops:
+            m._apply(convert)
+    except BaseException:
+        for m, attrs, params, buffers, children in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for store, was in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+                store.clear()
+                store.update(was)
+        raise
 
 
 @functools.lru_cache(maxsize=1024)

@@ -164,6 +164,8 @@ def fill_one(tensor: torch.Tensor, spec: InitSpec, key: int) -> None:
             return
         name = _engine_name(tensor.is_cuda)
         one = getattr(_MODULES.get(name) or _engine_module(name), "fill_one", None)
+        if name != "cpu" and type(spec) is TruncNormal and _cpu_only(spec):
+            one = None  # (fill() draws it with the cpu engine's samplers, as for a batch)
         if one is not None and one(
                 tensor, spec.for_dtype(tensor.dtype) if type(spec) is Uniform and spec.top is None else spec, key):
             return
