@@ -731,14 +731,17 @@ def _casting_themselves(walk) -> tuple[list[torch.nn.Module], frozenset[int], fr
     that module); and the ids of the tensors under them that are real already, which
     materialize keeps as they are, as everywhere else."""
     tops: list[tuple[str, torch.nn.Module]] = []
+
+    def under_one(path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") or not p for p, _ in tops)
+
     for path, m in walk:  # (named_modules: parents before their children)
-        if _casts_itself(type(m)) and not any(path == p or path.startswith(p + ".") or not p for p, _ in tops):
+        if _casts_itself(type(m)) and not under_one(path):
             tops.append((path, m))
     if not tops:
         return [], frozenset(), frozenset()
     inside = [t for _, m in tops for t in itertools.chain(m.parameters(), m.buffers())]
-    outside = {id(t) for path, m in walk
-               if not any(path == p or path.startswith(p + ".") or not p for p, _ in tops)
+    outside = {id(t) for path, m in walk if not under_one(path)
                for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None}
     uncast = frozenset(id(t) for t in inside if id(t) not in outside)
     kept = frozenset(id(t) for t in inside if not t.is_meta)
