@@ -228,7 +228,7 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
         return _fill_now(tensor, spec, generator, sink, torch_fallback)
     if plain and _is_compiling():
         return torch_fallback()
-    if tensor.layout != torch.strided or tensor.is_nested:  # sparse, nested...: torch's own op, its errors
+    if _exotic(tensor):  # sparse, nested...: torch's own op, its errors
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
     if tensor.is_meta or not _is_engine_dtype(tensor.dtype):

@@ -312,8 +312,7 @@ class TruncNormal(InitSpec):
         ``x = mean + sign * std * sqrt(2) * erfinv(t - 1)``."""
         if self.std == 0.0:
             return 1.0, 0.0, 1.0
-        alpha = (self.a - self.mean) / self.std
-        beta = (self.b - self.mean) / self.std
+        alpha, beta = self.z_window()
         sign = 1.0
         if alpha + beta > 0:  # upper tail: sample the mirror image
             alpha, beta, sign = -beta, -alpha, -1.0

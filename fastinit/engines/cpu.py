@@ -580,6 +580,17 @@ def _fill_chunk(t, chunk: int) -> None:
     _scatter(lay, dst, v, chunk_lo, chunk_lo + n)
 
 
+def _by_torch_normal(t: torch.Tensor, spec, torch_normal: bool) -> bool:
+    """Whether chunk 0 of ``t``'s fill is torch's ``normal_`` on the keyed Mersenne
+    Twister (``torch_normal``: :func:`_use_torch_normal`, asked once by the caller)."""
+    return torch_normal and type(spec) is Normal and (t.dtype == torch.float32 or t.dtype == torch.float64)
+
+
+def _torch_normal(x: torch.Tensor, spec: Normal, key: int) -> None:
+    """``x`` <- chunk 0 of N(mean, std^2) keyed ``key``: torch's ``normal_`` on it."""
+    x.normal_(spec.mean, spec.std, generator=chunk_generator(key, 0))
+
+
 def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) -> None:
     """Fill a contiguous float CPU tensor of at most :data:`CHUNK` elements (chunk 0
     of its key: the values :func:`fill` gives it), on the calling thread.
@@ -589,15 +600,13 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
     call itself, and torch's ``normal_`` may make that one bump (saves an alias).
     """
     t = tensor.detach()
-    if type(spec) is Normal and (t.dtype == torch.float32 or t.dtype == torch.float64) \
-            and _use_torch_normal():  # (the common small call: no numpy view on the way)
+    if _by_torch_normal(t, spec, _use_torch_normal()):  # (the common small call: no numpy view on the way)
         held: list = []
         try:
             with torch._C.DisableTorchFunction():
                 # (an inference tensor is written through an alias: it has no counter, and a
                 # queued one may be filled outside inference mode)
-                x = t if bump and not t.is_inference() else quiet(t, held)
-                x.normal_(spec.mean, spec.std, generator=chunk_generator(key, 0))
+                _torch_normal(t if bump and not t.is_inference() else quiet(t, held), spec, key)
         finally:
             restore_versions(held)
         return
@@ -706,9 +715,8 @@ def _fill_whole(targets, progress) -> None:
         with torch._C.DisableTorchFunction():
             for t in targets:
                 x = t.tensor
-                if fast and type(t.spec) is Normal and (x.dtype == torch.float32 or x.dtype == torch.float64):
-                    quiet(x.detach() if x.requires_grad else x, held).normal_(
-                        t.spec.mean, t.spec.std, generator=chunk_generator(t.key, 0))
+                if _by_torch_normal(x, t.spec, fast):
+                    _torch_normal(quiet(x.detach() if x.requires_grad else x, held), t.spec, t.key)
                 elif t.layout.cols:
                     fill_single_chunk(x, t.spec, t.key)
                 if progress is not None:
