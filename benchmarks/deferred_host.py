@@ -3,6 +3,7 @@
     python -m benchmarks.deferred_host            # the README table
     python -m benchmarks.deferred_host --repeat 9 --json out.json
     python -m benchmarks.deferred_host --only record --repeat 21
+    python -m benchmarks.deferred_host --stages      # where materialize's time goes
 
 On a GPU an 8B model's fills take milliseconds, so what decides the wall time is
 what the host does around them: recording a model's construction and planning
@@ -120,15 +121,71 @@ def rows(repeat: int, only: str = "") -> list[dict]:
     return out
 
 
+STAGES = [("deferred.api", "_walk"), ("deferred.api", "_objects"), ("deferred.api", "_prepare"),
+          ("deferred.api", "_plans"), ("deferred.api", "_check"), ("deferred.api", "_compute"),
+          ("engines", "fill"), ("distributed", "allocate_like"), ("distributed", "replay_into"),
+          ("deferred.api", "as_module_tensor"), ("deferred.api", "swap_in")]
+
+
+def stages(repeat: int) -> list[tuple[str, float]]:
+    """Median ms per call of ``materialize`` (the tiny Llama) and of its stages, each
+    timed by a wrapper around the function (``_compute`` includes the engine fill,
+    allocation, replays and dressing the tensors; the wrappers add ~1 us a call)."""
+    import importlib
+    from collections import defaultdict
+
+    from transformers import LlamaForCausalLM
+
+    import fastinit
+
+    spent: dict[str, list[float]] = defaultdict(list)
+    run: dict[str, float] = defaultdict(float)
+    saved = []
+    for mod_name, fn_name in STAGES:
+        mod = importlib.import_module(f"fastinit.{mod_name}")
+        real = getattr(mod, fn_name)
+
+        def timed(*a, _real=real, _label=f"{mod_name}.{fn_name}", **k):
+            t0 = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                run[_label] += time.perf_counter() - t0
+
+        saved.append((mod, fn_name, real))
+        setattr(mod, fn_name, timed)
+    try:
+        cfg = tiny_llama_config()
+        for i in range(repeat + 1):
+            m = fastinit.deferred_init(LlamaForCausalLM, cfg)
+            run.clear()
+            spent["materialize (whole call)"].append(_timed(lambda: fastinit.materialize(m, device="cpu", seed=0)))
+            if i:  # (the first call warms caches)
+                for k, v in run.items():
+                    spent[k].append(v)
+            else:
+                spent["materialize (whole call)"].clear()
+    finally:
+        for mod, fn_name, real in saved:
+            setattr(mod, fn_name, real)
+    return [(k, statistics.median(v) * 1e3) for k, v in spent.items()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=7, help="interleaved runs per side (median; default 7)")
     ap.add_argument("--only", choices=sorted(GOALS), help="run this row only")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--stages", action="store_true",
+                    help="instead: materialize's time by stage (tiny Llama, median of --repeat)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     warnings.filterwarnings("ignore")
+    if args.stages:
+        for label, ms in stages(args.repeat):
+            print(f"{label:<40} {ms:8.2f} ms")
+        return 0
     res = rows(args.repeat, args.only or "")
     print(f"{'row':<58} {'torch':>24} {'ms':>8} {'fastinit ms':>12} {'ratio':>7} {'goal':>6}")
     for r in res:
