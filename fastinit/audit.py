@@ -4,14 +4,19 @@ r"""Init audit: what did each parameter of a model actually get?
 :math:`\text{std}\cdot\sqrt{\text{fan\_in}}`), names the known scheme it matches
 within sampling error, and flags what goes wrong in practice:
 
-* ``symmetry``: a weight matrix whose output units all have the same weights (a
-  constant matrix: zeros, ones) gets the same gradient for every unit, which
-  then never differ (the zeros/ones rows of the classic comparison stay at chance);
+* ``symmetry``: weight matrices whose output units all have the same weights (a
+  constant matrix: zeros, ones), two or more of them: units that start alike and
+  feed alike weights get the same gradient, and never differ (the zeros/ones rows
+  of the classic comparison stay at chance). One such matrix alone (a
+  zero-initialized head, Fixup's or LoRA's zero matrices) is not flagged: the
+  different weights after it, or the targets, tell its units apart at the first step;
 * ``nonfinite``: NaN or inf values;
 * ``uninitialized``: values that look like uninitialized memory (subnormal or
   huge magnitudes, as ``torch.empty`` leaves them);
 * ``band``: a weight's std far outside the Glorot/He band
-  (:math:`\min(\sqrt{2/(n_i+n_o)}, 1/\sqrt{3 n_i})/4` to :math:`4\max(\sqrt{2/n_i}, \sqrt{2/n_o})`);
+  (:math:`\min(\sqrt{2/(n_i+n_o)}, 1/\sqrt{3 n_i})/4` to :math:`4\max(\sqrt{2/n_i}, \sqrt{2/n_o})`),
+  unless it is a std chosen whatever the fans (GPT-2/BERT's N(0, 0.02), N(0, 0.01),
+  residual projections scaled by depth);
 * ``scheme``: a std that is not what ``scheme=`` says it should be.
 
 With ``example_input``, one forward and one backward pass (hooks on every layer
@@ -235,7 +240,7 @@ class _Cand:
     kind: str  # "uniform" (center, half-width), "normal" (mean, std), "constant" (value)
     a: float
     b: float
-    depth_scaled: bool = False  # below the band on purpose (residual projections scaled by depth)
+    deliberate: bool = False  # a std chosen whatever the fans (depth-scaled residual projections, GPT-2's 0.02)
 
     @property
     def std(self) -> float:
@@ -264,7 +269,7 @@ def _candidates(p: Param, model_facts: dict) -> list[_Cand]:
             if _glob(p.name, QKV_NAMES) and fo % 3 == 0:
                 out.append(_Cand("xavier_uniform per q/k/v block", "uniform", 0.0,
                                  math.sqrt(6.0 / (fi + fo / 3))))
-        out += [_Cand("N(0, 0.02) (GPT-2/BERT)", "normal", 0.0, 0.02), _Cand("N(0, 0.01)", "normal", 0.0, 0.01),
+        out += [_Cand("N(0, 0.02) (GPT-2/BERT)", "normal", 0.0, 0.02, True), _Cand("N(0, 0.01)", "normal", 0.0, 0.01, True),
                 _Cand("N(0, 1) (torch Embedding)", "normal", 0.0, 1.0)]
         n_layer, d = model_facts.get("n_layer"), model_facts.get("d_model")
         if n_layer:
@@ -417,8 +422,13 @@ def _same_units(p: Param) -> bool:
     return bool((rows == rows[:1]).all().item())
 
 
-def _fan_layer(p: Param) -> bool:
-    return p.ndim >= 2 and not isinstance(p.module, (nn.Embedding, nn.EmbeddingBag)) and not _module_ok(p.module, NORM)
+def _fan_layer(p: Param, gains=()) -> bool:
+    """Whether ``p`` is a layer's weight matrix (or kernel), whose fans set its scale: not an
+    embedding table, a norm layer's gains, a weight_norm gain (ids in ``gains``), or a
+    learned token or position table (``cls_token``, ``pos_embed``: N(0, 1e-6) or N(0, 0.02)
+    on purpose, whatever their shape)."""
+    return p.ndim >= 2 and "weight" in p.leaf.lower() and not isinstance(p.module, (nn.Embedding, nn.EmbeddingBag)) \
+        and not _module_ok(p.module, NORM) and id(p.tensor) not in gains
 
 
 def _facts(model: nn.Module) -> dict:
@@ -451,7 +461,7 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
         **scheme_options: options of ``scheme`` (``n_layer=``, ...).
     """
     from .deferred import planned as planned_fn
-    from .schemes import Scheme, _params, _plan, get_scheme
+    from .schemes import Scheme, _params, _plan, _weight_norm_gains, get_scheme
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"audit: expected an nn.Module, got {type(model).__name__}")
@@ -473,6 +483,8 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
     plan = planned_fn(model) if deferred else {}
     facts = _facts(model)
     params, flags = [], []
+    alike: list[tuple[ParamAudit, str, str]] = []  # weight matrices whose output units are all the same
+    gains = _weight_norm_gains(model)
     dev = "meta" if deferred else str(next(model.parameters()).device) if any(True for _ in model.parameters()) \
         else "cpu"
 
@@ -487,7 +499,7 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                         fans[0] if fans else None, fans[1] if fans else None, None, None, None, None, None)
         cands = _candidates(p, facts)
         own: list[tuple[str, str]] = []
-        if deferred:
+        if p.tensor.is_meta:  # (a block materialized already: its values, below)
             pl = plan.get(p.name)
             spec = pl.spec if pl is not None else None
             pa.planned = pl.description if pl is not None else "not recorded"
@@ -500,16 +512,15 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                 pa.mean, pa.std, pa.min, pa.max = m, s, lo, hi
                 if any(x is not None and not math.isfinite(x) for x in (m, s)) and not pl.nonfinite:
                     own.append(("nonfinite", f"will hold NaN/inf values ({pl.description})"))
-                elif p.ndim >= 2 and not isinstance(spec, Constant) and s and abs(m) > s:
+                elif _fan_layer(p, gains) and not isinstance(spec, Constant) and s and abs(m) > s:
                     own.append(("offset", f"mean {m:.3g} exceeds the std {s:.3g}: a weight matrix drawn around a "
                                           "nonzero centre (U(0, 1), say) adds one shared direction to every unit's "
                                           "input, so units start nearly alike"))
                 pa.matches = [c.label for c in cands if _spec_matches(spec, c)]
                 if isinstance(spec, Constant):
                     pa.matches = ["zeros" if spec.value == 0 else "ones" if spec.value == 1 else f"constant {spec.value:g}"]
-                    if p.ndim >= 2 and p.shape[p.out_dim] > 1:
-                        own.append(("symmetry", f"constant matrix (all {spec.value:g}): every output unit gets the "
-                                                "same gradient, so they never differ"))
+                    if _fan_layer(p, gains) and p.shape[p.out_dim] > 1:
+                        alike.append((pa, p.name, f"constant matrix (all {spec.value:g})"))
         else:
             st = _stats(p.tensor)
             pa.mean, pa.std, pa.min, pa.max = st["mean"], st["std"], st["min"], st["max"]
@@ -526,14 +537,14 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                 pa.matches = [c.label for c in sorted(ok, key=lambda c: abs(st["std"] / c.std - 1))]
                 if p.ndim >= 2 and _orthogonal_gain(p) is not None:
                     pa.matches.insert(0, f"orthogonal (gain {_orthogonal_gain(p):.3g})")
-            if p.ndim >= 2 and p.tensor.numel() >= 16 and not st["constant"] and st["std"] and st.get("mean") is not None \
+            if _fan_layer(p, gains) and p.tensor.numel() >= 16 and not st["constant"] and st["std"] and st.get("mean") is not None \
                     and math.isfinite(st["std"]) and abs(st["mean"]) > st["std"]:
                 own.append(("offset", f"mean {st['mean']:.3g} exceeds the std {st['std']:.3g}: a weight matrix "
                                       "drawn around a nonzero centre (U(0, 1), say) adds one shared direction "
                                       "to every unit's input, so units start nearly alike"))
-            if p.ndim >= 2 and p.tensor.numel() and not st["nonfinite"] and _same_units(p):
-                what = f"constant matrix (all {st['min']:g})" if st["constant"] else "identical output units"
-                own.append(("symmetry", f"{what}: every output unit gets the same gradient, so they never differ"))
+            if _fan_layer(p, gains) and p.tensor.numel() and not st["nonfinite"] and _same_units(p):
+                alike.append((pa, p.name, f"constant matrix (all {st['min']:g})" if st["constant"]
+                              else "identical output units"))
         if fans and pa.std is not None and math.isfinite(pa.std):
             pa.std_sqrt_fan_in = pa.std * math.sqrt(fans[0])
         # expectation: the scheme's, else the best match's
@@ -551,10 +562,10 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
             c = next((c for c in cands if c.label == pa.matches[0]), None)
             if c is not None:
                 pa.expected, pa.expected_std = c.label, c.std
-        deliberate = any(c.depth_scaled and c.label in pa.matches for c in cands) or (
+        deliberate = any(c.deliberate and c.label in pa.matches for c in cands) or (
             exp is not None and exp.spec is not None and not any(k == "scheme" for k, _ in own))
-        if fans and _fan_layer(p) and pa.std is not None and math.isfinite(pa.std) and pa.std > 0 \
-                and not deliberate and not any(k == "symmetry" for k, _ in own):
+        if fans and _fan_layer(p, gains) and pa.std is not None and math.isfinite(pa.std) and pa.std > 0 \
+                and not deliberate and not (alike and alike[-1][0] is pa):
             fi, fo = fans
             if fi > 0 and fo > 0:
                 lo = min(math.sqrt(2.0 / (fi + fo)), 1 / math.sqrt(3.0 * fi))
@@ -567,6 +578,12 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
         flags += [Flag(p.name, k, msg) for k, msg in own]
         params.append(pa)
 
+    if len(alike) >= 2:  # (one such matrix alone, a zero-initialized head or LoRA's B, breaks at the first step)
+        for pa, name, what in alike:
+            pa.flags.append("symmetry")
+            flags.append(Flag(name, "symmetry", f"{what}, as in {len(alike) - 1} other weight matri"
+                                                f"{'x' if len(alike) == 2 else 'ces'}: units that start alike "
+                                                "and feed alike weights get the same gradient, so they never differ"))
     layers, shape = [], None
     if example_input is not None:
         layers, lflags = _signal(model, example_input)
@@ -673,14 +690,21 @@ def _signal(model: nn.Module, example_input) -> tuple[list[LayerAudit], list[Fla
             flags.append(Flag(acts[-1].name, "vanishing", f"activation std shrinks from {acts[0].act_std:.3g} "
                               f"({acts[0].name}) to {acts[-1].act_std:.3g} ({acts[-1].name})"))
     gs = [r for r in weights if r.grad_std is not None and math.isfinite(r.grad_std)]
-    if len(gs) >= 2 and gs[-1].grad_std > 0:
-        ratio = gs[0].grad_std / gs[-1].grad_std  # backward: from the last layer to the first
-        if ratio > SIGNAL_RATIO:
-            flags.append(Flag(gs[0].name, "exploding", f"gradient std grows from {gs[-1].grad_std:.3g} "
-                              f"({gs[-1].name}) to {gs[0].grad_std:.3g} ({gs[0].name}) on the way back"))
-        elif ratio < 1 / SIGNAL_RATIO:
-            flags.append(Flag(gs[0].name, "vanishing", f"gradient std shrinks from {gs[-1].grad_std:.3g} "
-                              f"({gs[-1].name}) to {gs[0].grad_std:.3g} ({gs[0].name}) on the way back"))
+    if len(gs) >= 2:
+        # Backward, from the last three weight layers to the first three (fewer in a shallow
+        # model): the largest gradient of each group for a vanishing trend, the smallest for an
+        # exploding one (a layer or two alone are no trend: attention's query and key
+        # projections get small gradients at init by design).
+        q = min(3, len(gs) // 2)
+        first, last = gs[:q], gs[-q:]
+        hi_first, hi_last = max(first, key=lambda r: r.grad_std), max(last, key=lambda r: r.grad_std)
+        lo_first, lo_last = min(first, key=lambda r: r.grad_std), min(last, key=lambda r: r.grad_std)
+        if lo_last.grad_std > 0 and lo_first.grad_std / lo_last.grad_std > SIGNAL_RATIO:
+            flags.append(Flag(lo_first.name, "exploding", f"gradient std grows from {lo_last.grad_std:.3g} "
+                              f"({lo_last.name}) to {lo_first.grad_std:.3g} ({lo_first.name}) on the way back"))
+        elif hi_last.grad_std > 0 and hi_first.grad_std / hi_last.grad_std < 1 / SIGNAL_RATIO:
+            flags.append(Flag(hi_first.name, "vanishing", f"gradient std shrinks from {hi_last.grad_std:.3g} "
+                              f"({hi_last.name}) to {hi_first.grad_std:.3g} ({hi_first.name}) on the way back"))
     return rows, flags
 
 

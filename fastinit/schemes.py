@@ -511,10 +511,47 @@ def _padding_rows(model: nn.Module) -> dict[int, int]:
     return out
 
 
+@dataclass(frozen=True)
+class _NormOf:
+    """A weight-normalized tensor's gain ``g``: the norm of its direction ``v`` (the
+    parameter named ``v``) over every dimension but ``dim``, as ``weight_norm`` sets it
+    (``torch.norm_except_dim``), so that the effective weight ``g v / ‖v‖`` is ``v``,
+    which the scheme's rules initialize."""
+
+    v: str
+    dim: int
+
+    def __repr__(self) -> str:
+        return f"‖{self.v}‖ (weight_norm's gain)"
+
+
+def _weight_norm_gains(model: nn.Module) -> dict[int, tuple[str, int]]:
+    """``id(g) -> (name of v, dim)`` of every weight-normalized tensor of ``model``: torch's
+    ``parametrizations.weight_norm`` (``original0`` is g, ``original1`` is v) and the former
+    ``nn.utils.weight_norm`` (``<name>_g`` and ``<name>_v``, kept by a forward pre-hook)."""
+    out = {}
+    names = {id(t): n for n, t in model.named_parameters()}
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if type(hook).__name__ == "WeightNorm" and hasattr(hook, "name") and hasattr(hook, "dim"):
+                g, v = getattr(m, hook.name + "_g", None), getattr(m, hook.name + "_v", None)
+                if isinstance(g, torch.Tensor) and id(v) in names:
+                    out[id(g)] = (names[id(v)], -1 if hook.dim is None else hook.dim)
+        if type(m).__name__ == "ParametrizationList" and len(m) == 1 and type(m[0]).__name__ == "_WeightNorm":
+            g, v = getattr(m, "original0", None), getattr(m, "original1", None)
+            if isinstance(g, torch.Tensor) and id(v) in names:
+                out[id(g)] = (names[id(v)], m[0].dim)
+    return out
+
+
 def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]:
     out, unmatched = {}, []
     pads = _padding_rows(model)
+    gains = _weight_norm_gains(model)
     for p in _params(model, options):
+        if id(p.tensor) in gains:  # (derived from v, whatever the rules say: its shape is no weight's)
+            out[p.name] = Planned(p.name, "weight_norm gain: the norm of its direction", _NormOf(*gains[id(p.tensor)]))
+            continue
         rule = next((r for r in scheme.rules if r.matches(p)), None)
         if rule is None:
             unmatched.append(f"{p.name} ({type(p.module).__name__}, shape {list(p.shape)})")
@@ -630,6 +667,21 @@ def _n_events(t: torch.Tensor) -> int:
     return len(found[1].events) if found is not None else 0
 
 
+@contextlib.contextmanager
+def _keyed_default_generators(seed63: int, device: torch.device):
+    """torch's default generators of the CPU and of ``device`` (the ones a module's own
+    ``reset_parameters()`` draws from) seeded with ``seed63`` for the block, then put
+    back as they were; no other generator is read or changed (``torch.manual_seed``
+    would reseed every CUDA device, and ``fork_rng`` restores only those it is given)."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed63)
+        for i in cuda:
+            torch.cuda.default_generators[i].manual_seed(seed63)
+        yield
+
+
 def _generator(seed: int | None, name: str, device) -> torch.Generator | None:
     if seed is None:
         return None
@@ -701,7 +753,7 @@ def _refuse_whole_tensor_actions_on_dtensors(plans, params) -> None:
 
 
 def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, done_resets: set,
-                  keys: dict, reset_owned: dict) -> None:
+                  keys: dict, reset_owned: dict, params: dict) -> None:
     a = plan.action
     t = p.detach()
     if _is_keep(a):
@@ -730,14 +782,15 @@ def _apply_action(p: nn.Parameter, name: str, plan: Planned, seed: int | None, d
         if seed is None or t.is_meta:
             reset()
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_key63(seed, f"{name}#reset"))
+            with _keyed_default_generators(_key63(seed, f"{name}#reset"), t.device):
                 reset()
         for q, before in held:
             if q.is_meta:
                 _drop_events_after(q, before)
             else:
                 q.detach().copy_(before)
+    elif isinstance(a, _NormOf):
+        t.copy_(torch.norm_except_dim(params[a.v].detach(), 2, a.dim))
     elif isinstance(a, Call):
         kwargs = dict(a.kwargs)
         meta = t.is_meta
@@ -764,6 +817,34 @@ def _key_prefix(model: nn.Module) -> str:
         return ""
     path = ".".join(x for x in (path_prefix(h.recording), h.name) if x)
     return f"{path}." if path else ""
+
+
+# torch.nn.init's functions (and fastinit's) that draw no random numbers: a Call of one
+# needs no key.
+_DRAWS_NOTHING = frozenset({"constant_", "ones_", "zeros_", "eye_", "dirac_", "_no_grad_fill_", "_no_grad_zero_"})
+
+
+def _refuse_unkeyed_calls(plans, seed: int) -> None:
+    """``seed=`` keys a :class:`Call` through its function's ``generator=``; a function
+    without one (a user's wrapper, a lambda) would draw from torch's global generator,
+    unkeyed: the same seed would give other values run to run, and a deferred model
+    other values than an allocated one. An error before anything is written, naming them."""
+    bad = []
+    for name, pl in plans.items():
+        a = pl.action
+        if not isinstance(a, Call) or "generator" in a.kwargs or _takes_generator(a.fn):
+            continue
+        fn_name = getattr(a.fn, "__name__", repr(a.fn))
+        if fn_name in _DRAWS_NOTHING and getattr(a.fn, "__module__", "") in ("fastinit.init", "torch.nn.init"):
+            continue
+        bad.append(f"{name} ({fn_name})")
+    if bad:
+        raise ValueError(
+            f"apply_scheme(seed={seed}): the Call rule(s) of {', '.join(bad)} cannot be keyed by the seed: the "
+            "function takes no generator= argument, so its draws would come from torch's global generator "
+            "(other values run to run, and on a deferred model than on an allocated one). Give the function a "
+            "generator= parameter and pass it on to fastinit's calls, or apply the scheme without seed= "
+            "(torch.manual_seed then governs it)")
 
 
 def _takes_generator(fn) -> bool:
@@ -825,6 +906,8 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     check_seed(seed, "apply_scheme")
     opts = scheme._options(options)
     plans = _plan(model, scheme, opts)
+    if seed is not None:
+        _refuse_unkeyed_calls(plans, seed)
     deferred = any(p.is_meta for p in model.parameters())
     if scheme.after is not None and deferred:
         raise ValueError(f"apply_scheme: scheme {scheme.name!r} runs the model on an example batch, which a "
@@ -832,7 +915,9 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
     if scheme.after is not None and hasattr(scheme.after, "validate"):
         scheme.after.validate(model, opts)
     params = dict(model.named_parameters())
-    order = sorted(plans.values(), key=lambda pl: not isinstance(pl.action, (InitSpec, Blocks)))  # fills first
+    # fills first, then whole-tensor actions, then weight_norm gains (which read their v)
+    order = sorted(plans.values(), key=lambda pl: 0 if isinstance(pl.action, (InitSpec, Blocks))
+                   else 2 if isinstance(pl.action, _NormOf) else 1)
     done: set = set()
     prefix = _key_prefix(model)
     keys = _keys(seed, order, prefix)
@@ -858,7 +943,7 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
         with torch.no_grad(), block(module=model if deferred else None, atomic=True):
             for pl in order:
                 try:
-                    _apply_action(params[pl.name], prefix + pl.name, pl, seed, done, keys, reset_owned)
+                    _apply_action(params[pl.name], prefix + pl.name, pl, seed, done, keys, reset_owned, params)
                 except Exception as e:
                     _name_in(e, pl.name, pl.rule)
                     raise
@@ -878,12 +963,13 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
 
 
 def _norm_rules() -> list[Rule]:
-    """torch's norm layers: weight 1, bias 0. Other norm classes keep what their own
+    """torch's norm layers: weight 1, bias 0, whatever their shape (``LayerNorm((8, 16))``
+    has a matrix of gains, not a weight matrix). Other norm classes keep what their own
     code gives them: Gemma's RMSNorm scales by ``1 + weight`` and starts at zeros, so
     a generic 1 would be a silent wrong value."""
-    return [Rule(1.0, module=TORCH_NORMS, name="weight", ndim=1, label="norm weight"),
-            Rule(0.0, module=TORCH_NORMS, name="bias", ndim=1, label="norm bias"),
-            Rule(KEEP, module=NORM, ndim=1, label="other norm layers: their own init, kept")]
+    return [Rule(1.0, module=TORCH_NORMS, name="weight", label="norm weight"),
+            Rule(0.0, module=TORCH_NORMS, name="bias", label="norm bias"),
+            Rule(KEEP, module=NORM, label="other norm layers: their own init, kept")]
 
 
 def _weights_then_zeros(weight_spec, label: str) -> list[Rule]:
@@ -892,6 +978,14 @@ def _weights_then_zeros(weight_spec, label: str) -> list[Rule]:
 
 
 _VS_OPTIONS = {"qkv": None, "qkv_names": QKV_NAMES}
+
+
+def _matrix_of_a_transformer(p: Param) -> bool:
+    """Whether ``p`` is a matrix under an ``nn.Transformer`` (the model or a module above ``p``)."""
+    if p.ndim < 2:
+        return False
+    parts = p.name.split(".")[:-1]
+    return any(isinstance(p.model.get_submodule(".".join(parts[:i])), nn.Transformer) for i in range(len(parts) + 1))
 
 
 def torch_default(**options) -> Scheme:
@@ -905,6 +999,8 @@ def torch_default(**options) -> Scheme:
     * MultiheadAttention: ``in_proj_weight``/``q,k,v_proj_weight`` Xavier uniform, ``in_proj_bias``
       and ``out_proj.bias`` zeros, ``bias_k``/``bias_v`` Xavier normal;
     * norm layers: weight 1, bias 0;
+    * inside an ``nn.Transformer``: every matrix (ndim > 1) Xavier uniform, as its
+      ``_reset_parameters`` does after building its layers;
     * any other module: its own ``reset_parameters()`` (parameters of modules without one are an error).
 
     Source: ``torch/nn/modules/{linear,conv,sparse,rnn,activation,normalization,batchnorm}.py``.
@@ -929,6 +1025,7 @@ def torch_default(**options) -> Scheme:
 
     mha = nn.MultiheadAttention
     return Scheme("torch_default", [
+        Rule(xavier("uniform"), where=_matrix_of_a_transformer, label="nn.Transformer: xavier_uniform"),
         Rule(xavier("uniform"), module=mha, name=("in_proj_weight", "q_proj_weight", "k_proj_weight",
                                                   "v_proj_weight"), label="MultiheadAttention projections"),
         Rule(0.0, module=mha, name="in_proj_bias", label="MultiheadAttention in_proj_bias"),

@@ -114,7 +114,11 @@ def test_deferred_model_is_audited_from_its_plan():
     pa = {p.name: p for p in a.params}
     assert pa["a.weight"].max == pytest.approx(1 / 4) and pa["a.weight"].matches[0].startswith("U(±1/√fan_in)")
     assert pa["a.weight"].std == pytest.approx(1 / 4 / math.sqrt(3))
-    assert [f.where for f in a.flagged("symmetry")] == ["b.weight"]
+    # a zero-initialized head alone breaks symmetry at the first step (its targets differ)
+    assert not a.flagged("symmetry")
+    with fastinit.batched(module=model):
+        nn.init.zeros_(model.a.weight)  # with a constant matrix before it, its units never differ
+    assert {f.where for f in fastinit.audit(model).flagged("symmetry")} == {"a.weight", "b.weight"}
     with pytest.raises(ValueError, match="materialize it first"):
         fastinit.audit(model, batch(2, 16))
     apply_scheme(model, "gpt2", n_layer=1)
@@ -250,3 +254,55 @@ def test_audit_leaves_modes_and_buffers_and_refuses_unknown_keywords():
         fastinit.audit(model, exmaple_input=torch.randn(16, 4))
     with pytest.raises(TypeError, match="band"):
         fastinit.audit(model, band="x")
+
+
+def test_a_lone_small_gradient_is_no_vanishing_trend():
+    # Attention's query and key projections get small gradients at init (the logits barely
+    # move the softmax), while the value and output paths carry full ones: no vanishing.
+    class Attention(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            self.norm = nn.LayerNorm(d)
+
+        def forward(self, x):
+            a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) * 1e-3, -1)
+            return self.norm(x + self.o(a @ self.v(x)))
+
+    model = nn.Sequential(Attention(32), Attention(32), nn.Linear(32, 32))
+    apply_scheme(model, "xavier_uniform", seed=0)
+    a = fastinit.audit(model, batch(4, 16, 32))
+    grads = {l.name: l.grad_std for l in a.layers}
+    assert grads["0.q"] < grads["2"] / 100  # what the first-against-last comparison flagged
+    assert not a.flagged("vanishing"), a.flags
+    deep = mlp(40, 64, nn.Tanh)  # a real trend still is one
+    apply_scheme(deep, Scheme("small", [Rule(fastinit.Normal(0.0, 0.02), ndim=2), Rule(0.0)]), seed=0)
+    assert fastinit.audit(deep, batch(64, 64)).flagged("vanishing")
+
+
+def test_fixed_std_conventions_and_token_tables_are_not_outside_the_band():
+    class ViTBits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 192) * 1e-6)  # timm's jax init: on purpose
+            self.pos_embed = nn.Parameter(torch.randn(1, 17, 192) * 0.02)
+            self.fc1 = nn.Linear(40, 160)  # a narrow MLP under GPT-2/BERT's N(0, 0.02)
+            nn.init.normal_(self.fc1.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+            self.fc2 = nn.Linear(40, 160)
+            nn.init.normal_(self.fc2.weight, std=0.002, generator=torch.Generator().manual_seed(0))
+
+    a = fastinit.audit(ViTBits())
+    assert {f.where for f in a.flagged("band")} == {"fc2.weight"}  # 0.002: no convention, far below the band
+    assert a.params[2].matches[0] == "N(0, 0.02) (GPT-2/BERT)"
+
+
+def test_a_model_materialized_in_part_is_audited_from_its_values_where_real():
+    model = fastinit.deferred_init(lambda: nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
+    fastinit.materialize(model[0], device="cpu", seed=0)
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    a = fastinit.audit(model)
+    assert a.deferred and [f.where for f in a.flagged("nonfinite")] == ["0.weight"]
+    pa = {p.name: p for p in a.params}
+    assert pa["0.bias"].min == model[0].bias.min().item() and pa["0.bias"].max == model[0].bias.max().item()
+    assert pa["1.weight"].planned is not None and pa["1.weight"].max == pytest.approx(1 / 4)

@@ -1,6 +1,7 @@
 """Model-level init schemes: exact formulas per parameter, distributions (KS),
 allocated == deferred for a seed, one fused pass, unmatched parameters named, LSUV."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -742,3 +743,112 @@ def test_a_bad_option_names_the_parameter_and_rule():
         assert "while initializing 0.weight by rule" in "".join(e.value.__notes__)
     with pytest.raises(ValueError, match="tol must be a number"):
         apply_scheme(m, "lsuv", example_input=torch.randn(2, 4), tol="x")
+
+
+@pytest.mark.parametrize("name", ["xavier_uniform", "kaiming_normal", "gpt2", "general_rule", "torch_default"])
+def test_norm_layers_of_any_shape_get_gain_one_and_bias_zero(name):
+    # LayerNorm((8, 16)) holds an 8x16 matrix of gains: a norm layer's, not a weight matrix
+    m = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm((8, 16)), nn.RMSNorm((8, 16)), nn.GroupNorm(2, 4))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(-3, 3)
+    apply_scheme(m, name, seed=0, **({"n_layer": 1} if name == "gpt2" else {}))
+    for norm in m[1:]:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        if getattr(norm, "bias", None) is not None:
+            assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    assert fastinit.audit(nn.Sequential(nn.Linear(16, 16), nn.LayerNorm((8, 16)))).ok  # torch's default: fine
+
+
+def test_torch_default_of_nn_transformer_is_its_xavier_reset():
+    # nn.Transformer's _reset_parameters runs xavier_uniform_ on every matrix after building its
+    # layers: linear1 (256 x 64) is U(+-sqrt(6/320)) = +-0.137 there, not Linear's +-1/8
+    def build():
+        return nn.Transformer(d_model=64, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                              dim_feedforward=256)
+
+    m = build()
+    report = apply_scheme(m, "torch_default", seed=0)
+    bound = math.sqrt(6 / 320)
+    for name in ("encoder.layers.0.linear1.weight", "decoder.layers.0.linear2.weight"):
+        w = dict(m.named_parameters())[name]
+        assert report[name][0] == "nn.Transformer: xavier_uniform"
+        assert 0.125 < w.abs().max() < bound and stats.kstest(w.detach().flatten().numpy(), "uniform",
+                                                              args=(-bound, 2 * bound)).pvalue > P_MIN
+    assert torch.equal(m.encoder.layers[0].norm1.weight, torch.ones(64))
+    lin = nn.Sequential(nn.Linear(256, 64))  # outside a Transformer: Linear's own default
+    apply_scheme(lin, "torch_default", seed=0)
+    assert lin[0].weight.abs().max() <= 1 / 16
+
+
+def test_a_seeded_call_of_a_function_without_a_generator_is_refused_and_changes_nothing():
+    def my_init(t, std=0.02):  # draws from torch's global generator: a seed cannot key it
+        return fastinit.normal_(t, std=std)
+
+    def my_keyed_init(t, std=0.02, generator=None):
+        return fastinit.normal_(t, std=std, generator=generator)
+
+    for deferred in (False, True):
+        m = fastinit.deferred_init(nn.Linear, 64, 64) if deferred else nn.Linear(64, 64)
+        before = None if deferred else m.weight.detach().clone()
+        with pytest.raises(ValueError, match="my_init.*generator="):
+            apply_scheme(m, Scheme("mine", [Rule(Call(my_init), ndim=2), Rule(0.0)]), seed=0)
+        if before is not None:
+            assert torch.equal(m.weight, before)
+    apply_scheme(nn.Linear(4, 4), Scheme("mine", [Rule(Call(my_init), ndim=2), Rule(0.0)]))  # no seed: as asked
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(len(runs))  # (other draws of the program do not matter)
+        m = nn.Linear(64, 64)
+        apply_scheme(m, Scheme("mine", [Rule(Call(my_keyed_init), ndim=2), Rule(Call(fastinit.zeros_))]), seed=0)
+        runs.append(m.weight.detach().clone())
+        assert torch.equal(m.bias, torch.zeros(64))  # zeros_ draws nothing: no key needed
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_seeded_reset_rule_leaves_the_global_generator_as_it_was():
+    m = nn.Sequential(nn.Bilinear(4, 4, 2))
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    apply_scheme(m, Scheme("r", [Rule(fastinit.schemes.Reset())]), seed=0)
+    assert torch.equal(torch.rand(3), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA generators exist only with CUDA")
+def test_a_seeded_reset_rule_on_cpu_leaves_the_cuda_generators_as_they_were():
+    torch.cuda.manual_seed_all(7)
+    states = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    apply_scheme(nn.Sequential(nn.Bilinear(4, 4, 2)), Scheme("r", [Rule(fastinit.schemes.Reset())]), seed=0)
+    assert all(torch.equal(s, torch.cuda.get_rng_state(i)) for i, s in enumerate(states))
+
+
+@pytest.mark.parametrize("style", ["parametrizations", "hook"])
+def test_weight_norm_gain_is_the_norm_of_its_initialized_direction(style):
+    # weight_norm keeps w = g v / |v| with g of shape (out, 1): a scheme initializes the
+    # direction v as the weight it stands for, and g is its norm (the effective weight is v)
+    from torch.nn.utils import parametrizations, weight_norm
+
+    wn = parametrizations.weight_norm if style == "parametrizations" else weight_norm
+
+    def build():
+        return nn.Sequential(wn(nn.Linear(256, 256)), nn.ReLU(), wn(nn.Conv1d(16, 32, 3), dim=None), nn.Linear(256, 4))
+
+    with pytest.warns() if style == "hook" else contextlib.nullcontext():  # (torch's deprecation warning)
+        alloc, deferred = build(), fastinit.deferred_init(build)
+    assert fastinit.audit(alloc).ok  # torch's own weight_norm init: nothing to flag
+    report = apply_scheme(alloc, "xavier_uniform", seed=0)
+    apply_scheme(deferred, "xavier_uniform", seed=0)
+    fastinit.materialize(deferred, seed=0)
+    for a, b in zip(alloc.parameters(), deferred.parameters()):
+        assert torch.equal(a, b)
+    if style == "parametrizations":
+        g, v = alloc[0].parametrizations.weight.original0, alloc[0].parametrizations.weight.original1
+        assert report["0.parametrizations.weight.original0"][0].startswith("weight_norm gain")
+        effective = alloc[0].weight
+    else:
+        g, v = alloc[0].weight_g, alloc[0].weight_v
+        effective = torch._weight_norm(v, g, 0)
+    assert torch.allclose(g, v.norm(dim=1, keepdim=True)) and torch.allclose(effective, v, atol=1e-6)
+    bound = math.sqrt(6 / 512)
+    assert stats.kstest(effective.detach().flatten().numpy(), "uniform", args=(-bound, 2 * bound)).pvalue > P_MIN
