@@ -564,6 +564,9 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
         if isinstance(action, Call):
             _dry_run(action, p)
         out[p.name] = Planned(p.name, rule.label, action, pads.get(id(p.tensor)))
+    for name, pl in out.items():  # a gain whose direction is kept is kept too
+        if isinstance(pl.action, _NormOf) and pl.action.v in out and _is_keep(out[pl.action.v].action):
+            out[name] = Planned(name, out[pl.action.v].rule, KEEP)
     if unmatched:
         raise ValueError(
             f"apply_scheme: scheme {scheme.name!r} has no rule for {len(unmatched)} parameter(s): "

@@ -852,3 +852,16 @@ def test_weight_norm_gain_is_the_norm_of_its_initialized_direction(style):
     assert torch.allclose(g, v.norm(dim=1, keepdim=True)) and torch.allclose(effective, v, atol=1e-6)
     bound = math.sqrt(6 / 512)
     assert stats.kstest(effective.detach().flatten().numpy(), "uniform", args=(-bound, 2 * bound)).pvalue > P_MIN
+
+
+def test_a_weight_norm_gain_is_kept_with_its_direction():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    m = nn.Sequential(weight_norm(nn.Linear(16, 16)))
+    with torch.no_grad():
+        m[0].parametrizations.weight.original0.mul_(3)  # a gain of the user's own
+    plist = m[0].parametrizations.weight
+    before = [p.detach().clone() for p in plist.parameters()]
+    report = apply_scheme(m, Scheme("k", [Rule("keep", module="ParametrizationList"), Rule(0.0)]))
+    assert all(torch.equal(a, b) for a, b in zip(before, plist.parameters()))
+    assert report["0.parametrizations.weight.original0"][1] == "keep"
