@@ -2327,3 +2327,33 @@ def test_a_failed_cast_of_a_module_casting_itself_leaves_the_model_as_it_was():
     fastinit.materialize(model, device="cpu", seed=1, dtype=torch.bfloat16)
     assert model.keeps.dtype == torch.bfloat16 and model.rnn._flat_weights[0] is model.rnn.weight_ih_l0
     assert all(t.dtype == torch.bfloat16 for t in model.parameters())
+
+
+class _MatmulBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        a = torch.arange(1, 33, dtype=torch.float32)[:, None] / 7.0
+        self.register_buffer("g", a @ a.t())  # deterministic, and a matmul: what autocast lowers
+        self.lin = nn.Linear(4, 4)
+
+
+def test_materialize_inside_autocast_replays_what_the_constructor_computed():
+    eager = _MatmulBuffer().g
+    m = fastinit.deferred_init(_MatmulBuffer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fastinit.materialize(m, seed=0)
+        assert torch.is_autocast_enabled("cpu")  # (left as it was)
+    assert m.g.dtype == torch.float32 and torch.equal(m.g, eager)
+
+
+def test_deferred_init_under_autocast_warns_that_it_does_not_apply():
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="autocast"):
+        fastinit.deferred_init(_MatmulBuffer)
+
+
+def test_batched_with_a_seed_and_no_module_is_refused():
+    w = torch.zeros(16, 16)
+    with pytest.raises(ValueError, match="module="):
+        with fastinit.batched(seed=0):
+            fastinit.normal_(w)
+    assert torch.equal(w, torch.zeros(16, 16))  # (nothing ran)

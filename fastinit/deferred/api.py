@@ -25,7 +25,8 @@ from ..seeding import check_seed, draw_seed
 from ..specs import Constant, Uniform
 from . import intercept
 from .batched import Batch
-from .execute import Evaluator, ReplayError, as_module_tensor, progress_printer, swap_in
+from .execute import (Evaluator, ReplayError, autocast_device_types, as_module_tensor, progress_printer, swap_in,
+                      without_autocast)
 from .plan import Plan, fill_tag, plan_tensor, position_independent
 from .record import (HANDLE_ATTR, Handle, Recording, adopt_as, attach, castable, covers_storage, detach_handles,
                      geometry, module_handle, named_model_tensors, named_tensors, outermost, outermost_root,
@@ -59,6 +60,14 @@ def deferred_init(fn: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.
     if isinstance(fn, torch.nn.Module):
         raise TypeError(f"fastinit.deferred_init builds the model itself: pass what builds it and its arguments "
                         f"(deferred_init({type(fn).__name__}, ...)), not a built {type(fn).__name__}")
+    on = autocast_device_types()
+    if on:
+        warnings.warn(
+            f"fastinit.deferred_init: torch.autocast is on ({', '.join(on)}): the ops the constructor makes on "
+            "tensors are recorded on the meta device, where autocast does not apply, and materialize replays "
+            "them without it (in their own dtypes), while eager construction under autocast would run matmuls "
+            "and convolutions in the autocast dtype. Build the model outside the autocast region to get what "
+            "eager construction outside it gives", stacklevel=2)
     rec = Recording()
     with _gc_paused():
         with intercept.recording(home=rec):
@@ -700,8 +709,9 @@ def materialize(
         plans = _plans(resolved)
         _check(plans, strict, dtype, plain)
         own, uncast, kept = _casting_themselves(walk) if dtype is not None else ((), frozenset(), frozenset())
-        new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans),
-                                           plain | uncast)
+        with without_autocast():  # (the recorded ops ran without it, on meta tensors)
+            new_of, entries, counts = _compute(plans, device, dtype, seed, progress, _key_prefixes(walk, plans),
+                                               plain | uncast)
         if txn.batch is not None:
             txn.batch.flush()  # init_fn's writes to real tensors
         targets = [module] if root is None or root is module else [module, root]
@@ -1097,13 +1107,19 @@ def batched(seed: int | None = None, module: torch.nn.Module | None = None):
             an allocated model and on a deferred one materialized with that
             seed. ``torch.nn.init``'s own calls and torch's random ops run as
             eagerly, from torch's generator. A deferred ``module``'s fills are
-            keyed by the seed ``materialize`` gets (a seed here warns).
+            keyed by the seed ``materialize`` gets (a seed here warns). A seed
+            without ``module`` is a ``ValueError`` (nothing to key by).
         module: a model whose tensors the block initializes. If it is deferred
             (meta tensors), the calls are recorded into its records, for
             ``materialize`` to fuse; a model built on the meta device without
             ``deferred_init`` first records its default init (every module's
             reset hook), as ``materialize`` would.
     """
+    if seed is not None and module is None:
+        raise ValueError("fastinit.batched(seed=...) keys the fills of module=...'s tensors by their names in it: "
+                         "without module= there are no names to key by, and the calls would draw from torch's "
+                         "generator as if no seed were given. Pass module=model, or torch.manual_seed(...) before "
+                         "the block")
     with block(seed, module):
         yield
 

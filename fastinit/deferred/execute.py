@@ -98,6 +98,34 @@ def _takes_generator(fn) -> bool:
         return False
 
 
+def autocast_device_types() -> list[str]:
+    """The device types whose autocast is on in this thread (CPU and CUDA, those torch
+    has; ``torch.autocast`` contexts and the state they set are per thread)."""
+    on = []
+    for dt in ("cpu", "cuda"):
+        if dt == "cuda" and not torch.cuda.is_available():
+            continue
+        try:
+            if torch.is_autocast_enabled(dt):
+                on.append(dt)
+        except TypeError:  # (an older torch: one flag per backend)
+            if (torch.is_autocast_cpu_enabled() if dt == "cpu" else torch.is_autocast_enabled()):
+                on.append(dt)
+    return on
+
+
+@contextlib.contextmanager
+def without_autocast():
+    """Every autocast region of this thread off for the block: a replay computes what
+    the recorded code computed, which ran on meta tensors, untouched by autocast (a
+    ``materialize`` called inside ``torch.autocast`` would otherwise compute a
+    constructor's ``a @ a.t()`` buffer in bfloat16)."""
+    with contextlib.ExitStack() as stack:
+        for dt in autocast_device_types():
+            stack.enter_context(torch.autocast(device_type=dt, enabled=False))
+        yield
+
+
 def _default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None
