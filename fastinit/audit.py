@@ -4,12 +4,14 @@ r"""Init audit: what did each parameter of a model actually get?
 :math:`\text{std}\cdot\sqrt{\text{fan\_in}}`), names the known scheme it matches
 within sampling error, and flags what goes wrong in practice:
 
-* ``symmetry``: weight matrices whose output units all have the same weights (a
-  constant matrix: zeros, ones), two or more of them: units that start alike and
-  feed alike weights get the same gradient, and never differ (the zeros/ones rows
-  of the classic comparison stay at chance). One such matrix alone (a
-  zero-initialized head, Fixup's or LoRA's zero matrices) is not flagged: the
-  different weights after it, or the targets, tell its units apart at the first step;
+* ``symmetry``: a weight matrix whose output units all have the same weights (a
+  constant matrix: zeros, ones) when a weight matrix taking that many inputs weighs
+  all its inputs alike (its columns are alike, as in a constant matrix): units
+  that start alike and feed alike weights get the same gradient, and never differ
+  (the zeros/ones rows of the classic comparison stay at chance). A zero matrix
+  followed by different weights (a zero-initialized head, Fixup's or LoRA's zero
+  matrices) is not flagged: the weights after it, or the targets, tell its units
+  apart at the first step (matched by size: layers are not traced);
 * ``nonfinite``: NaN or inf values;
 * ``uninitialized``: values that look like uninitialized memory (subnormal or
   huge magnitudes, as ``torch.empty`` leaves them);
@@ -422,13 +424,37 @@ def _same_units(p: Param) -> bool:
     return bool((rows == rows[:1]).all().item())
 
 
+def _same_inputs(p: Param) -> bool:
+    """Every input of weight ``p`` has the same weights into every unit (its columns are
+    alike: a constant matrix), so units before it that are alike get alike gradients."""
+    x = p.tensor.detach()
+    if p.out_dim == 1:
+        x = x.t()
+    cols = x.reshape(x.shape[0], x.shape[1], -1)
+    return cols.shape[1] >= 2 and bool((cols == cols[:, :1]).all().item())
+
+
+def _tensor_name(p: Param) -> str:
+    """The name of the tensor ``p`` stands for: a parametrization's original
+    (``lin.parametrizations.weight.original1``) stands for ``weight``."""
+    parts = p.name.split(".")
+    if len(parts) >= 3 and parts[-3] == "parametrizations":
+        return parts[-2]
+    return p.leaf
+
+
 def _fan_layer(p: Param, gains=()) -> bool:
     """Whether ``p`` is a layer's weight matrix (or kernel), whose fans set its scale: not an
     embedding table, a norm layer's gains, a weight_norm gain (ids in ``gains``), or a
     learned token or position table (``cls_token``, ``pos_embed``: N(0, 1e-6) or N(0, 0.02)
     on purpose, whatever their shape)."""
-    return p.ndim >= 2 and "weight" in p.leaf.lower() and not isinstance(p.module, (nn.Embedding, nn.EmbeddingBag)) \
-        and not _module_ok(p.module, NORM) and id(p.tensor) not in gains
+    return p.ndim >= 2 and "weight" in _tensor_name(p).lower() and id(p.tensor) not in gains \
+        and not isinstance(p.module, (nn.Embedding, nn.EmbeddingBag)) and not _module_ok(p.module, NORM)
+
+
+def _offset_message(mean: float, std: float) -> str:
+    return (f"mean {mean:.3g} exceeds the std {std:.3g}: a weight matrix drawn around a nonzero centre "
+            "(U(0, 1), say) adds one shared direction to every unit's input, so units start nearly alike")
 
 
 def _facts(model: nn.Module) -> dict:
@@ -483,7 +509,8 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
     plan = planned_fn(model) if deferred else {}
     facts = _facts(model)
     params, flags = [], []
-    alike: list[tuple[ParamAudit, str, str]] = []  # weight matrices whose output units are all the same
+    alike: list[tuple[ParamAudit, str, str, int]] = []  # weight matrices whose output units are all the same
+    alike_inputs: list[tuple[str, int]] = []  # and those that weigh all their inputs the same
     gains = _weight_norm_gains(model)
     dev = "meta" if deferred else str(next(model.parameters()).device) if any(True for _ in model.parameters()) \
         else "cpu"
@@ -499,6 +526,9 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                         fans[0] if fans else None, fans[1] if fans else None, None, None, None, None, None)
         cands = _candidates(p, facts)
         own: list[tuple[str, str]] = []
+        layer = _fan_layer(p, gains)
+        units = p.shape[p.out_dim] if layer else 0
+        inputs = p.shape[1 - p.out_dim] if layer else 0
         if p.tensor.is_meta:  # (a block materialized already: its values, below)
             pl = plan.get(p.name)
             spec = pl.spec if pl is not None else None
@@ -512,15 +542,15 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                 pa.mean, pa.std, pa.min, pa.max = m, s, lo, hi
                 if any(x is not None and not math.isfinite(x) for x in (m, s)) and not pl.nonfinite:
                     own.append(("nonfinite", f"will hold NaN/inf values ({pl.description})"))
-                elif _fan_layer(p, gains) and not isinstance(spec, Constant) and s and abs(m) > s:
-                    own.append(("offset", f"mean {m:.3g} exceeds the std {s:.3g}: a weight matrix drawn around a "
-                                          "nonzero centre (U(0, 1), say) adds one shared direction to every unit's "
-                                          "input, so units start nearly alike"))
+                elif layer and not isinstance(spec, Constant) and s and abs(m) > s:
+                    own.append(("offset", _offset_message(m, s)))
                 pa.matches = [c.label for c in cands if _spec_matches(spec, c)]
                 if isinstance(spec, Constant):
                     pa.matches = ["zeros" if spec.value == 0 else "ones" if spec.value == 1 else f"constant {spec.value:g}"]
-                    if _fan_layer(p, gains) and p.shape[p.out_dim] > 1:
-                        alike.append((pa, p.name, f"constant matrix (all {spec.value:g})"))
+                    if layer and units > 1:
+                        alike.append((pa, p.name, f"constant matrix (all {spec.value:g})", units))
+                    if layer and inputs > 1:
+                        alike_inputs.append((p.name, inputs))
         else:
             st = _stats(p.tensor)
             pa.mean, pa.std, pa.min, pa.max = st["mean"], st["std"], st["min"], st["max"]
@@ -537,14 +567,15 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                 pa.matches = [c.label for c in sorted(ok, key=lambda c: abs(st["std"] / c.std - 1))]
                 if p.ndim >= 2 and _orthogonal_gain(p) is not None:
                     pa.matches.insert(0, f"orthogonal (gain {_orthogonal_gain(p):.3g})")
-            if _fan_layer(p, gains) and p.tensor.numel() >= 16 and not st["constant"] and st["std"] and st.get("mean") is not None \
+            if layer and p.tensor.numel() >= 16 and not st["constant"] and st["std"] and st.get("mean") is not None \
                     and math.isfinite(st["std"]) and abs(st["mean"]) > st["std"]:
-                own.append(("offset", f"mean {st['mean']:.3g} exceeds the std {st['std']:.3g}: a weight matrix "
-                                      "drawn around a nonzero centre (U(0, 1), say) adds one shared direction "
-                                      "to every unit's input, so units start nearly alike"))
-            if _fan_layer(p, gains) and p.tensor.numel() and not st["nonfinite"] and _same_units(p):
-                alike.append((pa, p.name, f"constant matrix (all {st['min']:g})" if st["constant"]
-                              else "identical output units"))
+                own.append(("offset", _offset_message(st["mean"], st["std"])))
+            if layer and p.tensor.numel() and not st["nonfinite"]:
+                if _same_units(p):
+                    alike.append((pa, p.name, f"constant matrix (all {st['min']:g})" if st["constant"]
+                                  else "identical output units", units))
+                if st["constant"] or _same_inputs(p):
+                    alike_inputs.append((p.name, inputs))
         if fans and pa.std is not None and math.isfinite(pa.std):
             pa.std_sqrt_fan_in = pa.std * math.sqrt(fans[0])
         # expectation: the scheme's, else the best match's
@@ -553,7 +584,7 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
             pa.expected, pa.expected_std = f"{sch.name}: {exp.describe()}", _spec_moments(exp.spec)[1]
             if pa.std is not None and math.isfinite(pa.std):
                 n = p.tensor.numel()
-                tol = _std_tol(min(n, SAMPLE), p.tensor.dtype) if not deferred else 1e-6
+                tol = _std_tol(min(n, SAMPLE), p.tensor.dtype) if not p.tensor.is_meta else 1e-6
                 want = pa.expected_std
                 if (want == 0 and pa.std != 0) or (want > 0 and abs(pa.std / want - 1) > tol):
                     own.append(("scheme", f"std {pa.std:.4g}, but scheme {sch.name} gives {want:.4g} "
@@ -564,8 +595,7 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
                 pa.expected, pa.expected_std = c.label, c.std
         deliberate = any(c.deliberate and c.label in pa.matches for c in cands) or (
             exp is not None and exp.spec is not None and not any(k == "scheme" for k, _ in own))
-        if fans and _fan_layer(p, gains) and pa.std is not None and math.isfinite(pa.std) and pa.std > 0 \
-                and not deliberate and not (alike and alike[-1][0] is pa):
+        if fans and layer and pa.std is not None and math.isfinite(pa.std) and pa.std > 0 and not deliberate:
             fi, fo = fans
             if fi > 0 and fo > 0:
                 lo = min(math.sqrt(2.0 / (fi + fo)), 1 / math.sqrt(3.0 * fi))
@@ -578,12 +608,13 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
         flags += [Flag(p.name, k, msg) for k, msg in own]
         params.append(pa)
 
-    if len(alike) >= 2:  # (one such matrix alone, a zero-initialized head or LoRA's B, breaks at the first step)
-        for pa, name, what in alike:
+    for pa, name, what, units in alike:  # (fed to alike weights: a zero head, LoRA's B, Fixup's zeros are not)
+        after = next((n for n, inputs in alike_inputs if inputs == units), None)
+        if after is not None:
             pa.flags.append("symmetry")
-            flags.append(Flag(name, "symmetry", f"{what}, as in {len(alike) - 1} other weight matri"
-                                                f"{'x' if len(alike) == 2 else 'ces'}: units that start alike "
-                                                "and feed alike weights get the same gradient, so they never differ"))
+            flags.append(Flag(name, "symmetry", f"{what}, and a weight matrix taking its {units} outputs ({after}) "
+                                                "weighs them alike: units that start alike and feed alike weights "
+                                                "get the same gradient, so they never differ"))
     layers, shape = [], None
     if example_input is not None:
         layers, lflags = _signal(model, example_input)
@@ -692,16 +723,17 @@ def _signal(model: nn.Module, example_input) -> tuple[list[LayerAudit], list[Fla
     gs = [r for r in weights if r.grad_std is not None and math.isfinite(r.grad_std)]
     if len(gs) >= 2:
         # Backward, from the last three weight layers to the first three (fewer in a shallow
-        # model): the largest gradient of each group for a vanishing trend, the smallest for an
-        # exploding one (a layer or two alone are no trend: attention's query and key
-        # projections get small gradients at init by design).
+        # model): vanishing if the first group's largest gradient is 100x below the last group's
+        # largest, exploding if its smallest is 100x above the last group's largest (a layer or
+        # two alone are no trend: attention's query and key projections, a branch gated near
+        # zero, get small gradients at init by design).
         q = min(3, len(gs) // 2)
         first, last = gs[:q], gs[-q:]
         hi_first, hi_last = max(first, key=lambda r: r.grad_std), max(last, key=lambda r: r.grad_std)
-        lo_first, lo_last = min(first, key=lambda r: r.grad_std), min(last, key=lambda r: r.grad_std)
-        if lo_last.grad_std > 0 and lo_first.grad_std / lo_last.grad_std > SIGNAL_RATIO:
-            flags.append(Flag(lo_first.name, "exploding", f"gradient std grows from {lo_last.grad_std:.3g} "
-                              f"({lo_last.name}) to {lo_first.grad_std:.3g} ({lo_first.name}) on the way back"))
+        lo_first = min(first, key=lambda r: r.grad_std)
+        if hi_last.grad_std > 0 and lo_first.grad_std / hi_last.grad_std > SIGNAL_RATIO:
+            flags.append(Flag(lo_first.name, "exploding", f"gradient std grows from {hi_last.grad_std:.3g} "
+                              f"({hi_last.name}) to {lo_first.grad_std:.3g} ({lo_first.name}) on the way back"))
         elif hi_last.grad_std > 0 and hi_first.grad_std / hi_last.grad_std < 1 / SIGNAL_RATIO:
             flags.append(Flag(hi_first.name, "vanishing", f"gradient std shrinks from {hi_last.grad_std:.3g} "
                               f"({hi_last.name}) to {hi_first.grad_std:.3g} ({hi_first.name}) on the way back"))

@@ -516,7 +516,8 @@ class _NormOf:
     """A weight-normalized tensor's gain ``g``: the norm of its direction ``v`` (the
     parameter named ``v``) over every dimension but ``dim``, as ``weight_norm`` sets it
     (``torch.norm_except_dim``), so that the effective weight ``g v / ‖v‖`` is ``v``,
-    which the scheme's rules initialize."""
+    which the scheme's rules initialize. Rules do not see a gain: it follows its
+    direction (kept when the direction is kept)."""
 
     v: str
     dim: int
@@ -537,7 +538,8 @@ def _weight_norm_gains(model: nn.Module) -> dict[int, tuple[str, int]]:
                 g, v = getattr(m, hook.name + "_g", None), getattr(m, hook.name + "_v", None)
                 if isinstance(g, torch.Tensor) and id(v) in names:
                     out[id(g)] = (names[id(v)], -1 if hook.dim is None else hook.dim)
-        if type(m).__name__ == "ParametrizationList" and len(m) == 1 and type(m[0]).__name__ == "_WeightNorm":
+        if type(m).__name__ == "ParametrizationList" and len(m) and type(m[0]).__name__ == "_WeightNorm":
+            # (weight_norm comes first in a list, or not at all: its right_inverse makes two originals)
             g, v = getattr(m, "original0", None), getattr(m, "original1", None)
             if isinstance(g, torch.Tensor) and id(v) in names:
                 out[id(g)] = (names[id(v)], m[0].dim)
@@ -672,10 +674,12 @@ def _n_events(t: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def _keyed_default_generators(seed63: int, device: torch.device):
-    """torch's default generators of the CPU and of ``device`` (the ones a module's own
-    ``reset_parameters()`` draws from) seeded with ``seed63`` for the block, then put
-    back as they were; no other generator is read or changed (``torch.manual_seed``
-    would reseed every CUDA device, and ``fork_rng`` restores only those it is given)."""
+    """torch's default generators of the CPU and, for a CUDA ``device``, of that device
+    (the ones a module's own ``reset_parameters()`` draws from) seeded with ``seed63``
+    for the block, then put back as they were; no other generator is read or changed
+    (``torch.manual_seed`` would reseed every CUDA device, and ``fork_rng`` restores only
+    those it is given). Another accelerator's generator is not seeded: a reset there
+    draws from it, unkeyed."""
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -984,11 +988,14 @@ _VS_OPTIONS = {"qkv": None, "qkv_names": QKV_NAMES}
 
 
 def _matrix_of_a_transformer(p: Param) -> bool:
-    """Whether ``p`` is a matrix under an ``nn.Transformer`` (the model or a module above ``p``)."""
+    """Whether ``p`` is a matrix of an ``nn.Transformer``'s encoder or decoder: what its
+    ``_reset_parameters`` re-initializes at the end of ``nn.Transformer.__init__`` (not
+    what a subclass adds after it, an embedding or a head)."""
     if p.ndim < 2:
         return False
-    parts = p.name.split(".")[:-1]
-    return any(isinstance(p.model.get_submodule(".".join(parts[:i])), nn.Transformer) for i in range(len(parts) + 1))
+    parts = p.name.split(".")
+    return any(parts[i] in ("encoder", "decoder")
+               and isinstance(p.model.get_submodule(".".join(parts[:i])), nn.Transformer) for i in range(len(parts) - 1))
 
 
 def torch_default(**options) -> Scheme:
@@ -1002,8 +1009,8 @@ def torch_default(**options) -> Scheme:
     * MultiheadAttention: ``in_proj_weight``/``q,k,v_proj_weight`` Xavier uniform, ``in_proj_bias``
       and ``out_proj.bias`` zeros, ``bias_k``/``bias_v`` Xavier normal;
     * norm layers: weight 1, bias 0;
-    * inside an ``nn.Transformer``: every matrix (ndim > 1) Xavier uniform, as its
-      ``_reset_parameters`` does after building its layers;
+    * an ``nn.Transformer``'s encoder and decoder: every matrix (ndim > 1) Xavier uniform,
+      as its ``_reset_parameters`` does after building them (not what a subclass adds);
     * any other module: its own ``reset_parameters()`` (parameters of modules without one are an error).
 
     Source: ``torch/nn/modules/{linear,conv,sparse,rnn,activation,normalization,batchnorm}.py``.

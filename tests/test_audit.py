@@ -44,7 +44,9 @@ def test_zeros_init_mlp_is_flagged_for_symmetry():
     apply_scheme(model, Scheme("zeros", [Rule(0.0)]))
     a = fastinit.audit(model, batch(16, 64))
     sym = {f.where for f in a.flagged("symmetry")}
-    assert sym == {"0.weight", "2.weight", "4.weight", "6.weight"}
+    # every hidden layer's units are alike and feed a constant matrix; the head's 10 outputs feed
+    # nothing here (the targets tell them apart)
+    assert sym == {"0.weight", "2.weight", "4.weight"}
     assert a.flagged("vanishing") and not a.ok
     assert a.params[0].matches == ["zeros"]
     # ones: every unit identical too; a matrix with identical rows, not constant, as well
@@ -118,7 +120,7 @@ def test_deferred_model_is_audited_from_its_plan():
     assert not a.flagged("symmetry")
     with fastinit.batched(module=model):
         nn.init.zeros_(model.a.weight)  # with a constant matrix before it, its units never differ
-    assert {f.where for f in fastinit.audit(model).flagged("symmetry")} == {"a.weight", "b.weight"}
+    assert {f.where for f in fastinit.audit(model).flagged("symmetry")} == {"a.weight"}
     with pytest.raises(ValueError, match="materialize it first"):
         fastinit.audit(model, batch(2, 16))
     apply_scheme(model, "gpt2", n_layer=1)
@@ -306,3 +308,55 @@ def test_a_model_materialized_in_part_is_audited_from_its_values_where_real():
     pa = {p.name: p for p in a.params}
     assert pa["0.bias"].min == model[0].bias.min().item() and pa["0.bias"].max == model[0].bias.max().item()
     assert pa["1.weight"].planned is not None and pa["1.weight"].max == pytest.approx(1 / 4)
+
+
+def test_zero_matrices_followed_by_different_weights_are_no_symmetry():
+    # Fixup/LoRA-style: one zero matrix per residual block, its outputs weighed by random ones
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 128), nn.Linear(128, 32)
+            nn.init.zeros_(self.fc2.weight)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    assert not fastinit.audit(nn.Sequential(Block(), Block(), nn.Linear(32, 10))).flagged("symmetry")
+    lone = nn.Linear(64, 64)  # identical rows of a large std, alone: not symmetry, but out of the band
+    with torch.no_grad():
+        lone.weight.copy_(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).mul(100).expand(64, 64))
+    assert [f.kind for f in fastinit.audit(nn.Sequential(lone)).flags] == ["band"]
+
+
+def test_a_parametrized_weight_is_audited_as_the_weight_it_stands_for():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    lin = weight_norm(nn.Linear(64, 64))
+    nn.init.normal_(lin.parametrizations.weight.original1.data, 0, 100)
+    assert [(f.where, f.kind) for f in fastinit.audit(nn.Sequential(lin)).flags] == [
+        ("0.parametrizations.weight.original1", "band")]
+
+
+def test_a_model_materialized_in_part_meets_its_scheme_where_real():
+    def build():
+        return nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+
+    model = fastinit.deferred_init(build)
+    fastinit.materialize(model[0], device="cpu", seed=0)
+    assert not fastinit.audit(model, scheme="torch_default").flags  # sampled values: sampling error allowed
+
+
+def test_one_small_gradient_near_the_output_is_no_exploding_trend():
+    class Gated(nn.Module):  # a branch gated near zero just before the head (LayerScale, ReZero)
+        def __init__(self):
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))
+            self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            for layer in self.l:
+                x = x + layer(x)
+            return self.head(x + 1e-4 * self.b(x))
+
+    torch.manual_seed(0)
+    assert not fastinit.audit(Gated(), batch(32, 64)).flagged("exploding")

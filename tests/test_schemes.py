@@ -865,3 +865,33 @@ def test_a_weight_norm_gain_is_kept_with_its_direction():
     report = apply_scheme(m, Scheme("k", [Rule("keep", module="ParametrizationList"), Rule(0.0)]))
     assert all(torch.equal(a, b) for a, b in zip(before, plist.parameters()))
     assert report["0.parametrizations.weight.original0"][1] == "keep"
+
+
+def test_torch_default_of_a_transformer_subclass_leaves_what_it_adds_to_their_own_defaults():
+    class TransformerModel(nn.Transformer):  # pytorch/examples' word_language_model pattern
+        def __init__(self):
+            super().__init__(d_model=32, nhead=2, dim_feedforward=64, num_encoder_layers=1, num_decoder_layers=1)
+            self.emb = nn.Embedding(1000, 32)
+            self.head = nn.Linear(32, 1000)
+
+    m = TransformerModel()
+    report = apply_scheme(m, "torch_default", seed=0)
+    assert report["emb.weight"][0] == "embedding N(0, 1)" and 0.9 < m.emb.weight.std() < 1.1
+    assert report["head.weight"][0] == "U(±1/√fan_in)" and m.head.weight.abs().max() <= 1 / math.sqrt(32)
+    assert report["encoder.layers.0.linear1.weight"][0] == "nn.Transformer: xavier_uniform"
+
+
+def test_weight_norm_under_another_parametrization_is_still_a_gain_and_a_direction():
+    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    lin = weight_norm(nn.Linear(16, 16))
+    parametrize.register_parametrization(lin, "weight", Twice())
+    apply_scheme(nn.Sequential(lin), "xavier_uniform", seed=0)
+    p = lin.parametrizations.weight
+    assert torch.allclose(p.original0, p.original1.norm(dim=1, keepdim=True))
+    assert torch.allclose(lin.weight, 2 * p.original1, atol=1e-6)
