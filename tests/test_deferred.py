@@ -901,3 +901,15 @@ def test_a_non_module_gets_a_type_error():
     with pytest.raises(TypeError, match="nn.Module"):
         with fastinit.batched(module="x"):
             pass
+
+
+def test_the_report_counts_a_tied_tensor_once_and_lists_its_names():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+    report = fastinit.materialize(fastinit.deferred_init(Tied), seed=0)
+    assert report.tensors == 3 and {"a.weight", "b.weight"} <= set(report.entries)
+    assert str(report).startswith("materialized 3 tensors under 4 names")

@@ -694,7 +694,7 @@ def materialize(
     if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
         warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
                       "(its init, default or init_fn, was not run)", stacklevel=2)
-        return MaterializeReport(seed if seed is not None else 0, device, {}, 0, 0, 0, time.perf_counter() - t0)
+        return MaterializeReport(seed if seed is not None else 0, device, {}, 0, 0, 0, time.perf_counter() - t0, 0)
     if seed is None:
         seed = draw_seed()
     _warn_if_keyed_as_before(module, objs, seed)
@@ -728,7 +728,7 @@ def materialize(
         txn.rollback()
         raise
     fused, replayed, total = counts
-    return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0)
+    return MaterializeReport(seed, device, entries, fused, replayed, total, time.perf_counter() - t0, len(plans))
 
 
 def _casting_themselves(walk) -> tuple[list[torch.nn.Module], frozenset[int], frozenset[int]]:

@@ -13,7 +13,8 @@ from ..specs import InitSpec
 class MaterializeReport:
     """What every tensor received. ``entries[name]`` is a one-line description;
     ``fused`` counts tensors filled by the engine in one batch, ``replayed``
-    those that needed replayed ops; ``seed`` is the seed used."""
+    those that needed replayed ops; ``tensors`` counts tensor objects (a tied
+    tensor has several names in ``entries``); ``seed`` is the seed used."""
 
     seed: int
     device: torch.device
@@ -22,9 +23,12 @@ class MaterializeReport:
     replayed: int
     bytes: int
     seconds: float
+    tensors: int | None = None
 
     def __str__(self) -> str:
-        lines = [f"materialized {len(self.entries)} tensors ({self.bytes / 2**20:.1f} MiB) on {self.device} "
+        n = len(self.entries) if self.tensors is None else self.tensors
+        names = f" under {len(self.entries)} names" if n != len(self.entries) else ""
+        lines = [f"materialized {n} tensors{names} ({self.bytes / 2**20:.1f} MiB) on {self.device} "
                  f"in {self.seconds:.2f}s, seed {self.seed}: {self.fused} fused, {self.replayed} replayed"]
         lines += [f"  {k}: {v}" for k, v in self.entries.items()]
         return "\n".join(lines)
