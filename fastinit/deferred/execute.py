@@ -98,6 +98,11 @@ def _takes_generator(fn) -> bool:
         return False
 
 
+# Argument types that are leaves for pytree: :meth:`Evaluator.resolve` passes them through.
+_LEAVES = frozenset({int, float, bool, str, complex, type(None), torch.dtype, torch.device, torch.Size,
+                     torch.layout, torch.memory_format, slice, type(Ellipsis)})
+
+
 def autocast_device_types() -> list[str]:
     """The device types whose autocast is on in this thread (CPU and CUDA, those torch
     has; ``torch.autocast`` contexts and the state they set are per thread)."""
@@ -198,7 +203,17 @@ class Evaluator:
             if x.is_meta:
                 return self.value(x, seq)
             return x.to(self.device) if x.device != self.device and x.dim() else x
-        return tree_map(real, obj)
+
+        def walk(x):  # (tuples, lists and dicts of leaves here; other containers through pytree)
+            t = type(x)
+            if t is tuple or t is list:
+                return t(walk(y) for y in x)
+            if t is dict:
+                return {k: walk(v) for k, v in x.items()}
+            if t in _LEAVES or isinstance(x, torch.Tensor):
+                return real(x)
+            return tree_map(real, x)
+        return walk(obj)
 
     def storage_value(self, rec: Recording, r: StorageRecord, seq: int | None) -> torch.Tensor:
         """The flat value of storage ``r`` just before step ``seq`` (None: the end)."""
