@@ -391,13 +391,26 @@ def _from_near_bound(o: np.ndarray, t: np.ndarray, spec: TruncNormal, near: floa
 
 # Rounds of a rejection sampler: each accepts a draw with probability > 0.97 (far more
 # on average), so 200 rounds leave one pending once in 10^300; should an argument ever
-# make acceptance impossible, an error (_no_draw), not an endless loop.
+# make acceptance impossible, an error (_by_rejection), not an endless loop.
 _MAX_ROUNDS = 200
 
 
-def _no_draw(spec: TruncNormal) -> None:
-    raise RuntimeError(f"fastinit: the truncated-normal sampler accepts no draw for {spec!r} (a bug; please "
-                       "report it)")
+def _by_rejection(propose, n: int, spec: TruncNormal) -> np.ndarray:
+    """``n`` float64 draws by rejection: each round, ``propose(m)`` gives ``(values,
+    accepted)`` for the ``m`` draws still pending, in order; after :data:`_MAX_ROUNDS`
+    rounds with some still pending, an error (never an endless loop)."""
+    t = np.empty(n, dtype=np.float64)
+    pending = np.arange(n)
+    for _ in range(_MAX_ROUNDS):
+        if not pending.size:
+            return t
+        d, accept = propose(pending.size)
+        t[pending[accept]] = d[accept]
+        pending = pending[~accept]
+    if pending.size:
+        raise RuntimeError(f"fastinit: the truncated-normal sampler accepts no draw for {spec!r} (a bug; please "
+                           "report it)")
+    return t
 
 
 def _trunc_tail(src, o: np.ndarray, spec: TruncNormal) -> None:
@@ -415,21 +428,15 @@ def _trunc_tail(src, o: np.ndarray, spec: TruncNormal) -> None:
     lo, w, near, sign = spec.offset_window()
     c = -math.expm1(-w * (lo + w / 2.0)) if w < math.inf else 1.0  # 1 - exp(-(hi^2 - lo^2)/2)
     lo2 = lo * lo
-    t = np.empty(o.size, dtype=np.float64)
-    pending = np.arange(o.size)
+
+    def propose(m: int):
+        big_w = np.log1p(-c * src.random(m))
+        big_w *= -2.0
+        d = big_w / (lo + np.sqrt(lo2 + big_w))  # sqrt(lo^2 + W) - lo, without cancellation
+        return d, src.random(m) * (lo + d) <= lo
+
     with np.errstate(over="ignore", invalid="ignore"):
-        for _ in range(_MAX_ROUNDS):
-            if not pending.size:
-                break
-            u = src.random(pending.size)
-            big_w = np.log1p(-c * u)
-            big_w *= -2.0
-            d = big_w / (lo + np.sqrt(lo2 + big_w))  # sqrt(lo^2 + W) - lo, without cancellation
-            accept = src.random(pending.size) * (lo + d) <= lo
-            t[pending[accept]] = d[accept]
-            pending = pending[~accept]
-    if pending.size:
-        _no_draw(spec)
+        t = _by_rejection(propose, o.size, spec)
     _from_near_bound(o, t, spec, near, sign)
 
 
@@ -445,23 +452,17 @@ def _trunc_tilt(src, o: np.ndarray, spec: TruncNormal) -> None:
     """
     lo, w, near, sign = spec.offset_window()
     c = -math.expm1(-lo * w)
-    t = np.empty(o.size, dtype=np.float64)
-    pending = np.arange(o.size)
-    for _ in range(_MAX_ROUNDS):
-        if not pending.size:
-            break
-        u = src.random(pending.size)
+
+    def propose(m: int):
+        u = src.random(m)
         if c > 0.0:
             d = np.log1p(-c * u)
             d *= -1.0 / lo
         else:
             d = u * w
-        accept = src.random(pending.size) <= np.exp(-0.5 * d * d)
-        t[pending[accept]] = d[accept]
-        pending = pending[~accept]
-    if pending.size:
-        _no_draw(spec)
-    _from_near_bound(o, t, spec, near, sign)
+        return d, src.random(m) <= np.exp(-0.5 * d * d)
+
+    _from_near_bound(o, _by_rejection(propose, o.size, spec), spec, near, sign)
 
 
 def _normal_chunk(o: np.ndarray, mean: float, std: float, key: int, chunk: int) -> None:
