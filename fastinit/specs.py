@@ -83,11 +83,13 @@ class InitSpec:
     def kernel_params(self) -> tuple[int, tuple[float, ...]]:
         """``(kind, params)``: what the kernels take (computed once per spec object:
         a drop-in call reuses the spec its checks remembered)."""
-        p = self.__dict__.get("_kernel_params")
-        if p is None:
-            p = self._params()
-            object.__setattr__(self, "_kernel_params", p)  # (not a field: equality and hash ignore it)
-        return p
+        return self._kernel_params
+
+    # Values remembered on a spec object (functools.cached_property writes the instance's
+    # __dict__ itself, which a frozen dataclass allows; not fields: equality and hash
+    # ignore them; once there, a lookup finds them without a call).
+    _kernel_params = functools.cached_property(lambda self: self._params())
+    _for_dtype = functools.cached_property(lambda self: {})
 
     def _params(self) -> tuple[int, tuple[float, ...]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -152,10 +154,7 @@ class Uniform(InitSpec):
         """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it
         (remembered on this spec object, as :meth:`kernel_params`: a drop-in call reuses
         the spec its checks remembered)."""
-        memo = self.__dict__.get("_for_dtype")
-        if memo is None:
-            memo = {}
-            object.__setattr__(self, "_for_dtype", memo)  # (not a field: equality and hash ignore it)
+        memo = self._for_dtype
         spec = memo.get(dtype)
         if spec is None:
             spec = memo[dtype] = _uniform_for_dtype(float(self.a).hex(), float(self.b).hex(), dtype)  # (by bits:
@@ -269,13 +268,10 @@ class TruncNormal(InitSpec):
 
         (Remembered on the spec object: every chunk of a fill asks.)
         """
-        how = self.__dict__.get("_sampler")
-        if how is None:
-            how = self._choose_sampler()
-            object.__setattr__(self, "_sampler", how)  # (not a field: equality and hash ignore it)
-        return how
+        return self._sampler
 
-    def _choose_sampler(self) -> str:
+    @functools.cached_property
+    def _sampler(self) -> str:
         if self.std == 0.0:
             return "limit"
         if self.is_flat():
