@@ -855,12 +855,11 @@ def _refuse_unkeyed_calls(plans, seed: int) -> None:
 
 
 def _takes_generator(fn) -> bool:
-    import inspect
+    """Whether ``fn`` accepts ``generator=``: the replayer's answer (a Python function by
+    its signature, torch's random builtins by name: ``torch.Tensor.normal_`` takes one)."""
+    from .deferred.execute import _takes_generator as takes
 
-    try:
-        return "generator" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return takes(fn)
 
 
 def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None = None, **options) -> SchemeReport:

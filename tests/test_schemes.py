@@ -895,3 +895,13 @@ def test_weight_norm_under_another_parametrization_is_still_a_gain_and_a_directi
     p = lin.parametrizations.weight
     assert torch.allclose(p.original0, p.original1.norm(dim=1, keepdim=True))
     assert torch.allclose(lin.weight, 2 * p.original1, atol=1e-6)
+
+
+def test_a_seeded_call_of_torchs_own_random_method_is_keyed():
+    runs = []
+    for other in range(2):
+        torch.manual_seed(other)  # (other draws of the program do not matter)
+        m = nn.Linear(64, 64)
+        apply_scheme(m, Scheme("t", [Rule(Call(torch.Tensor.normal_, 0.0, 0.02), ndim=2), Rule(0.0)]), seed=0)
+        runs.append(m.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1]) and 0.015 < runs[0].std() < 0.025
