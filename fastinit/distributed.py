@@ -49,12 +49,66 @@ def _dt_cls():
     return _DTENSOR_CLS or _load_dtensor_cls()
 
 
-def shard_box(dt) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(local shape, global offset) of this rank's shard of DTensor ``dt``."""
+# Pending reductions whose ranks may all hold the whole value: the average, the
+# maximum or the minimum of equal values is that value. A sum (or any other
+# reduction) of them is not: each rank would hold the full values and the DTensor
+# would be world-size times them.
+_PARTIAL_OF_EQUALS = frozenset({"avg", "max", "min"})
+
+
+def check_placements(dt, name: str = "") -> None:
+    """Refuse a DTensor whose value no rank-local fill can give: a ``Partial``
+    placement with a reduction other than avg/max/min (``Partial("sum")``, the
+    default), where filling every rank with the values makes their sum."""
+    for p in dt.placements:
+        if p.is_partial() and getattr(p, "reduce_op", "sum") not in _PARTIAL_OF_EQUALS:
+            raise NotImplementedError(
+                f"fastinit: {name or 'a DTensor'} has the placement {p}: its value is the "
+                f"{getattr(p, 'reduce_op', 'sum')} over ranks, so filling each rank's local tensor would give "
+                "world-size times the values. Initialize it as Replicate() or Shard(d) and redistribute after")
+
+
+def shard_box(dt, name: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's shard of DTensor ``dt`` (refused
+    where no shard holds a box of the value: see :func:`check_placements`)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    check_placements(dt, name)
     shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
     return tuple(shape), tuple(offset)
+
+
+def _keep_box(real, full: torch.Tensor) -> None:
+    """DTensor ``real``'s local tensor <- its box of ``full`` (the whole value, made on this rank)."""
+    local_shape, offset = shard_box(real)
+    box = full[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
+    with torch.no_grad():
+        local_tensor(real).copy_(box)
+
+
+def agree_on_seed(seed: int, tensors) -> int:
+    """The seed a sharded ``materialize(seed=None)`` uses on every rank: the one drawn
+    on the first rank of each mesh the ``tensors``' DTensors live on (broadcast along
+    each mesh dimension), so that no rank keys its shards with a seed of its own and
+    the gathered tensors are one model's. Plain tensors only: ``seed`` itself."""
+    meshes = []
+    for t in tensors:
+        if is_dtensor(t) and not any(t.device_mesh is m for m in meshes):
+            meshes.append(t.device_mesh)
+    if not meshes:
+        return seed
+    import torch.distributed as dist
+
+    for mesh in meshes:
+        kind = mesh.device_type
+        dev = torch.device(kind, getattr(torch, kind).current_device()) if kind not in ("cpu", "meta") \
+            and hasattr(getattr(torch, kind, None), "current_device") else torch.device("cpu")
+        v = torch.tensor([seed], dtype=torch.int64, device=dev)
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            dist.broadcast(v, src=dist.get_global_rank(group, 0), group=group)
+        seed = int(v.item())
+    return seed
 
 
 def fill_row(t: torch.Tensor, row: int, value: float) -> None:
@@ -140,6 +194,24 @@ def fill_dtensor(dt, spec, key: int) -> None:
         engines.fill(targets_for(dt, dt, spec, key))
 
 
+def fill_dtensor_default(dt, spec) -> bool:
+    """A drop-in fill of a CPU DTensor from torch's default generator, made as the cpu
+    engine makes it on the same plain tensor where that takes no key (a small tensor:
+    torch's own op, see ``engines.fill_default``): the whole value on this rank, its
+    box kept, so the values are those of the unsharded call. False: nothing was done
+    (a bigger tensor is keyed: :func:`fill_dtensor`)."""
+    from .engines.cpu import CHUNK  # (the most elements the cpu engine ever draws without a key)
+
+    if dt.numel() > CHUNK or not dt.is_contiguous() or not local_tensor(dt).is_cpu:
+        return False  # (a view draws keyed, as the same plain view does)
+    check_placements(dt)
+    full = torch.empty(dt.shape, dtype=dt.dtype, device="cpu")
+    if not engines.fill_default(full, spec):
+        return False
+    _keep_box(dt, full)
+    return True
+
+
 def replay_into(real: torch.Tensor, compute, spec=None, key: int = 0, name: str = "") -> None:
     """Run ``compute(full_tensor)`` for a tensor whose value needs replayed ops.
 
@@ -155,10 +227,7 @@ def replay_into(real: torch.Tensor, compute, spec=None, key: int = 0, name: str 
     if spec is not None:
         engines.fill([Target(full, spec, key)])
     compute(full)
-    local_shape, offset = shard_box(real)
-    box = full[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
-    with torch.no_grad():
-        local_tensor(real).copy_(box)
+    _keep_box(real, full)
 
 
 def _row_major_strides(shape) -> list[int]:
@@ -226,15 +295,24 @@ def after_assign(modules, new_of: dict) -> None:
     whose FSDP2 lacks these internals this does nothing for modules without them.
     """
     new_ids = {id(t) for t in new_of.values()}
+    resets = []
     for m in modules.modules():
         if not hasattr(type(m), "_get_fsdp_state"):  # a class attribute of FSDP2's module classes
             continue
         state = m._get_fsdp_state()
-        with torch.no_grad():
-            for group in getattr(state, "_fsdp_param_groups", None) or []:
-                for fsdp_param in group.fsdp_params:
-                    info = getattr(fsdp_param, "_module_info", None)
-                    current = getattr(info, "module", None)
-                    current = current._parameters.get(info.param_name) if current is not None else None
-                    if current is None or id(current) in new_ids:
-                        fsdp_param.reset_sharded_param()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            for fsdp_param in group.fsdp_params:
+                info = getattr(fsdp_param, "_module_info", None)
+                current = getattr(info, "module", None)
+                current = current._parameters.get(info.param_name) if current is not None else None
+                if current is not None and not is_dtensor(current):
+                    raise RuntimeError(
+                        f"fastinit.materialize: {getattr(fsdp_param, '_param_fqn', None) or info.param_name} "
+                        "is managed by fully_shard but was replaced by a plain tensor (an init assigning a new "
+                        "nn.Parameter): FSDP2 can only take back its own sharded parameter. Initialize it in "
+                        "place (torch.nn.init or fastinit calls, copy_) instead of assigning a new one")
+                if current is None or id(current) in new_ids:
+                    resets.append(fsdp_param)
+    with torch.no_grad():  # (all checked first: a refusal resets nothing)
+        for fsdp_param in resets:
+            fsdp_param.reset_sharded_param()

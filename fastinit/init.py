@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from . import _sink, engines
-from .distributed import fill_dtensor, is_dtensor
+from .distributed import check_placements, fill_dtensor, fill_dtensor_default, is_dtensor
 from .fans import (
     calculate_correct_fan,
     calculate_fan_in_and_fan_out,
@@ -334,9 +334,11 @@ def _write_now(tensor, spec, generator, maybe_dtensor: bool, default_tried: bool
     check_writable(tensor)
     before = None if tensor.is_inference() else tensor._version
     dtensor = maybe_dtensor and is_dtensor(tensor)
-    if spec.random and generator is None and not (dtensor or default_tried) and tensor.is_cpu \
-            and engines.fill_default(tensor, spec):
-        pass  # (a small CPU tensor: drawn from torch's default generator, no key)
+    if dtensor:
+        check_placements(tensor)  # (before a key is drawn: a refused call changes nothing)
+    if spec.random and generator is None and not default_tried and (
+            fill_dtensor_default(tensor, spec) if dtensor else tensor.is_cpu and engines.fill_default(tensor, spec)):
+        pass  # (a small CPU tensor, or DTensor: drawn from torch's default generator, no key)
     elif dtensor:
         fill_dtensor(tensor, spec, draw_key(generator) if spec.random else 0)
     else:

@@ -270,6 +270,97 @@ def dropin_dtensor(rank, world):
         assert (dt.full_tensor() == -7).all()
 
 
+def dropin_dtensor_default_generator(rank, world):
+    """Without generator=, a small CPU tensor takes torch's own draw (no key): so does
+    a DTensor of the same shape, whole on each rank, its box kept; torch's generator
+    ends where the unsharded call leaves it. A Partial("sum") DTensor is refused
+    (filled on every rank it would be world-size times the values), nothing drawn."""
+    import pytest
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    for placement in (Shard(0), Shard(1), Replicate()):
+        for fn, args, shape in ((fastinit.normal_, (0.0, 2.0), (40, 40)), (fastinit.normal_, (), (512, 512)),
+                                (fastinit.uniform_, (-1.0, 1.0), (13, 7)), (fastinit.trunc_normal_, (), (13, 7)),
+                                (fastinit.kaiming_uniform_, (), (64, 33)), (fastinit.xavier_normal_, (), (9, 11))):
+            dt = distribute_tensor(torch.zeros(shape), mesh, [placement])
+            torch.manual_seed(11)
+            fn(dt, *args)
+            after = torch.random.get_rng_state()
+            torch.manual_seed(11)
+            plain = fn(torch.zeros(shape), *args)
+            assert torch.equal(dt.full_tensor(), plain), (placement, fn.__name__, shape)
+            assert torch.equal(after, torch.random.get_rng_state()), (placement, fn.__name__, shape)
+    for fn in (fastinit.ones_, fastinit.normal_, lambda t: fastinit.uniform_(t, generator=torch.Generator())):
+        dt = DTensor.from_local(torch.full((6, 5), -7.0), mesh, [Partial()])
+        state = torch.random.get_rng_state()
+        with pytest.raises(NotImplementedError, match="Partial|P\\(sum\\)"):
+            fn(dt)
+        assert (dt.to_local() == -7).all() and torch.equal(state, torch.random.get_rng_state())
+
+
+def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
+    """Sharded, ``materialize(seed=None)`` keys every rank with the first rank's seed
+    (ranks seeded differently would each key their shards their own way: a patchwork);
+    blocks wrapped after recording (activation checkpointing, then fully_shard) and
+    materialized one by one are keyed by their names in the model (no warning that
+    they get alike values); an init_fn assigning a new Parameter where fully_shard
+    manages one is a clear error, the model as it was."""
+    import warnings
+
+    import pytest
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(100 + rank)
+    model = fastinit.deferred_init(TinyLM)
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    seed = fastinit.materialize(model, device="cpu").seed
+    seeds = [None] * world
+    dist.all_gather_object(seeds, seed)
+    assert len(set(seeds)) == 1, seeds
+    ref = fastinit.deferred_init(TinyLM)
+    fastinit.materialize(ref, device="cpu", seed=seed)
+    assert _compare(model, ref) > 0
+
+    model = fastinit.deferred_init(TinyLM)
+    for i in range(len(model.blocks)):
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i])
+        fully_shard(model.blocks[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in model.blocks:
+            fastinit.materialize(b, device="cpu", seed=SEED)
+    assert not [w for w in caught if "same values" in str(w.message)], [str(w.message) for w in caught]
+    fastinit.materialize(model, device="cpu", seed=SEED)
+    got = {n.replace("._checkpoint_wrapped_module", ""): t for n, t in model.named_parameters()}
+    ref = _reference()
+    for n, t in ref.named_parameters():
+        assert torch.equal(got[n].full_tensor(), t), n
+
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    fully_shard(m, mesh=mesh)
+    before = dict(m.named_parameters())
+
+    def assigns(mm):
+        for lin in mm:
+            fastinit.normal_(lin.weight)
+            fastinit.zeros_(lin.bias)
+        mm[1].bias = nn.Parameter(torch.ones(2))
+
+    with pytest.raises(RuntimeError, match="managed by fully_shard"):
+        fastinit.materialize(m, device="cpu", seed=SEED, init_fn=assigns)
+    after = dict(m.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is t and t.is_meta for n, t in before.items())
+
+
 def negative_control(rank, world):
     """The comparison catches a shard filled one element off."""
     from fastinit.engines import Layout, Target, fill

@@ -719,6 +719,50 @@ def test_a_failed_materialize_then_a_retry_equals_a_clean_run(monkeypatch):
     _assert_same(m, clean)  # the mul_ applied once, not once per try
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_failed_init_fn_puts_back_what_it_replaced_in_the_modules(deferred):
+    """An init that assigns a new Parameter, adds a buffer or a parametrization, then
+    fails: every module holds what it held before (objects, class), and a retry
+    equals a clean run."""
+    def build():
+        return nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+
+    def good(m):
+        for lin in m:
+            nn.init.normal_(lin.weight, std=0.5)
+            nn.init.zeros_(lin.bias)
+
+    def bad(m):
+        good(m)
+        m[1].bias = nn.Parameter(torch.ones(2))
+        m[0].register_buffer("extra", torch.zeros(3))
+        torch.nn.utils.parametrizations.weight_norm(m[0])
+        raise ValueError("the init fails after changing the modules")
+
+    def made():
+        if deferred:
+            return fastinit.deferred_init(build)
+        with torch.device("meta"):
+            return build()
+
+    m = made()
+    before = {n: (mod.__class__, dict(mod._parameters), dict(mod._buffers), dict(mod._modules))
+              for n, mod in m.named_modules()}
+    with pytest.raises(ValueError, match="fails after changing"):
+        fastinit.materialize(m, seed=0, init_fn=bad)
+    after = {n: (mod.__class__, dict(mod._parameters), dict(mod._buffers), dict(mod._modules))
+             for n, mod in m.named_modules()}
+    assert after.keys() == before.keys()
+    for n, (cls, *slots) in before.items():
+        assert after[n][0] is cls, n
+        for was, now in zip(slots, after[n][1:]):
+            assert was.keys() == now.keys() and all(now[k] is v for k, v in was.items()), n
+    fastinit.materialize(m, seed=0, init_fn=good)
+    clean = made()
+    fastinit.materialize(clean, seed=0, init_fn=good)
+    _assert_same(m, clean)
+
+
 def test_an_interrupt_while_tensors_are_assigned_leaves_the_model_deferred(monkeypatch):
     from fastinit.deferred import execute
 

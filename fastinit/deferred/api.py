@@ -177,6 +177,14 @@ class _Transaction:
         self.names: list[tuple[Recording, str, int]] = []
         self.handles: list = []
         self.batch: Batch | None = None
+        self.slots: list = []
+
+    def keep_slots(self, module: torch.nn.Module) -> None:
+        """Remember what every module under ``module`` holds (its class, parameters,
+        buffers and children), for an init that may replace them
+        (``lin.bias = nn.Parameter(...)``, a parametrization)."""
+        self.slots = [(m, m.__class__, dict(m._parameters), dict(m._buffers), dict(m._modules),
+                       set(m._non_persistent_buffers_set)) for m in module.modules()]
 
     def watch(self, rec: Recording) -> None:
         if id(rec) not in self.points:
@@ -195,6 +203,13 @@ class _Transaction:
         if self.batch is not None:
             self.batch.restore()
         self.batch = None
+        for m, cls, params, bufs, mods, non_persistent in reversed(self.slots):
+            m.__class__ = cls  # (the dicts themselves kept: other objects may hold them)
+            for now, was in ((m._parameters, params), (m._buffers, bufs), (m._modules, mods),
+                             (m._non_persistent_buffers_set, non_persistent)):
+                now.clear()
+                now.update(was)
+        self.slots = []
         detach_handles(self.handles)
         for rec, name, sk in reversed(self.names):
             if name is None:
@@ -425,6 +440,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
             kept = frozenset(storage_key(dist_mod.local_tensor(t))
                              for _, t in named_model_tensors(module) if t is not None and not t.is_meta)
         txn.batch = Batch(undo={}, kept=kept)
+        txn.keep_slots(module)
         with intercept.recording(home, txn.batch):
             run(module)
         resolved, orphans = _after_init_fn(module, where, resolved, orphans, txn, prefix)
@@ -653,7 +669,8 @@ def materialize(
         seed: values are keyed by ``(seed, fully-qualified name)``: the same seed
             gives the same model whatever the init order, the set of other
             parameters, the device count or the sharding. ``None`` draws a seed
-            from torch's default generator (once).
+            from torch's default generator (once; for a sharded model, on the first
+            rank of each device mesh, broadcast to the others: one collective).
         strict: raise (before allocating anything) if a tensor was never
             initialized or holds uninitialized memory (``empty``, ``empty_like``,
             ``new_empty``, the legacy ``torch.Tensor(n, m)``, or values computed
@@ -695,8 +712,8 @@ def materialize(
         warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
                       "(its init, default or init_fn, was not run)", stacklevel=2)
         return MaterializeReport(seed if seed is not None else 0, device, {}, 0, 0, 0, time.perf_counter() - t0, 0)
-    if seed is None:
-        seed = draw_seed()
+    if seed is None:  # (sharded: the first rank's draw, on every rank of the meshes)
+        seed = dist_mod.agree_on_seed(draw_seed(), (t for t, _ in objs))
     _warn_if_keyed_as_before(module, objs, seed)
     txn = _Transaction()
     try:
@@ -810,8 +827,8 @@ _KEYED_PLAIN: dict = {}
 def _warn_if_keyed_as_before(module: torch.nn.Module, objs, seed: int) -> None:
     """Warn when ``module`` (built on meta without deferred_init) gets the very values
     another such module got: blocks of one model materialized one by one."""
-    if module_handle(module) is not None or any(recorded_or_adopted(t) is not None for t, _ in objs):
-        return
+    if module_handle(module) is not None or any(_resolve(module, t, names[0]) is not None for t, names in objs):
+        return  # (recorded: keyed by names in the whole model, as a block wrapped after recording is)
     fingerprint = (seed, tuple(sorted((names[0], tuple(t.shape), t.dtype) for t, names in objs)))
     before = _KEYED_PLAIN.get(fingerprint)
     other = before() if before is not None else None
@@ -900,6 +917,8 @@ def _check(plans, strict: bool, dtype, plain=frozenset()) -> None:
                 + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
                 "uninitialized)")
     for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a recorded float16 tensor cannot hold
+        if dist_mod.is_dtensor(t):
+            dist_mod.check_placements(t, names[0])  # (a Partial("sum") DTensor: refused before any allocation)
         # (in the dtype the value is built in: eager code builds, then casts, which overflows to inf)
         td = _recorded_dtype(t, plan)
         if plan.spec is not None and td.is_floating_point:
