@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import math
+import re
 import threading
 import warnings
 
@@ -824,9 +825,11 @@ def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
     codes = {n: getattr(f, "__code__", None) for n, f in fns.items()}
     new = torch.Tensor.__new__
     typed = {n: getattr(torch, n) for n in ("FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor")}
+    rng = {(m, n): getattr(m, n) for m in (torch, torch.random) for n in ("manual_seed", "set_rng_state")}
     seen = {}
 
     def other_thread():
+        torch.manual_seed(3)  # (not the recording thread's call: no warning)
         x = torch.empty(1000)
         torch.nn.init.normal_(x)
         y = torch.Tensor(3, 2)
@@ -841,13 +844,54 @@ def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
         th.join()
         return nn.Linear(4, 4)
 
-    fastinit.deferred_init(build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastinit.deferred_init(build)
+    assert all(getattr(m, n) is f for (m, n), f in rng.items())
     assert seen["x"][0] is False and 0.9 < seen["x"][1] < 1.1  # torch's own, on real memory
     assert seen["y"] == "cpu" and seen["z"] == ("cpu", True)
     assert all(getattr(torch, n) is c for n, c in typed.items())
     assert all(getattr(init, n) is f for n, f in fns.items())
     assert all(getattr(getattr(init, n), "__code__", None) is c for n, c in codes.items())
     assert torch.Tensor.__new__ is new and "__new__" not in torch.Tensor.__dict__
+
+
+class _FixedFeatures(nn.Module):  # random features fixed whatever the outer seed (eagerly)
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(42)
+            self.register_buffer("feat", torch.randn(16, 8))
+
+
+class _Twins(nn.Module):  # two tensors drawn from one saved state: equal (eagerly)
+    def __init__(self):
+        super().__init__()
+        st = torch.get_rng_state()
+        self.w1 = nn.Parameter(torch.randn(8, 8))
+        torch.set_rng_state(st)
+        self.w2 = nn.Parameter(torch.randn(8, 8))
+
+
+@pytest.mark.parametrize("build, calls", [(_FixedFeatures, "torch.manual_seed(42), torch.set_rng_state"),
+                                          (_Twins, "torch.set_rng_state")])
+def test_a_constructor_that_seeds_or_sets_the_global_generator_is_warned_about(build, calls):
+    """Such code makes values fixed or equal eagerly; deferred draws are keyed by seed
+    and name instead: not silently. A call made by fastinit's own code (a seeded
+    Reset on real tensors forks and seeds the generator) is not the user's."""
+    with pytest.warns(UserWarning, match=re.escape(calls)) as caught:
+        m = fastinit.deferred_init(build)
+    assert caught[0].filename == __file__  # the user's line
+    fastinit.materialize(m, seed=0)
+    as_fastinit = {"__name__": "fastinit.schemes", "torch": torch}
+
+    def seeded_by_fastinit():
+        exec("with torch.random.fork_rng():\n    torch.manual_seed(5)", as_fastinit)
+        return nn.Linear(4, 4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastinit.deferred_init(seeded_by_fastinit)
 
 
 def test_dropin_calls_on_a_deferred_model_outside_any_block_are_recorded():

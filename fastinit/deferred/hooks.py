@@ -15,6 +15,14 @@ recording:
   (``torch.FloatTensor(d, h, k)``, as transformers' XLNet makes its parameters)
   are immutable types: their names in ``torch`` are replaced meanwhile by
   :class:`_LegacyTypedMeta` stand-ins, likewise.
+* **Code that seeds or sets torch's global generator** (``torch.manual_seed(k)``,
+  ``torch.set_rng_state(s)``, and ``torch.random.fork_rng``, which calls them)
+  while fastinit records: draws made after are keyed by ``materialize``'s seed
+  and each tensor's name, not drawn from that state, so values the code makes
+  fixed or equal that way differ, and a mode sees none of these calls. While any
+  thread records, the names in ``torch`` and ``torch.random`` are wrappers that
+  note such a call made by a recording thread (not fastinit's own) and then call
+  torch's function; :func:`recording_thread` warns once at its end.
 * **Init functions that return early on meta tensors** (``trunc_normal_``,
   ``orthogonal_``, ``sparse_``, ``dirac_`` in ``torch.nn.init``) never reach a
   mode with their arguments, but each reads ``tensor.is_meta`` first, and a mode
@@ -191,6 +199,70 @@ def _remove_typed() -> None:
     _saved_typed.clear()
 
 
+# ------------------------------------------------------------ torch's global generator
+
+_RNG_SETTERS = ("manual_seed", "set_rng_state")
+_saved_rng: list = []  # (module, name, torch's function)
+
+
+def _outside_fastinit(depth: int) -> str | None:
+    """The module of the first frame above ``depth`` that is neither torch's nor
+    contextlib's (a ``fork_rng`` block's caller), or None when that is fastinit's."""
+    f = sys._getframe(depth)
+    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("torch", "contextlib"):
+        f = f.f_back
+    name = f.f_globals.get("__name__", "") if f is not None else ""
+    return None if name.partition(".")[0] == "fastinit" else name or "?"
+
+
+def _noting(name: str, fn):
+    def wrapper(*args, **kwargs):
+        if _recording_here() and _outside_fastinit(2) is not None:
+            shown = f"torch.{name}({args[0]!r})" if name == "manual_seed" and args else f"torch.{name}(...)"
+            if shown not in _local.rng_calls:
+                _local.rng_calls.append(shown)
+        return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return wrapper
+
+
+def _install_rng() -> None:
+    import torch.random
+
+    for name in _RNG_SETTERS:
+        for mod in (torch, torch.random):
+            fn = getattr(mod, name)
+            ours = _noting(name, fn)
+            _saved_rng.append((mod, name, fn, ours))
+            setattr(mod, name, ours)
+
+
+def _remove_rng() -> None:
+    for mod, name, fn, ours in reversed(_saved_rng):
+        # (torch._dynamo, first imported while recording, wraps torch.manual_seed once: then
+        # what it wrapped, ours, stays under its wrapper, inert outside a recording thread)
+        if getattr(mod, name) is ours:
+            setattr(mod, name, fn)
+    _saved_rng.clear()
+
+
+def _warn_rng_calls(calls: list[str]) -> None:
+    f, level = sys._getframe(1), 2  # (the warning names the user's line: the first frame outside fastinit)
+    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("fastinit", "contextlib"):
+        f, level = f.f_back, level + 1
+    import warnings
+
+    warnings.warn(
+        f"fastinit: the code recorded called {', '.join(calls[:3])}{' and more' if len(calls) > 3 else ''}: "
+        "draws it made after are keyed by materialize's seed and each tensor's name, not drawn from the "
+        "state it set, so values eager code makes fixed or equal that way (a buffer drawn after "
+        "manual_seed in fork_rng, two tensors drawn from one saved state) differ from eager ones. Draw "
+        "such values from a torch.Generator of the code's own, which deferred init keeps exactly",
+        stacklevel=level)
+
+
 @contextlib.contextmanager
 def recording_thread():
     """Mark this thread as recording and keep the hooks installed meanwhile
@@ -203,7 +275,11 @@ def recording_thread():
                 raise _torch_changed("defines torch.Tensor.__new__ (or something else replaced it)")
             torch.Tensor.__new__ = staticmethod(_legacy_tensor_new)
             _install_typed()
+            _install_rng()
         _installed += 1
+    outer = getattr(_local, "depth", 0) == 0
+    if outer:
+        _local.rng_calls = []
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
         yield
@@ -214,3 +290,6 @@ def recording_thread():
             if _installed == 0:
                 del torch.Tensor.__new__  # back to torch._C.TensorBase's
                 _remove_typed()
+                _remove_rng()
+        if outer and _local.rng_calls and sys.exc_info()[0] is None:
+            _warn_rng_calls(_local.rng_calls)

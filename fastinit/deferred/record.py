@@ -223,7 +223,7 @@ class Recording:
                 f"fastinit: {kw.get('label') or kind} writes into a {t.dtype} view of a {r.tensor.dtype} "
                 f"tensor of shape {tuple(r.tensor.shape)} (a view that reinterprets its bytes, such as "
                 "w.view(torch.int32)), which deferred init cannot replay exactly; make this edit after "
-                "materialize()")
+                "materialize(), or, where it is made by code you do not control, build the model eagerly")
         ev = Event(next(self._seq), geometry(t), kind, covers_storage(t), overwrites, **kw)
         r.events.append(ev)
         self.keep.append(t)
