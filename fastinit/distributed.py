@@ -306,8 +306,11 @@ def after_assign(modules, new_of: dict) -> None:
                 current = getattr(info, "module", None)
                 current = current._parameters.get(info.param_name) if current is not None else None
                 if current is not None and not is_dtensor(current):
+                    where = next((f"{n}.{info.param_name}" if n else info.param_name
+                                  for root in modules.roots for n, mod in root.named_modules()
+                                  if mod is info.module), info.param_name)
                     raise RuntimeError(
-                        f"fastinit.materialize: {getattr(fsdp_param, '_param_fqn', None) or info.param_name} "
+                        f"fastinit.materialize: {where} "
                         "is managed by fully_shard but was replaced by a plain tensor (an init assigning a new "
                         "nn.Parameter): FSDP2 can only take back its own sharded parameter. Initialize it in "
                         "place (torch.nn.init or fastinit calls, copy_) instead of assigning a new one")

@@ -355,7 +355,7 @@ def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
             fastinit.zeros_(lin.bias)
         mm[1].bias = nn.Parameter(torch.ones(2))
 
-    with pytest.raises(RuntimeError, match="managed by fully_shard"):
+    with pytest.raises(RuntimeError, match="1.bias is managed by fully_shard"):
         fastinit.materialize(m, device="cpu", seed=SEED, init_fn=assigns)
     after = dict(m.named_parameters())
     assert after.keys() == before.keys() and all(after[n] is t and t.is_meta for n, t in before.items())
