@@ -3,7 +3,10 @@
 A DTensor's local shard is a box of its global tensor. Under the RNG contract
 an element's value depends on ``(key, global flat index)`` only, so each rank
 fills exactly its own elements with the values an unsharded fill would give
-them: no rank allocates or generates the full tensor and no collective runs.
+them: no rank generates the full tensor and no collective runs to fill. (Two
+exceptions: a small CPU DTensor filled from torch's default generator is drawn
+whole, as the same plain tensor is, see :func:`fill_dtensor_default`; and a
+sharded ``materialize(seed=None)`` broadcasts the seed, see :func:`agree_on_seed`.)
 
 The box of a shard coalesces to a :class:`~fastinit.engines.Layout` (rows of
 contiguous global indices); Shard(d) on one or two mesh dimensions, Replicate,
@@ -49,31 +52,35 @@ def _dt_cls():
     return _DTENSOR_CLS or _load_dtensor_cls()
 
 
-# Pending reductions whose ranks may all hold the whole value: the average, the
-# maximum or the minimum of equal values is that value. A sum (or any other
-# reduction) of them is not: each rank would hold the full values and the DTensor
-# would be world-size times them.
-_PARTIAL_OF_EQUALS = frozenset({"avg", "max", "min"})
+# Pending reductions that a value held whole by every rank survives exactly: the
+# maximum or the minimum of equal values is that value. Their sum is world-size
+# times it, and their average (x + ... + x) / n is x rounded, or inf near the
+# dtype's largest value.
+_PARTIAL_OF_EQUALS = frozenset({"max", "min"})
 
 
-def check_placements(dt, name: str = "") -> None:
+def check_placements(dt, name: str = "", zero: bool = False) -> None:
     """Refuse a DTensor whose value no rank-local fill can give: a ``Partial``
-    placement with a reduction other than avg/max/min (``Partial("sum")``, the
-    default), where filling every rank with the values makes their sum."""
+    placement (``Partial("sum")``, the default, or ``"avg"``), whose value is a
+    reduction over ranks of what each holds, except max/min, and except a fill with
+    zeros (``zero``: every reduction of zeros is zero)."""
+    if zero:
+        return
     for p in dt.placements:
-        if p.is_partial() and getattr(p, "reduce_op", "sum") not in _PARTIAL_OF_EQUALS:
+        op = getattr(p, "reduce_op", "sum")
+        if p.is_partial() and op not in _PARTIAL_OF_EQUALS:
             raise NotImplementedError(
-                f"fastinit: {name or 'a DTensor'} has the placement {p}: its value is the "
-                f"{getattr(p, 'reduce_op', 'sum')} over ranks, so filling each rank's local tensor would give "
-                "world-size times the values. Initialize it as Replicate() or Shard(d) and redistribute after")
+                f"fastinit: {name or 'a DTensor'} has the placement {p}: its value is the {op} over ranks of "
+                "what each holds, which a fill of each rank's local tensor does not give (the sum of equal "
+                "values is world-size times them). Initialize it as Replicate() or Shard(d), or "
+                "redistribute it so, and make it Partial after")
 
 
-def shard_box(dt, name: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(local shape, global offset) of this rank's shard of DTensor ``dt`` (refused
-    where no shard holds a box of the value: see :func:`check_placements`)."""
+def shard_box(dt) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this rank's shard of DTensor ``dt`` (its callers'
+    entry points refuse placements no box gives: :func:`check_placements`)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    check_placements(dt, name)
     shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
     return tuple(shape), tuple(offset)
 
@@ -88,13 +95,18 @@ def _keep_box(real, full: torch.Tensor) -> None:
 
 def agree_on_seed(seed: int, tensors) -> int:
     """The seed a sharded ``materialize(seed=None)`` uses on every rank: the one drawn
-    on the first rank of each mesh the ``tensors``' DTensors live on (broadcast along
-    each mesh dimension), so that no rank keys its shards with a seed of its own and
-    the gathered tensors are one model's. Plain tensors only: ``seed`` itself."""
+    on the first rank of the mesh the ``tensors``' DTensors live on, or of the mesh
+    it was sliced from (``mesh["tp"]`` of a (dp, tp) mesh: the dp replicas agree
+    too), broadcast along each of its dimensions, so that no rank keys its shards
+    with a seed of its own and the gathered tensors are one model's. Every rank of
+    that mesh must call materialize alike, as for any collective. Plain tensors
+    only: ``seed`` itself."""
     meshes = []
     for t in tensors:
-        if is_dtensor(t) and not any(t.device_mesh is m for m in meshes):
-            meshes.append(t.device_mesh)
+        if is_dtensor(t):
+            root = _root_mesh(t.device_mesh)
+            if not any(root is m for m in meshes):
+                meshes.append(root)
     if not meshes:
         return seed
     import torch.distributed as dist
@@ -111,12 +123,27 @@ def agree_on_seed(seed: int, tensors) -> int:
     return seed
 
 
+def _root_mesh(mesh):
+    """The mesh ``mesh`` was sliced from (itself if none; guarded: private API)."""
+    get = getattr(mesh, "_get_root_mesh", None)
+    try:
+        root = get() if callable(get) else None
+        if root is None:
+            from torch.distributed.device_mesh import _mesh_resources
+
+            root = _mesh_resources.get_root_mesh(mesh)
+    except (AttributeError, ImportError, RuntimeError):
+        root = None
+    return root if root is not None else mesh
+
+
 def fill_row(t: torch.Tensor, row: int, value: float) -> None:
     """``t[row].fill_(value)``, also for a DTensor: on the part of that row this rank's
     shard holds (indexing a DTensor would write into a temporary)."""
     if not is_dtensor(t) or t.is_meta:
         t[row].fill_(value)
         return
+    check_placements(t, zero=value == 0)
     shape, offset = shard_box(t)
     row = row + t.shape[0] if row < 0 else row
     if offset[0] <= row < offset[0] + shape[0]:
@@ -199,12 +226,11 @@ def fill_dtensor_default(dt, spec) -> bool:
     engine makes it on the same plain tensor where that takes no key (a small tensor:
     torch's own op, see ``engines.fill_default``): the whole value on this rank, its
     box kept, so the values are those of the unsharded call. False: nothing was done
-    (a bigger tensor is keyed: :func:`fill_dtensor`)."""
-    from .engines.cpu import CHUNK  # (the most elements the cpu engine ever draws without a key)
+    (a bigger tensor is keyed: :func:`fill_dtensor`). The caller checked the placements."""
+    from .engines.cpu import default_max
 
-    if dt.numel() > CHUNK or not dt.is_contiguous() or not local_tensor(dt).is_cpu:
+    if dt.numel() > default_max(dt.dtype, type(spec)) or not dt.is_contiguous() or not local_tensor(dt).is_cpu:
         return False  # (a view draws keyed, as the same plain view does)
-    check_placements(dt)
     full = torch.empty(dt.shape, dtype=dt.dtype, device="cpu")
     if not engines.fill_default(full, spec):
         return False
@@ -305,7 +331,7 @@ def after_assign(modules, new_of: dict) -> None:
                 info = getattr(fsdp_param, "_module_info", None)
                 current = getattr(info, "module", None)
                 current = current._parameters.get(info.param_name) if current is not None else None
-                if current is not None and not is_dtensor(current):
+                if current is not None and id(current) in new_ids and not is_dtensor(current):
                     where = next((f"{n}.{info.param_name}" if n else info.param_name
                                   for root in modules.roots for n, mod in root.named_modules()
                                   if mod is info.module), info.param_name)

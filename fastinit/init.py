@@ -334,8 +334,8 @@ def _write_now(tensor, spec, generator, maybe_dtensor: bool, default_tried: bool
     check_writable(tensor)
     before = None if tensor.is_inference() else tensor._version
     dtensor = maybe_dtensor and is_dtensor(tensor)
-    if dtensor:
-        check_placements(tensor)  # (before a key is drawn: a refused call changes nothing)
+    if dtensor:  # (before a key is drawn: a refused call changes nothing)
+        check_placements(tensor, zero=type(spec) is Constant and spec.value == 0)
     if spec.random and generator is None and not default_tried and (
             fill_dtensor_default(tensor, spec) if dtensor else tensor.is_cpu and engines.fill_default(tensor, spec)):
         pass  # (a small CPU tensor, or DTensor: drawn from torch's default generator, no key)
@@ -388,6 +388,7 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
             return tensor.fill_(value)
     if is_dtensor(tensor) and _is_engine_dtype(tensor.dtype):
         check_writable(tensor, overlap=False)
+        check_placements(tensor, zero=float(value) == 0)
         fill_dtensor(tensor, Constant(float(value)), 0)
         return tensor
     return _memset(tensor, value)

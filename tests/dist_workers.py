@@ -281,23 +281,42 @@ def dropin_dtensor_default_generator(rank, world):
 
     mesh = init_device_mesh("cpu", (world,))
     for placement in (Shard(0), Shard(1), Replicate()):
-        for fn, args, shape in ((fastinit.normal_, (0.0, 2.0), (40, 40)), (fastinit.normal_, (), (512, 512)),
-                                (fastinit.uniform_, (-1.0, 1.0), (13, 7)), (fastinit.trunc_normal_, (), (13, 7)),
-                                (fastinit.kaiming_uniform_, (), (64, 33)), (fastinit.xavier_normal_, (), (9, 11))):
-            dt = distribute_tensor(torch.zeros(shape), mesh, [placement])
+        for fn, args, shape, dtype in (
+                (fastinit.normal_, (0.0, 2.0), (40, 40), torch.float32), (fastinit.normal_, (), (512, 512), torch.float32),
+                (fastinit.uniform_, (-1.0, 1.0), (13, 7), torch.float32), (fastinit.trunc_normal_, (), (13, 7), torch.float32),
+                (fastinit.kaiming_uniform_, (), (64, 33), torch.float32), (fastinit.xavier_normal_, (), (9, 11), torch.float32),
+                (fastinit.normal_, (), (40, 40), torch.bfloat16), (fastinit.uniform_, (), (30, 30), torch.float16)):
+            dt = distribute_tensor(torch.zeros(shape, dtype=dtype), mesh, [placement])
             torch.manual_seed(11)
             fn(dt, *args)
             after = torch.random.get_rng_state()
             torch.manual_seed(11)
-            plain = fn(torch.zeros(shape), *args)
-            assert torch.equal(dt.full_tensor(), plain), (placement, fn.__name__, shape)
-            assert torch.equal(after, torch.random.get_rng_state()), (placement, fn.__name__, shape)
-    for fn in (fastinit.ones_, fastinit.normal_, lambda t: fastinit.uniform_(t, generator=torch.Generator())):
-        dt = DTensor.from_local(torch.full((6, 5), -7.0), mesh, [Partial()])
-        state = torch.random.get_rng_state()
-        with pytest.raises(NotImplementedError, match="Partial|P\\(sum\\)"):
-            fn(dt)
-        assert (dt.to_local() == -7).all() and torch.equal(state, torch.random.get_rng_state())
+            plain = fn(torch.zeros(shape, dtype=dtype), *args)
+            assert torch.equal(dt.full_tensor(), plain), (placement, fn.__name__, shape, dtype)
+            assert torch.equal(after, torch.random.get_rng_state()), (placement, fn.__name__, shape, dtype)
+    for fn, shape in ((fastinit.ones_, (6, 5)), (fastinit.normal_, (6, 5)), (fastinit.normal_, (600, 600)),
+                      (lambda t: fastinit.uniform_(t, generator=torch.Generator()), (6, 5))):
+        for op in ("sum", "avg"):  # (the average of equal values rounds: (x + x + x) / 3 is not x)
+            dt = DTensor.from_local(torch.full(shape, -7.0), mesh, [Partial(op)])
+            state = torch.random.get_rng_state()
+            with pytest.raises(NotImplementedError, match=f"the {op} over ranks"):
+                fn(dt)
+            assert (dt.to_local() == -7).all() and torch.equal(state, torch.random.get_rng_state())
+    # Zeros are zeros under any reduction; the maximum or minimum of equal values is them.
+    dt = DTensor.from_local(torch.full((6, 5), -7.0), mesh, [Partial()])
+    fastinit.zeros_(dt)
+    assert (dt.full_tensor() == 0).all()
+    dt = DTensor.from_local(torch.zeros(6, 5), mesh, [Partial("max")])
+    fastinit.normal_(dt, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(dt.full_tensor(), fastinit.normal_(torch.zeros(6, 5), generator=torch.Generator().manual_seed(3)))
+    # materialize refuses a Partial("sum") parameter before allocating anything.
+    m = fastinit.deferred_init(nn.Linear, 10, 14)
+    for pn, p in list(m.named_parameters()):
+        m.register_parameter(pn, nn.Parameter(DTensor.from_local(torch.empty(p.shape, device="meta"), mesh,
+                                                                 [Partial()])))
+    with pytest.raises(NotImplementedError, match="weight has the placement"):
+        fastinit.materialize(m, device="cpu", seed=1)
+    assert all(p.is_meta for p in m.parameters())
 
 
 def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
@@ -327,6 +346,15 @@ def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
     ref = fastinit.deferred_init(TinyLM)
     fastinit.materialize(ref, device="cpu", seed=seed)
     assert _compare(model, ref) > 0
+    if world == 4:  # tensor parallel on the "tp" slice of a (dp, tp) mesh: the dp replicas agree too
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        lin = fastinit.deferred_init(nn.Linear, 6, 8)
+        parallelize_module(lin, mesh2["tp"], ColwiseParallel())
+        seed = fastinit.materialize(lin, device="cpu").seed
+        dist.all_gather_object(seeds, seed)
+        assert len(set(seeds)) == 1, seeds
 
     model = fastinit.deferred_init(TinyLM)
     for i in range(len(model.blocks)):

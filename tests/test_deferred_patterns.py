@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import math
+import pickle
 import re
 import threading
 import warnings
@@ -736,8 +737,11 @@ def test_a_failed_init_fn_puts_back_what_it_replaced_in_the_modules(deferred):
     def bad(m):
         good(m)
         m[1].bias = nn.Parameter(torch.ones(2))
-        m[0].register_buffer("extra", torch.zeros(3))
+        m[0].register_buffer("extra", torch.zeros(3), persistent=False)
         torch.nn.utils.parametrizations.weight_norm(m[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.nn.utils.weight_norm(m[1])  # (the legacy one: a hook and a plain attribute)
         raise ValueError("the init fails after changing the modules")
 
     def made():
@@ -746,22 +750,31 @@ def test_a_failed_init_fn_puts_back_what_it_replaced_in_the_modules(deferred):
         with torch.device("meta"):
             return build()
 
+    def state(m):
+        return {n: (mod.__class__, dict(mod.__dict__), dict(mod._parameters), dict(mod._buffers),
+                    dict(mod._modules), set(mod._non_persistent_buffers_set), dict(mod._forward_pre_hooks))
+                for n, mod in m.named_modules()}
+
     m = made()
-    before = {n: (mod.__class__, dict(mod._parameters), dict(mod._buffers), dict(mod._modules))
-              for n, mod in m.named_modules()}
+    before = state(m)
     with pytest.raises(ValueError, match="fails after changing"):
         fastinit.materialize(m, seed=0, init_fn=bad)
-    after = {n: (mod.__class__, dict(mod._parameters), dict(mod._buffers), dict(mod._modules))
-             for n, mod in m.named_modules()}
+    after = state(m)
     assert after.keys() == before.keys()
     for n, (cls, *slots) in before.items():
         assert after[n][0] is cls, n
         for was, now in zip(slots, after[n][1:]):
-            assert was.keys() == now.keys() and all(now[k] is v for k, v in was.items()), n
+            assert type(was) is type(now) and len(was) == len(now), n
+            if isinstance(was, dict):
+                assert was.keys() == now.keys() and all(now[k] is v for k, v in was.items()), n
+            else:
+                assert was == now, n
     fastinit.materialize(m, seed=0, init_fn=good)
     clean = made()
     fastinit.materialize(clean, seed=0, init_fn=good)
     _assert_same(m, clean)
+    x = torch.randn(5, 4)
+    assert torch.equal(m(x), clean(x))
 
 
 def test_an_interrupt_while_tensors_are_assigned_leaves_the_model_deferred(monkeypatch):
@@ -883,6 +896,19 @@ def test_a_constructor_that_seeds_or_sets_the_global_generator_is_warned_about(b
         m = fastinit.deferred_init(build)
     assert caught[0].filename == __file__  # the user's line
     fastinit.materialize(m, seed=0)
+    try:
+        raise KeyError("being handled")
+    except KeyError:  # (deferred_init called while an exception is handled: still warned)
+        with pytest.warns(UserWarning, match=re.escape(calls)):
+            fastinit.deferred_init(build)
+    same = torch.manual_seed is torch.random.manual_seed  # (False once torch._dynamo wrapped it)
+
+    def pickles_the_setters():  # (a config holding them pickles while recording, as torch's)
+        assert pickle.loads(pickle.dumps(torch.set_rng_state)) is torch.set_rng_state
+        assert (torch.manual_seed is torch.random.manual_seed) == same
+        return nn.Linear(2, 2)
+
+    fastinit.deferred_init(pickles_the_setters)
     as_fastinit = {"__name__": "fastinit.schemes", "torch": torch}
 
     def seeded_by_fastinit():

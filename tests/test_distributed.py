@@ -59,8 +59,9 @@ def test_dropin_default_generator_on_dtensors_equals_unsharded(world):
     _spawn(dist_workers.dropin_dtensor_default_generator, world)
 
 
-def test_seed_none_wrapped_blocks_and_replaced_parameters_under_fsdp2():
-    _spawn(dist_workers.fsdp_seed_none_wrappers_and_replaced_parameters, 2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_seed_none_wrapped_blocks_and_replaced_parameters_under_fsdp2(world):
+    _spawn(dist_workers.fsdp_seed_none_wrappers_and_replaced_parameters, world)
 
 
 def test_negative_control_catches_a_wrong_offset():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -177,14 +178,12 @@ class _Transaction:
         self.names: list[tuple[Recording, str, int]] = []
         self.handles: list = []
         self.batch: Batch | None = None
-        self.slots: list = []
+        self.modules: list = []
 
-    def keep_slots(self, module: torch.nn.Module) -> None:
-        """Remember what every module under ``module`` holds (its class, parameters,
-        buffers and children), for an init that may replace them
-        (``lin.bias = nn.Parameter(...)``, a parametrization)."""
-        self.slots = [(m, m.__class__, dict(m._parameters), dict(m._buffers), dict(m._modules),
-                       set(m._non_persistent_buffers_set)) for m in module.modules()]
+    def keep_modules(self, module: torch.nn.Module) -> None:
+        """Remember every module under ``module`` as it is (:func:`_save_modules`), for an
+        init that may change them (``lin.bias = nn.Parameter(...)``, a parametrization)."""
+        self.modules = _save_modules(module.modules())
 
     def watch(self, rec: Recording) -> None:
         if id(rec) not in self.points:
@@ -203,13 +202,8 @@ class _Transaction:
         if self.batch is not None:
             self.batch.restore()
         self.batch = None
-        for m, cls, params, bufs, mods, non_persistent in reversed(self.slots):
-            m.__class__ = cls  # (the dicts themselves kept: other objects may hold them)
-            for now, was in ((m._parameters, params), (m._buffers, bufs), (m._modules, mods),
-                             (m._non_persistent_buffers_set, non_persistent)):
-                now.clear()
-                now.update(was)
-        self.slots = []
+        _restore_modules(self.modules)
+        self.modules = []
         detach_handles(self.handles)
         for rec, name, sk in reversed(self.names):
             if name is None:
@@ -219,6 +213,28 @@ class _Transaction:
                 rec.geoms.pop(name, None)
         for rec, cp in self.points.values():
             rec.rollback(cp)
+
+
+def _save_modules(modules) -> list:
+    """What each module is now: its class, its attributes, and the contents of its
+    dicts and sets (parameters, buffers, children, hooks), for :func:`_restore_modules`."""
+    return [(m, m.__class__, dict(m.__dict__),
+             [(v, v.copy()) for v in m.__dict__.values() if type(v) in _CONTAINERS]) for m in modules]
+
+
+_CONTAINERS = (dict, set, collections.OrderedDict)
+
+
+def _restore_modules(saved: list) -> None:
+    """Put modules back as :func:`_save_modules` saw them (the same dict and set objects,
+    their contents as they were: other objects, hook handles, may hold them)."""
+    for m, cls, attrs, contents in reversed(saved):
+        m.__class__ = cls
+        m.__dict__.clear()
+        m.__dict__.update(attrs)
+        for container, was in contents:
+            container.clear()
+            container.update(was)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -440,7 +456,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
             kept = frozenset(storage_key(dist_mod.local_tensor(t))
                              for _, t in named_model_tensors(module) if t is not None and not t.is_meta)
         txn.batch = Batch(undo={}, kept=kept)
-        txn.keep_slots(module)
+        txn.keep_modules(module)
         with intercept.recording(home, txn.batch):
             run(module)
         resolved, orphans = _after_init_fn(module, where, resolved, orphans, txn, prefix)
@@ -670,7 +686,7 @@ def materialize(
             gives the same model whatever the init order, the set of other
             parameters, the device count or the sharding. ``None`` draws a seed
             from torch's default generator (once; for a sharded model, on the first
-            rank of each device mesh, broadcast to the others: one collective).
+            rank of its device mesh, broadcast to the others).
         strict: raise (before allocating anything) if a tensor was never
             initialized or holds uninitialized memory (``empty``, ``empty_like``,
             ``new_empty``, the legacy ``torch.Tensor(n, m)``, or values computed
@@ -785,8 +801,7 @@ def _cast_by_themselves(tops, dtype: torch.dtype, kept: frozenset[int]) -> None:
     weights; a module may keep its dtype in an attribute)."""
     if not tops:
         return
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-             for top in tops for m in top.modules()]
+    saved = _save_modules(m for top in tops for m in top.modules())
 
     def convert(t):
         return t.to(dtype) if t.is_floating_point() and id(t) not in kept else t
@@ -795,12 +810,7 @@ def _cast_by_themselves(tops, dtype: torch.dtype, kept: frozenset[int]) -> None:
         for m in tops:
             m._apply(convert)
     except BaseException:
-        for m, attrs, params, buffers, children in saved:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for store, was in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
-                store.clear()
-                store.update(was)
+        _restore_modules(saved)
         raise
 
 
@@ -917,8 +927,9 @@ def _check(plans, strict: bool, dtype, plain=frozenset()) -> None:
                 + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
                 "uninitialized)")
     for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a recorded float16 tensor cannot hold
-        if dist_mod.is_dtensor(t):
-            dist_mod.check_placements(t, names[0])  # (a Partial("sum") DTensor: refused before any allocation)
+        if dist_mod.is_dtensor(t):  # (a Partial("sum") DTensor: refused before any allocation)
+            dist_mod.check_placements(t, names[0], zero=plan.why_uninitialized is not None or (
+                not plan.replay and type(plan.spec) is Constant and plan.spec.value == 0))
         # (in the dtype the value is built in: eager code builds, then casts, which overflows to inf)
         td = _recorded_dtype(t, plan)
         if plan.spec is not None and td.is_floating_point:

@@ -35,6 +35,7 @@ recording:
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 
@@ -216,6 +217,7 @@ def _outside_fastinit(depth: int) -> str | None:
 
 
 def _noting(name: str, fn):
+    @functools.wraps(fn)  # (its name, module and doc: pickled and inspected as torch's)
     def wrapper(*args, **kwargs):
         if _recording_here() and _outside_fastinit(2) is not None:
             shown = f"torch.{name}({args[0]!r})" if name == "manual_seed" and args else f"torch.{name}(...)"
@@ -223,18 +225,17 @@ def _noting(name: str, fn):
                 _local.rng_calls.append(shown)
         return fn(*args, **kwargs)
 
-    wrapper.__wrapped__ = fn
-    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return wrapper
 
 
 def _install_rng() -> None:
     import torch.random
 
+    made: dict = {}  # one wrapper per function: torch.manual_seed is torch.random.manual_seed stays true
     for name in _RNG_SETTERS:
         for mod in (torch, torch.random):
             fn = getattr(mod, name)
-            ours = _noting(name, fn)
+            ours = made.get(id(fn)) or made.setdefault(id(fn), _noting(name, fn))
             _saved_rng.append((mod, name, fn, ours))
             setattr(mod, name, ours)
 
@@ -281,8 +282,12 @@ def recording_thread():
     if outer:
         _local.rng_calls = []
     _local.depth = getattr(_local, "depth", 0) + 1
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         _local.depth -= 1
         with _lock:
@@ -291,5 +296,5 @@ def recording_thread():
                 del torch.Tensor.__new__  # back to torch._C.TensorBase's
                 _remove_typed()
                 _remove_rng()
-        if outer and _local.rng_calls and sys.exc_info()[0] is None:
+        if outer and _local.rng_calls and not failed:
             _warn_rng_calls(_local.rng_calls)

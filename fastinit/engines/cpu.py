@@ -639,15 +639,20 @@ def fill_single_chunk(tensor: torch.Tensor, spec, key: int, bump: bool = False) 
 LIKE_TORCH_MAX = 4096
 
 
+def default_max(dtype: torch.dtype, kind) -> int:
+    """The most elements of a ``kind`` fill (Uniform, Normal, TruncNormal) of ``dtype``
+    made on torch's default generator without a key: :data:`LIKE_TORCH_MAX`, or
+    :data:`CHUNK` for a float32/float64 normal."""
+    return CHUNK if kind is Normal and (dtype == torch.float32 or dtype == torch.float64) else LIKE_TORCH_MAX
+
+
 def _takes_default(tensor: torch.Tensor, kind) -> bool:
-    """Whether a ``kind`` fill (Uniform, Normal, TruncNormal) of ``tensor`` on torch's
-    default generator is made without a key: a contiguous CPU tensor (torch's op on a
-    view draws in another order than on a whole tensor) of at most
-    :data:`LIKE_TORCH_MAX` elements, or :data:`CHUNK` for a float32/float64 normal."""
+    """Whether a ``kind`` fill of ``tensor`` on torch's default generator is made without
+    a key: a contiguous CPU tensor (torch's op on a view draws in another order than
+    on a whole tensor) of at most :func:`default_max` elements."""
     if not tensor.is_cpu or not tensor.is_contiguous():
         return False
-    wide = kind is Normal and (tensor.dtype == torch.float32 or tensor.dtype == torch.float64)
-    return tensor.numel() <= (CHUNK if wide else LIKE_TORCH_MAX)
+    return tensor.numel() <= default_max(tensor.dtype, kind)
 
 
 _TORCH_OPS = {"uniform_": Uniform, "normal_": Normal}
