@@ -95,18 +95,16 @@ def _keep_box(real, full: torch.Tensor) -> None:
 
 def agree_on_seed(seed: int, tensors) -> int:
     """The seed a sharded ``materialize(seed=None)`` uses on every rank: the one drawn
-    on the first rank of the mesh the ``tensors``' DTensors live on, or of the mesh
-    it was sliced from (``mesh["tp"]`` of a (dp, tp) mesh: the dp replicas agree
-    too), broadcast along each of its dimensions, so that no rank keys its shards
-    with a seed of its own and the gathered tensors are one model's. Every rank of
-    that mesh must call materialize alike, as for any collective. Plain tensors
-    only: ``seed`` itself."""
+    on the first rank of each mesh the ``tensors``' DTensors live on, broadcast
+    along each of its dimensions, so that no rank keys its shards with a seed of its
+    own and the gathered tensors are one model's. Only the ranks of those meshes
+    take part (they all materialize their shards anyway): not the mesh a mesh was
+    sliced from, whose other slices (pipeline stages) may call materialize another
+    number of times. Plain tensors only: ``seed`` itself."""
     meshes = []
     for t in tensors:
-        if is_dtensor(t):
-            root = _root_mesh(t.device_mesh)
-            if not any(root is m for m in meshes):
-                meshes.append(root)
+        if is_dtensor(t) and not any(t.device_mesh is m for m in meshes):
+            meshes.append(t.device_mesh)
     if not meshes:
         return seed
     import torch.distributed as dist
@@ -121,20 +119,6 @@ def agree_on_seed(seed: int, tensors) -> int:
             dist.broadcast(v, src=dist.get_global_rank(group, 0), group=group)
         seed = int(v.item())
     return seed
-
-
-def _root_mesh(mesh):
-    """The mesh ``mesh`` was sliced from (itself if none; guarded: private API)."""
-    get = getattr(mesh, "_get_root_mesh", None)
-    try:
-        root = get() if callable(get) else None
-        if root is None:
-            from torch.distributed.device_mesh import _mesh_resources
-
-            root = _mesh_resources.get_root_mesh(mesh)
-    except (AttributeError, ImportError, RuntimeError):
-        root = None
-    return root if root is not None else mesh
 
 
 def fill_row(t: torch.Tensor, row: int, value: float) -> None:

@@ -346,12 +346,13 @@ def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
     ref = fastinit.deferred_init(TinyLM)
     fastinit.materialize(ref, device="cpu", seed=seed)
     assert _compare(model, ref) > 0
-    if world == 4:  # tensor parallel on the "tp" slice of a (dp, tp) mesh: the dp replicas agree too
-        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    if world == 4:  # a 2-D (dp, tp) mesh: agreed along both dimensions
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         lin = fastinit.deferred_init(nn.Linear, 6, 8)
-        parallelize_module(lin, mesh2["tp"], ColwiseParallel())
+        for pn, p in list(lin.named_parameters()):
+            lin.register_parameter(pn, nn.Parameter(distribute_tensor(p, mesh2, [Replicate(), Shard(0)])))
         seed = fastinit.materialize(lin, device="cpu").seed
         dist.all_gather_object(seeds, seed)
         assert len(set(seeds)) == 1, seeds
