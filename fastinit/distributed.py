@@ -315,7 +315,10 @@ def after_assign(modules, new_of: dict) -> None:
                 info = getattr(fsdp_param, "_module_info", None)
                 current = getattr(info, "module", None)
                 current = current._parameters.get(info.param_name) if current is not None else None
-                if current is not None and id(current) in new_ids and not is_dtensor(current):
+                if current is not None and not is_dtensor(current) \
+                        and current is not getattr(fsdp_param, "_unsharded_param", None):
+                    # (a plain tensor put where FSDP2 keeps its shard; its own unsharded
+                    # parameter sits there between forward and backward)
                     where = next((f"{n}.{info.param_name}" if n else info.param_name
                                   for root in modules.roots for n, mod in root.named_modules()
                                   if mod is info.module), info.param_name)

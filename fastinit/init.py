@@ -237,6 +237,8 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
             bump_version(tensor)  # torch's meta kernels check no more than that, and count the write
             return tensor
         check_writable(tensor)
+        if not plain and is_dtensor(tensor):
+            check_placements(tensor)
         return torch_fallback()  # complex: torch's own
     # a small CPU tensor: torch's own op, its checks and errors (only the cpu engine, which
     # only CPU tensors have, draws without a key: others skip the lookups)
@@ -386,12 +388,21 @@ def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
     if tensor.is_meta:
         with torch.no_grad():
             return tensor.fill_(value)
-    if is_dtensor(tensor) and _is_engine_dtype(tensor.dtype):
-        check_writable(tensor, overlap=False)
-        check_placements(tensor, zero=float(value) == 0)
-        fill_dtensor(tensor, Constant(float(value)), 0)
-        return tensor
+    if is_dtensor(tensor):
+        check_placements(tensor, zero=_is_zero(value))
+        if _is_engine_dtype(tensor.dtype):
+            check_writable(tensor, overlap=False)
+            fill_dtensor(tensor, Constant(float(value)), 0)
+            return tensor
     return _memset(tensor, value)
+
+
+def _is_zero(value) -> bool:
+    """Whether a fill value is zero (a number, a bool, a complex, a 0-d tensor)."""
+    try:
+        return bool(value == 0)
+    except (TypeError, RuntimeError, ValueError):
+        return False
 
 
 def _memset(tensor: torch.Tensor, value) -> torch.Tensor:

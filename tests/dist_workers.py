@@ -318,6 +318,29 @@ def dropin_dtensor_default_generator(rank, world):
         fastinit.materialize(m, device="cpu", seed=1)
     assert all(p.is_meta for p in m.parameters())
 
+    def zeroed(part):
+        lin = nn.Linear(10, 14)
+        nn.init.zeros_(lin.weight[:3] if part else lin.weight)
+        nn.init.zeros_(lin.bias)
+        return lin
+
+    for part in (False, True):  # zeros whole: allowed; zeros in part, the rest left: refused
+        m = fastinit.deferred_init(zeroed, part)
+        for pn, p in list(m.named_parameters()):
+            m.register_parameter(pn, nn.Parameter(DTensor.from_local(torch.empty(p.shape, device="meta"), mesh,
+                                                                     [Partial()])))
+        if part:
+            with pytest.raises(NotImplementedError, match="weight has the placement"):
+                fastinit.materialize(m, device="cpu", seed=1, strict=False)
+            continue
+        fastinit.materialize(m, device="cpu", seed=1)
+        assert all((p.full_tensor() == 0).all() for p in m.parameters())
+    # Dtypes the engines do not hold are refused alike (torch's fill_ would sum the ranks' ones).
+    dt = DTensor.from_local(torch.zeros(3, dtype=torch.int64), mesh, [Partial()])
+    with pytest.raises(NotImplementedError, match="the sum over ranks"):
+        fastinit.ones_(dt)
+    fastinit.zeros_(dt)
+
 
 def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
     """Sharded, ``materialize(seed=None)`` keys every rank with the first rank's seed
@@ -386,6 +409,15 @@ def fsdp_seed_none_wrappers_and_replaced_parameters(rank, world):
 
     with pytest.raises(RuntimeError, match="1.bias is managed by fully_shard"):
         fastinit.materialize(m, device="cpu", seed=SEED, init_fn=assigns)
+    after = dict(m.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is t and t.is_meta for n, t in before.items())
+
+    def assigns_real(mm):  # (a real tensor: kept by materialize, still not FSDP2's)
+        assigns(mm)
+        mm[1].bias = nn.Parameter(torch.tensor([5.0, 6.0]))
+
+    with pytest.raises(RuntimeError, match="1.bias is managed by fully_shard"):
+        fastinit.materialize(m, device="cpu", seed=SEED, init_fn=assigns_real)
     after = dict(m.named_parameters())
     assert after.keys() == before.keys() and all(after[n] is t and t.is_meta for n, t in before.items())
 

@@ -777,6 +777,20 @@ def test_a_failed_init_fn_puts_back_what_it_replaced_in_the_modules(deferred):
     assert torch.equal(m(x), clean(x))
 
 
+def test_a_failed_init_fn_puts_back_the_lists_a_module_keeps():
+    """nn.LSTM keeps its weights in a list too (_flat_weights): put back with them."""
+    m = fastinit.deferred_init(nn.LSTM, 4, 3)
+    flat = list(m._flat_weights)
+
+    def bad(mod):
+        mod.weight_ih_l0 = nn.Parameter(torch.zeros(12, 4))
+        raise ValueError("fails after assigning")
+
+    with pytest.raises(ValueError, match="fails after assigning"):
+        fastinit.materialize(m, seed=0, init_fn=bad)
+    assert len(m._flat_weights) == len(flat) and all(a is b for a, b in zip(m._flat_weights, flat))
+
+
 def test_an_interrupt_while_tensors_are_assigned_leaves_the_model_deferred(monkeypatch):
     from fastinit.deferred import execute
 
@@ -901,6 +915,14 @@ def test_a_constructor_that_seeds_or_sets_the_global_generator_is_warned_about(b
     except KeyError:  # (deferred_init called while an exception is handled: still warned)
         with pytest.warns(UserWarning, match=re.escape(calls)):
             fastinit.deferred_init(build)
+    def seeds_then_fails():  # (the error is what the user gets: no warning about a model never built)
+        torch.manual_seed(4)
+        raise ValueError("the constructor fails")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="constructor fails"):
+            fastinit.deferred_init(seeds_then_fails)
     same = torch.manual_seed is torch.random.manual_seed  # (False once torch._dynamo wrapped it)
 
     def pickles_the_setters():  # (a config holding them pickles while recording, as torch's)

@@ -222,7 +222,7 @@ def _save_modules(modules) -> list:
              [(v, v.copy()) for v in m.__dict__.values() if type(v) in _CONTAINERS]) for m in modules]
 
 
-_CONTAINERS = (dict, set, collections.OrderedDict)
+_CONTAINERS = (dict, set, collections.OrderedDict, list)  # (a list: nn.LSTM's _flat_weights)
 
 
 def _restore_modules(saved: list) -> None:
@@ -233,8 +233,11 @@ def _restore_modules(saved: list) -> None:
         m.__dict__.clear()
         m.__dict__.update(attrs)
         for container, was in contents:
-            container.clear()
-            container.update(was)
+            if type(container) is list:
+                container[:] = was
+            else:
+                container.clear()
+                container.update(was)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -926,10 +929,10 @@ def _check(plans, strict: bool, dtype, plain=frozenset()) -> None:
                 + ", ".join(f"{n} ({why})" for n, why in bad)
                 + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
                 "uninitialized)")
-    for t, names, _, plan, _ in plans:  # e.g. uniform_ bounds a recorded float16 tensor cannot hold
+    for t, names, _, plan, geom in plans:  # e.g. uniform_ bounds a recorded float16 tensor cannot hold
         if dist_mod.is_dtensor(t):  # (a Partial("sum") DTensor: refused before any allocation)
-            dist_mod.check_placements(t, names[0], zero=plan.why_uninitialized is not None or (
-                not plan.replay and type(plan.spec) is Constant and plan.spec.value == 0))
+            dist_mod.check_placements(t, names[0], zero=not plan.replay and type(plan.spec) is Constant
+                                      and plan.spec.value == 0 and _covers(plan, geom))
         # (in the dtype the value is built in: eager code builds, then casts, which overflows to inf)
         td = _recorded_dtype(t, plan)
         if plan.spec is not None and td.is_floating_point:
