@@ -203,7 +203,7 @@ def _remove_typed() -> None:
 # ------------------------------------------------------------ torch's global generator
 
 _RNG_SETTERS = ("manual_seed", "set_rng_state")
-_saved_rng: list = []  # (module, name, torch's function)
+_saved_rng: list = []  # (module, name, the function found there, our wrapper of it)
 
 
 def _outside_fastinit(depth: int) -> str | None:
