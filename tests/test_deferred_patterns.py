@@ -846,6 +846,49 @@ def test_materialize_on_cpu_leaves_every_cuda_generator_alone():
     assert all(torch.equal(s, torch.cuda.get_rng_state(i)) for i, s in enumerate(states))
 
 
+class _RopeAndDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64)))
+        self.register_buffer("mask", nn.functional.dropout(torch.ones(512), 0.5))  # draws, no generator=
+
+
+def test_materialize_in_one_thread_leaves_another_threads_draws_alone():
+    """Replays neither read nor reset torch's global generator (they compared and put
+    back its state, or seeded it for an op that takes no generator: another thread's
+    draws in between were rewound, and repeated, without an error), so a thread
+    drawing meanwhile gets the seeded stream, and every materialize the same values."""
+    ref_model = fastinit.deferred_init(_RopeAndDropout)
+    fastinit.materialize(ref_model, seed=0)
+    torch.manual_seed(0)
+    ref = torch.cat([torch.randn(1) for _ in range(4000)])
+    stop, wrong, runs, errors = threading.Event(), [], [], []
+
+    def materialize_again_and_again():
+        while not stop.is_set() or not runs:
+            try:
+                m = fastinit.deferred_init(_RopeAndDropout)
+                fastinit.materialize(m, seed=0)
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(repr(e))
+                return
+            runs.append(1)
+            if not all(torch.equal(a, b) for a, b in zip(m.buffers(), ref_model.buffers())):
+                wrong.append(1)
+
+    th = threading.Thread(target=materialize_again_and_again)
+    th.start()
+    try:
+        torch.manual_seed(0)
+        got = torch.cat([torch.randn(1) for _ in range(4000)])
+    finally:
+        stop.set()
+        th.join()
+    assert not errors and not wrong and runs
+    assert torch.equal(got, ref)
+
+
 def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
     init = torch.nn.init
     fns = {n: getattr(init, n) for n in dir(init) if callable(getattr(init, n)) and not n.startswith("__")}

@@ -34,6 +34,7 @@ from ..engines import Target
 from ..seeding import key_for_name
 from ..specs import Constant, Normal, Uniform
 from . import intercept
+from .hooks import DefaultDraws
 from .intercept import FACTORIES, RANDOM_NAMES, SHAPE_ONLY, tensors_in
 from .plan import Plan, events_before, fill_tag, start_of
 from .record import MODULE_KEYS, Recording, StorageRecord, recording_of, storage_key, storage_numel
@@ -129,13 +130,6 @@ def without_autocast():
         for dt in autocast_device_types():
             stack.enter_context(torch.autocast(device_type=dt, enabled=False))
         yield
-
-
-def _default_generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None
-                                             else torch.cuda.current_device()]
-    return torch.default_generator
 
 
 class Evaluator:
@@ -272,11 +266,10 @@ class Evaluator:
         name = getattr(func, "__name__", "")
         takes = _takes_generator(func)
         if name not in RANDOM_NAMES and not takes:
-            g = _default_generator(self.device)
-            state = g.get_state()
-            out = func(*args, **kwargs)
-            if not torch.equal(state, g.get_state()):  # it drew: from the global generator, unkeyed
-                g.set_state(state)
+            guard = DefaultDraws(self.device)  # (no global generator is read: other threads draw from them)
+            with guard:
+                out = func(*args, **kwargs)
+            if guard.drew:  # it would have drawn from the global generator, unkeyed
                 raise ReplayError(f"{name or func} draws random numbers from torch's global generator, which "
                                   "materialize does not key by the seed; make this tensor after materialize()")
             return out
@@ -290,13 +283,10 @@ class Evaluator:
             except TypeError as e:
                 if "generator" not in str(e):
                     raise
-        g = _default_generator(self.device)  # an op that takes no generator: seed and restore
-        state = g.get_state()
-        g.manual_seed(k)
-        try:
+        # an op that takes no generator (dropout): its draws take a keyed one, not the global
+        # generator seeded and put back (which rewound what other threads drew meanwhile)
+        with DefaultDraws(self.device, torch.Generator(device=self.device).manual_seed(k)):
             return func(*args, **kwargs)
-        finally:
-            g.set_state(state)
 
     def apply(self, rec: Recording, r: StorageRecord, base: torch.Tensor, events, offset: int) -> None:
         """Replay ``events`` (those of ``r`` from index ``offset`` on) on the real ``base``."""

@@ -40,6 +40,7 @@ import sys
 import threading
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # torch.nn.init functions that return early on meta tensors after reading
 # tensor.is_meta, and the arguments fastinit reads from their frames.
@@ -298,3 +299,80 @@ def recording_thread():
                 _remove_rng()
         if outer and _local.rng_calls and not failed:
             _warn_rng_calls(_local.rng_calls)
+
+
+# ------------------------------------------------------------ draws from default generators
+
+def _generator_index(func) -> int | None:
+    """Where aten op ``func`` takes its ``generator`` argument, or None."""
+    idx = _GEN_INDEX.get(func, -1)
+    if idx == -1:
+        idx = next((i for i, a in enumerate(func._schema.arguments) if a.name == "generator"), None)
+        _GEN_INDEX[func] = idx
+    return idx
+
+
+_GEN_INDEX: dict = {}
+
+
+def _drawn_with(func, args, kwargs, g):
+    """Ops whose overload draws from a default generator and takes none: the same draw
+    made with ``g`` (NotImplemented: not such an op)."""
+    aten = torch.ops.aten
+    packet = func._overloadpacket
+    if packet is aten.native_dropout:
+        x, p, train = (list(args) + [kwargs.get("p"), kwargs.get("train")])[:3] if len(args) < 3 else args[:3]
+        if train is False or p == 0:
+            return x.clone(), torch.ones_like(x, dtype=torch.bool)
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p, generator=g)
+        return x * mask * (0.0 if p == 1 else 1.0 / (1.0 - p)), mask
+    if packet in (aten.rand_like, aten.randn_like, aten.randint_like):
+        x = args[0]
+        opts = {k: kwargs[k] for k in ("dtype", "layout", "device", "memory_format") if kwargs.get(k) is not None}
+        out = torch.empty_like(x, **opts)
+        if packet is aten.rand_like:
+            return out.uniform_(0.0, 1.0, generator=g)
+        if packet is aten.randn_like:
+            return out.normal_(0.0, 1.0, generator=g)
+        bounds = [a for a in args[1:] if isinstance(a, (int, torch.SymInt))]
+        low, high = (0, bounds[0]) if len(bounds) == 1 else (bounds[0], bounds[1])
+        return out.random_(low, high, generator=g)
+    if packet in (aten.rand, aten.randperm) and _generator_index(func) is None:
+        return getattr(packet, "generator")(*args, generator=g, **kwargs)
+    return NotImplemented
+
+
+class DefaultDraws(TorchDispatchMode):
+    """In this thread only (dispatch modes are per thread), every aten op that would
+    draw from a default generator draws from ``gen`` instead; with ``gen=None`` from a
+    throwaway generator, the op noted in ``drew``. No global generator is read,
+    advanced or reset, whatever other threads draw meanwhile (comparing and putting
+    back the global state, as before, rewound another thread's stream)."""
+
+    def __init__(self, device: torch.device, gen: torch.Generator | None = None):
+        super().__init__()
+        self.device, self.gen, self.drew = device, gen, []
+
+    def _generator(self, func) -> torch.Generator:
+        if self.gen is not None:
+            return self.gen
+        self.drew.append(getattr(func, "__name__", str(func)))
+        return torch.Generator(device=self.device)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        idx = _generator_index(func)
+        if idx is not None:
+            if idx < len(args):
+                if args[idx] is None:
+                    args = (*args[:idx], self._generator(func), *args[idx + 1:])
+            elif kwargs.get("generator") is None:
+                kwargs["generator"] = self._generator(func)
+            return func(*args, **kwargs)
+        out = NotImplemented
+        packet = func._overloadpacket
+        aten = torch.ops.aten
+        if packet in (aten.native_dropout, aten.rand_like, aten.randn_like, aten.randint_like, aten.rand,
+                      aten.randperm):
+            out = _drawn_with(func, args, kwargs, self._generator(func))
+        return func(*args, **kwargs) if out is NotImplemented else out

@@ -638,11 +638,10 @@ class Recorder(TorchFunctionMode):
         if None in found or (self.home is None and not found):
             raise error  # a meta tensor nothing records (or none at all): no value to compute from
         real = self._with_values(args, kwargs)
-        state = torch.random.get_rng_state()
-        with torch._C.DisableTorchFunction():
+        guard = hooks.DefaultDraws(torch.device("cpu"))  # (no global generator read: other threads draw)
+        with torch._C.DisableTorchFunction(), guard:
             out = func(*real[0], **real[1])
-        if not torch.equal(state, torch.random.get_rng_state()):  # torch.binomial, Dirichlet's sample
-            torch.random.set_rng_state(state)
+        if guard.drew:  # torch.binomial, Dirichlet's sample
             raise NotImplementedError(
                 f"fastinit.deferred_init: {name} draws random numbers and has no meta kernel, so it cannot be "
                 "recorded to draw at materialize (keyed by the seed); make this tensor after materialize(), "
