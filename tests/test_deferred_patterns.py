@@ -889,6 +889,34 @@ def test_materialize_in_one_thread_leaves_another_threads_draws_alone():
     assert torch.equal(got, ref)
 
 
+def test_ctrl_c_while_the_hooks_go_in_leaves_torch_unpatched():
+    """A Ctrl-C landing between two steps of installing the hooks is delivered once they
+    are all in and counted, so the recording's exit takes them all out again."""
+    import signal
+    import sys
+
+    from fastinit.deferred import hooks
+
+    fired = []
+
+    def tracer(frame, event, arg):
+        if not fired and event == "line" and frame.f_code is hooks.recording_thread.__wrapped__.__code__ \
+                and "__new__" in torch.Tensor.__dict__:
+            fired.append(1)
+            signal.raise_signal(signal.SIGINT)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fastinit.deferred_init(nn.Linear, 4, 4)
+    finally:
+        sys.settrace(None)
+    assert fired and "__new__" not in torch.Tensor.__dict__ and hooks._installed == 0
+    assert type(torch.FloatTensor).__name__ == "tensortype"
+    fastinit.materialize(fastinit.deferred_init(nn.Linear, 4, 4), seed=0)  # (recording works again)
+
+
 def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
     init = torch.nn.init
     fns = {n: getattr(init, n) for n in dir(init) if callable(getattr(init, n)) and not n.startswith("__")}

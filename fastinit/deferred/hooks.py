@@ -42,6 +42,8 @@ import threading
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._interrupts import interrupts_held
+
 # torch.nn.init functions that return early on meta tensors after reading
 # tensor.is_meta, and the arguments fastinit reads from their frames.
 _EARLY_RETURN_INITS = {
@@ -271,34 +273,48 @@ def recording_thread():
     (installed by the first recording in the process, removed by the last)."""
     global _installed
     _init_codes()  # fail early, with the torch version, if torch changed
-    with _lock:
-        if _installed == 0:
-            if "__new__" in torch.Tensor.__dict__:
-                raise _torch_changed("defines torch.Tensor.__new__ (or something else replaced it)")
-            torch.Tensor.__new__ = staticmethod(_legacy_tensor_new)
-            _install_typed()
-            _install_rng()
-        _installed += 1
+    entered = failed = False
     outer = getattr(_local, "depth", 0) == 0
-    if outer:
-        _local.rng_calls = []
-    _local.depth = getattr(_local, "depth", 0) + 1
-    failed = False
     try:
+        with interrupts_held():  # (a Ctrl-C half-way through would leave torch patched for good)
+            with _lock:
+                if _installed == 0:
+                    if "__new__" in torch.Tensor.__dict__:
+                        raise _torch_changed("defines torch.Tensor.__new__ (or something else replaced it)")
+                    try:
+                        torch.Tensor.__new__ = staticmethod(_legacy_tensor_new)
+                        _install_typed()
+                        _install_rng()
+                    except BaseException:
+                        _uninstall()
+                        raise
+                _installed += 1
+            if outer:
+                _local.rng_calls = []
+            _local.depth = getattr(_local, "depth", 0) + 1
+            entered = True
         yield
     except BaseException:
         failed = True
         raise
     finally:
-        _local.depth -= 1
-        with _lock:
-            _installed -= 1
-            if _installed == 0:
-                del torch.Tensor.__new__  # back to torch._C.TensorBase's
-                _remove_typed()
-                _remove_rng()
-        if outer and _local.rng_calls and not failed:
+        if entered:
+            with interrupts_held():
+                _local.depth -= 1
+                with _lock:
+                    _installed -= 1
+                    if _installed == 0:
+                        _uninstall()
+        if entered and outer and _local.rng_calls and not failed:
             _warn_rng_calls(_local.rng_calls)
+
+
+def _uninstall() -> None:
+    """Every hook back to torch's (each step undoes only what is there)."""
+    if "__new__" in torch.Tensor.__dict__ and torch.Tensor.__dict__["__new__"].__func__ is _legacy_tensor_new:
+        del torch.Tensor.__new__  # back to torch._C.TensorBase's
+    _remove_typed()
+    _remove_rng()
 
 
 # ------------------------------------------------------------ draws from default generators
