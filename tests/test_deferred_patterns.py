@@ -917,6 +917,34 @@ def test_ctrl_c_while_the_hooks_go_in_leaves_torch_unpatched():
     fastinit.materialize(fastinit.deferred_init(nn.Linear, 4, 4), seed=0)  # (recording works again)
 
 
+def test_ctrl_c_right_after_the_recorder_is_pushed_leaves_no_recorder_behind():
+    """Inside torch's TorchFunctionMode.__enter__, after the push and before a with-block
+    owns the mode, a Ctrl-C left the recorder on the thread's mode stack: eager code
+    then made meta tensors, silently."""
+    import signal
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    fired = []
+
+    def tracer(frame, event, arg):
+        if not fired and event == "line" and frame.f_code is TorchFunctionMode.__enter__.__code__ \
+                and torch._C._len_torch_function_stack() > 0:
+            fired.append(1)
+            signal.raise_signal(signal.SIGINT)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fastinit.deferred_init(nn.Linear, 4, 4)
+    finally:
+        sys.settrace(None)
+    assert fired and torch._C._len_torch_function_stack() == 0
+    assert not nn.Linear(2, 2).weight.is_meta
+
+
 def test_torch_is_unpatched_after_recording_and_untouched_in_other_threads():
     init = torch.nn.init
     fns = {n: getattr(init, n) for n in dir(init) if callable(getattr(init, n)) and not n.startswith("__")}

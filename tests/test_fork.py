@@ -145,3 +145,42 @@ def test_ctrl_c_during_a_parallel_fill_leaves_it_whole_or_untouched():
     """Like torch's one op: the interrupt is delivered once the workers are done, so
     no worker writes into the tensor after the call has raised."""
     _run(INTERRUPT)
+
+
+FORK_WHILE_RECORDING = textwrap.dedent(
+    """
+    import os, threading, torch, torch.nn as nn
+    import fastinit
+    from fastinit.deferred import hooks
+
+    inside, release = threading.Event(), threading.Event()
+
+    def build():
+        inside.set()
+        release.wait(60)
+        return nn.Linear(2, 2)
+
+    th = threading.Thread(target=fastinit.deferred_init, args=(build,))
+    th.start()
+    inside.wait(60)
+    assert "__new__" in torch.Tensor.__dict__  # (the other thread records: hooks in)
+    pid = os.fork()
+    if pid == 0:  # the child: no thread records here, so no hook stays in torch
+        clean = "__new__" not in torch.Tensor.__dict__ and hooks._installed == 0 \\
+            and type(torch.FloatTensor).__name__ == "tensortype"
+        m = fastinit.deferred_init(nn.Linear, 3, 3)
+        fastinit.materialize(m, seed=0)
+        os._exit(0 if clean and "__new__" not in torch.Tensor.__dict__ else 1)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    th.join()
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    assert "__new__" not in torch.Tensor.__dict__
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_child_forked_while_another_thread_records_keeps_no_hook():
+    _run(FORK_WHILE_RECORDING)

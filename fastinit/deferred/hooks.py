@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import threading
 
@@ -307,6 +308,21 @@ def recording_thread():
                         _uninstall()
         if entered and outer and _local.rng_calls and not failed:
             _warn_rng_calls(_local.rng_calls)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: the recordings of other threads did
+    not survive, and nothing would take their hooks out. Only the forking thread's own
+    recordings (if it forked while recording) keep them."""
+    global _installed, _lock
+    _lock = threading.Lock()
+    _installed = getattr(_local, "depth", 0)
+    if _installed == 0:
+        _uninstall()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _uninstall() -> None:

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _sink
+from .._interrupts import interrupts_held
 from ..distributed import is_dtensor
 from .. import init as dropin
 from ..init import stand_in
@@ -943,6 +944,17 @@ def outside_sink_for(t: torch.Tensor):
 _sink.meta_sink = outside_sink_for
 
 
+def _leave(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off this thread's torch-function mode stack unless it is gone already
+    (a Ctrl-C inside torch's own handling of a call, which takes the mode off while the
+    mode runs, can leave it off; popping then would fail and hide the interrupt)."""
+    size = getattr(torch._C, "_len_torch_function_stack", None)
+    at = getattr(torch._C, "_get_function_stack_at", None)
+    if size is not None and at is not None and all(at(i) is not mode for i in range(size())):
+        return
+    mode.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
 def recording(home: Recording | None = None, batch=None):
     """Run the block under a :class:`Recorder` (and its sink)."""
@@ -951,10 +963,24 @@ def recording(home: Recording | None = None, batch=None):
         touch(home)
     rec = Recorder(home, batch)
     token = _sink.current.set(RecordingSink(rec))
+    entered = contextlib.ExitStack()
     try:
-        # Only a recording with a home makes new tensors meta (the legacy constructor too).
-        with (hooks.recording_thread() if home is not None else contextlib.nullcontext()), rec:
-            yield rec
+        # (a Ctrl-C inside torch's mode push, before a with-block owns it, left the recorder
+        # on the thread's mode stack for good: eager code then made meta tensors)
+        with interrupts_held():
+            # Only a recording with a home makes new tensors meta (the legacy constructor too).
+            if home is not None:
+                entered.enter_context(hooks.recording_thread())
+            rec.__enter__()
+            entered.callback(_leave, rec)
+        yield rec
+    except BaseException:
+        with interrupts_held():
+            if not entered.__exit__(*sys.exc_info()):
+                raise
+    else:
+        with interrupts_held():
+            entered.close()
     finally:
         _sink.current.reset(token)
         session_ended(touched)
