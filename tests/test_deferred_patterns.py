@@ -889,19 +889,17 @@ def test_materialize_in_one_thread_leaves_another_threads_draws_alone():
     assert torch.equal(got, ref)
 
 
-def test_ctrl_c_while_the_hooks_go_in_leaves_torch_unpatched():
-    """A Ctrl-C landing between two steps of installing the hooks is delivered once they
-    are all in and counted, so the recording's exit takes them all out again."""
+def _ctrl_c_in_deferred_init_where(code, now) -> bool:
+    """Run ``deferred_init(nn.Linear, 4, 4)`` with a Ctrl-C raised at the first line of
+    ``code`` run when ``now()`` holds (a tracer): it must end in KeyboardInterrupt.
+    Whether it fired."""
     import signal
     import sys
-
-    from fastinit.deferred import hooks
 
     fired = []
 
     def tracer(frame, event, arg):
-        if not fired and event == "line" and frame.f_code is hooks.recording_thread.__wrapped__.__code__ \
-                and "__new__" in torch.Tensor.__dict__:
+        if not fired and event == "line" and frame.f_code is code and now():
             fired.append(1)
             signal.raise_signal(signal.SIGINT)
         return tracer
@@ -912,7 +910,17 @@ def test_ctrl_c_while_the_hooks_go_in_leaves_torch_unpatched():
             fastinit.deferred_init(nn.Linear, 4, 4)
     finally:
         sys.settrace(None)
-    assert fired and "__new__" not in torch.Tensor.__dict__ and hooks._installed == 0
+    return bool(fired)
+
+
+def test_ctrl_c_while_the_hooks_go_in_leaves_torch_unpatched():
+    """A Ctrl-C landing between two steps of installing the hooks is delivered once they
+    are all in and counted, so the recording's exit takes them all out again."""
+    from fastinit.deferred import hooks
+
+    assert _ctrl_c_in_deferred_init_where(hooks.recording_thread.__wrapped__.__code__,
+                                          lambda: "__new__" in torch.Tensor.__dict__)
+    assert "__new__" not in torch.Tensor.__dict__ and hooks._installed == 0
     assert type(torch.FloatTensor).__name__ == "tensortype"
     fastinit.materialize(fastinit.deferred_init(nn.Linear, 4, 4), seed=0)  # (recording works again)
 
@@ -921,27 +929,11 @@ def test_ctrl_c_right_after_the_recorder_is_pushed_leaves_no_recorder_behind():
     """Inside torch's TorchFunctionMode.__enter__, after the push and before a with-block
     owns the mode, a Ctrl-C left the recorder on the thread's mode stack: eager code
     then made meta tensors, silently."""
-    import signal
-    import sys
-
     from torch.overrides import TorchFunctionMode
 
-    fired = []
-
-    def tracer(frame, event, arg):
-        if not fired and event == "line" and frame.f_code is TorchFunctionMode.__enter__.__code__ \
-                and torch._C._len_torch_function_stack() > 0:
-            fired.append(1)
-            signal.raise_signal(signal.SIGINT)
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fastinit.deferred_init(nn.Linear, 4, 4)
-    finally:
-        sys.settrace(None)
-    assert fired and torch._C._len_torch_function_stack() == 0
+    assert _ctrl_c_in_deferred_init_where(TorchFunctionMode.__enter__.__code__,
+                                          lambda: torch._C._len_torch_function_stack() > 0)
+    assert torch._C._len_torch_function_stack() == 0
     assert not nn.Linear(2, 2).weight.is_meta
 
 
