@@ -210,12 +210,21 @@ _RNG_SETTERS = ("manual_seed", "set_rng_state")
 _saved_rng: list = []  # (module, name, the function found there, our wrapper of it)
 
 
+def _first_frame_outside(packages: tuple[str, ...], depth: int):
+    """``(frame, stacklevel)``: the first frame, from ``depth`` levels above the caller
+    (0: the caller itself) up, whose module is in none of ``packages`` (top-level
+    names), and the ``warnings.warn`` stacklevel that names it from the caller; or
+    ``(None, ...)``."""
+    f, level = sys._getframe(depth + 1), depth + 1
+    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in packages:
+        f, level = f.f_back, level + 1
+    return f, level
+
+
 def _outside_fastinit(depth: int) -> str | None:
     """The module of the first frame above ``depth`` that is neither torch's nor
     contextlib's (a ``fork_rng`` block's caller), or None when that is fastinit's."""
-    f = sys._getframe(depth)
-    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("torch", "contextlib"):
-        f = f.f_back
+    f, _ = _first_frame_outside(("torch", "contextlib"), depth)
     name = f.f_globals.get("__name__", "") if f is not None else ""
     return None if name.partition(".")[0] == "fastinit" else name or "?"
 
@@ -254,9 +263,7 @@ def _remove_rng() -> None:
 
 
 def _warn_rng_calls(calls: list[str]) -> None:
-    f, level = sys._getframe(1), 2  # (the warning names the user's line: the first frame outside fastinit)
-    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("fastinit", "contextlib"):
-        f, level = f.f_back, level + 1
+    _, level = _first_frame_outside(("fastinit", "contextlib"), 1)  # (the warning names the user's line)
     import warnings
 
     warnings.warn(
@@ -347,13 +354,22 @@ def _generator_index(func) -> int | None:
 _GEN_INDEX: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _no_generator_draws() -> frozenset:
+    """aten ops some overload of which draws from a default generator and takes none."""
+    aten = torch.ops.aten
+    return frozenset({aten.native_dropout, aten.rand_like, aten.randn_like, aten.randint_like, aten.rand,
+                      aten.randperm})
+
+
 def _drawn_with(func, args, kwargs, g):
-    """Ops whose overload draws from a default generator and takes none: the same draw
-    made with ``g`` (NotImplemented: not such an op)."""
+    """The draw of ``func``, an overload of :func:`_no_generator_draws` taking no
+    generator, made with ``g``."""
     aten = torch.ops.aten
     packet = func._overloadpacket
     if packet is aten.native_dropout:
-        x, p, train = (list(args) + [kwargs.get("p"), kwargs.get("train")])[:3] if len(args) < 3 else args[:3]
+        x, p = args[0], args[1] if len(args) > 1 else kwargs["p"]
+        train = args[2] if len(args) > 2 else kwargs.get("train")
         if train is False or p == 0:
             return x.clone(), torch.ones_like(x, dtype=torch.bool)
         mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p, generator=g)
@@ -369,9 +385,7 @@ def _drawn_with(func, args, kwargs, g):
         bounds = [a for a in args[1:] if isinstance(a, (int, torch.SymInt))]
         low, high = (0, bounds[0]) if len(bounds) == 1 else (bounds[0], bounds[1])
         return out.random_(low, high, generator=g)
-    if packet in (aten.rand, aten.randperm) and _generator_index(func) is None:
-        return getattr(packet, "generator")(*args, generator=g, **kwargs)
-    return NotImplemented
+    return packet.generator(*args, generator=g, **kwargs)  # (rand, randperm: their overload that takes one)
 
 
 class DefaultDraws(TorchDispatchMode):
@@ -401,10 +415,6 @@ class DefaultDraws(TorchDispatchMode):
             elif kwargs.get("generator") is None:
                 kwargs["generator"] = self._generator(func)
             return func(*args, **kwargs)
-        out = NotImplemented
-        packet = func._overloadpacket
-        aten = torch.ops.aten
-        if packet in (aten.native_dropout, aten.rand_like, aten.randn_like, aten.randint_like, aten.rand,
-                      aten.randperm):
-            out = _drawn_with(func, args, kwargs, self._generator(func))
-        return func(*args, **kwargs) if out is NotImplemented else out
+        if func._overloadpacket in _no_generator_draws():
+            return _drawn_with(func, args, kwargs, self._generator(func))
+        return func(*args, **kwargs)
