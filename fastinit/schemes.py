@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
 import numbers
 import warnings
@@ -46,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist_mod
+from ._frames import first_frame_outside
 from . import init as dropin
 from .fans import calculate_fan_in_and_fan_out, calculate_gain
 from .seeding import check_seed, draw_key, key_for_name
@@ -315,14 +317,21 @@ class Rule:
     and its bases), ``name`` (glob(s) on the full name; a glob without a dot also
     matches the last component: ``"bias"``), ``ndim`` (an int, a container of
     ints, ``">1"``-style, or a predicate) and ``where`` (a predicate of the
-    :class:`Param`) get ``spec``. A rule with no condition is a catch-all."""
+    :class:`Param`) get ``spec``. A rule with no condition is a catch-all.
+
+    A rule with conditions that no parameter takes (none matches it, or earlier
+    rules take all it matches: a typo in ``name=``, a rule added with ``then``
+    behind a catch-all) is warned about when a model is planned, since its
+    parameters silently get another rule's init; ``optional=True`` says it may
+    apply to no parameter of some models (as the built-in schemes' rules)."""
 
     def __init__(self, spec, *, module=None, name=None, ndim=None, where: Callable[[Param], bool] | None = None,
-                 label: str | None = None):
+                 label: str | None = None, optional: bool = False):
         _check_spec(spec)
         _check_conditions(module, name, ndim, where)
         self.spec, self.module, self.name, self.ndim, self.where = spec, module, name, ndim, where
         self.label = label or self._describe()
+        self.optional = bool(optional)
 
     @property
     def catch_all(self) -> bool:
@@ -547,7 +556,7 @@ def _weight_norm_gains(model: nn.Module) -> dict[int, tuple[str, int]]:
 
 
 def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]:
-    out, unmatched = {}, []
+    out, unmatched, taken = {}, [], set()
     pads = _padding_rows(model)
     gains = _weight_norm_gains(model)
     for p in _params(model, options):
@@ -558,6 +567,7 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
         if rule is None:
             unmatched.append(f"{p.name} ({type(p.module).__name__}, shape {list(p.shape)})")
             continue
+        taken.add(id(rule))
         try:
             action = _resolve(rule.spec, p)
         except Exception as e:
@@ -574,7 +584,21 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
             f"apply_scheme: scheme {scheme.name!r} has no rule for {len(unmatched)} parameter(s): "
             + ", ".join(unmatched)
             + " (add a rule for them, e.g. scheme.then(Rule(0.0)) for a catch-all, or Rule('keep') to keep them)")
+    _warn_untaken(model, scheme, taken)
     return out
+
+
+def _warn_untaken(model: nn.Module, scheme: Scheme, taken: set) -> None:
+    """A warning naming the rules (with conditions, not ``optional``) no parameter took:
+    what they were written for gets another rule's init, silently otherwise."""
+    idle = [r for r in scheme.rules if id(r) not in taken and not r.optional and not r.catch_all]
+    if idle:
+        _, level = first_frame_outside(("fastinit",), 1)  # (the warning names the user's line)
+        warnings.warn(
+            f"scheme {scheme.name!r}: {', '.join(map(repr, idle))} took no parameter of "
+            f"{type(model).__name__}: none matches {'it' if len(idle) == 1 else 'them'}, or rules before take "
+            "all that do (check name=/module=/ndim=; scheme.before(...) tries rules first). Pass "
+            "Rule(..., optional=True) for a rule that may apply to no parameter", stacklevel=level)
 
 
 def _name_in(e: BaseException, name: str, rule) -> None:
@@ -968,6 +992,18 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
 # ------------------------------------------------------------------ built-in schemes
 
 
+def _builtin(factory: Callable[..., Scheme]) -> Callable[..., Scheme]:
+    """A built-in scheme's factory: its rules are generic (for any model), so each is
+    ``optional`` (none warns when it applies to no parameter of a given model)."""
+    @functools.wraps(factory)
+    def make(*args, **options) -> Scheme:
+        scheme = factory(*args, **options)
+        for r in scheme.rules:
+            r.optional = True
+        return scheme
+    return make
+
+
 def _norm_rules() -> list[Rule]:
     """torch's norm layers: weight 1, bias 0, whatever their shape (``LayerNorm((8, 16))``
     has a matrix of gains, not a weight matrix). Other norm classes keep what their own
@@ -997,6 +1033,7 @@ def _matrix_of_a_transformer(p: Param) -> bool:
                and isinstance(p.model.get_submodule(".".join(parts[:i])), nn.Transformer) for i in range(len(parts) - 1))
 
 
+@_builtin
 def torch_default(**options) -> Scheme:
     r"""torch's own defaults, by module type (torch 2.x ``reset_parameters``):
 
@@ -1050,6 +1087,7 @@ def torch_default(**options) -> Scheme:
     ], doc=torch_default.__doc__, options=options)
 
 
+@_builtin
 def xavier_uniform(gain: float = 1.0, **options) -> Scheme:
     r"""Glorot & Bengio (2010): weights (ndim ≥ 2)
     :math:`U(-a, a)`, :math:`a = \text{gain}\sqrt{6/(\text{fan\_in}+\text{fan\_out})}`;
@@ -1060,6 +1098,7 @@ def xavier_uniform(gain: float = 1.0, **options) -> Scheme:
                   options={"gain": gain, **_VS_OPTIONS, **options})
 
 
+@_builtin
 def xavier_normal(gain: float = 1.0, **options) -> Scheme:
     r"""Glorot & Bengio (2010): weights :math:`N(0, \sigma^2)`,
     :math:`\sigma = \text{gain}\sqrt{2/(\text{fan\_in}+\text{fan\_out})}`; norms 1/0; biases 0."""
@@ -1079,6 +1118,7 @@ def _kaiming(dist: str):
     return spec
 
 
+@_builtin
 def kaiming_uniform(a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", **options) -> Scheme:
     r"""He et al. (2015): weights :math:`U(-b, b)`, :math:`b = \text{gain}\sqrt{3/\text{fan\_mode}}`,
     gain from ``nonlinearity`` and ``a`` as ``torch.nn.init.calculate_gain`` (default
@@ -1088,6 +1128,7 @@ def kaiming_uniform(a: float = 0, mode: str = "fan_in", nonlinearity: str = "lea
                   options={"a": a, "mode": mode, "nonlinearity": nonlinearity, **_VS_OPTIONS, **options})
 
 
+@_builtin
 def kaiming_normal(a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", **options) -> Scheme:
     r"""He et al. (2015): weights :math:`N(0, \sigma^2)`, :math:`\sigma = \text{gain}/\sqrt{\text{fan\_mode}}`;
     norms 1/0; biases 0."""
@@ -1096,6 +1137,7 @@ def kaiming_normal(a: float = 0, mode: str = "fan_in", nonlinearity: str = "leak
                   options={"a": a, "mode": mode, "nonlinearity": nonlinearity, **_VS_OPTIONS, **options})
 
 
+@_builtin
 def general_rule(**options) -> Scheme:
     r"""The "general rule": weights :math:`U(-1/\sqrt n, 1/\sqrt n)` with :math:`n` = fan_in
     (inputs per unit); biases 0; norms 1/0. Source: the classic PyTorch comparison of
@@ -1105,6 +1147,7 @@ def general_rule(**options) -> Scheme:
                   options={**_VS_OPTIONS, **options})
 
 
+@_builtin
 def general_normal(**options) -> Scheme:
     r"""Weights :math:`N(0, \sigma^2)` with :math:`\sigma = 1/\sqrt n`, :math:`n` = fan_in (the
     classic comparison's "normal distribution with mean 0 and standard deviation
@@ -1114,6 +1157,7 @@ def general_normal(**options) -> Scheme:
                   options={**_VS_OPTIONS, **options})
 
 
+@_builtin
 def xavier_uniform_dim(gain: float = 1.0, **options) -> Scheme:
     r"""The loop ``for p in model.parameters(): xavier_uniform_(p) if p.dim() > 1 else zeros_(p)``:
     every parameter with more than one dimension Xavier uniform, every other one
@@ -1124,6 +1168,7 @@ def xavier_uniform_dim(gain: float = 1.0, **options) -> Scheme:
                   doc=xavier_uniform_dim.__doc__, options={"gain": gain, **_VS_OPTIONS, **options})
 
 
+@_builtin
 def dcgan(std: float = 0.02, **options) -> Scheme:
     r"""DCGAN (Radford et al. 2015; PyTorch's DCGAN tutorial ``weights_init``):
     Conv/ConvTranspose weights :math:`N(0, 0.02^2)`, BatchNorm weight :math:`N(1, 0.02^2)`
@@ -1170,6 +1215,7 @@ def infer_d_model(model: nn.Module) -> int:
     raise ValueError("cannot infer the hidden size of this model: pass d_model=...")
 
 
+@_builtin
 def gpt2(std: float = 0.02, n_layer: int | None = None, residual=GPT2_RESIDUAL, **options) -> Scheme:
     r"""GPT-2 (Radford et al. 2019; transformers' ``GPT2PreTrainedModel._init_weights``, nanoGPT):
     every weight with ndim ≥ 2 (Linear, Conv1D, Embedding) :math:`N(0, 0.02^2)`, the
@@ -1189,6 +1235,7 @@ def gpt2(std: float = 0.02, n_layer: int | None = None, residual=GPT2_RESIDUAL, 
     ], doc=gpt2.__doc__, options={"std": std, "n_layer": n_layer, **options})
 
 
+@_builtin
 def neox(d_model: int | None = None, n_layer: int | None = None, output=NEOX_OUTPUT, **options) -> Scheme:
     r"""GPT-NeoX (Black et al. 2022; ``megatron/model/init_functions.py``): "small init"
     (Nguyen & Salazar 2019) :math:`N(0, 2/(5d))`, i.e. :math:`\sigma = \sqrt{2/(5d)}`, for every weight
@@ -1212,6 +1259,7 @@ def neox(d_model: int | None = None, n_layer: int | None = None, output=NEOX_OUT
     ], doc=neox.__doc__, options={"d_model": d_model, "n_layer": n_layer, **options})
 
 
+@_builtin
 def fused_qkv(qkv=3, **options) -> Scheme:
     r"""Xavier uniform with fused-QKV-aware fans: a matrix named by ``qkv_names``
     (``c_attn``, ``query_key_value``, ``qkv``, ``Wqkv``, ``in_proj_weight``) is split
@@ -1234,6 +1282,7 @@ def _gates(p: Param) -> int:
     return 1
 
 
+@_builtin
 def orthogonal_rnn(gain: float = 1.0, forget_bias: float = 1.0, **options) -> Scheme:
     r"""Recurrent nets (Saxe et al. 2013; Jozefowicz et al. 2015): each gate's block
     of ``weight_hh`` orthogonal (times ``gain``), ``weight_ih`` Xavier uniform with
@@ -1388,6 +1437,7 @@ class _LSUV:
         return rows
 
 
+@_builtin
 def lsuv(tol: float = 0.1, max_iter: int = 10, example_input=None, **options) -> Scheme:
     r"""LSUV, layer-sequential unit variance (Mishkin & Matas 2016, "All you need is a
     good init"): every weight with ndim ≥ 2 orthogonal, biases 0, norms 1/0; then, on

@@ -3,6 +3,7 @@ allocated == deferred for a seed, one fused pass, unmatched parameters named, LS
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -423,6 +424,25 @@ def test_custom_rules_globs_calls_and_keep():
         Rule(0.0, ndim="~2")
     with pytest.raises(TypeError):
         Rule([1, 2])
+
+
+def test_a_rule_no_parameter_takes_is_warned_at_the_callers_line():
+    """A typo in a rule's name glob, or a rule added behind a catch-all, leaves its
+    parameters to another rule's init: a warning names the rule, at the caller's line."""
+    model = Net()
+    typo = Rule(Normal(0.0, 0.5), name="fc1.wieght")
+    with pytest.warns(UserWarning, match=r"fc1\.wieght.*took no parameter of Net") as w:
+        apply_scheme(model, Scheme("mine", [typo, Rule(0.0)]))
+    assert all(x.filename == __file__ for x in w)
+    behind = Rule(Normal(0.0, 0.01), name="fc2.weight")
+    with pytest.warns(UserWarning, match=r"'gpt2'.*fc2\.weight.*took no parameter"):
+        get_scheme("gpt2").then(behind).plan(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built-in rules, catch-alls and optional rules are quiet
+        for name in ("gpt2", "dcgan", "torch_default", "xavier_uniform"):
+            get_scheme(name).then(Rule("keep")).plan(model)
+        get_scheme("gpt2").before(behind).plan(model)  # tried first: it takes fc2.weight
+        apply_scheme(model, Scheme("mine", [Rule(Normal(0.0, 0.5), name="fc1.wieght", optional=True), Rule(0.0)]))
 
 
 def test_report_names_the_rule_of_every_parameter():

@@ -43,6 +43,7 @@ import threading
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._frames import first_frame_outside
 from .._interrupts import interrupts_held
 
 # torch.nn.init functions that return early on meta tensors after reading
@@ -210,21 +211,10 @@ _RNG_SETTERS = ("manual_seed", "set_rng_state")
 _saved_rng: list = []  # (module, name, the function found there, our wrapper of it)
 
 
-def _first_frame_outside(packages: tuple[str, ...], depth: int):
-    """``(frame, stacklevel)``: the first frame, from ``depth`` levels above the caller
-    (0: the caller itself) up, whose module is in none of ``packages`` (top-level
-    names), and the ``warnings.warn`` stacklevel that names it from the caller; or
-    ``(None, ...)``."""
-    f, level = sys._getframe(depth + 1), depth + 1
-    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in packages:
-        f, level = f.f_back, level + 1
-    return f, level
-
-
 def _outside_fastinit(depth: int) -> str | None:
     """The module of the first frame above ``depth`` that is neither torch's nor
     contextlib's (a ``fork_rng`` block's caller), or None when that is fastinit's."""
-    f, _ = _first_frame_outside(("torch", "contextlib"), depth)
+    f, _ = first_frame_outside(("torch", "contextlib"), depth)
     name = f.f_globals.get("__name__", "") if f is not None else ""
     return None if name.partition(".")[0] == "fastinit" else name or "?"
 
@@ -263,7 +253,7 @@ def _remove_rng() -> None:
 
 
 def _warn_rng_calls(calls: list[str]) -> None:
-    _, level = _first_frame_outside(("fastinit", "contextlib"), 1)  # (the warning names the user's line)
+    _, level = first_frame_outside(("fastinit", "contextlib"), 1)  # (the warning names the user's line)
     import warnings
 
     warnings.warn(
