@@ -563,7 +563,7 @@ def _plan(model: nn.Module, scheme: Scheme, options: dict) -> dict[str, Planned]
         if id(p.tensor) in gains:  # (derived from v, whatever the rules say: its shape is no weight's)
             out[p.name] = Planned(p.name, "weight_norm gain: the norm of its direction", _NormOf(*gains[id(p.tensor)]))
             continue
-        rule = next((r for r in scheme.rules if r.matches(p)), None)
+        rule = next((r for r in scheme.rules if _matches(r, p)), None)
         if rule is None:
             unmatched.append(f"{p.name} ({type(p.module).__name__}, shape {list(p.shape)})")
             continue
@@ -599,6 +599,16 @@ def _warn_untaken(model: nn.Module, scheme: Scheme, taken: set) -> None:
             f"{type(model).__name__}: none matches {'it' if len(idle) == 1 else 'them'}, or rules before take "
             "all that do (check name=/module=/ndim=; scheme.before(...) tries rules first). Pass "
             "Rule(..., optional=True) for a rule that may apply to no parameter", stacklevel=level)
+
+
+def _matches(rule: Rule, p: Param) -> bool:
+    """``rule.matches(p)``; an error in its conditions (a ``where=`` predicate) names both."""
+    try:
+        return rule.matches(p)
+    except Exception as e:
+        if hasattr(e, "add_note"):
+            e.add_note(f"(apply_scheme: while matching {p.name} against rule {rule.label})")
+        raise
 
 
 def _name_in(e: BaseException, name: str, rule) -> None:

@@ -445,6 +445,16 @@ def test_a_rule_no_parameter_takes_is_warned_at_the_callers_line():
         apply_scheme(model, Scheme("mine", [Rule(Normal(0.0, 0.5), name="fc1.wieght", optional=True), Rule(0.0)]))
 
 
+def test_an_error_in_a_where_predicate_names_the_parameter_and_the_rule():
+    model = Net()
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = Rule(0.5, where=lambda p: p.module.wieght is None, label="my where")
+    with pytest.raises(AttributeError) as e:
+        apply_scheme(model, Scheme("mine", [bad, Rule(0.0)]))
+    assert "while matching conv.weight against rule my where" in "".join(getattr(e.value, "__notes__", []))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_report_names_the_rule_of_every_parameter():
     model = Tiny(layers=2)
     r = apply_scheme(model, "gpt2", seed=0)
