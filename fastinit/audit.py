@@ -376,8 +376,12 @@ def _too_many_subnormals(st: dict, dtype: torch.dtype) -> bool:
 
 def _stats(t: torch.Tensor) -> dict:
     """Moments (of a strided sample of at most :data:`SAMPLE` elements), extremes and
-    counts of NaN/inf, subnormal and huge values (of every element)."""
+    counts of NaN/inf, subnormal and huge values (of every element). A complex tensor's
+    are those of its real and imaginary parts together (each part of torch's complex
+    ``randn`` has std 1/√2)."""
     x = t.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x.resolve_conj())
     flat = x.reshape(-1)
     if not flat.dtype.is_floating_point:
         flat = flat.double()

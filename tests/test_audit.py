@@ -3,6 +3,7 @@ signal), known-scheme matches, deferred plans, JSON and PNG output."""
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -360,3 +361,19 @@ def test_one_small_gradient_near_the_output_is_no_exploding_trend():
 
     torch.manual_seed(0)
     assert not fastinit.audit(Gated(), batch(32, 64)).flagged("exploding")
+
+
+def test_a_complex_parameter_is_audited_from_both_parts():
+    """torch.randn(..., dtype=cfloat) has parts of std 1/sqrt(2): the audit's stats are those
+    of the real and imaginary parts together, not of the real part alone (which a cast to
+    float64 would keep, with a warning)."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 4)
+    m.c = nn.Parameter(torch.randn(64, 64, dtype=torch.cfloat) * 2 + 3j)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = next(p for p in fastinit.audit(m).params if p.name == "c")
+    parts = torch.view_as_real(m.c.detach()).reshape(-1)
+    assert row.mean == pytest.approx(parts.mean().item(), abs=1e-4)  # (1.5: real parts 0, imaginary 3)
+    assert row.std == pytest.approx(parts.std(unbiased=False).item(), rel=1e-4)
+    assert row.max == parts.max().item() and row.min == parts.min().item()
