@@ -131,7 +131,8 @@ class Audit:
 
     def table(self) -> str:
         n = len(self.params)
-        what = "plan of a deferred model (nothing allocated)" if self.deferred else f"on {self.device}"
+        what = f"on {self.device}" if not self.deferred else "plan of a deferred model (nothing allocated)" \
+            if self.device == "meta" else f"partly materialized: real tensors on {self.device}, the rest from the plan"
         lines = [f"audit of {self.model_name}: {n} parameters, {what}"
                  + (f", scheme {self.scheme}" if self.scheme else "")]
         head = ["parameter", "shape", "fan_in", "fan_out", "mean", "std", "min", "max", "std·√fan_in",
@@ -516,8 +517,8 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
     alike: list[tuple[ParamAudit, str, str, int]] = []  # weight matrices whose output units are all the same
     alike_inputs: list[tuple[str, int]] = []  # and those that weigh all their inputs the same
     gains = _weight_norm_gains(model)
-    dev = "meta" if deferred else str(next(model.parameters()).device) if any(True for _ in model.parameters()) \
-        else "cpu"
+    real = next((t for t in model.parameters() if not t.is_meta), None)  # (a model materialized in part: some)
+    dev = str(real.device) if real is not None else "meta" if deferred else "cpu"
 
     for p in _params(model, {}):
         fans = None

@@ -309,6 +309,7 @@ def test_a_model_materialized_in_part_is_audited_from_its_values_where_real():
     pa = {p.name: p for p in a.params}
     assert pa["0.bias"].min == model[0].bias.min().item() and pa["0.bias"].max == model[0].bias.max().item()
     assert pa["1.weight"].planned is not None and pa["1.weight"].max == pytest.approx(1 / 4)
+    assert a.device == "cpu" and "partly materialized: real tensors on cpu" in str(a).splitlines()[0]
 
 
 def test_zero_matrices_followed_by_different_weights_are_no_symmetry():
