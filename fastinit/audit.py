@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .schemes import NORM, QKV_NAMES, Param, _glob, _module_ok, _transposed, infer_d_model, infer_n_layer
+from .schemes import (NORM, QKV_NAMES, Blocks, Param, _glob, _module_ok, _OrthoAction, _transposed, infer_d_model,
+                      infer_n_layer)
 from .specs import Constant, InitSpec, Normal, TruncNormal, Uniform
 
 #: Sampled elements per tensor for the moments (min/max/NaN counts use every element).
@@ -319,6 +320,28 @@ def _spec_moments(spec: InitSpec) -> tuple[float, float, float, float]:
     raise TypeError(repr(spec))
 
 
+def _action_std(action, shape: list) -> float | None:
+    """The std a scheme's action gives a tensor of ``shape``, or None (kept, a module's own
+    reset, a call): a spec's; blocks along a dim, the pooled std of their specs'
+    ``sqrt(sum n_i (s_i^2 + m_i^2) / n - m^2)``; an orthogonal matrix (per block) of
+    ``r`` rows and ``c`` columns, times ``gain``: its squares sum to ``min(r, c)``, so its
+    elements' root mean square is ``gain / sqrt(max(r, c))`` (their mean is ~0)."""
+    if isinstance(action, InitSpec):
+        return _spec_moments(action)[1]
+    n = math.prod(shape)
+    if not n:
+        return None
+    if isinstance(action, Blocks):
+        per = n // shape[action.dim]  # elements per unit of the split dim
+        moments = [(k * per, *_spec_moments(sp)[:2]) for k, sp in zip(action.sizes, action.specs)]
+        mean = sum(w * m for w, m, _ in moments) / n
+        return math.sqrt(max(sum(w * (s * s + m * m) for w, m, s in moments) / n - mean * mean, 0.0))
+    if isinstance(action, _OrthoAction) and len(shape) >= 2:
+        rows = shape[action.dim] // action.blocks
+        return abs(action.gain) / math.sqrt(max(rows, n // shape[action.dim]))
+    return None
+
+
 def _spec_matches(spec: InitSpec, c: _Cand) -> bool:
     def close(a, b):
         return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-30)
@@ -585,8 +608,9 @@ def audit(model: nn.Module, example_input=None, *, scheme=None, band: float = BA
             pa.std_sqrt_fan_in = pa.std * math.sqrt(fans[0])
         # expectation: the scheme's, else the best match's
         exp = expected_plan.get(p.name)
-        if exp is not None and exp.spec is not None:
-            pa.expected, pa.expected_std = f"{sch.name}: {exp.describe()}", _spec_moments(exp.spec)[1]
+        exp_std = _action_std(exp.action, list(p.shape)) if exp is not None else None
+        if exp_std is not None:
+            pa.expected, pa.expected_std = f"{sch.name}: {exp.describe()}", exp_std
             if pa.std is not None and math.isfinite(pa.std):
                 n = p.tensor.numel()
                 tol = _std_tol(min(n, SAMPLE), p.tensor.dtype) if not p.tensor.is_meta else 1e-6

@@ -378,3 +378,21 @@ def test_a_complex_parameter_is_audited_from_both_parts():
     assert row.mean == pytest.approx(parts.mean().item(), abs=1e-4)  # (1.5: real parts 0, imaginary 3)
     assert row.std == pytest.approx(parts.std(unbiased=False).item(), rel=1e-4)
     assert row.max == parts.max().item() and row.min == parts.min().item()
+
+
+def test_scheme_expectations_of_blocks_and_orthogonal_matrices_are_checked():
+    """A fused q/k/v matrix (per-block Xavier) and per-gate orthogonal matrices have an
+    expected std too: their own scheme passes, a whole-matrix Xavier is flagged."""
+    lstm = nn.LSTM(32, 64)
+    apply_scheme(lstm, "orthogonal_rnn", seed=0)
+    a = fastinit.audit(lstm, scheme="orthogonal_rnn")
+    pa = {p.name: p for p in a.params}
+    assert pa["weight_hh_l0"].expected_std == pytest.approx(1 / 8)  # 4 blocks of 64x64: gain/sqrt(64)
+    assert pa["weight_ih_l0"].expected_std is not None and not a.flagged("scheme")
+    m = nn.Module()
+    m.qkv = nn.Linear(256, 384)
+    apply_scheme(m, "fused_qkv", qkv=(256, 64, 64), seed=0)
+    assert not fastinit.audit(m, scheme="fused_qkv", qkv=(256, 64, 64)).flagged("scheme")
+    apply_scheme(m, "xavier_uniform", seed=0)
+    assert [f.where for f in fastinit.audit(m, scheme="fused_qkv", qkv=(256, 64, 64)).flagged("scheme")] == \
+        ["qkv.weight"]
