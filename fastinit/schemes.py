@@ -1420,6 +1420,7 @@ class _LSUV:
                     h = m.register_forward_hook(lambda mod, i, o: out.append(_first_tensor(o)))
                     hooks = [h]
                     scale, var, it = 1.0, float("nan"), 0
+                    power, last = 2.0, None  # Var(output) ~ scale^power: 2 for a layer whose output is linear in W
                     try:
                         for it in range(1, max_iter + 1):
                             out.clear()
@@ -1428,11 +1429,19 @@ class _LSUV:
                             if not math.isfinite(var) or var <= 0:
                                 raise ValueError(f"apply_scheme: lsuv: layer {name} has output variance {var} "
                                                  "on the example batch; it cannot be rescaled to 1")
+                            if last is not None and last[1] != var and abs(math.log(last[0])) > 1e-6:
+                                # the power the last step showed: a weight tied to one the batch passed
+                                # before (an lm_head tied to the embedding) scales the output twice, and
+                                # W /= sqrt(Var) then swings between Var and 1 / Var
+                                seen_power = math.log(var / last[1]) / math.log(last[0])
+                                if seen_power > 0.5:
+                                    power = seen_power
                             if abs(var - 1.0) < tol:
                                 break
-                            k = 1.0 / math.sqrt(var)
+                            k = var ** (-1.0 / power)
                             m.weight.mul_(k)
                             scale *= k
+                            last = (k, var)
                             if it == max_iter:
                                 out.clear()
                                 run_model(model, x)
@@ -1441,9 +1450,31 @@ class _LSUV:
                         h.remove()
                         hooks = []
                     rows.append({"layer": name, "scale": scale, "var": var, "iterations": it})
+            # each layer once more, all rescaled: a later layer whose weight an earlier one also
+            # uses (tied) moves that one's variance again
+            final: dict[str, float] = {}
+
+            def measure(mod, i, o, n):  # (a hook returns None: its output stays the layer's)
+                final.setdefault(n, _first_tensor(o).float().var().item())
+
+            hooks = [layers[n].register_forward_hook(functools.partial(measure, n=n)) for n in seen]
+            with measuring(model), torch.no_grad():
+                run_model(model, x)
         finally:
             for h in hooks:
                 h.remove()
+        off = [f"{n} ({v:.4g})" for n, v in final.items() if not abs(v - 1.0) < tol]
+        unrun = [n for n in layers if n not in seen]
+        if off or unrun:
+            _, level = first_frame_outside(("fastinit",), 1)
+            warnings.warn(
+                "apply_scheme: lsuv: " + "; ".join(
+                    ([f"output variance not within {tol:g} of 1 once every layer is rescaled (at most {max_iter} "
+                      f"step(s) each; a weight tied to an earlier layer's moves that layer too): {', '.join(off)}"]
+                     if off else [])
+                    + ([f"not rescaled, as the example batch runs no forward of theirs (a layer whose weight "
+                        f"its parent uses directly, as nn.MultiheadAttention's out_proj): {', '.join(unrun)}"]
+                       if unrun else [])), stacklevel=level)
         return rows
 
 

@@ -497,6 +497,34 @@ def test_lsuv_reaches_unit_variance_on_an_mlp_and_a_cnn():
     assert torch.equal(cnn[1].running_mean, running)  # nothing but the weights changed
 
 
+def test_lsuv_converges_on_a_tied_head_and_names_what_it_leaves_off_unit_variance():
+    """An lm_head tied to the embedding scales its output twice (W /= sqrt(Var) swung
+    between Var and 1/Var and stopped at Var 0.33 with no word); attention's out_proj,
+    which nn.MultiheadAttention uses without calling its forward, is not rescaled."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.l1, self.head = nn.Embedding(50, 32), nn.Linear(32, 32), nn.Linear(32, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.head(torch.relu(self.l1(self.emb(t))))
+
+    torch.manual_seed(0)
+    lm, tokens = TiedLM(), torch.randint(0, 50, (8, 10))
+    with pytest.warns(UserWarning, match=r"not within 0.1 of 1 once every layer is rescaled.*: l1 \(") as w:
+        r = apply_scheme(lm, "lsuv", example_input=tokens, seed=0)
+    assert all(x.filename == __file__ for x in w)
+    assert lm.head.weight is lm.emb.weight and r.lsuv[1]["layer"] == "head" and r.lsuv[1]["iterations"] < 10
+    with torch.no_grad():
+        assert abs(lm(tokens).var().item() - 1) < 0.1
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1, enable_nested_tensor=False)
+    with pytest.warns(UserWarning, match=r"not rescaled.*: layers\.0\.self_attn\.out_proj$"):
+        r = apply_scheme(enc, "lsuv", example_input=torch.randn(8, 10, 32), seed=0)
+    assert [row["layer"] for row in r.lsuv] == ["layers.0.linear1", "layers.0.linear2"]
+
+
 def test_lsuv_needs_an_example_batch_and_an_allocated_model():
     with pytest.raises(ValueError, match="example"):
         apply_scheme(nn.Linear(3, 3), "lsuv")
