@@ -150,7 +150,8 @@ def words_to_values(words: torch.Tensor, lane: torch.Tensor, kind: int, params) 
     w = torch.gather(words, 1, lane[:, None])[:, 0]
     if kind == KIND_UNIFORM:
         u = (w >> 8).to(f32) * INV_2_24
-        return torch.minimum(p[0] + p[1] * u, p[2])
+        x = p[0] + p[1] * u
+        return torch.where(x > p[2], p[0], x)  # (above the top: a, as torch's uniform_)
     if kind == KIND_TRUNC_NORMAL:
         u = ((w >> 8).to(f32) + 0.5) * INV_2_24
         t = torch.clamp(p[0] + p[1] * u, T_MIN, T_MAX)

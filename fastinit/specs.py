@@ -56,13 +56,28 @@ def dtype_below(x: float, dtype: torch.dtype) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def uniform_top(a: float, b: float, dtype: torch.dtype) -> float:
-    """The largest value a ``U[a, b)`` fill of a ``dtype`` tensor may hold: the
-    largest ``dtype`` value below ``b`` (so that rounding to the dtype keeps
-    ``[a, b)``), or ``a`` rounded to the dtype when nothing of the dtype lies in
-    ``[a, b)`` (as torch: ``uniform_(1 - 1e-10, 1)`` fills float32 with 1.0)."""
+    """The largest value a ``U[a, b)`` fill of a ``dtype`` tensor keeps, as the fill
+    computes it (in float32; float64 for a float64 tensor). A larger one is a value
+    that ``dtype`` holds as ``b`` (as ``dtype`` holds ``b``) or above: it becomes ``a``
+    (as ``dtype`` holds it). That is torch's ``uniform_``: ``from + u (to - from)``
+    with the bounds in the type it computes in, rounded to the dtype, and ``value ==
+    to ? from : value``. So on a bfloat16 tensor ``uniform_(-1, 1)`` gives -1 the mass
+    of a whole step, as torch does (timm's ``trunc_normal_`` then turns exactly those
+    into its outliers, ``erfinv(-1)`` clamped), not half of one, with the last value
+    below 1 taking one and a half."""
     if not b > a:
         return a
-    return max(dtype_below(b, dtype), float(torch.tensor(a, dtype=dtype, device="cpu")))
+    if dtype == torch.float64:
+        return float(np.nextafter(np.float64(b), -np.inf))
+    half = dtype in (torch.float16, torch.bfloat16)
+    held = torch.tensor([b, -math.inf], dtype=dtype if half else torch.float32, device="cpu")
+    below = float(torch.nextafter(held[0], held[1]))  # the largest value kept, in the dtype
+    if not half:
+        return below
+    mid = np.float32((below + float(held[0])) / 2)  # exact: a half value's bits and one more
+    if float(torch.tensor(float(mid), dtype=torch.float32, device="cpu").to(dtype)) != below:
+        mid = np.nextafter(mid, np.float32(-np.inf))  # (the tie rounds to even: here, up)
+    return float(mid)
 
 
 # How torch's messages name floating dtypes: the C++ type, and the ScalarType.
@@ -126,8 +141,8 @@ class Uniform(InitSpec):
 
     a: float = 0.0
     b: float = 1.0
-    #: The largest value the fill may hold (see :func:`uniform_top`), set by the
-    #: engines for the target's dtype; None: the largest float32 below ``b``.
+    #: The largest value the fill keeps (see :func:`uniform_top`; a larger one becomes
+    #: ``a``, as in torch), set by the engines for the target's dtype; None: float32's.
     top: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -151,7 +166,7 @@ class Uniform(InitSpec):
             )
 
     def for_dtype(self, dtype: torch.dtype) -> "Uniform":
-        """This spec for a ``dtype`` tensor: values stay in ``[a, b)`` once rounded to it
+        """This spec for a ``dtype`` tensor: values stay below ``b`` once rounded to it
         (remembered on this spec object, as :meth:`kernel_params`: a drop-in call reuses
         the spec its checks remembered)."""
         memo = self._for_dtype
@@ -162,10 +177,11 @@ class Uniform(InitSpec):
         return spec
 
     def _params(self):
-        hi = self.top
-        if hi is None:
-            hi = max(float(float_below(self.b)), float(np.float32(self.a))) if self.b > self.a else self.a
-        return KIND_UNIFORM, (float(self.a), float(self.b - self.a), hi, 0.0, 0.0, 0.0)
+        hi = self.top if self.top is not None else uniform_top(self.a, self.b, torch.float32)
+        if float(np.float32(hi)) > hi:  # (the kernels compare in float32: a float64 top, rounded down)
+            hi = float(np.nextafter(np.float32(hi), np.float32(-np.inf)))
+        # the span of the bounds as float32 holds them, as torch's uniform_ computes it
+        return KIND_UNIFORM, (float(self.a), float(np.float32(self.b) - np.float32(self.a)), hi, 0.0, 0.0, 0.0)
 
     def torch_op(self):
         return "uniform_", (self.a, self.b)

@@ -19,6 +19,27 @@ def exact_dist(kind, **p):
     raise ValueError(kind)
 
 
+class WrappedUniform:
+    """``U[a, b)`` on a half-precision ``dtype`` as torch's ``uniform_`` makes it: drawn
+    in float32, rounded to nearest, and a value rounded to ``dtype(b)`` replaced by
+    ``dtype(a)`` (``value == to ? from : value``). Its ``cdf`` before rounding, for
+    :func:`check_rounded`: what lies at or above ``t`` (the midpoint between ``dtype(b)``
+    and the value below it) is at ``a``."""
+
+    def __init__(self, a, b, dtype):
+        import torch
+
+        self.u, self.a = exact_dist("uniform", a=a, b=b), float(torch.tensor(a, dtype=dtype))
+        held = torch.tensor([b, -math.inf], dtype=dtype)
+        self.t = (float(held[0]) + float(torch.nextafter(held[0], held[1]))) / 2
+
+    def support(self):
+        return self.u.support()
+
+    def cdf(self, x):
+        return np.where(x >= self.a, self.u.cdf(np.minimum(x, self.t)) + 1.0 - self.u.cdf(self.t), self.u.cdf(x))
+
+
 def check_against(values, dist, *, label=""):
     x = np.asarray(values, dtype=np.float64).ravel()
     n = x.size

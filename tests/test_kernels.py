@@ -73,8 +73,9 @@ def test_low_precision_kernel_output_is_float32_rounded_once():
         b = torch.empty(3000, dtype=torch.bfloat16, device=DEVICE)
         _run("triton", [Target(a, spec, 77), Target(b, spec, 77)])
         expected = a.bfloat16()
-        if isinstance(spec, Uniform):  # what would round up to b stays on bfloat16's last value below b
-            expected = expected.clamp(max=spec.for_dtype(torch.bfloat16).top)
+        if isinstance(spec, Uniform):  # what would round up to b is a, as torch's uniform_ makes it
+            b16 = torch.tensor(spec.b, dtype=torch.bfloat16)
+            expected = torch.where(expected >= b16, torch.tensor(spec.a, dtype=torch.bfloat16), expected)
         assert torch.equal(expected, b)
 
 

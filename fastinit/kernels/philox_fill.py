@@ -229,8 +229,15 @@ def _sincos(x):
 
 
 @triton.jit
+def _wrap(x, p0, p2):
+    """A uniform value above the top ``p2`` (one the output dtype would hold as ``b``)
+    becomes ``a``, as torch's ``uniform_`` makes it (``value == to ? from : value``)."""
+    return tl.where(x > p2, p0, x)
+
+
+@triton.jit
 def _uniform(w, p0, p1, p2):
-    return tl.minimum(p0 + p1 * _unit(w), p2)
+    return _wrap(p0 + p1 * _unit(w), p0, p2)
 
 
 _BY_HAND_BF16 = tl.constexpr(_INTERPRET)
@@ -263,10 +270,10 @@ def _values(w0, w1, w2, w3, kind, p0, p1, p2, p3, p4, p5, CALLS: tl.constexpr):
             # span * (x 2^-24) == (span 2^-24) * x exactly while span 2^-24 and
             # the product stay normal floats (span >= 2^-100): one multiply less.
             s1 = p1 * 5.9604644775390625e-08
-            v0 = tl.minimum(p0 + s1 * (w0 >> 8).to(tl.float32), p2)
-            v1 = tl.minimum(p0 + s1 * (w1 >> 8).to(tl.float32), p2)
-            v2 = tl.minimum(p0 + s1 * (w2 >> 8).to(tl.float32), p2)
-            v3 = tl.minimum(p0 + s1 * (w3 >> 8).to(tl.float32), p2)
+            v0 = _wrap(p0 + s1 * (w0 >> 8).to(tl.float32), p0, p2)
+            v1 = _wrap(p0 + s1 * (w1 >> 8).to(tl.float32), p0, p2)
+            v2 = _wrap(p0 + s1 * (w2 >> 8).to(tl.float32), p0, p2)
+            v3 = _wrap(p0 + s1 * (w3 >> 8).to(tl.float32), p0, p2)
         else:
             v0 = _uniform(w0, p0, p1, p2)
             v1 = _uniform(w1, p0, p1, p2)
