@@ -771,6 +771,13 @@ def test_real_tensors_are_never_reinitialized():
     with pytest.warns(UserWarning, match="no meta tensors"):
         rep = fastinit.materialize(m, seed=0)
     assert torch.equal(m.weight, w) and rep.entries == {}
+    # Child by child (timm's blocks hold Dropout and Identity): a module with no tensor
+    # at all has nothing to say.
+    d = fastinit.deferred_init(lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Identity(), nn.ReLU()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reports = [fastinit.materialize(child, seed=0) for child in d]
+    assert not d[0].weight.is_meta and [len(r.entries) for r in reports] == [2, 0, 0, 0]
     # A meta model with one part already real (loaded): the default init leaves it alone.
     with torch.device("meta"):
         part = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))

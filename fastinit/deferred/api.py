@@ -728,8 +728,9 @@ def materialize(
     plain: set[int] = set()  # plain tensor attributes: never cast, nor reported by strict (eager keeps them so)
     objs = _objects(module, "fastinit.materialize", walk, plain)
     if not objs:  # already real (materialized, loaded, built eagerly): touch nothing
-        warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
-                      "(its init, default or init_fn, was not run)", stacklevel=2)
+        if any(t is not None for _, t in named_tensors(module)):  # (no tensor at all, Dropout: nothing to say)
+            warnings.warn("fastinit.materialize: the module has no meta tensors; nothing was done "
+                          "(its init, default or init_fn, was not run)", stacklevel=2)
         return MaterializeReport(seed if seed is not None else 0, device, {}, 0, 0, 0, time.perf_counter() - t0, 0)
     if seed is None:  # (sharded: the first rank's draw, on every rank of the meshes)
         seed = dist_mod.agree_on_seed(draw_seed(), (t for t, _ in objs))
