@@ -2023,13 +2023,28 @@ def test_a_failed_deferred_init_puts_back_the_real_tensors_it_had_converted():
     assert real.weight is before and not real.weight.is_meta and not real.q.is_meta
 
 
-def test_a_tensor_added_after_deferred_init_outside_blocks_is_named_in_the_warning():
+def test_a_tensor_added_after_deferred_init_outside_blocks_is_refused_or_warned_with_strict_false():
+    """What code did to modules it added after deferred_init, outside blocks, is lost (peft's
+    get_peft_model zeroes LoRA B; their reset hooks give B kaiming values): an error naming
+    them, the model as it was; strict=False: each module's reset hook, with a warning."""
     m = fastinit.deferred_init(nn.Sequential, nn.Linear(4, 4))
     with torch.device("meta"):
         m.append(nn.Linear(4, 2))  # outside any block: nothing records it
-    with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias were made after deferred_init"):
+    nn.init.zeros_(m[1].weight)  # (a no-op on meta, as what peft does to LoRA B)
+    with pytest.raises(RuntimeError, match=r"1\.weight, 1\.bias were made after deferred_init.*strict=False"):
         fastinit.materialize(m, seed=0)
+    assert m[0].weight.is_meta and m[1].weight.is_meta
+    with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias were made after deferred_init"):
+        fastinit.materialize(m, seed=0, strict=False)
     assert not m[1].weight.is_meta and m[1].weight.abs().max() <= 0.5
+    # the same model built inside a block keeps what the code did
+    m = fastinit.deferred_init(nn.Sequential, nn.Linear(4, 4))
+    with fastinit.batched(module=m):
+        with torch.device("meta"):
+            m.append(nn.Linear(4, 2))
+        nn.init.zeros_(m[1].weight)
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m[1].weight, torch.zeros(2, 4))
 
 
 def test_nested_sessions_record_an_edit_once():

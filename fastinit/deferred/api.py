@@ -370,9 +370,13 @@ _DEFAULT_INIT_NOTE = (
 
 _ADDED_LATER_NOTE = (
     "{where}: {names} {were} made after deferred_init, outside fastinit's blocks, so nothing recorded "
-    "what was done to them (transformers' resize_token_embeddings copies the old rows into its new "
-    "embedding, for one); each module's own reset hook initializes them instead. Make such changes "
-    "inside `with fastinit.batched(module=model):`, or pass init_fn=... to say how to initialize them.")
+    "what was done to them (peft's get_peft_model zeroes each LoRA B matrix, transformers' "
+    "resize_token_embeddings copies the old rows into its new embedding); ")
+_ADDED_LATER_FIX = ("make such changes inside `with fastinit.batched(module=model):`, or pass init_fn=... to say "
+                    "how to initialize them")
+_ADDED_LATER_DEFAULT = "each module's own reset hook initializes them instead: " + _ADDED_LATER_FIX
+_ADDED_LATER_REFUSED = ("their modules' own reset hooks may give other values (LoRA B not zero), so nothing was "
+                        "done: " + _ADDED_LATER_FIX + ", or strict=False for each module's own reset hook")
 
 
 def default_init(module: torch.nn.Module, only: set[int] | None = None) -> None:
@@ -408,11 +412,12 @@ def _post_order(module: torch.nn.Module, seen=None):
 
 
 def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where: str, persist: bool,
-             warn: int = 0):
+             warn: int = 0, strict: bool = False):
     """Resolve every meta tensor of ``module`` to its record: tensors nothing
     records are adopted (recorded from their default init, or ``init_fn``), then
     ``init_fn`` is recorded. Returns ``[(tensor, names, recording, record, fqn, geom)]``
-    and the home recording."""
+    and the home recording. ``strict``: tensors added to a deferred model after
+    ``deferred_init``, outside blocks, are an error naming them (without ``init_fn``)."""
     resolved, orphans = [], []
     for t, names in objs:
         res = _resolve(module, t, names[0])
@@ -442,13 +447,18 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
                 adopt_as(t, res[0], res[1], res[3])
     run = init_fn
     if run is None and orphans:
+        added_later = mh is not None or bool(resolved)  # a deferred_init model with tensors added after it
+        if added_later and (warn or strict):
+            added = [n[0] for _, n, _ in orphans]
+            names = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+            were = "was" if len(added) == 1 else "were"
+            note = _ADDED_LATER_NOTE.format(where=where, names=names, were=were)
+            if strict:
+                raise RuntimeError(note + _ADDED_LATER_REFUSED)
+            note += _ADDED_LATER_DEFAULT
+        else:
+            note = _DEFAULT_INIT_NOTE.format(where=where, what=type(module).__name__)
         if warn:  # the stacklevel that names the user's call
-            if mh is not None or resolved:  # a deferred_init model with tensors added after it
-                added = [n[0] for _, n, _ in orphans]
-                note = _ADDED_LATER_NOTE.format(where=where, names=", ".join(added[:5]) + (
-                    f" and {len(added) - 5} more" if len(added) > 5 else ""), were="was" if len(added) == 1 else "were")
-            else:
-                note = _DEFAULT_INIT_NOTE.format(where=where, what=type(module).__name__)
             warnings.warn(note, stacklevel=warn + 1)
         only = {id(t) for t, _, _ in orphans}
         run = lambda m: default_init(m, only)  # noqa: E731
@@ -737,7 +747,8 @@ def materialize(
     _warn_if_keyed_as_before(module, objs, seed)
     txn = _Transaction()
     try:
-        resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2)
+        resolved, home = _prepare(module, objs, init_fn, txn, where="fastinit.materialize", persist=False, warn=2,
+                                  strict=strict)
         if txn.batch is not None:  # an init ran: it may have added modules (a parametrization's)
             walk = _walk(module)
         root = outermost_root(home)  # (a block built into another deferred model: that model's root)
