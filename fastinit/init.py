@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from . import _sink, engines
+from ._sink import dynamo_compiling
 from .distributed import check_placements, fill_dtensor, fill_dtensor_default, is_dtensor
 from .fans import (
     calculate_correct_fan,
@@ -188,14 +189,32 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def _proxy_traced() -> bool:
+    """Whether ``make_fx`` (torch.export's and AOT's tracer) is tracing: a dispatch mode
+    is on, and it is the proxy mode (looked up only then: a microsecond)."""
+    if not _dispatch_modes():
+        return False
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
+
+
 def foreign(tensor) -> bool:
     """Whether a call is left to ``torch.nn.init`` itself: while ``torch.compile``
-    traces it (the graph then holds torch's ops), or on a tensor subclass with a
-    ``__torch_dispatch__`` of its own (FakeTensor, wrapper subclasses such as
-    torchao's; not DTensor, which fastinit fills shard by shard), whose data no
-    engine can reach."""
+    traces it (the graph then holds torch's ops) or ``make_fx`` does; on a tensor that a
+    ``torch.func`` transform wraps (``vmap``, ``grad``, ``jvp``, ``functionalize``: the
+    write must go through the transform, whose randomness rules are torch's); or on a
+    tensor subclass with a ``__torch_dispatch__`` of its own (FakeTensor, wrapper
+    subclasses such as torchao's; not DTensor, which fastinit fills shard by shard).
+    The data of all of these is out of any engine's reach (written there, a fill was
+    lost under ``functionalize``, with no error)."""
     return (type(tensor).__torch_dispatch__ is not _DEFAULT_DISPATCH and not is_dtensor(tensor)) \
-        or _is_compiling()
+        or _is_compiling() or (_transforms_active() and _wrapped(tensor)) or _proxy_traced()
 
 
 def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_spec,
@@ -208,8 +227,8 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
     dtypes the engines do not hold (complex), and for :func:`foreign` calls.
     Nothing is written when it raises.
     """
-    plain = type(tensor) in _PLAIN  # (no subclass: never foreign, and no check costs a call)
-    if not plain and isinstance(tensor, torch.Tensor) and foreign(tensor):
+    plain = type(tensor) in _PLAIN
+    if (plain or isinstance(tensor, torch.Tensor)) and foreign(tensor):
         return torch_fallback()
     sink = _sink.for_tensor(tensor)
     if sink is not None and tensor.layout == torch.strided:
@@ -226,8 +245,6 @@ def random_fill(tensor: torch.Tensor, op: str, op_args: tuple, generator, make_s
                     return tensor
         spec = _checked_spec(tensor, op, op_args, {"generator": generator}, make_spec)
         return _fill_now(tensor, spec, generator, sink, torch_fallback)
-    if plain and _is_compiling():
-        return torch_fallback()
     if _exotic(tensor):  # sparse, nested...: torch's own op, its errors
         with torch.no_grad():
             return getattr(tensor, op)(*op_args, generator=generator)
@@ -365,6 +382,8 @@ def submit(tensor: torch.Tensor, spec: InitSpec, generator=None, torch_fallback=
 
 def _constant_fill(tensor: torch.Tensor, value) -> torch.Tensor:
     """``tensor.fill_(value)`` under no_grad, as torch.nn.init does (or recorded)."""
+    if dynamo_compiling():  # (torch.compile traces torch's own function)
+        return torch.nn.init.constant_(tensor, value)
     sink = _sink.for_tensor(tensor)
     if sink is None and not tensor.is_meta and not is_dtensor(tensor):
         return _memset(tensor, value)
@@ -636,6 +655,8 @@ def xavier_uniform_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_uniform_(w, gain=fastinit.calculate_gain("relu"))
     """
+    if dynamo_compiling():  # (torch.compile traces torch's own function)
+        return torch.nn.init.xavier_uniform_(tensor, gain, generator=generator)
     bound = math.sqrt(3.0) * _xavier_std(tensor, gain)
     return random_fill(tensor, "uniform_", (-bound, bound), generator,
                        lambda: Uniform(-float(bound), float(bound)),
@@ -654,6 +675,8 @@ def xavier_normal_(tensor, gain: float = 1.0, generator=None):
         >>> w = torch.empty(3, 5)
         >>> fastinit.xavier_normal_(w)
     """
+    if dynamo_compiling():  # (torch.compile traces torch's own function)
+        return torch.nn.init.xavier_normal_(tensor, gain, generator=generator)
     std = _xavier_std(tensor, gain)
     return random_fill(tensor, "normal_", (0.0, std), generator, lambda: Normal(0.0, float(std)),
                        lambda: torch.nn.init.xavier_normal_(tensor, gain, generator=generator))
@@ -673,6 +696,8 @@ def _xavier_std(tensor, gain) -> float:
 
 
 def _kaiming(tensor, a, mode, nonlinearity, distribution, generator, fallback):
+    if dynamo_compiling():  # (torch.compile traces torch's own function)
+        return fallback()
     try:
         shape = tensor.shape
     except RuntimeError:  # a lazy module's parameter
@@ -768,6 +793,8 @@ def eye_(tensor):
         >>> w = torch.empty(3, 5)
         >>> fastinit.eye_(w)
     """
+    if dynamo_compiling():  # (torch.compile traces torch's own function)
+        return torch.nn.init.eye_(tensor)
     if tensor.ndimension() != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
     if _replay_or_none(tensor, eye_, (), {}):
@@ -793,6 +820,8 @@ def dirac_(tensor, groups: int = 1):
         >>> w = torch.empty(3, 16, 5, 5)
         >>> fastinit.dirac_(w)
     """
+    if dynamo_compiling():  # (torch.compile traces torch's own function)
+        return torch.nn.init.dirac_(tensor, groups)
     dimensions = tensor.ndimension()
     if dimensions not in [3, 4, 5]:
         raise ValueError("Only tensors with 3, 4, or 5 dimensions are supported")

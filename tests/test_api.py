@@ -2,6 +2,7 @@
 
 import contextlib
 import inspect
+import math
 import subprocess
 import sys
 import warnings
@@ -527,6 +528,40 @@ def test_fake_tensors_wrapper_subclasses_and_compile_get_torch_nn_init_itself():
 
     w = torch.compile(reinit, backend="eager")(torch.zeros(128, 128))
     assert 0.018 < w.std().item() < 0.022
+
+
+def test_torch_func_transforms_make_fx_and_fullgraph_compile_get_torch_nn_init_itself():
+    """Tensors a torch.func transform wraps are plain torch.Tensor objects whose data no
+    engine reaches: under functionalize a fill written there was lost, with no error (the
+    result kept its zeros); vmap, grad and make_fx raised where torch works; and
+    torch.compile(fullgraph=True) could not trace fastinit's own bookkeeping."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fastinit.uniform_(torch.empty(10_000))  # (a keyed call before: the lost-fill case)
+    calls = [lambda t: fastinit.uniform_(t), lambda t: fastinit.normal_(t, std=0.02),
+             lambda t: fastinit.trunc_normal_(t, std=0.02), lambda t: fastinit.kaiming_uniform_(t, a=math.sqrt(5)),
+             lambda t: fastinit.xavier_normal_(t), lambda t: fastinit.orthogonal_(t), lambda t: fastinit.sparse_(t, 0.5)]
+    for call in calls:
+        out = torch.func.functionalize(call)(torch.zeros(600, 500))
+        assert out.std() > 0.005, call
+        g = torch.func.grad(lambda w: (call(w * 1.0) * w).sum())(torch.ones(60, 50))
+        assert g.std() > 0.005
+    for call in calls[:2] + calls[3:]:  # (torch's trunc_normal_ reads values: not under vmap or make_fx)
+        same = torch.func.vmap(call, randomness="same")(torch.zeros(3, 60, 50))
+        apart = torch.func.vmap(call, randomness="different")(torch.zeros(3, 60, 50))
+        assert torch.equal(same[0], same[1]) and not torch.equal(apart[0], apart[1]) and apart.std() > 0.005
+        ops = {str(n.target) for n in make_fx(call)(torch.zeros(60, 50)).graph.nodes if n.op == "call_function"}
+        assert any("uniform" in o or "normal" in o for o in ops), ops  # torch's own ops, traced
+    torch._dynamo.reset()
+    for call in (lambda t: fastinit.zeros_(t), lambda t: fastinit.eye_(t),
+                 lambda t: fastinit.kaiming_normal_(t), lambda t: fastinit.xavier_uniform_(t)):
+        def f(x, call=call):
+            call(x)
+            return x + 1
+
+        out = torch.compile(f, backend="eager", fullgraph=True)(torch.full((64, 64), 7.0))
+        assert (out != 8.0).any()  # (every one overwrote the 7s)
+        torch._dynamo.reset()
 
 
 def test_lazy_parameters_raise_torchs_value_error():
