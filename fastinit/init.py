@@ -596,7 +596,9 @@ def _trunc_normal_warn(mean, std, a, b, *, zero_std_is_error: bool, stacklevel: 
             stacklevel=stacklevel,
         )
     if std == 0 and zero_std_is_error:
-        raise ZeroDivisionError("float division by zero")
+        # torch's first step, (a - mean) / std: Python numbers raise ZeroDivisionError; a numpy
+        # scalar or a 0-d tensor gives inf, and torch then fills with the mean clamped to [a, b]
+        (a - mean) / std
 
 
 def _trunc_normal_spec(mean, std, a, b) -> InitSpec:

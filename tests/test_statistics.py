@@ -108,6 +108,13 @@ def test_zero_std_and_degenerate_ranges():
         fastinit.trunc_normal_(torch.empty(1000), 0.5, 0.0, -1.0, 1.0)
     with pytest.raises(ZeroDivisionError):
         torch.nn.init.trunc_normal_(torch.empty(1000), 0.5, 0.0, -1.0, 1.0)
+    # ... a numpy scalar or 0-d tensor std of 0 divides without raising: torch fills with the mean
+    for std in (np.float64(0.0), torch.tensor(0.0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (numpy's divide-by-zero warning, as torch's call gives)
+            ours = fastinit.trunc_normal_(torch.empty(1000), 0.5, std, -1.0, 1.0)
+            theirs = torch.nn.init.trunc_normal_(torch.empty(1000), 0.5, std, -1.0, 1.0)
+        assert torch.equal(ours, theirs) and (ours == 0.5).all()
 
 
 def test_far_tail_truncation_stays_inside_and_finite():
