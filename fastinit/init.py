@@ -355,7 +355,9 @@ def _write_now(tensor, spec, generator, maybe_dtensor: bool, default_tried: bool
     dtensor = maybe_dtensor and is_dtensor(tensor)
     if dtensor:  # (before a key is drawn: a refused call changes nothing)
         check_placements(tensor, zero=type(spec) is Constant and spec.value == 0)
-    if spec.random and generator is None and not default_tried and (
+    if not tensor.numel():
+        pass  # (nothing to draw: torch's op draws nothing from the generator either)
+    elif spec.random and generator is None and not default_tried and (
             fill_dtensor_default(tensor, spec) if dtensor else tensor.is_cpu and engines.fill_default(tensor, spec)):
         pass  # (a small CPU tensor, or DTensor: drawn from torch's default generator, no key)
     elif dtensor:
@@ -934,8 +936,8 @@ def sparse_(tensor, sparsity: float, std: float = 0.01, generator=None):
     check()
     num_zeros = math.ceil(sparsity * rows)
     check_writable(tensor)
-    if not _is_engine_dtype(tensor.dtype):  # complex: torch's own
-        return torch.nn.init.sparse_(tensor, sparsity, std, generator=generator)
+    if not _is_engine_dtype(tensor.dtype) or not tensor.numel():  # complex: torch's own; empty: it draws
+        return torch.nn.init.sparse_(tensor, sparsity, std, generator=generator)  # nothing, nor do we
     spec = Normal(0.0, float(std))
     values_key, mask_key = _subkey(generator, 0x1), _subkey(generator, 0x2)
     # Zero positions: per column, the rows of the num_zeros smallest uniform scores

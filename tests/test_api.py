@@ -628,3 +628,24 @@ def test_negative_views_are_written_as_torch_writes_them(numel):
         engines.fill([engines.Target(v, spec, 7)])
         engines.fill([engines.Target(plain, spec, 7)])
         assert torch.equal(v.resolve_neg(), plain)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_empty_tensor_draws_nothing_from_its_generator(batched):
+    """torch's op on an empty tensor draws nothing: the same generator state after the call
+    (fastinit drew a key, so the next call on that generator gave other values than torch's)."""
+    calls = [("uniform_", ()), ("normal_", ()), ("trunc_normal_", ()), ("sparse_", (0.5,))]
+    for shape in ((0, 5), (5, 0)):
+        for name, args in calls:
+            for dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(0)
+                t, theirs = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+                with fastinit.batched() if batched else contextlib.nullcontext():
+                    getattr(fastinit, name)(t, *args, generator=g)
+                getattr(torch.nn.init, name)(theirs, *args, generator=torch.Generator())
+                assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state()), name
+                assert t._version == theirs._version  # (the writes counted as torch's op counts them)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    fastinit.sparse_(torch.empty(5, 0), 0.5)
+    assert torch.equal(torch.get_rng_state(), state)

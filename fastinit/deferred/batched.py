@@ -189,7 +189,9 @@ class Batch:
             return True
         self._busy = True
         try:
-            self._event(tensor, "fill", True, sk, spec=spec, key=draw_key(generator), engine=engine)
+            # (an empty tensor draws no key: torch's op on it draws nothing from the generator)
+            self._event(tensor, "fill", True, sk, spec=spec, key=draw_key(generator) if tensor.numel() else 0,
+                        engine=engine)
         finally:
             self._busy = False
         bump_version(tensor)
