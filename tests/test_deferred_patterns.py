@@ -2037,6 +2037,27 @@ def test_a_tensor_added_after_deferred_init_outside_blocks_is_refused_or_warned_
     with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias were made after deferred_init"):
         fastinit.materialize(m, seed=0, strict=False)
     assert not m[1].weight.is_meta and m[1].weight.abs().max() <= 0.5
+    # a later block (any edit) adopts them with their reset hooks: still a guess, still refused,
+    # unless code in a block overwrites them whole
+    m = fastinit.deferred_init(nn.Sequential, nn.Linear(4, 4))
+    with torch.device("meta"):
+        m.append(nn.Linear(4, 2))
+    nn.init.zeros_(m[1].weight)
+    with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias were made after deferred_init.*refuses"):
+        with fastinit.batched(module=m):
+            nn.init.ones_(m[0].bias)
+    with pytest.raises(RuntimeError, match=r"1\.weight, 1\.bias were made after deferred_init.*strict=False"):
+        fastinit.materialize(m, seed=0)
+    assert m[0].weight.is_meta and m[1].weight.is_meta
+    with fastinit.batched(module=m):
+        nn.init.zeros_(m[1].weight)
+    with pytest.raises(RuntimeError, match=r": 1\.bias was made after"):
+        fastinit.materialize(m, seed=0)
+    with fastinit.batched(module=m):
+        nn.init.constant_(m[1].bias, 0.5)
+    fastinit.materialize(m, seed=0)
+    assert torch.equal(m[1].weight, torch.zeros(2, 4)) and torch.equal(m[1].bias, torch.full((2,), 0.5))
+    assert torch.equal(m[0].bias, torch.ones(4))
     # the same model built inside a block keeps what the code did
     m = fastinit.deferred_init(nn.Sequential, nn.Linear(4, 4))
     with fastinit.batched(module=m):

@@ -375,6 +375,8 @@ _ADDED_LATER_NOTE = (
 _ADDED_LATER_FIX = ("make such changes inside `with fastinit.batched(module=model):`, or pass init_fn=... to say "
                     "how to initialize them")
 _ADDED_LATER_DEFAULT = "each module's own reset hook initializes them instead: " + _ADDED_LATER_FIX
+_ADDED_LATER_GUESSED = ("each module's own reset hook initializes them for now, which materialize (strict) "
+                        "refuses unless later code in a block initializes them: " + _ADDED_LATER_FIX)
 _ADDED_LATER_REFUSED = ("their modules' own reset hooks may give other values (LoRA B not zero), so nothing was "
                         "done: " + _ADDED_LATER_FIX + ", or strict=False for each module's own reset hook")
 
@@ -446,8 +448,8 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
             if res[1].sk != storage_key(t) and not dist_mod.is_dtensor(t):
                 adopt_as(t, res[0], res[1], res[3])
     run = init_fn
+    added_later = bool(orphans) and (mh is not None or bool(resolved))  # (a deferred_init model's, added after it)
     if run is None and orphans:
-        added_later = mh is not None or bool(resolved)  # a deferred_init model with tensors added after it
         if added_later and (warn or strict):
             added = [n[0] for _, n, _ in orphans]
             names = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
@@ -455,7 +457,7 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
             note = _ADDED_LATER_NOTE.format(where=where, names=names, were=were)
             if strict:
                 raise RuntimeError(note + _ADDED_LATER_REFUSED)
-            note += _ADDED_LATER_DEFAULT
+            note += _ADDED_LATER_GUESSED if persist else _ADDED_LATER_DEFAULT
         else:
             note = _DEFAULT_INIT_NOTE.format(where=where, what=type(module).__name__)
         if warn:  # the stacklevel that names the user's call
@@ -472,6 +474,12 @@ def _prepare(module: torch.nn.Module, objs, init_fn, txn: _Transaction, *, where
         txn.keep_modules(module)
         with intercept.recording(home, txn.batch):
             run(module)
+        if init_fn is None and added_later:  # (their reset hooks: a guess, which strict materialize refuses
+            # unless code in a block overwrites it)
+            for t, _, _ in orphans:
+                r = home.storages.get(storage_key(t))
+                if r is not None and r.events:
+                    r.guessed = r.events[-1].seq
         resolved, orphans = _after_init_fn(module, where, resolved, orphans, txn, prefix)
     out = []
     for t, names, res in resolved:
@@ -703,7 +711,11 @@ def materialize(
         strict: raise (before allocating anything) if a tensor was never
             initialized or holds uninitialized memory (``empty``, ``empty_like``,
             ``new_empty``, the legacy ``torch.Tensor(n, m)``, or values computed
-            from those), naming every such tensor.
+            from those), or was added to the model after ``deferred_init``
+            outside fastinit's blocks (what its code did to it was not recorded:
+            peft's zeroed LoRA B) and nothing in a block initialized it since,
+            naming every such tensor. ``strict=False``: those get their modules'
+            reset hooks, and the uninitialized ones stay uninitialized.
         progress: show bytes done on stderr (default: on a terminal, for big models).
         init_fn: initialization to record and apply, after what is recorded. Its
             writes into the module's tensors that are already real (loaded from a
@@ -931,16 +943,32 @@ def _check_views_across(module: torch.nn.Module, root: torch.nn.Module, resolved
                     "they do when built eagerly. Materialize a module that holds both")
 
 
+def _guessed(plan) -> bool:
+    """Whether the value of ``plan`` starts from a guessed init (see ``StorageRecord.guessed``)
+    that nothing overwrote whole after it."""
+    g, st = plan.record.guessed, plan.start
+    return g is not None and st.index is not None and plan.record.events[st.index].seq <= g
+
+
 def _check(plans, strict: bool, dtype, plain=frozenset()) -> None:
     if strict:
         bad = [(a, p.why_uninitialized) for t, names, _, p, _ in plans  # (no elements: nothing to initialize)
                if p.why_uninitialized and t.numel() and id(t) not in plain for a in names]
+
         if bad:
             raise RuntimeError(
                 f"fastinit.materialize: {len(bad)} tensor(s) are never initialized: "
                 + ", ".join(f"{n} ({why})" for n, why in bad)
                 + " (initialize them in the model, pass init_fn=..., or strict=False to leave them "
                 "uninitialized)")
+        guessed = [a for t, names, _, p, _ in plans if _guessed(p) for a in names]
+        if guessed:
+            raise RuntimeError(
+                f"fastinit.materialize: {', '.join(guessed)} {'was' if len(guessed) == 1 else 'were'} made after "
+                "deferred_init, outside fastinit's blocks, and only their modules' reset hooks (run when a block "
+                "adopted them) initialize them: what the code that made them did is lost (peft's get_peft_model "
+                "zeroes each LoRA B matrix). " + _ADDED_LATER_FIX[0].upper() + _ADDED_LATER_FIX[1:]
+                + ", or pass strict=False to keep the reset hooks' values")
     for t, names, _, plan, geom in plans:  # e.g. uniform_ bounds a recorded float16 tensor cannot hold
         if dist_mod.is_dtensor(t):  # (a Partial("sum") DTensor: refused before any allocation)
             dist_mod.check_placements(t, names[0], zero=not plan.replay and type(plan.spec) is Constant

@@ -154,7 +154,7 @@ class StorageRecord:
     """One storage's history: how it was created (``node``, None if made outside
     the recording) and every write into it, in recorded order."""
 
-    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "__weakref__")
+    __slots__ = ("sk", "tensor", "node", "out_index", "events", "born", "guessed", "__weakref__")
 
     def __init__(self, sk: int, tensor: torch.Tensor, node: Node | None, born: int, out_index: int = 0):
         self.sk = sk
@@ -163,6 +163,9 @@ class StorageRecord:
         self.out_index = out_index  # which of the node's (flattened) outputs it is
         self.events: list[Event] = []
         self.born = born
+        # the last step of a guessed init (its module's reset hook, for a tensor added after
+        # deferred_init outside blocks, whose own init nothing recorded), or None
+        self.guessed: int | None = None
 
 
 class Recording:
@@ -296,8 +299,11 @@ class Recording:
                 del self.storages[sk]
                 if _REGISTRY.get(sk) is self._self_ref:
                     del _REGISTRY[sk]
-            elif r.events and r.events[-1].seq > cp:
-                r.events = [e for e in r.events if e.seq < cp]
+            else:
+                if r.events and r.events[-1].seq > cp:
+                    r.events = [e for e in r.events if e.seq < cp]
+                if r.guessed is not None and r.guessed > cp:
+                    r.guessed = None
 
     def name_of(self, sk: int) -> str | None:
         return self.names.get(sk)
