@@ -600,7 +600,7 @@ def _trunc_normal_warn(mean, std, a, b, *, zero_std_is_error: bool, stacklevel: 
     if std == 0 and zero_std_is_error:
         # torch's first step, (a - mean) / std: Python numbers raise ZeroDivisionError; a numpy
         # scalar or a 0-d tensor gives inf, and torch then fills with the mean clamped to [a, b]
-        (a - mean) / std
+        _ = (a - mean) / std  # noqa: F841 (for the error it raises, or not)
 
 
 def _trunc_normal_spec(mean, std, a, b) -> InitSpec:

@@ -124,7 +124,8 @@ def words_to_values(words: torch.Tensor, lane: torch.Tensor, kind: int, params) 
     ``words`` is ``[n, 4]`` (the call of each element), ``lane`` is ``index % 4``.
 
     * uniform: :math:`u = \\lfloor w / 2^8 \\rfloor 2^{-24} \\in [0,1)`,
-      :math:`x = \\min(a + (b-a)u,\\ \\text{prev}(b))`;
+      :math:`x = a + (b-a)u`, and :math:`a` where :math:`x` is above the spec's top
+      (a value the target dtype would hold as :math:`b`: torch's ``uniform_`` rule);
     * normal (Box–Muller on the word pair of the lane,
       :math:`u_1 = (\\lfloor w_0/2^8 \\rfloor + 1)2^{-24} \\in (0, 1]`):
       :math:`x = \\mu + \\sigma\\sqrt{-2\\ln u_1}\\,(\\cos|\\sin)(2\\pi u_2)`;

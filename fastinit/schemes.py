@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -1002,14 +1003,21 @@ def apply_scheme(model: nn.Module, scheme: "Scheme | str", *, seed: int | None =
 # ------------------------------------------------------------------ built-in schemes
 
 
+_GLOB_OPTIONS = ("residual", "output")  # a built-in's options that give a rule its name globs
+
+
 def _builtin(factory: Callable[..., Scheme]) -> Callable[..., Scheme]:
     """A built-in scheme's factory: its rules are generic (for any model), so each is
-    ``optional`` (none warns when it applies to no parameter of a given model)."""
+    ``optional`` (none warns when it applies to no parameter of a given model), except a
+    rule whose name globs the caller gave (``gpt2(residual=...)``: a typo there warns)."""
+    signature = inspect.signature(factory)
+
     @functools.wraps(factory)
     def make(*args, **options) -> Scheme:
         scheme = factory(*args, **options)
+        given = [v for k, v in signature.bind_partial(*args, **options).arguments.items() if k in _GLOB_OPTIONS]
         for r in scheme.rules:
-            r.optional = True
+            r.optional = not any(r.name is v for v in given)
         return scheme
     return make
 
@@ -1388,8 +1396,10 @@ def run_model(model: nn.Module, example_input):
 class _LSUV:
     """Mishkin & Matas (2016), "All you need is a good init": after an orthogonal
     init, each layer in the order the forward pass reaches it is rescaled,
-    ``W /= sqrt(Var(output))``, until its output variance on the example batch is
-    within ``tol`` of 1 (at most ``max_iter`` times)."""
+    ``W *= Var(output)^(-1/p)``, until its output variance on the example batch is
+    within ``tol`` of 1 (at most ``max_iter`` times). ``p`` is 2 (the output is linear
+    in ``W``) until a step shows otherwise: a weight tied to one the batch passes
+    before (an lm_head tied to the embedding) scales the output twice, ``p = 4``."""
 
     def validate(self, model, opts):
         if opts.get("example_input") is None:

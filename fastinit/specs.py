@@ -34,26 +34,6 @@ TAIL_Z = 5.0  # a window wholly beyond this many std on one side: the tail sampl
 TILT_W = 1.0 / 64  # a window beside the mean narrower than this (in std): the tilted sampler
 
 
-def float_below(x: float, ftype=np.float32):
-    """The largest value of numpy float type ``ftype`` strictly below ``x``
-    (the clamp that keeps uniform values in [a, b))."""
-    f = ftype(x)
-    if float(f) >= x:
-        f = np.nextafter(f, ftype(-np.inf))
-    return f
-
-
-def dtype_below(x: float, dtype: torch.dtype) -> float:
-    """The largest value of torch floating ``dtype`` strictly below ``x``."""
-    if dtype == torch.bfloat16:
-        r = torch.tensor(x, dtype=dtype, device="cpu")
-        if float(r) >= x:
-            r = torch.nextafter(r, torch.tensor(-math.inf, dtype=dtype, device="cpu"))
-        return float(r)
-    ftype = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
-    return float(float_below(x, ftype))
-
-
 @functools.lru_cache(maxsize=4096)
 def uniform_top(a: float, b: float, dtype: torch.dtype) -> float:
     """The largest value a ``U[a, b)`` fill of a ``dtype`` tensor keeps, as the fill

@@ -437,6 +437,8 @@ def test_a_rule_no_parameter_takes_is_warned_at_the_callers_line():
     behind = Rule(Normal(0.0, 0.01), name="fc2.weight")
     with pytest.warns(UserWarning, match=r"'gpt2'.*fc2\.weight.*took no parameter"):
         get_scheme("gpt2").then(behind).plan(model)
+    with pytest.warns(UserWarning, match=r"'gpt2'.*residual.*took no parameter"):  # (the caller's glob)
+        fastinit.schemes.gpt2(residual="*fc9.weight").then(Rule("keep")).plan(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # built-in rules, catch-alls and optional rules are quiet
         for name in ("gpt2", "dcgan", "torch_default", "xavier_uniform"):

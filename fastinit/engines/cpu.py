@@ -193,7 +193,7 @@ def _uniform_map(lo: float, hi: float, ftype, top: float | None = None) -> tuple
     else:
         scale, centred = span_f, False
         xmax = float(ftype(1.0 - 2.0**-53) * span_f + lo_f)
-    return scale, lo_f, centred, (None if xmax <= top else ftype(top))  # (ftype(top) is top: float32 or ftype)
+    return scale, lo_f, centred, (None if xmax <= top else ftype(top))
 
 
 def _draw_j24(st: _ThreadState, n: int, signed: bool = False, out: np.ndarray | None = None) -> np.ndarray:
@@ -248,7 +248,7 @@ def _np_uniform(st: _ThreadState, o: np.ndarray, lo: float, hi: float, top: floa
         np.add(o, lo_f, out=o)
     if wrap is not None:
         above = np.greater(o, wrap, out=st.buffer(np.bool_, o.size, "wrap"))
-        o[np.flatnonzero(above)] = lo_f
+        o[np.flatnonzero(above)] = o.dtype.type(lo)  # (not the cached lo_f: -0.0 and 0.0 share its entry)
 
 
 class _Keyed:
